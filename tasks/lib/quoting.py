@@ -1,0 +1,49 @@
+"""The one place remote shell text is built.
+
+Every value that reaches a remote shell goes through `sh_quote`, so `$(...)`, quotes, spaces and
+newlines arrive literally. Templates use the same function as their `q` filter.
+"""
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterable, Mapping
+
+
+def sh_quote(value: object) -> str:
+    """Quote one value for POSIX sh. None is refused: an unset value is a bug, not an empty string."""
+    if value is None:
+        raise ValueError("refusing to shell-quote None")
+    if isinstance(value, bool):
+        value = "1" if value else "0"
+    return shlex.quote(str(value))
+
+
+def sh_join(argv: Iterable[object]) -> str:
+    """Quote and join an argument vector."""
+    return " ".join(sh_quote(arg) for arg in argv)
+
+
+def shell_command(
+    argv: Iterable[object],
+    *,
+    cwd: str | None = None,
+    env: Mapping[str, object] | None = None,
+) -> str:
+    """Build `cd CWD && env K=V ... ARGV...` with every part quoted."""
+    parts = []
+    if cwd is not None:
+        parts.append(f"cd {sh_quote(cwd)} &&")
+    if env:
+        for key in env:
+            if not is_env_name(key):
+                raise ValueError(f"not a valid environment variable name: {key!r}")
+        parts.append("env " + " ".join(f"{key}={sh_quote(val)}" for key, val in env.items()))
+    parts.append(sh_join(argv))
+    return " ".join(parts)
+
+
+def is_env_name(name: str) -> bool:
+    """True for names a POSIX shell accepts as variables (letters, digits, _; no leading digit)."""
+    return bool(name) and (name[0].isalpha() or name[0] == "_") and all(
+        ch.isalnum() or ch == "_" for ch in name
+    ) and name.isascii()

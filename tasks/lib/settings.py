@@ -1,0 +1,156 @@
+"""The project's config sections as validated dataclasses.
+
+The values come from the Invoke/Fabric config tree (built-in defaults below, then fabric.yaml at
+the repo root, then `fab -f FILE`). Loading checks every key and type once, so a typo in a config
+file fails with its key named instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+from types import UnionType
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+HOST_KEY_POLICIES = ("reject", "accept-new", "auto-add")
+PLATFORMS = ("rocm", "cuda", "cpu")
+
+
+class SettingsError(ValueError):
+    """A config value that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    hosts: tuple = ()                       # master first; "host", "user@host:port" or mappings
+    hosts_file: str = "node_ip_list.txt"    # used when hosts is empty
+    workdir: str | None = None              # checkout on every node; None: this checkout's path
+    venv: str | None = None                 # for bare runs; None: <workdir>/.venv if present
+    known_hosts: str = "~/.ssh/known_hosts"
+    host_key_policy: str = "accept-new"
+    experiments_dir: str = "experiments"    # on the controller
+    registry_dir: str = "/tmp/gemm-runs"    # node-local run registry ($HOME is often shared)
+    socket_ifname: str | None = None        # None: resolved per host by the route to the master
+
+    def __post_init__(self) -> None:
+        if self.host_key_policy not in HOST_KEY_POLICIES:
+            raise SettingsError(f"cluster.host_key_policy: {self.host_key_policy!r} is not one of "
+                                f"{', '.join(HOST_KEY_POLICIES)}")
+
+
+@dataclass(frozen=True)
+class DockerSettings:
+    enabled: bool = True
+    container: str = "training-overlap"
+    image: str | None = None
+    platform: str = "rocm"
+    volumes: tuple = ()                     # extra "src:dst[:ro]" mounts
+    env: Mapping[str, str] = field(default_factory=dict)
+    shm_size: str = "17G"
+
+    def __post_init__(self) -> None:
+        if self.platform not in PLATFORMS:
+            raise SettingsError(f"docker.platform: {self.platform!r} is not one of {', '.join(PLATFORMS)}")
+        for volume in self.volumes:
+            if not isinstance(volume, str) or len(volume.split(":")) not in (2, 3):
+                raise SettingsError(f"docker.volumes: {volume!r} is not 'src:dst[:ro]'")
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    channels: int = 28
+    threads: int = 256
+    nproc: int | str = 8                    # or "auto": the GPUs of each node
+    config: str = "config/multi_node/distributed_multinode.yaml"
+    master_port: int | None = None          # None: a free port on the master
+    nccl_preset: str | None = None          # ib | ethernet | debug (config/nccl/<name>.yaml)
+    hang_timeout: float = 600.0             # seconds without progress before the watchdog acts
+    stop_grace: float = 15.0                # SIGTERM to SIGKILL, seconds
+
+    def __post_init__(self) -> None:
+        if isinstance(self.nproc, str) and self.nproc != "auto":
+            raise SettingsError(f"launch.nproc: {self.nproc!r} is neither a number nor 'auto'")
+
+
+@dataclass(frozen=True)
+class Settings:
+    cluster: ClusterSettings
+    docker: DockerSettings
+    launch: LaunchSettings
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Settings:
+        """Build from a config tree (an Invoke Config or a plain mapping); missing keys take defaults."""
+        return cls(**{
+            name: _build(section_cls, plain(config[name]) if name in config else {}, name)
+            for name, section_cls in SECTIONS.items()
+        })
+
+
+SECTIONS: dict[str, type] = {
+    "cluster": ClusterSettings,
+    "docker": DockerSettings,
+    "launch": LaunchSettings,
+}
+
+
+def default_config() -> dict[str, Any]:
+    """The built-in defaults as a config tree, for `Collection.configure`."""
+    return {
+        **{name: _as_config(section_cls()) for name, section_cls in SECTIONS.items()},
+        # Fabric has no connect timeout by default: one dead host would stall every task for
+        # minutes of TCP retries.
+        "timeouts": {"connect": 10},
+    }
+
+
+def plain(value: Any) -> Any:
+    """Invoke's DataProxy (and nested ones) as plain dicts and lists."""
+    if isinstance(value, Mapping) or hasattr(value, "_config"):
+        return {key: plain(value[key]) for key in value}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value
+
+
+def _as_config(obj: Any) -> dict[str, Any]:
+    return {key: (list(val) if isinstance(val, tuple) else val) for key, val in dataclasses.asdict(obj).items()}
+
+
+def _build(cls: type, raw: Any, section: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise SettingsError(f"{section}: expected a mapping, got {type(raw).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SettingsError(f"{section}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    values = {key: _coerce(hints[key], val, f"{section}.{key}") for key, val in raw.items()}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """Check `value` against a simple annotation; lists become tuples so settings stay hashable."""
+    options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise SettingsError(f"{key}: must not be null")
+    for option in options:
+        base = get_origin(option) or option
+        if base is bool and isinstance(value, bool):
+            return value
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is str and isinstance(value, str):
+            return value
+        if base is tuple and isinstance(value, (list, tuple)):
+            return tuple(value)
+        if base is Mapping and isinstance(value, Mapping):
+            return {str(k): v for k, v in value.items()}
+    expected = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+    raise SettingsError(f"{key}: expected {expected}, got {value!r}")

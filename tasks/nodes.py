@@ -1,0 +1,252 @@
+"""Talking to the nodes: one `Node` per host, SSH through Fabric or this machine without SSH.
+
+Everything that touches more than one host goes through `on_each`, which runs one call per node
+concurrently (commands often differ per node: rank, interface), collects per-host results and
+errors, and never lets one dead host stall the others (connect timeouts come from the config).
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import paramiko
+from fabric import Config, Connection
+from invoke import Context
+from invoke.exceptions import CommandTimedOut, Exit, UnexpectedExit
+from invoke.runners import Result
+
+from tasks.lib.inventory import HostSpec, Inventory
+from tasks.lib.quoting import sh_quote
+from tasks.lib.settings import ClusterSettings
+
+T = TypeVar("T")
+
+
+class Node:
+    """One host of the cluster, addressed by its position in the inventory (node rank)."""
+
+    def __init__(self, index: int, spec: HostSpec):
+        self.index = index
+        self.spec = spec
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+    @property
+    def is_local(self) -> bool:
+        return self.spec.local
+
+    def run(self, command: str, *, warn: bool = False, timeout: float | None = None, **kwargs) -> Result:
+        raise NotImplementedError
+
+    def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o644) -> None:
+        """Write each remote path with its content, creating parent directories."""
+        raise NotImplementedError
+
+    def get_file(self, remote_path: str, local_path: Path) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"Node({self.index}, {self.label})"
+
+
+class LocalNode(Node):
+    """The embedded default: this machine, commands through a local shell, no SSH."""
+
+    def __init__(self, index: int, spec: HostSpec, config: Config):
+        super().__init__(index, spec)
+        self._context = Context(config=config)
+
+    def run(self, command: str, *, warn: bool = False, timeout: float | None = None, **kwargs) -> Result:
+        kwargs.setdefault("hide", True)
+        kwargs.setdefault("in_stream", False)
+        return self._context.run(command, warn=warn, timeout=timeout, **kwargs)
+
+    def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o644) -> None:
+        for path, content in files.items():
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content.encode() if isinstance(content, str) else content)
+            target.chmod(mode)
+
+    def get_file(self, remote_path: str, local_path: Path) -> None:
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        if Path(remote_path).resolve() != local_path.resolve():
+            shutil.copyfile(remote_path, local_path)
+
+
+class SshNode(Node):
+    """A remote host through a Fabric Connection whose host keys are checked (see `host_key_policy`)."""
+
+    def __init__(self, index: int, spec: HostSpec, connection: Connection):
+        super().__init__(index, spec)
+        self.connection = connection
+
+    def run(self, command: str, *, warn: bool = False, timeout: float | None = None, **kwargs) -> Result:
+        kwargs.setdefault("hide", True)
+        kwargs.setdefault("in_stream", False)
+        return self.connection.run(command, warn=warn, timeout=timeout, **kwargs)
+
+    def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o644) -> None:
+        # Connection.put neither creates directories nor expands "~": make them in one round trip.
+        parents = sorted({os.path.dirname(path) for path in files})
+        self.run("mkdir -p -- " + " ".join(sh_quote(p) for p in parents))
+        sftp = self.connection.sftp()
+        for path, content in files.items():
+            data = content.encode() if isinstance(content, str) else content
+            sftp.putfo(io.BytesIO(data), path)
+            sftp.chmod(path, mode)
+
+    def get_file(self, remote_path: str, local_path: Path) -> None:
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        self.connection.get(remote_path, str(local_path))
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+# -- host keys ------------------------------------------------------------------------------------
+
+_known_hosts_lock = threading.Lock()
+
+
+class RecordNewHostKeyPolicy(paramiko.MissingHostKeyPolicy):
+    """OpenSSH's StrictHostKeyChecking=accept-new: record unknown keys, refuse changed ones.
+
+    Changed keys never reach a policy (paramiko raises BadHostKeyException first), so this only
+    appends. Appending, rather than paramiko's save_host_keys, keeps the user's file as it was
+    (comments, hashed names) and is safe with many threads.
+    """
+
+    def __init__(self, known_hosts: Path):
+        self.known_hosts = known_hosts
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        with _known_hosts_lock:
+            self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+            with self.known_hosts.open("a") as handle:
+                handle.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+            client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+def apply_host_key_policy(client: paramiko.SSHClient, policy: str, known_hosts: Path) -> None:
+    """Replace Fabric's accept-everything default with the configured policy."""
+    if policy == "auto-add":
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        return
+    if known_hosts.exists():
+        # HostKeys.load, not client.load_host_keys: the latter makes paramiko rewrite the file.
+        client.get_host_keys().load(str(known_hosts))
+    if policy == "reject":
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    else:
+        client.set_missing_host_key_policy(RecordNewHostKeyPolicy(known_hosts))
+
+
+def known_hosts_path(cluster: ClusterSettings) -> Path:
+    return Path(os.path.expanduser(cluster.known_hosts))
+
+
+# -- opening and fanning out ----------------------------------------------------------------------
+
+def open_nodes(config: Config, inventory: Inventory, cluster: ClusterSettings) -> list[Node]:
+    """One Node per inventory host; SSH connections open lazily, on each node's first call."""
+    if inventory.is_local:
+        return [LocalNode(0, inventory.master, config)]
+    known_hosts = known_hosts_path(cluster)
+    nodes: list[Node] = []
+    for index, spec in enumerate(inventory.hosts):
+        connection = Connection(spec.host, user=spec.user, port=spec.port, config=config)
+        apply_host_key_policy(connection.client, cluster.host_key_policy, known_hosts)
+        nodes.append(SshNode(index, spec, connection))
+    return nodes
+
+
+@dataclass
+class NodeResults(Generic[T]):
+    """Per-node outcomes of one fan-out, in node order."""
+
+    ok: dict[Node, T] = field(default_factory=dict)
+    failed: dict[Node, BaseException] = field(default_factory=dict)
+
+    def raise_if_failed(self, action: str, code: int = 1, hint: str = "") -> None:
+        """Raise Exit with one line per failing host (no traceback for an expected error)."""
+        if not self.failed:
+            return
+        total = len(self.ok) + len(self.failed)
+        lines = [f"{action} failed on {len(self.failed)} of {total} host(s):"]
+        for node in sorted(self.failed, key=lambda n: n.index):
+            lines.append(f"  node {node.index} ({node.label}): {describe_error(self.failed[node])}")
+        if hint:
+            lines.append(hint)
+        raise Exit("\n".join(lines), code=code)
+
+
+def on_each(nodes: Iterable[Node], call: Callable[[Node], T]) -> NodeResults[T]:
+    """Run `call(node)` for every node at once; exceptions are collected per node, not raised.
+
+    KeyboardInterrupt and SystemExit are not collected: they propagate after the threads end.
+    """
+    nodes = list(nodes)
+    results: NodeResults[T] = NodeResults()
+    if not nodes:
+        return results
+    with ThreadPoolExecutor(max_workers=len(nodes), thread_name_prefix="node") as pool:
+        futures = {node: pool.submit(call, node) for node in nodes}
+        for node, future in futures.items():
+            error = future.exception()
+            if error is None:
+                results.ok[node] = future.result()
+            elif isinstance(error, Exception):
+                results.failed[node] = error
+            else:
+                raise error
+    return results
+
+
+def close_all(nodes: Iterable[Node]) -> None:
+    for node in nodes:
+        try:
+            node.close()
+        except Exception:  # noqa: BLE001 - closing a dead connection must not mask the real error
+            pass
+
+
+def describe_error(error: BaseException) -> str:
+    """One line that says what went wrong on a host and, where known, how to fix it."""
+    if isinstance(error, paramiko.BadHostKeyException):
+        return (f"host key CHANGED for {error.hostname} (got {error.key.get_name()} "
+                f"{error.key.get_fingerprint().hex()}); if the node was reinstalled, remove the old "
+                f"key with: ssh-keygen -R {sh_quote(error.hostname)} -f <known_hosts>, then retry")
+    if isinstance(error, paramiko.SSHException) and "not found in known_hosts" in str(error):
+        return (f"unknown host key ({error}); host_key_policy is 'reject': add the key to "
+                "cluster.known_hosts (ssh-keyscan) or use host_key_policy accept-new")
+    if isinstance(error, paramiko.AuthenticationException):
+        return f"SSH authentication failed: {error} (check user, key_filename, ssh-agent)"
+    if isinstance(error, (socket.timeout, TimeoutError)):
+        return "unreachable: connect timed out (timeouts.connect)"
+    if isinstance(error, paramiko.ssh_exception.NoValidConnectionsError):
+        return f"unreachable: {error.strerror or error}"
+    if isinstance(error, socket.gaierror):
+        return f"unknown host name: {error}"
+    if isinstance(error, OSError) and error.errno is not None:
+        return f"unreachable: {error.strerror or error}"
+    if isinstance(error, CommandTimedOut):
+        return f"command timed out after {error.timeout}s"
+    if isinstance(error, UnexpectedExit):
+        result = error.result
+        detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        return f"command exited {result.exited}: {detail[-1] if detail else '(no output)'}"
+    return f"{type(error).__name__}: {error}"

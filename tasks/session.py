@@ -1,0 +1,77 @@
+"""What every task starts from: validated settings, the inventory, and one Node per host."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from invoke import Context
+from invoke.exceptions import Exit
+
+from tasks.lib.inventory import Inventory, InventoryError, parse_host_entry, resolve_inventory
+from tasks.lib.settings import Settings, SettingsError
+from tasks.nodes import Node, close_all, open_nodes
+
+# Relative paths in the config (hosts_file, experiments_dir, launch.config) are relative to the
+# project checkout, not to wherever `fab` was started from.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+EXIT_USAGE = 2  # bad flags or config: nothing was touched
+
+
+def project_path(path: str | os.PathLike) -> Path:
+    expanded = Path(os.path.expanduser(path))
+    return expanded if expanded.is_absolute() else PROJECT_ROOT / expanded
+
+
+def load_settings(c: Context) -> Settings:
+    try:
+        return Settings.from_config(c.config)
+    except SettingsError as err:
+        raise Exit(f"config error: {err}", code=EXIT_USAGE) from None
+
+
+def load_inventory(settings: Settings, hosts: list[str] | None = None) -> Inventory:
+    """Hosts from a flag (comma-separated) win over the config's resolution order."""
+    try:
+        if hosts:
+            entries = [h for item in hosts for h in item.split(",") if h.strip()]
+            return resolve_inventory(entries, None, {}) if entries else _empty_flag()
+        return resolve_inventory(
+            settings.cluster.hosts, project_path(settings.cluster.hosts_file), os.environ
+        )
+    except InventoryError as err:
+        raise Exit(f"inventory error: {err}", code=EXIT_USAGE) from None
+
+
+def _empty_flag() -> Inventory:
+    raise InventoryError("--hosts was given but names no host")
+
+
+class ClusterSession:
+    """Settings, inventory and nodes of one task invocation; closes connections on exit."""
+
+    def __init__(self, c: Context, hosts: list[str] | None = None):
+        self.settings = load_settings(c)
+        self.inventory = load_inventory(self.settings, hosts)
+        self.nodes: list[Node] = open_nodes(c.config, self.inventory, self.settings.cluster)
+
+    @property
+    def master(self) -> Node:
+        return self.nodes[0]
+
+    @property
+    def workdir(self) -> str:
+        """The project checkout on every node (the local checkout's path unless configured)."""
+        if self.inventory.is_local or not self.settings.cluster.workdir:
+            return str(PROJECT_ROOT)
+        return self.settings.cluster.workdir
+
+    def __enter__(self) -> ClusterSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        close_all(self.nodes)
+
+
+__all__ = ["ClusterSession", "PROJECT_ROOT", "EXIT_USAGE", "project_path", "load_settings",
+           "load_inventory", "parse_host_entry"]
