@@ -6,10 +6,13 @@ errors, and never lets one dead host stall the others (connect timeouts come fro
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import os
 import shutil
 import socket
+import subprocess
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +31,10 @@ from tasks.lib.quoting import sh_quote
 from tasks.lib.settings import ClusterSettings
 
 T = TypeVar("T")
+
+
+class NodeError(Exception):
+    """An expected failure on a host whose message is already written for the user."""
 
 
 class Node:
@@ -53,6 +60,14 @@ class Node:
         raise NotImplementedError
 
     def get_file(self, remote_path: str, local_path: Path) -> None:
+        raise NotImplementedError
+
+    def run_with_input(self, command: str, data: bytes, *, warn: bool = False) -> Result:
+        """Run `command` with `data` (binary-safe) as its stdin; stdout+stderr come back combined.
+
+        For streaming an archive in one round trip: invoke's in_stream decodes stdin as text
+        and sends it in 1000-byte chunks, which corrupts binary data.
+        """
         raise NotImplementedError
 
     def close(self) -> None:
@@ -86,13 +101,20 @@ class LocalNode(Node):
         if Path(remote_path).resolve() != local_path.resolve():
             shutil.copyfile(remote_path, local_path)
 
+    def run_with_input(self, command: str, data: bytes, *, warn: bool = False) -> Result:
+        completed = subprocess.run(["/bin/sh", "-c", command], input=data, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, check=False)
+        return _finish(command, completed.stdout, completed.returncode, warn)
+
 
 class SshNode(Node):
     """A remote host through a Fabric Connection whose host keys are checked (see `host_key_policy`)."""
 
-    def __init__(self, index: int, spec: HostSpec, connection: Connection):
+    def __init__(self, index: int, spec: HostSpec, connection: Connection,
+                 known_hosts: Path | None = None):
         super().__init__(index, spec)
         self.connection = connection
+        self.known_hosts = known_hosts  # named in host-key errors: the file the user must fix
 
     def run(self, command: str, *, warn: bool = False, timeout: float | None = None, **kwargs) -> Result:
         kwargs.setdefault("hide", True)
@@ -101,8 +123,9 @@ class SshNode(Node):
 
     def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o644) -> None:
         # Connection.put neither creates directories nor expands "~": make them in one round trip.
-        parents = sorted({os.path.dirname(path) for path in files})
-        self.run("mkdir -p -- " + " ".join(sh_quote(p) for p in parents))
+        parents = sorted({os.path.dirname(path) for path in files} - {""})
+        if parents:
+            self.run("mkdir -p -- " + " ".join(sh_quote(p) for p in parents))
         sftp = self.connection.sftp()
         for path, content in files.items():
             data = content.encode() if isinstance(content, str) else content
@@ -112,6 +135,34 @@ class SshNode(Node):
     def get_file(self, remote_path: str, local_path: Path) -> None:
         local_path.parent.mkdir(parents=True, exist_ok=True)
         self.connection.get(remote_path, str(local_path))
+
+    def run_with_input(self, command: str, data: bytes, *, warn: bool = False) -> Result:
+        self.connection.open()
+        channel = self.connection.client.get_transport().open_session(
+            timeout=self.connection.connect_timeout)
+        output = bytearray()
+        # Read while writing: a command that fails early may fill the window and stop reading.
+        reader = threading.Thread(target=lambda: _drain(channel, output), daemon=True)
+        try:
+            channel.set_combine_stderr(True)
+            channel.exec_command(command)
+            reader.start()
+            try:
+                channel.sendall(data)
+                channel.shutdown_write()
+            except OSError:
+                pass  # the command exited without reading all of it: its status says why
+            status = channel.recv_exit_status()
+            reader.join()
+        finally:
+            channel.close()
+        return _finish(command, bytes(output), status, warn)
+
+    @property
+    def known_hosts_name(self) -> str:
+        """The name this host's key has in known_hosts (OpenSSH writes "[host]:port" off port 22)."""
+        host, port = self.connection.host, self.connection.port
+        return host if port == 22 else f"[{host}]:{port}"
 
     def close(self) -> None:
         self.connection.close()
@@ -139,6 +190,25 @@ class RecordNewHostKeyPolicy(paramiko.MissingHostKeyPolicy):
             with self.known_hosts.open("a") as handle:
                 handle.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
             client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+def _fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's fingerprint format (what `ssh-keygen -lf` prints), to compare by eye."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return base64.b64encode(digest).decode().rstrip("=")
+
+
+def _drain(channel: paramiko.Channel, into: bytearray) -> None:
+    while chunk := channel.recv(65536):
+        into.extend(chunk)
+
+
+def _finish(command: str, output: bytes, status: int, warn: bool) -> Result:
+    result = Result(stdout=output.decode(errors="replace"), command=command, exited=status,
+                    hide=("stdout", "stderr"))
+    if status != 0 and not warn:
+        raise UnexpectedExit(result)
+    return result
 
 
 def apply_host_key_policy(client: paramiko.SSHClient, policy: str, known_hosts: Path) -> None:
@@ -170,7 +240,7 @@ def open_nodes(config: Config, inventory: Inventory, cluster: ClusterSettings) -
     for index, spec in enumerate(inventory.hosts):
         connection = Connection(spec.host, user=spec.user, port=spec.port, config=config)
         apply_host_key_policy(connection.client, cluster.host_key_policy, known_hosts)
-        nodes.append(SshNode(index, spec, connection))
+        nodes.append(SshNode(index, spec, connection, known_hosts))
     return nodes
 
 
@@ -188,7 +258,7 @@ class NodeResults(Generic[T]):
         total = len(self.ok) + len(self.failed)
         lines = [f"{action} failed on {len(self.failed)} of {total} host(s):"]
         for node in sorted(self.failed, key=lambda n: n.index):
-            lines.append(f"  node {node.index} ({node.label}): {describe_error(self.failed[node])}")
+            lines.append(f"  node {node.index} ({node.label}): {describe_error(self.failed[node], node)}")
         if hint:
             lines.append(hint)
         raise Exit("\n".join(lines), code=code)
@@ -224,15 +294,31 @@ def close_all(nodes: Iterable[Node]) -> None:
             pass
 
 
-def describe_error(error: BaseException) -> str:
-    """One line that says what went wrong on a host and, where known, how to fix it."""
+def describe_error(error: BaseException, node: Node | None = None) -> str:
+    """One line that says what went wrong on a host and, where known, how to fix it.
+
+    With the node, host-key messages name the known_hosts file and the entry to fix.
+    """
+    if isinstance(error, NodeError):
+        return str(error)
+    known_hosts = getattr(node, "known_hosts", None)
+    file_text = str(known_hosts) if known_hosts else "<known_hosts>"
+    key_name = node.known_hosts_name if isinstance(node, SshNode) else None
     if isinstance(error, paramiko.BadHostKeyException):
-        return (f"host key CHANGED for {error.hostname} (got {error.key.get_name()} "
-                f"{error.key.get_fingerprint().hex()}); if the node was reinstalled, remove the old "
-                f"key with: ssh-keygen -R {sh_quote(error.hostname)} -f <known_hosts>, then retry")
+        name = key_name or error.hostname
+        return (f"host key CHANGED for {name} (offered {error.key.get_name()} "
+                f"SHA256:{_fingerprint(error.key)}, {file_text} has another); if the node was "
+                f"reinstalled, remove the old key with: ssh-keygen -R {sh_quote(name)} "
+                f"-f {sh_quote(file_text)}, then retry")
     if isinstance(error, paramiko.SSHException) and "not found in known_hosts" in str(error):
-        return (f"unknown host key ({error}); host_key_policy is 'reject': add the key to "
-                "cluster.known_hosts (ssh-keyscan) or use host_key_policy accept-new")
+        if isinstance(node, SshNode):
+            port = node.connection.port
+            keyscan = f"ssh-keyscan {'-p ' + str(port) + ' ' if port != 22 else ''}{sh_quote(node.connection.host)}"
+        else:
+            keyscan = "ssh-keyscan <host>"
+        return (f"unknown host key: {key_name or 'the host'} is not in {file_text} and "
+                f"host_key_policy is 'reject'; after checking its fingerprint, add it with "
+                f"`{keyscan} >> {sh_quote(file_text)}`, or use host_key_policy accept-new")
     if isinstance(error, paramiko.AuthenticationException):
         return f"SSH authentication failed: {error} (check user, key_filename, ssh-agent)"
     if isinstance(error, (socket.timeout, TimeoutError)):

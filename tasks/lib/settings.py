@@ -47,6 +47,9 @@ class DockerSettings:
     volumes: tuple = ()                     # extra "src:dst[:ro]" mounts
     env: Mapping[str, str] = field(default_factory=dict)
     shm_size: str = "17G"
+    # Container rlimits: a number (-1: unlimited) or {soft, hard}; null drops one (daemon default).
+    # memlock unlimited is what RDMA (IB/RoCE) needs; raising it needs CAP_SYS_RESOURCE.
+    ulimits: Mapping[str, object] = field(default_factory=lambda: {"memlock": -1, "stack": 67108864})
 
     def __post_init__(self) -> None:
         if self.platform not in PLATFORMS:

@@ -77,7 +77,11 @@ def rootfs_tar_bytes(host_root: Path = Path("/")) -> bytes:
             _add(tar, name, kind=tarfile.DIRTYPE, mode=mode)
         for top in _TOP_LEVEL_TOOLCHAIN[1:]:
             host_path = host_root / top.lstrip("/")
-            if host_path.is_symlink():
+            if top == "/sbin":
+                # A real directory: docker mounts its init at /sbin/docker-init (compose `init:
+                # true`), which cannot be created through a symlink into the read-only /usr.
+                _add(tar, "sbin", kind=tarfile.DIRTYPE, mode=0o755)
+            elif host_path.is_symlink():
                 _add(tar, top.lstrip("/"), kind=tarfile.SYMTYPE, mode=0o777,
                      link=os.readlink(host_path))
         files = dict(_ETC_FILES)

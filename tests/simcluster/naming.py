@@ -185,6 +185,8 @@ def fabric_config(
             "image": image,
             "platform": "cpu",
             "volumes": list(container_volumes),
+            # The sandbox lacks CAP_SYS_RESOURCE: memlock cannot be raised to unlimited here.
+            "ulimits": {"memlock": None},
         },
     }
 

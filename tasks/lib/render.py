@@ -1,0 +1,246 @@
+"""Rendering of what the controller sends to the nodes: the run's env script and the compose file.
+
+Pure: reads only the project's own templates/ and config/nccl/, no network. Templates render with
+StrictUndefined, so a variable missing from the context is an error instead of an empty string.
+Every shell value goes through the `q` filter (tasks.lib.quoting.sh_quote) and every compose value
+through `cq` (YAML double-quoted, `$` doubled), so hostile values arrive literally.
+"""
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import jinja2
+import yaml
+
+from tasks.lib.quoting import is_env_name, sh_quote
+from tasks.lib.settings import DockerSettings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TEMPLATES_DIR = REPO_ROOT / "templates"
+NCCL_PRESETS_DIR = REPO_ROOT / "config" / "nccl"
+
+ENV_TEMPLATE = "env.sh.j2"
+COMPOSE_TEMPLATE = "docker-compose.yaml.j2"
+
+# Run ids name directories and appear in the env script's comments and messages: keep them plain.
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# Docker's own rule for container names; compose service names are a superset.
+_CONTAINER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_PROJECT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+
+
+# -- filters --------------------------------------------------------------------------------------
+
+def compose_quote(value: object) -> str:
+    """One YAML double-quoted scalar for a compose file, `$` doubled.
+
+    Compose interpolates `$VAR`, `${VAR}` (and refuses `$(`) in every string value; `$$` is its
+    escape for a literal dollar. YAML quoting keeps `yes`, `1`, `null`, `:` and newlines strings.
+    """
+    text = _scalar_text(value, "compose value").replace("$", "$$")
+    dumped = yaml.safe_dump(text, default_style='"', allow_unicode=True, width=float("inf"))
+    return dumped.rstrip("\n")
+
+
+def _scalar_text(value: object, what: str) -> str:
+    if value is None or isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        # An unset value is a bug, and YAML booleans would arrive as True/true/1 depending on who
+        # reads them: make the user write the string they mean.
+        raise ValueError(f"{what} {value!r} is not a string or number (quote it in the YAML)")
+    return str(value)
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["q"] = sh_quote
+    env.filters["cq"] = compose_quote
+    return env
+
+
+_ENV = _environment()
+
+
+def render_template(name: str, **context: object) -> str:
+    """Render templates/<name>; a variable the template uses but the context lacks is an error."""
+    return _ENV.get_template(name).render(**context)
+
+
+# -- NCCL presets ---------------------------------------------------------------------------------
+
+def nccl_preset_names(presets_dir: Path = NCCL_PRESETS_DIR) -> list[str]:
+    return sorted(path.stem for path in presets_dir.glob("*.yaml"))
+
+
+def load_nccl_preset(name: str, presets_dir: Path = NCCL_PRESETS_DIR) -> dict[str, str]:
+    """The variables of config/nccl/<name>.yaml, in file order, values as strings."""
+    available = nccl_preset_names(presets_dir)
+    # Checked against the listing, not joined into a path: "../x" must not name a file.
+    if name not in available:
+        raise ValueError(f"unknown NCCL preset {name!r}; available: "
+                         f"{', '.join(available) or 'none'} (files in {presets_dir})")
+    path = presets_dir / f"{name}.yaml"
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: expected a mapping of VARIABLE: value, "
+                         f"got {type(data).__name__}")
+    preset: dict[str, str] = {}
+    for key, value in data.items():
+        if not isinstance(key, str) or not is_env_name(key):
+            raise ValueError(f"{path}: {key!r} is not a valid environment variable name")
+        preset[key] = _scalar_text(value, f"{path}: {key} =")
+    return preset
+
+
+# -- env script -----------------------------------------------------------------------------------
+
+def render_env_script(
+    *,
+    run_id: str,
+    common_env: Mapping[str, object],
+    node_env: Sequence[Mapping[str, object]],
+) -> str:
+    """The run's env.sh: identical on every node, sourced by the node launcher with NODE_RANK set.
+
+    `common_env` is exported first, in order; then the entry of `node_env` at index NODE_RANK, so a
+    per-node value (the socket interface resolved on that host) wins over a common one (a preset's
+    NCCL_SOCKET_IFNAME). An unknown NODE_RANK makes sourcing fail instead of running
+    half-configured.
+    """
+    if not _RUN_ID.fullmatch(run_id):
+        raise ValueError(f"run id {run_id!r} must be letters, digits, '.', '_' or '-'")
+    if not node_env:
+        raise ValueError("node_env is empty: a run has at least one node")
+    return render_template(
+        ENV_TEMPLATE,
+        run_id=run_id,
+        common_env=_env_items(common_env, "common_env"),
+        node_env=[_env_items(env, f"node_env[{rank}]") for rank, env in enumerate(node_env)],
+    )
+
+
+def _env_items(env: Mapping[str, object], what: str) -> list[tuple[str, str]]:
+    items = []
+    for name, value in env.items():
+        if not isinstance(name, str) or not is_env_name(name):
+            raise ValueError(f"{what}: {name!r} is not a valid environment variable name")
+        text = _scalar_text(value, f"{what}: {name} =")
+        if "\0" in text:
+            raise ValueError(f"{what}: {name} contains a NUL byte, which no environment can hold")
+        items.append((name, text))
+    return items
+
+
+# -- compose --------------------------------------------------------------------------------------
+
+def compose_project_name(container: str) -> str:
+    """Compose project names are lowercase letters, digits, '-' and '_'."""
+    return re.sub(r"[^a-z0-9_-]", "-", container.lower()).lstrip("-_") or "gemm"
+
+
+def render_compose(
+    *,
+    docker: DockerSettings,
+    workdir: str,
+    registry_dir: str,
+    project_name: str | None = None,
+) -> str:
+    """The compose file of the experiment container (one service, an exec target that sleeps).
+
+    `workdir` and `registry_dir` are mounted at the same path inside, so paths in the env script,
+    the outputs and the pid files the node launcher records mean the same on both sides.
+    Relative sources of docker.volumes are taken relative to `workdir` (the compose file itself
+    does not live there). `project_name` is recorded in a comment: compose v1 has no `name:` key,
+    so the project goes on the command line (`-p`, see compose_command's callers).
+    """
+    if project_name is not None and not _PROJECT_NAME.fullmatch(project_name):
+        raise ValueError(f"compose project name {project_name!r}: "
+                         "lowercase letters, digits, '-', '_'")
+    if not docker.image:
+        raise ValueError("docker.image is not set: set it in fabric.yaml or the runtime config "
+                         "(e.g. docker: {image: rocm/pytorch:latest})")
+    if not _CONTAINER_NAME.fullmatch(docker.container):
+        raise ValueError(f"docker.container {docker.container!r} is not a valid container name "
+                         "(letters, digits, '_', '.', '-'; not starting with a symbol)")
+    for what, path in (("workdir", workdir), ("registry_dir", registry_dir)):
+        if not posixpath.isabs(path) or ":" in path:
+            raise ValueError(f"{what} {path!r} must be an absolute path without ':' to be mounted")
+    volumes = [f"{workdir}:{workdir}", f"{registry_dir}:{registry_dir}"]
+    for volume in docker.volumes:
+        resolved = _resolve_volume(volume, workdir)
+        target = posixpath.normpath(resolved.split(":")[1])
+        if target in (posixpath.normpath(workdir), posixpath.normpath(registry_dir)):
+            # Docker refuses duplicate mount points; say which setting collides instead.
+            raise ValueError(f"docker.volumes: {volume!r} mounts over {target}, which is already "
+                             "mounted read-write as the workdir or the run registry")
+        volumes.append(resolved)
+    return render_template(
+        COMPOSE_TEMPLATE,
+        project_name=project_name,
+        service=docker.container,
+        container=docker.container,
+        image=docker.image,
+        platform=docker.platform,
+        shm_size=docker.shm_size,
+        workdir=workdir,
+        volumes=volumes,
+        environment=_env_items(docker.env, "docker.env"),
+        ulimits=_ulimits(docker.ulimits),
+    )
+
+
+# What Docker's --ulimit accepts (the rlimits Linux has, by their short names).
+ULIMIT_NAMES = ("core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice", "nofile",
+                "nproc", "rss", "rtprio", "rttime", "sigpending", "stack")
+
+
+def _ulimits(ulimits: Mapping[str, object]) -> list[tuple[str, int | tuple[int, int]]]:
+    """(name, limit or (soft, hard)) for the template; None values are dropped."""
+    items: list[tuple[str, int | tuple[int, int]]] = []
+    for name, value in ulimits.items():
+        if name not in ULIMIT_NAMES:
+            raise ValueError(f"docker.ulimits: unknown limit {name!r}; "
+                             f"known: {', '.join(ULIMIT_NAMES)}")
+        if value is None:
+            continue
+        if isinstance(value, Mapping) and set(value) == {"soft", "hard"}:
+            soft, hard = (_ulimit_number(value[k], name) for k in ("soft", "hard"))
+            items.append((name, (soft, hard)))
+        else:
+            items.append((name, _ulimit_number(value, name)))
+    return items
+
+
+def _ulimit_number(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+        raise ValueError(f"docker.ulimits.{name}: {value!r} is not a limit (a number, -1 for "
+                         "unlimited, or {soft: N, hard: N}; null to leave the default)")
+    return value
+
+
+def _resolve_volume(volume: str, workdir: str) -> str:
+    source, rest = volume.split(":", 1)
+    if not source or not rest:
+        raise ValueError(f"docker.volumes: {volume!r} is not 'src:dst[:ro]'")
+    if not (source.startswith("/") or source.startswith("~")):
+        source = posixpath.normpath(posixpath.join(workdir, source))
+    return f"{source}:{rest}"
+
+
+def compose_command(available: str) -> list[str]:
+    """The compose argv for what a host's probe found: "v2" (the docker plugin) or "v1"."""
+    if available == "v2":
+        return ["docker", "compose"]
+    if available == "v1":
+        return ["docker-compose"]
+    raise ValueError("neither `docker compose` (v2 plugin) nor `docker-compose` (v1) is installed: "
+                     "install docker-compose-plugin or docker-compose")
