@@ -1,0 +1,280 @@
+"""Real 2-rank gloo runs of the train package through torchrun (CPU).
+
+Each run costs a few seconds (torch import in three processes, process-group setup); the
+file stays around half a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from train.metrics import STEP_FIELDS
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "config" / "multi_node" / "cpu_tiny.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "PYTHONUNBUFFERED": "1",
+        "NCCL_MAX_NCHANNELS": "42",  # recorded in summary.json's env
+    }
+
+
+def torchrun_cmd(out: Path, *overrides: str, nproc: int = 2) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "train",
+        "--config",
+        str(TINY),
+        "--override",
+        f"training.output_dir={out}",
+        "debug.param_checksum=true",
+        *overrides,
+    ]
+
+
+def run_torchrun(out: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        torchrun_cmd(out, *overrides),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def checksums(out: Path, rank: int) -> list[float]:
+    return [r["param_checksum"] for r in lines(out / f"rank_{rank:02d}_metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def all_reduce_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, float]:
+    out = tmp_path_factory.mktemp("ar") / "out"
+    started = time.perf_counter()
+    proc = run_torchrun(out, "training.max_steps=8")
+    return out, proc, time.perf_counter() - started
+
+
+def test_two_ranks_complete_with_every_field(all_reduce_run: tuple[Path, Any, float]) -> None:
+    out, proc, seconds = all_reduce_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert seconds < 60
+    for rank in (0, 1):
+        records = lines(out / f"rank_{rank:02d}_metrics.jsonl")
+        assert [r["step"] for r in records] == list(range(1, 9))
+        for record in records:
+            missing = [f for f in STEP_FIELDS if f not in record]
+            assert not missing, missing
+            assert record["rank"] == rank and record["world_size"] == 2
+            assert record["iter_ms"] > 0 and record["compute_ms"] > 0 and record["comm_ms"] > 0
+            assert record["compute_ms"] <= record["iter_ms"]
+            assert record["exposed_comm_ms"] == pytest.approx(
+                record["comm_ms"] - record["overlap_ms"], abs=2e-4
+            )
+            assert record["comm_bytes"] == 4 * 128 * 128 * 4  # 4 fp32 layers of 128x128
+            assert record["busbw_gbps"] == pytest.approx(record["algbw_gbps"], rel=0.01)
+            assert record["contention_slowdown"] is not None
+    # progress lines the controller parses, and calibration results
+    assert "step 8/8" in proc.stdout
+    assert "calibration gemm-only" in proc.stdout and "calibration comm-only" in proc.stdout
+
+
+def test_parameters_identical_on_both_ranks(all_reduce_run: tuple[Path, Any, float]) -> None:
+    out, _, _ = all_reduce_run
+    rank0, rank1 = checksums(out, 0), checksums(out, 1)
+    assert rank0 == rank1
+    # the update really changes the parameters at every step
+    assert all(a != b for a, b in zip(rank0, rank0[1:], strict=False))
+
+
+def test_summary(all_reduce_run: tuple[Path, Any, float]) -> None:
+    out, _, _ = all_reduce_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["partial"] is False
+    assert summary["world_size"] == 2 and summary["steps_completed"] == 8
+    for key in (
+        "iter_ms",
+        "gemm_tflops",
+        "busbw_gbps",
+        "exposed_comm_fraction",
+        "contention_slowdown",
+    ):
+        assert summary[key]["n"] == 16, key
+        assert summary[key]["p10"] <= summary[key]["median"] <= summary[key]["p90"]
+    assert summary["solo"]["compute_ms"]["n"] == 4  # 2 calibration steps x 2 ranks
+    assert summary["solo"]["busbw_gbps"]["median"] > 0
+    assert [r["rank"] for r in summary["per_rank"]] == [0, 1]
+    assert summary["rank_spread"]["iter_ms"]["max_over_min"] >= 1.0
+    assert summary["env"]["NCCL_MAX_NCHANNELS"] == "42"
+    assert summary["env_differences"] == {}
+    assert summary["versions"]["torch"]
+    assert summary["config"]["model"]["layers"] == 4
+    assert summary["backend"] == "gloo"
+
+
+def test_second_run_into_same_dir_is_refused(all_reduce_run: tuple[Path, Any, float]) -> None:
+    out, _, _ = all_reduce_run
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = run_torchrun(out, "training.max_steps=2")
+    assert proc.returncode != 0
+    assert "earlier run" in proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("comm.collective=reduce_scatter", "profiling.enabled=true", "timing.granularity=phase"),
+        ("comm.collective=all_gather", "comm.overlap=false"),
+    ],
+    ids=["reduce_scatter-phase-timing-profiler", "all_gather-no-overlap"],
+)
+def test_other_collectives_keep_data_parallel_semantics(
+    tmp_path: Path, all_reduce_run: tuple[Path, Any, float], overrides: tuple[str, ...]
+) -> None:
+    out = tmp_path / "out"
+    proc = run_torchrun(out, "training.max_steps=8", *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert checksums(out, 0) == checksums(out, 1)
+    # Same data, same summed gradients: the all_reduce run's trajectory.
+    reference = checksums(all_reduce_run[0], 0)
+    assert checksums(out, 0) == pytest.approx(reference, rel=1e-6)
+    record = lines(out / "rank_00_metrics.jsonl")[0]
+    if "comm.overlap=false" in overrides:
+        # collectives only start after the last GEMM: nothing can overlap
+        assert record["overlap_ms"] == 0.0
+        assert record["comm_bytes"] == 2 * 4 * 128 * 128 * 4  # all_gather size = n x bucket
+    else:
+        assert record["comm_bytes"] == 2 * 4 * 128 * 128 * 4  # reduce_scatter + all_gather
+        traces = sorted(p.name for p in (out / "torch_profiler").iterdir())
+        assert traces == [
+            "rank_00_step_4.json",
+            "rank_01_step_4.json",
+        ]  # wait 1 + warmup 1 + active 2
+
+
+def test_sigterm_stops_after_current_step(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        torchrun_cmd(out, "training.max_steps=1000000", "training.log_interval=1000"),
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        metrics = out / "rank_00_metrics.jsonl"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "stopped", stderr[-3000:]
+    steps0, steps1 = checksums(out, 0), checksums(out, 1)
+    # Both ranks agreed on the same last step, and their parameters are still identical.
+    assert len(steps0) == len(steps1) == summary["steps_completed"] >= 3
+    assert steps0 == steps1
+
+
+def test_dead_peer_does_not_hang(tmp_path: Path) -> None:
+    """Without torchrun: kill rank 1 mid-run; rank 0 must fail within the timeout, not hang."""
+    out = tmp_path / "out"
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        rank_env = {
+            **env(),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "train",
+            "--config",
+            str(TINY),
+            "--override",
+            f"training.output_dir={out}",
+            "training.max_steps=1000000",
+            "distributed.timeout_s=10",
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env=rank_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    try:
+        metrics = out / "rank_01_metrics.jsonl"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 2
+        ):
+            time.sleep(0.1)
+        procs[1].kill()
+        started = time.monotonic()
+        _, stderr = procs[0].communicate(timeout=45)
+        seconds = time.monotonic() - started
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert procs[0].returncode == 1, stderr[-3000:]
+    assert seconds < 40
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"]
