@@ -160,7 +160,7 @@ class SshNode(Node):
 
     @property
     def known_hosts_name(self) -> str:
-        """The name this host's key has in known_hosts (OpenSSH writes "[host]:port" off port 22)."""
+        """This host's name in known_hosts (OpenSSH writes "[host]:port" off port 22)."""
         host, port = self.connection.host, self.connection.port
         return host if port == 22 else f"[{host}]:{port}"
 
@@ -258,7 +258,8 @@ class NodeResults(Generic[T]):
         total = len(self.ok) + len(self.failed)
         lines = [f"{action} failed on {len(self.failed)} of {total} host(s):"]
         for node in sorted(self.failed, key=lambda n: n.index):
-            lines.append(f"  node {node.index} ({node.label}): {describe_error(self.failed[node], node)}")
+            reason = describe_error(self.failed[node], node)
+            lines.append(f"  node {node.index} ({node.label}): {reason}")
         if hint:
             lines.append(hint)
         raise Exit("\n".join(lines), code=code)
@@ -313,7 +314,8 @@ def describe_error(error: BaseException, node: Node | None = None) -> str:
     if isinstance(error, paramiko.SSHException) and "not found in known_hosts" in str(error):
         if isinstance(node, SshNode):
             port = node.connection.port
-            keyscan = f"ssh-keyscan {'-p ' + str(port) + ' ' if port != 22 else ''}{sh_quote(node.connection.host)}"
+            port_flag = f"-p {port} " if port != 22 else ""
+            keyscan = f"ssh-keyscan {port_flag}{sh_quote(node.connection.host)}"
         else:
             keyscan = "ssh-keyscan <host>"
         return (f"unknown host key: {key_name or 'the host'} is not in {file_text} and "
@@ -324,7 +326,11 @@ def describe_error(error: BaseException, node: Node | None = None) -> str:
     if isinstance(error, (socket.timeout, TimeoutError)):
         return "unreachable: connect timed out (timeouts.connect)"
     if isinstance(error, paramiko.ssh_exception.NoValidConnectionsError):
-        return f"unreachable: {error.strerror or error}"
+        # Its own text ("Unable to connect to port 22 on X") hides why: say what the OS said.
+        reasons = sorted({err.strerror or str(err) for err in error.errors.values()})
+        ports = sorted({port for _, port, *_ in error.errors})
+        where = f"port {ports[0]}" if len(ports) == 1 else "SSH port"
+        return f"unreachable: cannot connect to {where}: {', '.join(reasons) or error}"
     if isinstance(error, socket.gaierror):
         return f"unknown host name: {error}"
     if isinstance(error, OSError) and error.errno is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fabric import Connection
 from invoke import Context
 from invoke.exceptions import Exit
 
@@ -51,6 +52,11 @@ class ClusterSession:
     """Settings, inventory and nodes of one task invocation; closes connections on exit."""
 
     def __init__(self, c: Context, hosts: list[str] | None = None):
+        if isinstance(c, Connection):
+            # `fab -H a,b task` runs the task once per host, one after another: node 0 of a
+            # launch would wait for node 1 forever. Our tasks fan out themselves.
+            raise Exit("use the task's --hosts a,b (or cluster.hosts), not fab -H: -H runs the "
+                       "task once per host, one after another", code=EXIT_USAGE)
         self.settings = load_settings(c)
         self.inventory = load_inventory(self.settings, hosts)
         self.nodes: list[Node] = open_nodes(c.config, self.inventory, self.settings.cluster)

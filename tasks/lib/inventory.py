@@ -6,6 +6,7 @@ finally this machine alone: the embedded default, driven without SSH.
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ class HostSpec:
     @property
     def label(self) -> str:
         """How the host appears in tables and error lines."""
-        text = self.host
+        # Bracketed IPv6, so the label parses back to the same host (setup writes labels).
+        text = f"[{self.host}]" if ":" in self.host else self.host
         if self.user:
             text = f"{self.user}@{text}"
         if self.port:
@@ -84,8 +86,16 @@ def parse_host_entry(entry: object, where: str = "cluster.hosts") -> HostSpec:
     if not match:
         raise InventoryError(f"{where}: malformed host {text!r}; expected host, user@host or user@host:port")
     port = match.group("port")
+    host = match.group("host")
+    if host.startswith("["):
+        # Paramiko and getaddrinfo want the bare address; the brackets only separate the port.
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise InventoryError(f"{where}: {text!r} is not a valid bracketed IPv6 address") from None
     return HostSpec(
-        host=match.group("host"),
+        host=host,
         user=match.group("user"),
         port=_check_port(int(port), text, where) if port else None,
     )
@@ -125,7 +135,11 @@ def resolve_inventory(
     if hosts:
         inventory = Inventory(tuple(parse_host_entry(h) for h in hosts), "cluster.hosts")
     elif hosts_file is not None and hosts_file.exists():
-        specs = parse_hosts_file_text(hosts_file.read_text(), str(hosts_file))
+        try:
+            text = hosts_file.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise InventoryError(f"cannot read hosts file {hosts_file}: {err}") from None
+        specs = parse_hosts_file_text(text, str(hosts_file))
         if not specs:
             raise InventoryError(f"{hosts_file} lists no host; add one host per line (master first) "
                                  "or delete the file to run on this machine alone")
@@ -146,3 +160,10 @@ def _reject_duplicates(inventory: Inventory) -> None:
             raise InventoryError(f"{inventory.source}: host {spec.label!r} is listed twice; "
                                  "each node must appear once")
         seen[key] = spec
+
+
+def render_hosts_file(hosts: Sequence[HostSpec], comment: str = "") -> str:
+    """The hosts file for `hosts` (master first), which `parse_hosts_file_text` reads back."""
+    lines = [f"# {line}" if line else "#" for line in comment.splitlines()]
+    lines += [spec.label for spec in hosts]
+    return "\n".join(lines) + "\n"
