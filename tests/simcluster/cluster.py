@@ -393,6 +393,10 @@ class SimCluster:
             key_path=str(self.key_path), known_hosts_path=str(self.known_hosts_path)))
         _write_private(self.state_dir / "hosts", naming.render_hosts_file(
             (node.address, node.hostname) for node in self.nodes))
+        # No name server: the host's is unreachable from the nodes' network, and every reverse
+        # lookup (c10d does them for peer addresses) would wait for its timeout. Without a
+        # nameserver line glibc asks 127.0.0.1, which refuses at once; /etc/hosts names the nodes.
+        _write_private(self.state_dir / "resolv.conf", "options timeout:1 attempts:1\n")
         sftp = next((p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/sftp-server")
                      if os.path.exists(p)), "internal-sftp")
         for node in self.nodes:
@@ -432,6 +436,8 @@ class SimCluster:
             f"mount --bind {node.srv_dir} /srv",
             "mount -t tmpfs -o nosuid,nodev,mode=1777 shm /dev/shm",
             f"mount --bind {self.state_dir}/hosts /etc/hosts",
+            f"if [ -f /etc/resolv.conf ]; then "
+            f"mount --bind {self.state_dir}/resolv.conf /etc/resolv.conf; fi",
             f"if [ -f /etc/ssh/ssh_config ]; then "
             f"mount --bind {self.state_dir}/ssh_config /etc/ssh/ssh_config; fi",
             # dockerd writes /etc/docker/key.json: each node keeps its own.

@@ -1,0 +1,280 @@
+"""A sweep over channels × threads: the grid, sweep.json, and which points still need a run.
+
+Pure: the document is a plain dict (JSON-ready); reading and writing files is the task's job.
+
+sweep.json (schema 1):
+  schema, sweep_id, status (running|completed|partial|interrupted|aborted), created_at,
+  updated_at, ended_at, controller {host, user, cwd}, hosts [labels], fail_fast, point_timeout,
+  grid {channels [..], threads [..], order "channels-major"},
+  launch_flags {the launch flags the sweep was given, channels/threads excluded},
+  sessions [{started_at, ended_at, resumed, ran [point indexes]}],
+  points [{index, channels, threads, status (pending|running|completed|failed|stopped|hung|
+           interrupted|error), run_id, run_dir (relative to the sweep directory), attempts,
+           started_at, ended_at, launch_s, cleanup_wait_s, gap_before_s, idle_before_s,
+           startup_s, teardown_s, exit_status, error, overrides [point-only train overrides]}],
+  dead_time {gap_s {median, max, n}, idle_s {median, max, n}}
+Point timing: launch_s is the launch call (probe to collection); cleanup_wait_s the wait after it
+until no process of the run is left on any host; gap_before_s the controller time between the
+previous point's launch returning and this one's starting (the sweep's own overhead);
+idle_before_s the time between the previous point's last measured step and this one's first
+(rank 0's clock): what the cluster spends not measuring, start-up and calibration included.
+It splits into the previous point's teardown_s (last measured step to its launch call returning:
+rank exit, collection, run.json), gap_before_s, and this point's startup_s (launch call to first
+measured step: probe, push, torchrun start, rendezvous, warm-up and calibration).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tasks.lib.quoting import sh_quote
+
+SCHEMA_VERSION = 1
+SWEEP_JSON = "sweep.json"
+SWEEP_PREFIX = "sweep_"
+
+PENDING = "pending"
+RUNNING = "running"
+COMPLETED = "completed"
+INTERRUPTED = "interrupted"
+POINT_STATES = (PENDING, RUNNING, COMPLETED, "failed", "stopped", "hung", INTERRUPTED, "error")
+
+# Sweep-level states.
+SWEEP_RUNNING = "running"
+SWEEP_COMPLETED = "completed"      # every point completed
+SWEEP_PARTIAL = "partial"          # every point ran, some did not complete
+SWEEP_INTERRUPTED = "interrupted"  # Ctrl-C: resumable
+SWEEP_ABORTED = "aborted"          # --fail-fast stopped it after a failed point: resumable
+
+
+class SweepError(ValueError):
+    """A sweep input that cannot be used; one line saying what and how to fix."""
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    channels: int
+    threads: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.channels}ch × {self.threads}th"
+
+
+# -- the grid -------------------------------------------------------------------------------------
+
+def parse_grid_values(values: str | Sequence[str] | None, flag: str) -> list[int]:
+    """'28,42,56' or repeated flags (['28,42', '56']) as distinct positive ints, in order given."""
+    if values is None:
+        return []
+    items = [values] if isinstance(values, str) else list(values)
+    parsed: list[int] = []
+    for item in items:
+        for part in str(item).split(","):
+            text = part.strip()
+            if not text:
+                continue
+            try:
+                number = int(text)
+            except ValueError:
+                raise SweepError(f"{flag}: {text!r} is not an integer; give a list like {flag} 28,42,56") from None
+            if number <= 0:
+                raise SweepError(f"{flag}: {number} must be positive")
+            if number not in parsed:
+                parsed.append(number)
+    return parsed
+
+
+def grid_points(channels: Sequence[int], threads: Sequence[int]) -> list[GridPoint]:
+    """Channels-major, like the original shell loop (for c in channels; for t in threads)."""
+    if not channels or not threads:
+        raise SweepError("a sweep needs at least one value for --channels and one for --threads "
+                         "(e.g. --channels 28,42,56,70 --threads 256,512)")
+    return [GridPoint(c, t) for c in channels for t in threads]
+
+
+_POINT_OVERRIDE = re.compile(r"^(\d+|\*)x(\d+|\*):(.+)$")
+
+
+def parse_point_overrides(items: Iterable[str], points: Sequence[GridPoint]) -> dict[GridPoint, list[str]]:
+    """`CxT:section.key=value` (C or T may be `*`) as the extra train overrides of each point.
+
+    For what one point needs and the others must not get: profiling at the interesting point,
+    more steps where the noise is. A selector that matches no grid point is an error (a typo
+    would otherwise run the sweep without the override)."""
+    extra: dict[GridPoint, list[str]] = {point: [] for point in points}
+    for item in items:
+        match = _POINT_OVERRIDE.match(item.strip())
+        if not match or "=" not in match.group(3):
+            raise SweepError(f"--point-override {item!r}: expected CHANNELSxTHREADS:section.key=value, "
+                             "e.g. 56x256:profiling.enabled=true (* for any)")
+        channels, threads, override = match.groups()
+        chosen = [p for p in points if channels in ("*", str(p.channels)) and threads in ("*", str(p.threads))]
+        if not chosen:
+            raise SweepError(f"--point-override {item!r}: no grid point {channels}x{threads}")
+        for point in chosen:
+            extra[point].append(override)
+    return extra
+
+
+# -- the document ---------------------------------------------------------------------------------
+
+def new_sweep(*, sweep_id: str, channels: Sequence[int], threads: Sequence[int],
+              launch_flags: Mapping[str, Any], hosts: Sequence[str], fail_fast: bool,
+              controller: Mapping[str, Any], created_at: str) -> dict[str, Any]:
+    points = grid_points(channels, threads)
+    return {
+        "schema": SCHEMA_VERSION,
+        "sweep_id": sweep_id,
+        "status": SWEEP_RUNNING,
+        "created_at": created_at,
+        "updated_at": created_at,
+        "ended_at": None,
+        "controller": dict(controller),
+        "hosts": list(hosts),
+        "fail_fast": fail_fast,
+        "grid": {"channels": list(channels), "threads": list(threads), "order": "channels-major"},
+        "launch_flags": dict(launch_flags),
+        "sessions": [],
+        "points": [new_point(index, point) for index, point in enumerate(points)],
+        "dead_time": {},
+    }
+
+
+def new_point(index: int, point: GridPoint) -> dict[str, Any]:
+    return {
+        "index": index, "channels": point.channels, "threads": point.threads, "status": PENDING,
+        "run_id": None, "run_dir": None, "attempts": 0, "started_at": None, "ended_at": None,
+        "launch_s": None, "cleanup_wait_s": None, "gap_before_s": None, "idle_before_s": None,
+        "startup_s": None, "teardown_s": None, "exit_status": None, "error": None,
+    }
+
+
+def validate_sweep(document: Any, source: str) -> dict[str, Any]:
+    """The document if it is a sweep.json this code can resume; SweepError otherwise."""
+    if not isinstance(document, dict):
+        raise SweepError(f"{source}: not a JSON object")
+    if document.get("schema") != SCHEMA_VERSION:
+        raise SweepError(f"{source}: schema {document.get('schema')!r} is not {SCHEMA_VERSION}")
+    points = document.get("points")
+    if not isinstance(points, list) or not points:
+        raise SweepError(f"{source}: no points")
+    for position, point in enumerate(points):
+        if not isinstance(point, dict) or point.get("index") != position or \
+                not isinstance(point.get("channels"), int) or not isinstance(point.get("threads"), int):
+            raise SweepError(f"{source}: point {position} is malformed (needs index, channels, threads)")
+        if point.get("status") not in POINT_STATES:
+            raise SweepError(f"{source}: point {position} has unknown status {point.get('status')!r}")
+    if not isinstance(document.get("launch_flags"), dict):
+        raise SweepError(f"{source}: launch_flags missing")
+    return document
+
+
+def check_resume_grid(document: Mapping[str, Any], channels: Sequence[int], threads: Sequence[int]) -> None:
+    """A resumed sweep keeps its grid: flags naming another grid are a mistake, not a request."""
+    grid = document.get("grid", {})
+    for flag, given, recorded in (("--channels", channels, grid.get("channels")),
+                                  ("--threads", threads, grid.get("threads"))):
+        if given and list(given) != list(recorded or []):
+            raise SweepError(f"{flag} {','.join(map(str, given))} differs from the resumed sweep's "
+                             f"{','.join(map(str, recorded or []))}; drop the flag or start a new sweep")
+
+
+def check_resume_flags(recorded: Mapping[str, Any], given: Mapping[str, Any],
+                       may_change: Iterable[str] = ()) -> None:
+    """A resumed sweep runs its remaining points under the recorded launch flags; a flag given
+    with --resume (`given`: only those that differ from the task's defaults) must agree with
+    them, except the operational ones in `may_change`."""
+    allowed = set(may_change)
+    for name, value in given.items():
+        if name in allowed:
+            continue
+        if _normalise(recorded.get(name)) != _normalise(value):
+            raise SweepError(f"--{name.replace('_', '-')} {value!r} differs from the resumed sweep's "
+                             f"{recorded.get(name)!r}; drop it or start a new sweep")
+
+
+def _normalise(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def points_to_run(document: Mapping[str, Any], run_completed: Callable[[Mapping[str, Any]], bool]) -> list[int]:
+    """Indexes of the points a (resumed) sweep still has to run.
+
+    A point is done when sweep.json says completed AND its run directory agrees
+    (`run_completed(point)` reads it): a deleted or broken run directory is run again.
+    """
+    return [p["index"] for p in document["points"]
+            if not (p.get("status") == COMPLETED and run_completed(p))]
+
+
+def sweep_status(document: Mapping[str, Any], *, interrupted: bool = False, aborted: bool = False) -> str:
+    if interrupted:
+        return SWEEP_INTERRUPTED
+    if aborted:
+        return SWEEP_ABORTED
+    states = [p.get("status") for p in document["points"]]
+    if all(s == COMPLETED for s in states):
+        return SWEEP_COMPLETED
+    if any(s in (PENDING, RUNNING, INTERRUPTED) for s in states):
+        return SWEEP_INTERRUPTED
+    return SWEEP_PARTIAL
+
+
+def point_status(run_status: str) -> str:
+    """The sweep's word for a finished point, from the report's status of its run directory
+    (completed, stopped, failed, incomplete, no_output, ...): anything unfinished failed."""
+    return run_status if run_status in POINT_STATES and run_status not in (PENDING, RUNNING) else "failed"
+
+
+# -- timing ---------------------------------------------------------------------------------------
+
+def eta_seconds(durations: Sequence[float], remaining: int) -> float | None:
+    """Remaining points × the median duration of the points run so far (None before the first)."""
+    if not durations or remaining <= 0:
+        return None if remaining > 0 else 0.0
+    ordered = sorted(durations)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return median * remaining
+
+
+def dead_time_summary(points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """median/max/n of the gaps and idle times between consecutive points."""
+    summary: dict[str, Any] = {}
+    for key, name in (("gap_before_s", "gap_s"), ("idle_before_s", "idle_s"), ("cleanup_wait_s", "cleanup_wait_s"),
+                      ("startup_s", "startup_s"), ("teardown_s", "teardown_s")):
+        values = sorted(float(p[key]) for p in points if isinstance(p.get(key), (int, float)))
+        if values:
+            middle = len(values) // 2
+            median = values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+            summary[name] = {"median": round(median, 3), "max": round(values[-1], 3), "n": len(values)}
+    return summary
+
+
+def unique_name(base: str, taken: Callable[[str], bool]) -> str:
+    """base, else base_2, base_3... (two sweeps started in the same second)."""
+    if not taken(base):
+        return base
+    suffix = 2
+    while taken(f"{base}_{suffix}"):
+        suffix += 1
+    return f"{base}_{suffix}"
+
+
+# -- the nodes ------------------------------------------------------------------------------------
+
+def run_processes_command(run_id: str) -> str:
+    """Prints the pids of every process on a node that carries the run's marker
+    (GEMM_RUN_ID=<run id>, set by the node launcher and inherited by torchrun, the ranks and the
+    in-container processes, which the node's pid namespace shows too). One grep, no per-pid forks.
+    Exit status 0 whether or not any is found."""
+    marker = f"GEMM_RUN_ID={run_id}"
+    return (f"grep -lzxF -- {sh_quote(marker)} /proc/[0-9]*/environ 2>/dev/null "
+            "| sed -n 's|^/proc/\\([0-9]*\\)/environ$|\\1|p'; true")
+
+
+def parse_pids(text: str) -> list[int]:
+    return [int(line) for line in text.split() if line.isdigit()]

@@ -1,0 +1,112 @@
+"""`fab report PATH`: results.csv, report.md and figures for a run or a sweep directory."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from invoke import Collection, task
+from invoke.exceptions import Exit
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from tasks.lib import report as rep
+from tasks.session import EXIT_USAGE, project_path
+
+
+@dataclass
+class ReportResult:
+    """What one report wrote and decided."""
+
+    input: rep.ReportInput
+    rows: list[rep.PointRow]
+    best: rep.PointRow | None
+    out_dir: Path
+    files: list[Path]
+
+
+def write_report(path: Path, out_dir: Path | None = None, plots: bool = True) -> ReportResult:
+    """Read `path` (run, sweep or directory of runs) and write results.csv, report.md and PNGs
+    into `out_dir` (default: `path`). Raises rep.ReportError only when nothing can be read;
+    per-point problems end up in the rows. Used by the report task, sweeps and launches."""
+    report_input = rep.discover(path)
+    rows, runs = rep.collect_rows(report_input)
+    out_dir = out_dir or path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures: list[Path] = []
+    single_run = runs.get(rows[0].run_dir or "") if report_input.kind == "run" and rows else None
+    if plots:
+        from tasks.lib import plots as figures_lib  # matplotlib only when a report is drawn
+
+        figures += figures_lib.write_sweep_figures(rows, out_dir)
+        panels = [(row.label + ("" if row.status == rep.COMPLETED else f" ({row.status})"),
+                   rep.per_rank_step_times(runs[row.run_dir]))
+                  for row in rows if row.run_dir in runs]
+        title = (f"Per-rank iteration time: {single_run.run_dir.name}" if single_run is not None
+                 else "Per-rank iteration time per point (stragglers)")
+        figure = figures_lib.plot_per_rank_step_time(panels, title, out_dir / figures_lib.PER_RANK_STEPS)
+        if figure is not None:
+            figures.append(figure)
+    csv_path = out_dir / rep.RESULTS_CSV
+    csv_path.write_text(rep.results_csv(rows, out_dir))
+    md_path = out_dir / rep.REPORT_MD
+    md_path.write_text(rep.report_markdown(report_input, rows, [f.name for f in figures], single_run))
+    return ReportResult(report_input, rows, rep.best_point(rows), out_dir, [csv_path, md_path, *figures])
+
+
+def _cli_path(path: str) -> Path:
+    """A path typed on the command line: relative to where fab runs, else to the checkout."""
+    given = Path(path).expanduser()
+    return given if given.is_absolute() or given.exists() else project_path(given)
+
+
+# Terminal headers are shorter than report.md's: the table must fit an 80-column terminal.
+TERMINAL_COLUMNS = ("ch", "th", "nodes\nranks", "status", "steps", "iter ms\np50", "iter ms\np90",
+                    "GEMM\nTFLOP/s", "GEMM\nslow", "exposed\ncomm", "busbw\nGB/s")
+
+
+def results_table(result: ReportResult) -> Table:
+    table = Table(title=f"{result.input.kind}: {result.input.root.name}", box=box.SIMPLE_HEAD,
+                  padding=(0, 0), pad_edge=False, header_style="bold")
+    for header in TERMINAL_COLUMNS:
+        table.add_column(header, justify="left" if header == "status" else "right", no_wrap=True)
+    for row in result.rows:
+        style = "bold green" if row is result.best else ("red" if row.status != rep.COMPLETED else None)
+        ch, th, nodes, ranks, *rest = rep.table_cells(row)
+        table.add_row(ch, th, f"{nodes}/{ranks}", *rest, style=style)
+    return table
+
+
+def print_report(console: Console, result: ReportResult) -> None:
+    console.print(results_table(result))
+    for row in result.rows:
+        if row.problems:
+            console.print(f"[yellow]{row.label}[/]: " + "; ".join(row.problems), highlight=False)
+    if result.best is not None:
+        console.print(f"best point: [bold]{result.best.label}[/] "
+                      f"(median iteration {result.best.iter_ms_median:.2f} ms, run {result.best.run_id})")
+    else:
+        console.print("[red]no completed point: no best point[/]")
+    console.print("wrote " + ", ".join(str(f) for f in result.files), highlight=False)
+
+
+@task(help={
+    "path": "run directory (experiments/multinode_...), sweep directory (experiments/sweep_...) "
+            "or a directory of run directories",
+    "out": "write results.csv, report.md and the PNGs here instead of into PATH",
+    "no_plots": "skip the PNG figures",
+})
+def report(c, path, out=None, no_plots=False):
+    """Summarise a run or a sweep: results.csv, report.md (best point, trade-off), PNG figures."""
+    target = _cli_path(path)
+    try:
+        result = write_report(target, _cli_path(out) if out else None, plots=not no_plots)
+    except rep.ReportError as err:
+        raise Exit(f"report: {err}", code=EXIT_USAGE) from None
+    except OSError as err:
+        raise Exit(f"report: cannot write into {out or target}: {err.strerror or err}; "
+                   "choose another directory with --out", code=1) from None
+    print_report(Console(), result)
+
+
+ns = Collection(report)

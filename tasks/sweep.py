@@ -1,0 +1,577 @@
+"""`fab sweep`: every channels × threads point as a launch, back to back, then the report.
+
+The next point starts as soon as no process of the previous run is left on any host (checked by
+the run's GEMM_RUN_ID marker, not a fixed sleep); the gap is measured and kept in sweep.json.
+A failed or hung point is recorded and the sweep goes on (unless --fail-fast). Ctrl-C stops the
+current point's run on every host, records the sweep as interrupted and exits 130:
+`fab sweep --resume DIR` runs what is left.
+
+Exit status: 0 every point completed; 1 some point did not; 2 bad flags or sweep.json; 3 another
+run is active on a host (the launch's refusal); 130 interrupted.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from invoke import Collection, task
+from invoke.exceptions import Exit
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tasks.lib import report as rep
+from tasks.lib import sweep as sw
+from tasks.lib.runrecord import now_iso
+from tasks.lib.runspec import LaunchFlags
+from tasks.launch import SHORT_FLAGS, LaunchTask, resolve_spec
+from tasks.nodes import describe_error, on_each
+from tasks.session import EXIT_USAGE, ClusterSession, project_path
+
+EXIT_FAILED = 1
+EXIT_BUSY = 3            # tasks.launch: another run is active on a host
+EXIT_INTERRUPTED = 130   # tasks.launch returns it when Ctrl-C detached it from the run
+PROCESS_POLL_S = 0.2
+PROCESS_GONE_TIMEOUT_S = 60.0
+PROCESS_CHECK_TIMEOUT_S = 10.0
+
+# Launch flags a resumed sweep may be given anew: they change how the remaining points are
+# started, not what they measure.
+OPERATIONAL_FLAGS = ("force", "hosts", "master_port")
+
+
+@dataclass
+class LaunchResult:
+    """What one point's launch call left behind (filled in place, also on Ctrl-C)."""
+
+    run_id: str | None = None
+    run_dir: Path | None = None
+    started: bool = False
+    status: str | None = None
+    exit_code: int | None = None
+
+
+# -- flags --------------------------------------------------------------------------------------
+
+def launch_flags_record(**flags: Any) -> dict[str, Any]:
+    """The launch flags as recorded in sweep.json (JSON-ready; None/False/[] mean not given)."""
+    record = dict(flags)
+    for key in ("override", "env", "hosts", "point_override"):
+        record[key] = list(record.get(key) or [])
+    return record
+
+
+FLAG_DEFAULTS = launch_flags_record(
+    nproc=None, config=None, rocprof=False, stats=False, rocprof_input=None, master_port=None,
+    nccl_preset=None, override=None, env=None, docker=None, force=False, pin_channels=True,
+    hosts=None, point_override=None)
+
+
+def launch_flags_for(record: Mapping[str, Any], point: sw.GridPoint, extra_overrides: Sequence[str]) -> LaunchFlags:
+    return LaunchFlags(
+        channels=point.channels, threads=point.threads, nproc=record.get("nproc"),
+        config=record.get("config"), master_port=record.get("master_port"),
+        nccl_preset=record.get("nccl_preset"),
+        overrides=tuple(record.get("override") or ()) + tuple(extra_overrides),
+        env=tuple(record.get("env") or ()), docker=record.get("docker"),
+        rocprof=bool(record.get("rocprof")), stats=bool(record.get("stats")),
+        rocprof_input=record.get("rocprof_input"),
+        pin_channels=record.get("pin_channels", True), force=bool(record.get("force")))
+
+
+# -- files --------------------------------------------------------------------------------------
+
+def write_sweep(sweep_dir: Path, document: dict[str, Any]) -> None:
+    """Atomically (a reader or a Ctrl-C never leaves half a sweep.json)."""
+    document["updated_at"] = now_iso()
+    document["dead_time"] = sw.dead_time_summary(document["points"])
+    target = sweep_dir / sw.SWEEP_JSON
+    temporary = sweep_dir / f".{sw.SWEEP_JSON}.tmp"
+    temporary.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(temporary, target)
+
+
+def load_sweep(sweep_dir: Path) -> dict[str, Any]:
+    document, problem = rep.read_json_file(sweep_dir / sw.SWEEP_JSON)
+    if problem:
+        raise sw.SweepError(f"{sweep_dir}: {problem}; is this a sweep directory (experiments/sweep_...)?")
+    return sw.validate_sweep(document, str(sweep_dir / sw.SWEEP_JSON))
+
+
+def create_sweep_dir(experiments_dir: Path, when: datetime) -> Path:
+    base = f"{sw.SWEEP_PREFIX}{when:%Y%m%d_%H%M%S}"
+    experiments_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        name = sw.unique_name(base, lambda n: (experiments_dir / n).exists())
+        try:
+            (experiments_dir / name).mkdir()
+            return experiments_dir / name
+        except FileExistsError:
+            continue  # another sweep took it between the check and the mkdir
+
+
+def run_status_of(sweep_dir: Path, point: Mapping[str, Any]) -> tuple[str, Path | None]:
+    """The report's status of a point's run directory (what --resume trusts)."""
+    run_dir = rep.resolve_run_dir(sweep_dir, point.get("run_dir"), point.get("run_id"))
+    if run_dir is None or not run_dir.is_dir():
+        return rep.MISSING, run_dir
+    return rep.summarize_run(rep.read_run(run_dir)).status, run_dir
+
+
+def rank0_wall_times(run_dir: Path | None) -> tuple[float, float] | None:
+    """First and last measured step's wall time on rank 0 (the idle-time clock)."""
+    if run_dir is None:
+        return None
+    lines = rep.read_run(run_dir).steps_by_rank.get(0) or []
+    times = [line["wall_time"] for line in lines if isinstance(line.get("wall_time"), (int, float))]
+    return (min(times), max(times)) if times else None
+
+
+# -- the nodes ------------------------------------------------------------------------------------
+
+def stop_point(session: ClusterSession, run_id: str, console: Console) -> None:
+    from tasks.runs import stop_run
+
+    results = stop_run(session, run_id, session.settings.launch.stop_grace)
+    for node, error in results.failed.items():
+        console.out(f"sweep: stopping {run_id} on node {node.index} ({node.label}) failed: "
+                    f"{describe_error(error)}", highlight=False)
+
+
+def wait_processes_gone(session: ClusterSession, run_id: str, console: Console,
+                        timeout: float = PROCESS_GONE_TIMEOUT_S) -> float:
+    """Seconds until no process with the run's marker is left on any host. Past the timeout the
+    leftovers are killed (the next point must not share the GPUs with them)."""
+    command = sw.run_processes_command(run_id)
+    started = time.monotonic()
+    killed = False
+    reported_unreachable: set[int] = set()
+    while True:
+        results = on_each(session.nodes, lambda node: sw.parse_pids(
+            node.run(command, warn=True, timeout=PROCESS_CHECK_TIMEOUT_S).stdout))
+        for node, error in results.failed.items():
+            if node.index not in reported_unreachable:
+                reported_unreachable.add(node.index)
+                console.out(f"sweep: cannot check node {node.index} ({node.label}) for leftovers "
+                            f"of {run_id}: {describe_error(error)}", highlight=False)
+        alive = {node.index: pids for node, pids in results.ok.items() if pids}
+        elapsed = time.monotonic() - started
+        if not alive:
+            return elapsed
+        if elapsed > timeout:
+            if killed:
+                console.out(f"sweep: processes of {run_id} still alive after SIGKILL: "
+                            + ", ".join(f"node {i}: {pids}" for i, pids in sorted(alive.items())),
+                            highlight=False)
+                return elapsed
+            from tasks.runs import stop_run
+
+            console.out(f"sweep: {run_id} left processes after {timeout:.0f} s "
+                        f"({', '.join(f'node {i}: {len(p)}' for i, p in sorted(alive.items()))}); killing them",
+                        highlight=False)
+            stop_run(session, run_id, 0.0, kill=True)
+            killed, started, timeout = True, time.monotonic() - elapsed, elapsed + 15.0
+        time.sleep(PROCESS_POLL_S)
+
+
+def call_launch(session: ClusterSession, spec: Any, console: Console, result: LaunchResult,
+                experiments_dir: Path) -> int:
+    """tasks.launch.run_launch for one point, with `result` telling which run it started.
+
+    run_launch fills an `outcome` when it takes one (LAUNCH_CONTRACT.md, Changes); otherwise the
+    run id is the new run directory that appeared for this point."""
+    from tasks import launch as launch_module
+
+    pattern = f"multinode_{spec.channels}ch_{spec.threads}th_*"
+    before = {p.name for p in experiments_dir.glob(pattern)}
+    takes_outcome = "outcome" in inspect.signature(launch_module.run_launch).parameters
+    outcome = launch_module.RunOutcome() if takes_outcome and hasattr(launch_module, "RunOutcome") else None
+    try:
+        if outcome is not None:
+            code = launch_module.run_launch(session, spec, console, outcome=outcome)
+        else:
+            code = launch_module.run_launch(session, spec, console)
+        result.exit_code = code
+        return code
+    finally:
+        if outcome is not None:
+            for name in ("run_id", "run_dir", "started", "status"):
+                if getattr(outcome, name, None) is not None:
+                    setattr(result, name, getattr(outcome, name))
+        if result.run_id is None:
+            result.run_id = new_run_id(experiments_dir, pattern, before)
+        if result.run_id and result.run_dir is None:
+            result.run_dir = experiments_dir / result.run_id
+
+
+def new_run_id(experiments_dir: Path, pattern: str, before: set[str]) -> str | None:
+    created = sorted((p for p in experiments_dir.glob(pattern) if p.name not in before),
+                     key=lambda p: p.stat().st_mtime)
+    return created[-1].name if created else None
+
+
+class PointWatchdog:
+    """Stops a point's run when it exceeds --point-timeout (a hang the launch did not catch)."""
+
+    def __init__(self, session: ClusterSession, console: Console, limit: float | None,
+                 result: LaunchResult, experiments_dir: Path, pattern: str, before: set[str]):
+        self.session, self.console, self.limit, self.result = session, console, limit, result
+        self.experiments_dir, self.pattern, self.before = experiments_dir, pattern, before
+        self.fired = False
+        self._timer: threading.Timer | None = None
+
+    def __enter__(self) -> PointWatchdog:
+        if self.limit:
+            self._timer = threading.Timer(self.limit, self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _fire(self) -> None:
+        run_id = self.result.run_id or new_run_id(self.experiments_dir, self.pattern, self.before)
+        if not run_id:
+            return
+        self.fired = True
+        self.console.out(f"sweep: {run_id} exceeded --point-timeout {self.limit:.0f} s: "
+                         "stopping it as hung", highlight=False)
+        try:
+            stop_point(self.session, run_id, self.console)
+        except Exception as err:  # noqa: BLE001 - the sweep goes on; the wait reports leftovers
+            self.console.out(f"sweep: stopping {run_id} failed: {describe_error(err)}", highlight=False)
+
+
+# -- the sweep --------------------------------------------------------------------------------------
+
+class SweepRunner:
+    """Runs the pending points of one sweep document, keeping sweep.json current."""
+
+    def __init__(self, session: ClusterSession, sweep_dir: Path, document: dict[str, Any],
+                 specs: dict[int, Any], console: Console, *, fail_fast: bool,
+                 point_timeout: float | None):
+        self.session, self.sweep_dir, self.document, self.specs = session, sweep_dir, document, specs
+        self.console, self.fail_fast, self.point_timeout = console, fail_fast, point_timeout
+        self.experiments_dir = project_path(session.settings.cluster.experiments_dir)
+        # Monotonic time the previous point's launch call returned: the gap to the next point's
+        # start is everything the sweep adds (leftover check, stop on failure, sweep.json).
+        self.previous_end: float | None = None
+        self.previous_run_dir: Path | None = None
+        self.durations: list[float] = []
+        self.aborted_reason: str | None = None
+        self.aborted_code = EXIT_FAILED
+        self.launch_window = (0.0, 0.0)  # wall clock: this point's launch call began, returned
+
+    def run(self, indexes: Sequence[int]) -> str:
+        """Runs the points; the sweep's final status (interrupted on Ctrl-C, which is re-raised
+        as Exit 130 by the caller after the report)."""
+        session_entry = {"started_at": now_iso(), "ended_at": None, "resumed": bool(self.document["sessions"]),
+                         "ran": []}
+        self.document["sessions"].append(session_entry)
+        self.document["status"] = sw.SWEEP_RUNNING
+        write_sweep(self.sweep_dir, self.document)
+        total = len(self.document["points"])
+        progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"),
+            console=self.console, transient=False)
+        interrupted = False
+        with progress:
+            bar = progress.add_task("sweep", total=len(indexes), eta="?")
+            for position, index in enumerate(indexes):
+                point = self.document["points"][index]
+                label = f"point {index + 1}/{total}: {point['channels']}ch × {point['threads']}th"
+                progress.update(bar, description=label)
+                self.console.out(f"sweep: {label} ({position + 1} of {len(indexes)} to run)", highlight=False)
+                session_entry["ran"].append(index)
+                try:
+                    self.run_point(point)
+                except KeyboardInterrupt:
+                    interrupted = True
+                    break
+                progress.advance(bar)
+                eta = sw.eta_seconds(self.durations, len(indexes) - position - 1)
+                progress.update(bar, eta="?" if eta is None else _duration(eta))
+                if self.aborted_reason:
+                    break
+                if self.fail_fast and point["status"] != sw.COMPLETED:
+                    self.aborted_reason = f"--fail-fast: point {index + 1} {point['status']}"
+                    break
+        session_entry["ended_at"] = now_iso()
+        status = sw.sweep_status(self.document, interrupted=interrupted,
+                                 aborted=self.aborted_reason is not None)
+        self.document["status"] = status
+        self.document["ended_at"] = now_iso() if status in (sw.SWEEP_COMPLETED, sw.SWEEP_PARTIAL) else None
+        write_sweep(self.sweep_dir, self.document)
+        return status
+
+    def run_point(self, point: dict[str, Any]) -> None:
+        spec = self.specs[point["index"]]
+        result = LaunchResult()
+        started = time.monotonic()
+        started_unix = time.time()
+        point.update(status=sw.RUNNING, started_at=now_iso(), ended_at=None, error=None,
+                     attempts=point.get("attempts", 0) + 1, run_id=None, run_dir=None,
+                     gap_before_s=None if self.previous_end is None else round(started - self.previous_end, 3),
+                     idle_before_s=None, exit_status=None, launch_s=None, cleanup_wait_s=None,
+                     startup_s=None, teardown_s=None)
+        write_sweep(self.sweep_dir, self.document)
+        pattern = f"multinode_{spec.channels}ch_{spec.threads}th_*"
+        before = {p.name for p in self.experiments_dir.glob(pattern)}
+        interrupted = False
+        watchdog = PointWatchdog(self.session, self.console, self.point_timeout, result,
+                                 self.experiments_dir, pattern, before)
+        try:
+            with watchdog:
+                code = call_launch(self.session, spec, self.console, result, self.experiments_dir)
+            interrupted = code == EXIT_INTERRUPTED
+        except KeyboardInterrupt:
+            interrupted = True
+        except Exit as err:
+            code = err.code
+            point["error"] = _first_line(err.message) or f"launch exited {code}"
+            if code in (EXIT_USAGE, EXIT_BUSY) and not result.started:
+                # Every later point would meet the same refusal: stop here, resumable.
+                self.aborted_reason, self.aborted_code = point["error"], code
+        except Exception as err:  # noqa: BLE001 - one point's crash must not end the sweep
+            code = EXIT_FAILED
+            point["error"] = f"{type(err).__name__}: {err}"
+        ended = time.monotonic()
+        self.previous_end = ended
+        self.launch_window = (started_unix, time.time())
+        point["launch_s"] = round(ended - started, 3)
+        point["exit_status"] = None if interrupted else code
+        if result.run_id:
+            point["run_id"] = result.run_id
+            point["run_dir"] = os.path.relpath(result.run_dir or self.experiments_dir / result.run_id,
+                                               self.sweep_dir)
+        try:
+            if result.run_id:
+                if interrupted:
+                    self.console.out(f"sweep: interrupted; stopping {result.run_id} on every host",
+                                     highlight=False)
+                    stop_point(self.session, result.run_id, self.console)
+                point["cleanup_wait_s"] = round(
+                    wait_processes_gone(self.session, result.run_id, self.console), 3)
+        except KeyboardInterrupt:
+            interrupted = True
+        self.finish_point(point, result, interrupted, watchdog.fired)
+        self.durations.append(time.monotonic() - started)
+        if interrupted:
+            raise KeyboardInterrupt
+
+    def finish_point(self, point: dict[str, Any], result: LaunchResult, interrupted: bool,
+                     hung: bool) -> None:
+        point["ended_at"] = now_iso()
+        run_dir = (self.sweep_dir / point["run_dir"]).resolve() if point.get("run_dir") else None
+        if interrupted:
+            point["status"] = sw.INTERRUPTED
+        elif hung:
+            point["status"] = "hung"
+            point["error"] = point.get("error") or f"exceeded --point-timeout {self.point_timeout:.0f} s"
+        elif run_dir is None or not run_dir.is_dir():
+            point["status"] = "error"
+            point["error"] = point.get("error") or "the launch created no run directory"
+        else:
+            row = rep.summarize_run(rep.read_run(run_dir))
+            point["status"] = sw.point_status(row.status)
+            if point["status"] != sw.COMPLETED and not point.get("error"):
+                point["error"] = "; ".join(row.problems[:2]) or f"run {row.status}"
+        times = rank0_wall_times(run_dir) if run_dir and run_dir.is_dir() else None
+        previous = rank0_wall_times(self.previous_run_dir)
+        if times and previous:
+            point["idle_before_s"] = round(times[0] - previous[1], 3)
+        if times:
+            # Node clock against the controller's: exact on one host, NTP-close on a cluster.
+            point["startup_s"] = round(times[0] - self.launch_window[0], 3)
+            point["teardown_s"] = round(self.launch_window[1] - times[1], 3)
+        # Idle time is only defined between two consecutive points that both measured steps.
+        self.previous_run_dir = run_dir if times else None
+        write_sweep(self.sweep_dir, self.document)
+        self.console.out(f"sweep: point {point['index'] + 1} {point['channels']}ch × {point['threads']}th: "
+                         f"{point['status']}" + (f" ({point['error']})" if point.get("error") else "")
+                         + f", {point['launch_s']:.1f} s", highlight=False)
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def print_dead_time(console: Console, document: Mapping[str, Any]) -> None:
+    dead = sw.dead_time_summary(document["points"])
+    parts = []
+    if "gap_s" in dead:
+        parts.append(f"controller gap median {dead['gap_s']['median']:.2f} s (max {dead['gap_s']['max']:.2f})")
+    if "cleanup_wait_s" in dead:
+        parts.append(f"leftover-process wait median {dead['cleanup_wait_s']['median']:.2f} s")
+    if "idle_s" in dead:
+        parts.append(f"idle between measured steps median {dead['idle_s']['median']:.1f} s "
+                     f"(max {dead['idle_s']['max']:.1f})")
+    if "startup_s" in dead and "teardown_s" in dead:
+        parts.append(f"of which launch start-up median {dead['startup_s']['median']:.1f} s, "
+                     f"teardown median {dead['teardown_s']['median']:.1f} s")
+    if parts:
+        console.out("dead time between points: " + "; ".join(parts), highlight=False)
+
+
+# -- the task -------------------------------------------------------------------------------------
+
+SWEEP_HELP = {
+    "channels": "channel values, comma-separated or repeated: --channels 28,42,56,70",
+    "threads": "thread values, comma-separated or repeated: --threads 256,512",
+    "resume": "sweep directory to finish: skips points whose run completed (grid and launch flags "
+              "come from its sweep.json)",
+    "fail_fast": "stop the sweep at the first point that does not complete (resumable)",
+    "point_timeout": "seconds one point may take before it is stopped and recorded as hung "
+                     "(default: no limit beyond the launch's own watchdog)",
+    "point_override": "train override for some points only: CxT:section.key=value, * for any "
+                      "(repeatable), e.g. 56x256:profiling.enabled=true",
+    "no_report": "do not write results.csv, report.md and the PNGs at the end",
+    "nproc": "as fab launch: ranks per node or 'auto'",
+    "config": "as fab launch: train config YAML",
+    "rocprof": "as fab launch: wrap torchrun in rocprofv3",
+    "stats": "as fab launch: with --rocprof, kernel statistics",
+    "rocprof_input": "as fab launch: rocprofv3 input file",
+    "master_port": "as fab launch: rendezvous port on node 0 (default: a free one per point)",
+    "nccl_preset": "as fab launch: ib, ethernet, debug",
+    "override": "as fab launch: train override section.key=value for every point (repeatable)",
+    "env": "as fab launch: extra KEY=VALUE for every rank (repeatable)",
+    "docker": "as fab launch: run in the experiment container",
+    "no_docker": "as fab launch: run bare",
+    "force": "as fab launch: start even while another run is active on a host",
+    "pin_channels": "as fab launch: --no-pin-channels sets only NCCL_MAX_NCHANNELS",
+    "hosts": "as fab launch: hosts for the sweep, master first",
+}
+
+
+@task(
+    klass=LaunchTask,
+    short_flags=SHORT_FLAGS,  # -c -t -p -C -r -m, as fab launch
+    iterable=["channels", "threads", "override", "env", "hosts", "point_override"],
+    help=SWEEP_HELP,
+)
+def sweep(c, channels=None, threads=None, resume=None, fail_fast=False, point_timeout=None,
+          point_override=None, no_report=False, nproc=None, config=None, rocprof=False, stats=False,
+          rocprof_input=None, master_port=None, nccl_preset=None, override=None, env=None,
+          docker=False, no_docker=False, force=False, pin_channels=True, hosts=None):
+    """Run every channels × threads point as a launch, back to back; write the report at the end.
+
+    fab sweep --channels 28,42,56,70 --threads 256,512 [launch flags]
+    fab sweep --resume experiments/sweep_<ts>
+    """
+    console = Console(highlight=False, soft_wrap=True)
+    if docker and no_docker:
+        raise Exit("sweep: --docker and --no-docker contradict each other; give one", code=EXIT_USAGE)
+    try:
+        limit = float(point_timeout) if point_timeout not in (None, "") else None
+        if limit is not None and limit <= 0:
+            raise ValueError
+    except ValueError:
+        raise Exit(f"sweep: --point-timeout {point_timeout!r} is not a positive number of seconds",
+                   code=EXIT_USAGE) from None
+    given = launch_flags_record(
+        nproc=nproc, config=config, rocprof=rocprof, stats=stats, rocprof_input=rocprof_input,
+        master_port=master_port, nccl_preset=nccl_preset, override=override, env=env,
+        docker=True if docker else (False if no_docker else None), force=force,
+        pin_channels=pin_channels, hosts=hosts, point_override=point_override)
+    try:
+        channel_values = sw.parse_grid_values(channels, "--channels")
+        thread_values = sw.parse_grid_values(threads, "--threads")
+        if resume:
+            sweep_dir = _cli_path(resume)
+            document = load_sweep(sweep_dir)
+            sw.check_resume_grid(document, channel_values, thread_values)
+            recorded = document["launch_flags"]
+            sw.check_resume_flags(recorded, {k: v for k, v in given.items() if v != FLAG_DEFAULTS[k]},
+                                  may_change=OPERATIONAL_FLAGS)
+            flags_record = {**recorded, **{k: given[k] for k in OPERATIONAL_FLAGS if given.get(k)}}
+            if not given.get("force"):
+                flags_record["force"] = False  # --force is for this invocation, not remembered
+        else:
+            points = sw.grid_points(channel_values, thread_values)  # both axes present
+            sw.parse_point_overrides(given["point_override"], points)
+            flags_record, document, sweep_dir = given, None, None
+        points = [sw.GridPoint(p["channels"], p["threads"]) for p in document["points"]] if document \
+            else sw.grid_points(channel_values, thread_values)
+        extra = sw.parse_point_overrides(flags_record.get("point_override") or [], points)
+    except sw.SweepError as err:
+        raise Exit(f"sweep: {err}", code=EXIT_USAGE) from None
+
+    with ClusterSession(c, flags_record.get("hosts") or None) as session:
+        # Every point's flags and config are checked before the first point starts.
+        specs = {index: resolve_spec(session, launch_flags_for(flags_record, point, extra[point]),
+                                     c.config, os.environ)
+                 for index, point in enumerate(points)}
+        if document is None:
+            sweep_dir = create_sweep_dir(project_path(session.settings.cluster.experiments_dir), datetime.now())
+            document = sw.new_sweep(
+                sweep_id=sweep_dir.name, channels=channel_values, threads=thread_values,
+                launch_flags=flags_record, hosts=[n.label for n in session.nodes],
+                fail_fast=fail_fast, controller=_controller(), created_at=now_iso())
+            document["point_timeout"] = limit
+            for point in document["points"]:
+                point["overrides"] = extra[points[point["index"]]]
+        assert sweep_dir is not None
+        pending = sw.points_to_run(document, lambda p: run_status_of(sweep_dir, p)[0] == rep.COMPLETED)
+        console.out(f"sweep: {sweep_dir} ({len(document['points'])} points, {len(pending)} to run)",
+                    highlight=False)
+        status = document.get("status", sw.SWEEP_COMPLETED)
+        runner = None
+        if pending:
+            # A resumed sweep keeps its --fail-fast and --point-timeout unless given again.
+            if limit is not None:
+                document["point_timeout"] = limit
+            runner = SweepRunner(session, sweep_dir, document, specs, console,
+                                 fail_fast=fail_fast or bool(document.get("fail_fast")),
+                                 point_timeout=document.get("point_timeout"))
+            status = runner.run(pending)
+        else:
+            console.out("sweep: every point has completed; nothing to run", highlight=False)
+            document["status"] = status = sw.sweep_status(document)
+            write_sweep(sweep_dir, document)
+    print_dead_time(console, document)
+    if not no_report:
+        from tasks.report import print_report, write_report
+
+        print_report(console, write_report(sweep_dir))
+    if status == sw.SWEEP_INTERRUPTED:
+        raise Exit(f"sweep: interrupted; finish it with: fab sweep --resume {sweep_dir}", code=EXIT_INTERRUPTED)
+    if runner is not None and runner.aborted_reason:
+        code = runner.aborted_code
+        raise Exit(f"sweep: stopped: {runner.aborted_reason}; after fixing it: fab sweep --resume {sweep_dir}",
+                   code=code)
+    if status != sw.SWEEP_COMPLETED:
+        failed = [f"{p['channels']}x{p['threads']} {p['status']}" for p in document["points"]
+                  if p["status"] != sw.COMPLETED]
+        raise Exit(f"sweep: {len(failed)} of {len(document['points'])} point(s) did not complete "
+                   f"({', '.join(failed)}); "
+                   f"re-run them with: fab sweep --resume {sweep_dir}", code=EXIT_FAILED)
+
+
+def _cli_path(path: str) -> Path:
+    given = Path(path).expanduser()
+    return given if given.is_absolute() or given.exists() else project_path(given)
+
+
+def _controller() -> dict[str, Any]:
+    import getpass
+    import socket
+
+    return {"host": socket.gethostname(), "user": getpass.getuser(), "cwd": os.getcwd()}
+
+
+ns = Collection(sweep)
