@@ -1,0 +1,577 @@
+"""The run registry on every node, and the shell commands that read and act on it.
+
+The registry is node-local (cluster.registry_dir, default /tmp/gemm-runs) and is the truth about
+runs: status and stop work from any controller because they read it, not the controller's memory.
+One entry per node of a run, one value per file so plain shell reads it without a JSON parser:
+
+    <registry_dir>/<run_id>/node_<rank>/
+        meta.json          run_id, node_rank, host, user, controller, run_dir, output_dir,
+                           output_log, container (or null), started_at, launcher_pid, command
+        launcher.pid       the node launcher: session leader and process-group leader of its own
+        child.pid          torchrun (bare) or the `docker exec` client, leader of its own group
+        container.pid      torchrun's pid (= its process group) inside the container
+        state              starting | running | exited | stopped | killed
+        exit_code, started_at, ended_at, stop_requested (stop | kill)
+        run_id, node_rank, host, user, container, output_dir, output_log, run_dir  (same as meta)
+        launcher.log       the launcher's own output before it switches to output_log
+
+Which processes belong to a run: every process whose initial environment (/proc/PID/environ)
+carries GEMM_RUN_ID=<run id> and GEMM_NODE_RANK=<rank>. The launcher exports both, so every
+descendant carries them -- torchrun's workers, which torch starts in sessions of their own, and the
+processes `docker exec` starts inside the container (passed with -e). Nothing is ever matched by
+its name or command line, so someone else's `python train.py` is never touched.
+
+Everything that runs on a node is bash + coreutils + grep + procps (awk for the status scan): the
+node needs neither this package nor Python. The commands here are pure strings; tasks/runs.py
+sends them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tasks.lib.quoting import sh_join, sh_quote
+from tasks.lib.render import render_template
+
+LAUNCHER_TEMPLATE = "node_launcher.sh.j2"
+ACTIVE_STATES = ("starting", "running")
+FINAL_STATES = ("exited", "stopped", "killed")
+# How often the stop command looks whether the run's processes are gone.
+STOP_POLL_SECONDS = 0.2
+# After SIGKILL, how long to keep checking (and re-killing) before reporting survivors.
+KILL_CONFIRM_POLLS = 25
+# How long a graceful stop gives a live launcher, after its torchrun was killed, to record the end.
+LAUNCHER_RECORD_POLLS = 15
+START_WAIT_POLLS = 100  # x 0.05 s: the launcher writes its pid first thing
+EXIT_NO_SUCH_RUN = 3    # logs command: the run has no entry on this host
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+_CONTAINER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class RegistryError(ValueError):
+    """A value that cannot go into the registry or a node command; the message says which."""
+
+
+def validate_run_id(run_id: str) -> str:
+    # Run ids name directories and are globbed by the node commands: no '/', no glob characters.
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        raise RegistryError(f"run id {run_id!r} must be 1-200 letters, digits, '.', '_' or '-' "
+                            "(not starting with a symbol)")
+    return run_id
+
+
+def validate_node_path(path: str, what: str) -> str:
+    """Node paths are used verbatim on every node: absolute, no '~' (it would not expand quoted)."""
+    if not isinstance(path, str) or not posixpath.isabs(path) or "\n" in path or "\0" in path:
+        raise RegistryError(f"{what} {path!r} must be an absolute path on the nodes "
+                            "(no '~', no newline)")
+    return path
+
+
+def entry_dir(registry_dir: str, run_id: str, node_rank: int) -> str:
+    return posixpath.join(registry_dir, validate_run_id(run_id), f"node_{int(node_rank)}")
+
+
+# -- shell text run on the nodes ------------------------------------------------------------------
+
+# POSIX sh (it also runs inside the container, through `docker exec C sh -c`): send signal $1 to
+# every process of this pid namespace whose environment carries run $2 and node rank $3; prints
+# how many it signalled. grep's exit status is ignored on purpose: it is 2 as soon as one
+# environ is unreadable (another user's process), even when it found ours.
+SCAN_KILL_SH = r"""sig=$1 run=$2 rank=$3 n=0
+f=$(grep -lzxsF -e "GEMM_RUN_ID=$run" /proc/[0-9]*/environ 2>/dev/null)
+[ -n "$f" ] && f=$(grep -lzxsF -e "GEMM_NODE_RANK=$rank" $f 2>/dev/null)
+for p in $f; do p=${p#/proc/}; p=${p%/environ}
+  [ "$p" = "$$" ] && continue
+  kill -s "$sig" "$p" 2>/dev/null && n=$((n+1))
+done
+echo "$n"
+"""
+
+# bash functions shared by the node launcher and the one-shot commands below.
+SHELL_LIB = r"""# --- run-registry helpers (tasks/lib/registry.py) ---
+GEMM_SCAN_KILL='""" + SCAN_KILL_SH.replace("'", "'\\''") + r"""'
+gemm_now() { date -u +%Y-%m-%dT%H:%M:%S.%3NZ; }
+# Atomic write: readers never see a half-written value.
+gemm_put() { printf '%s\n' "$2" >"$1.tmp.$$" && mv -f "$1.tmp.$$" "$1"; }
+gemm_get() { local v=; [ -r "$1" ] && IFS= read -r v <"$1"; printf '%s' "$v"; }
+gemm_json() {
+  local s=$1; s=${s//\\/\\\\}; s=${s//\"/\\\"}; s=${s//$'\n'/\\n}; s=${s//$'\r'/\\r}
+  s=${s//$'\t'/\\t}; printf '"%s"' "$s"
+}
+gemm_make_registry() {
+  # Shared by every user of the node, like /tmp (the sticky bit keeps entries their owner's).
+  [ -d "$1" ] || { mkdir -p "$1" && chmod 1777 "$1" 2>/dev/null; }
+  [ -d "$1" ] && [ -w "$1" ]
+}
+# "pid run_id node_rank" for every process of this pid namespace carrying both markers.
+gemm_scan() {
+  grep -zsH -e '^GEMM_RUN_ID=' -e '^GEMM_NODE_RANK=' /proc/[0-9]*/environ 2>/dev/null \
+    | tr '\0' '\n' | awk -v self="$$" '
+      { i = index($0, ":"); split(substr($0, 1, i - 1), parts, "/"); pid = parts[3]
+        kv = substr($0, i + 1)
+        if (kv ~ /^GEMM_RUN_ID=/) run[pid] = substr(kv, 13); else rank[pid] = substr(kv, 16) }
+      END { for (p in run) if ((p in rank) && p != self) print p, run[p], rank[p] }'
+}
+# Pids of one entry's processes, from a scan ($1: scan text, $2: run, $3: rank).
+gemm_pids_of() { printf '%s\n' "$1" | awk -v r="$2" -v k="$3" '$2 == r && $3 == k { print $1 }'; }
+# Entries of this host (a registry on a filesystem shared by several nodes holds theirs too).
+gemm_entries() {
+  local reg=$1 run=${2:-} host e h
+  host=$(uname -n)
+  for e in "$reg"/${run:-*}/node_*; do
+    [ -d "$e" ] && [ -f "$e/run_id" ] || continue
+    h=$(gemm_get "$e/host"); [ -z "$h" ] || [ "$h" = "$host" ] || continue
+    printf '%s\n' "$e"
+  done
+}
+# Is the entry's launcher alive? $2: scan text (the launcher carries the markers, pids get reused).
+gemm_launcher_alive() {
+  local pid; pid=$(gemm_get "$1/launcher.pid"); [ -n "$pid" ] || return 1
+  gemm_pids_of "$2" "$(gemm_get "$1/run_id")" "$(gemm_get "$1/node_rank")" | grep -qx -- "$pid"
+}
+gemm_is_final() { case $(gemm_get "$1/state") in exited|stopped|killed) return 0;; esac; return 1; }
+# Record the end for a launcher that cannot any more (killed, or vanished): $1 entry, $2 state, $3 code.
+gemm_finalize() {
+  gemm_is_final "$1" && return 0
+  [ -s "$1/exit_code" ] || gemm_put "$1/exit_code" "$3"
+  gemm_put "$1/ended_at" "$(gemm_now)"
+  gemm_put "$1/state" "$2"
+}
+# Signal one entry's processes: host pids from the scan (container processes included when this
+# user may see them) and, for a dockerized run, the same scan inside the container, because a
+# killed `docker exec` client leaves its process running there. $3: a pid to spare (the launcher).
+gemm_signal_entry() {
+  local e=$1 sig=$2 spare=${3:-} scan=$4 run rank c p
+  run=$(gemm_get "$e/run_id"); rank=$(gemm_get "$e/node_rank"); c=$(gemm_get "$e/container")
+  for p in $(gemm_pids_of "$scan" "$run" "$rank"); do
+    [ "$p" = "$spare" ] || kill -s "$sig" "$p" 2>/dev/null
+  done
+  if [ -n "$c" ]; then
+    docker exec "$c" sh -c "$GEMM_SCAN_KILL" gemm-kill "$sig" "$run" "$rank" >/dev/null 2>&1 &
+  fi
+}
+# Steps done: the largest "step" of the last line of the node's rank_XX_metrics.jsonl files.
+gemm_steps() {
+  local f s best=
+  for f in "$1"/rank_*_metrics.jsonl; do
+    [ -f "$f" ] || continue
+    s=$(tail -n 1 "$f" | sed -n 's/.*"step": *\([0-9][0-9]*\).*/\1/p')
+    [ -n "$s" ] && { [ -z "$best" ] || [ "$s" -gt "$best" ]; } && best=$s
+  done
+  printf '%s' "$best"
+}
+# --- end of run-registry helpers ---
+"""
+
+_START_SH = r"""reg=$1 run=$2 rank=$3 launcher=$4 polls=$5
+e=$reg/$run/node_$rank
+gemm_make_registry "$reg" && mkdir -p "$e" || { echo "cannot create the registry entry $e" >&2; exit 1; }
+[ -r "$launcher" ] || { echo "node launcher $launcher is missing on $(uname -n)" >&2; exit 1; }
+if gemm_launcher_alive "$e" "$(gemm_scan)"; then
+  echo "run $run already has a live launcher for node $rank (pid $(gemm_get "$e/launcher.pid"))" >&2
+  exit 1
+fi
+rm -f "$e/launcher.pid"
+# Own session (setsid), stdin/stdout/stderr off the SSH channel: sshd does not wait for the
+# launcher, and the launcher neither gets SIGHUP nor dies of a broken pipe when the channel goes.
+( export GEMM_RUN_ID=$run GEMM_NODE_RANK=$rank
+  exec setsid bash "$launcher" "$rank" </dev/null >>"$e/launcher.log" 2>&1 ) &
+i=0
+while [ "$i" -lt "$polls" ]; do
+  if [ -s "$e/launcher.pid" ]; then gemm_get "$e/launcher.pid"; echo; exit 0; fi
+  sleep 0.05; i=$((i+1))
+done
+echo "node launcher did not start: $(tail -n 3 "$e/launcher.log" 2>/dev/null | tr '\n' ' ')" >&2
+exit 1
+"""
+
+_STATUS_SH = r"""reg=$1 run=$2 recent=$3
+scan=$(gemm_scan)
+rows=
+while IFS= read -r e; do
+  [ -n "$e" ] || continue
+  active=0
+  if ! gemm_is_final "$e" || gemm_launcher_alive "$e" "$scan" \
+     || [ -n "$(gemm_pids_of "$scan" "$(gemm_get "$e/run_id")" "$(gemm_get "$e/node_rank")")" ]; then
+    active=1
+  fi
+  started=$(gemm_get "$e/started_at")
+  rows+="$active ${started:--} $e"$'\n'
+done < <(gemm_entries "$reg" "$run")
+printf '@@ host %s\n' "$(uname -n)"
+n=0
+while read -r active started e; do
+  [ -n "$e" ] || continue
+  if [ "$active" = 0 ]; then
+    [ "$n" -lt "$recent" ] || continue
+    n=$((n+1))
+  fi
+  run_id=$(gemm_get "$e/run_id"); rank=$(gemm_get "$e/node_rank")
+  pids=$(gemm_pids_of "$scan" "$run_id" "$rank")
+  alive=0; gemm_launcher_alive "$e" "$scan" && alive=1
+  printf '@@ entry\n'
+  for key in run_id node_rank state exit_code started_at ended_at host user container output_dir \
+             output_log run_dir launcher.pid; do
+    printf '%s=%s\n' "$key" "$(gemm_get "$e/$key")"
+  done
+  printf 'entry=%s\npid_alive=%s\nprocs=%s\nsteps_done=%s\n' "$e" "$alive" \
+    "$(printf '%s' "$pids" | grep -c .)" "$(gemm_steps "$(gemm_get "$e/output_dir")")"
+done < <(printf '%s' "$rows" | sort -k1,1r -k2,2r)
+"""
+
+_STOP_SH = r"""reg=$1 run=$2 mode=$3 grace_polls=$4
+scan=$(gemm_scan)
+me=$(id -un); uid=$(id -u)
+targets=()
+declare -A vanished=()
+while IFS= read -r e; do
+  [ -n "$e" ] || continue
+  # Only what this user may stop (root: every run); the kernel would refuse the rest anyway.
+  [ "$uid" = 0 ] || [ "$(gemm_get "$e/user")" = "$me" ] || continue
+  r=$(gemm_get "$e/run_id"); k=$(gemm_get "$e/node_rank")
+  if [ -n "$run" ] || ! gemm_is_final "$e" || [ -n "$(gemm_pids_of "$scan" "$r" "$k")" ]; then
+    targets+=("$e")
+    # Nothing of it left (its launcher died unrecorded): record it killed, exit code unknown.
+    [ -n "$(gemm_pids_of "$scan" "$r" "$k")" ] || vanished[$e]=1
+  fi
+done < <(gemm_entries "$reg" "$run")
+if [ "${#targets[@]}" = 0 ]; then
+  echo "nothing to stop on $(uname -n)${run:+ for run $run}"; exit 0
+fi
+# Are any of the targets' processes (launchers included) still there? Refreshes $scan.
+any_alive() {
+  local e
+  scan=$(gemm_scan)
+  for e in "${targets[@]}"; do
+    [ -n "$(gemm_pids_of "$scan" "$(gemm_get "$e/run_id")" "$(gemm_get "$e/node_rank")")" ] && return 0
+  done
+  return 1
+}
+kill_all() {  # $1: also the launchers (1) or spare them so they record the end (0)
+  local e spare
+  for e in "${targets[@]}"; do
+    spare=; [ "$1" = 1 ] || spare=$(gemm_get "$e/launcher.pid")
+    gemm_signal_entry "$e" KILL "$spare" "$scan"
+  done
+  wait
+}
+escalated=0
+if [ "$mode" = kill ]; then
+  for e in "${targets[@]}"; do gemm_put "$e/stop_requested" kill; done
+  kill_all 1; escalated=1
+else
+  for e in "${targets[@]}"; do
+    gemm_is_final "$e" || gemm_put "$e/stop_requested" stop
+    if gemm_launcher_alive "$e" "$scan"; then
+      # The launcher forwards SIGTERM to torchrun's process group (in the container too) and
+      # records how it ended; torchrun passes it to its workers once.
+      kill -s TERM "$(gemm_get "$e/launcher.pid")" 2>/dev/null
+    else
+      # No launcher to forward it: torchrun's group, if it is still the one recorded.
+      c=$(gemm_get "$e/child.pid")
+      if [ -n "$c" ] && [ -n "$(gemm_pids_of "$scan" "$(gemm_get "$e/run_id")" "$(gemm_get "$e/node_rank")" | grep -x -- "$c")" ]; then
+        kill -s TERM -- "-$c" 2>/dev/null
+      else
+        gemm_signal_entry "$e" TERM "" "$scan"
+      fi
+    fi
+  done
+  wait
+  i=0
+  while [ "$i" -lt "$grace_polls" ] && any_alive; do sleep 0.2; i=$((i+1)); done
+  if any_alive; then
+    escalated=1
+    for e in "${targets[@]}"; do gemm_is_final "$e" || gemm_put "$e/stop_requested" kill; done
+    kill_all 0
+    i=0
+    while [ "$i" -lt LAUNCHER_RECORD_POLLS ] && any_alive; do sleep 0.2; i=$((i+1)); done
+    any_alive && kill_all 1
+  fi
+fi
+i=0
+while [ "$i" -lt KILL_CONFIRM_POLLS ] && any_alive; do kill_all 1; sleep 0.2; i=$((i+1)); done
+status=0
+for e in "${targets[@]}"; do
+  r=$(gemm_get "$e/run_id"); k=$(gemm_get "$e/node_rank")
+  if [ -n "${vanished[$e]-}" ]; then gemm_finalize "$e" killed ""
+  elif [ "$escalated" = 1 ]; then gemm_finalize "$e" killed 137
+  else gemm_finalize "$e" stopped 143
+  fi
+  left=$(gemm_pids_of "$scan" "$r" "$k" | tr '\n' ',' | sed 's/,$//')
+  if [ -n "$left" ]; then
+    status=1
+    echo "run $r node $k: pid(s) $left survived SIGKILL (uninterruptible sleep? see ps -o stat)" >&2
+  fi
+  printf 'stopped run=%s node=%s state=%s exit_code=%s survivors=%s\n' "$r" "$k" \
+    "$(gemm_get "$e/state")" "$(gemm_get "$e/exit_code")" "${left:--}"
+done
+exit "$status"
+"""
+
+_LOGS_SH = r"""reg=$1 run=$2 follow=$3 lines=$4
+e=$(gemm_entries "$reg" "$run" | head -n 1)
+if [ -z "$e" ]; then
+  echo "run $run has no entry in $reg on $(uname -n)" >&2; exit EXIT_NO_SUCH_RUN
+fi
+log=$(gemm_get "$e/output_log")
+printf '@@ node_rank %s\n' "$(gemm_get "$e/node_rank")"
+if [ "$lines" = all ]; then start=+1; else start=$lines; fi
+if [ "$follow" = 1 ] && gemm_launcher_alive "$e" "$(gemm_scan)"; then
+  # Ends by itself once the launcher has exited (and the last lines are out).
+  exec tail -n "$start" -s 0.5 -F --pid="$(gemm_get "$e/launcher.pid")" -- "$log" 2>/dev/null
+fi
+[ -f "$log" ] || { echo "run $run: no output log at $log yet" >&2; exit 0; }
+exec tail -n "$start" -- "$log"
+"""
+
+
+def _one_shot(script: str, name: str, args: Sequence[object]) -> str:
+    """`bash -c SCRIPT NAME ARGS...`: the user's login shell may be anything; our text is bash."""
+    body = SHELL_LIB + script
+    return f"bash -c {sh_quote(body)} {sh_quote(name)} {sh_join(args)}"
+
+
+def launcher_start_command(launcher_path: str, node_rank: int, registry_dir: str, run_id: str) -> str:
+    """Start the node launcher detached and print its pid; exits 1 (stderr says why) otherwise.
+
+    Returns as soon as the launcher has registered itself (its pid file), not when torchrun ends.
+    """
+    validate_node_path(launcher_path, "launcher path")
+    validate_node_path(registry_dir, "registry_dir")
+    validate_run_id(run_id)
+    if isinstance(node_rank, bool) or not isinstance(node_rank, int) or node_rank < 0:
+        raise RegistryError(f"node rank {node_rank!r} must be a non-negative integer")
+    return _one_shot(_START_SH, "gemm-start",
+                     [registry_dir, run_id, node_rank, launcher_path, START_WAIT_POLLS])
+
+
+def stop_command(registry_dir: str, run_id: str | None, grace: float, kill: bool) -> str:
+    """Stop one run's processes on a node (run_id None: every active run of ours there).
+
+    kill: SIGKILL at once (emergency). Otherwise SIGTERM to each launcher (which forwards it to
+    torchrun's group and records the end), wait up to `grace` seconds, then SIGKILL what is left.
+    Prints one `stopped run=... node=... state=... exit_code=... survivors=...` line per entry
+    (see parse_stop_output); exits 1 when some process survived SIGKILL.
+    """
+    validate_node_path(registry_dir, "registry_dir")
+    if run_id is not None:
+        validate_run_id(run_id)
+    if not (grace >= 0 and math.isfinite(grace)):
+        raise RegistryError(f"grace {grace!r} must be a number of seconds >= 0")
+    polls = math.ceil(grace / STOP_POLL_SECONDS)
+    script = (_STOP_SH.replace("LAUNCHER_RECORD_POLLS", str(LAUNCHER_RECORD_POLLS))
+              .replace("KILL_CONFIRM_POLLS", str(KILL_CONFIRM_POLLS)))
+    return _one_shot(script, "gemm-stop",
+                     [registry_dir, run_id or "", "kill" if kill else "stop", polls])
+
+
+def status_command(registry_dir: str, run_id: str | None = None, recent: int = 10) -> str:
+    """Print this host's registry entries: every active one, plus the `recent` latest finished.
+
+    Output is for parse_status (blocks of key=value lines).
+    """
+    validate_node_path(registry_dir, "registry_dir")
+    if run_id is not None:
+        validate_run_id(run_id)
+    return _one_shot(_STATUS_SH, "gemm-status", [registry_dir, run_id or "", max(0, int(recent))])
+
+
+def logs_command(registry_dir: str, run_id: str, follow: bool, lines: int | None = None) -> str:
+    """Print `@@ node_rank N`, then the node's output log of the run (the last `lines`, or all).
+
+    follow: keep printing new lines until the run's launcher exits. Exits 3 when this host has no
+    entry for the run.
+    """
+    validate_node_path(registry_dir, "registry_dir")
+    validate_run_id(run_id)
+    count = "all" if lines is None else str(max(0, int(lines)))
+    script = _LOGS_SH.replace("EXIT_NO_SUCH_RUN", str(EXIT_NO_SUCH_RUN))
+    return _one_shot(script, "gemm-logs", [registry_dir, run_id, "1" if follow else "0", count])
+
+
+def render_node_launcher(
+    *,
+    run_id: str,
+    registry_dir: str,
+    run_dir: str,
+    output_dir: str,
+    env_script: str,
+    workdir: str,
+    torchrun_argv: list[str],
+    wrapper_argv: list[str] | None,
+    container: str | None,
+    venv: str | None,
+) -> str:
+    """The node launcher (bash), one file for every node: `bash node_launcher.sh NODE_RANK`.
+
+    It adds `--node-rank=<rank>` right after torchrun_argv[0] and runs
+    `[wrapper_argv...] torchrun --node-rank=<rank> torchrun_argv[1:]...` in `workdir` with env.sh
+    sourced, bare (venv activated) or through `docker exec` into `container`.
+    """
+    validate_run_id(run_id)
+    for value, what in ((registry_dir, "registry_dir"), (run_dir, "run_dir"),
+                        (output_dir, "output_dir"), (env_script, "env_script"),
+                        (workdir, "workdir")):
+        validate_node_path(value, what)
+    if venv is not None:
+        validate_node_path(venv, "venv")
+    if container is not None and not _CONTAINER.fullmatch(container):
+        raise RegistryError(f"container name {container!r}: letters, digits, '_', '.', '-'")
+    if not torchrun_argv:
+        raise RegistryError("torchrun_argv is empty")
+    for arg in [*torchrun_argv, *(wrapper_argv or [])]:
+        if not isinstance(arg, str) or "\0" in arg:
+            raise RegistryError(f"command argument {arg!r} is not a string without NUL bytes")
+    return render_template(
+        LAUNCHER_TEMPLATE,
+        run_id=run_id,
+        registry_dir=registry_dir,
+        run_dir=run_dir,
+        output_dir=output_dir,
+        env_script=env_script,
+        workdir=workdir,
+        torchrun_argv=list(torchrun_argv),
+        wrapper_argv=list(wrapper_argv or []),
+        container=container or "",
+        venv=venv or "",
+        command_json=json.dumps([*(wrapper_argv or []), *torchrun_argv]),
+        shell_lib=SHELL_LIB,
+    )
+
+
+# -- parsing what the nodes print -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NodeRunRecord:
+    """One node's registry entry of one run, as its host reported it."""
+
+    run_id: str
+    node_rank: int
+    state: str
+    exit_code: int | None
+    started_at: str | None
+    ended_at: str | None
+    pid_alive: bool
+    steps_done: int | None
+    output_log: str | None
+    procs: int = 0                  # processes carrying the run's markers on the host now
+    host: str | None = None         # the node's own name for itself (uname -n)
+    user: str | None = None
+    container: str | None = None
+    output_dir: str | None = None
+    run_dir: str | None = None
+    launcher_pid: int | None = None
+    entry: str | None = None        # the registry entry's directory
+
+    @property
+    def active(self) -> bool:
+        """Something of the run is alive on the node (or it never recorded an end)."""
+        return self.pid_alive or self.procs > 0 or self.state in ACTIVE_STATES
+
+    @property
+    def lost(self) -> bool:
+        """Recorded as running but nothing of it is left: the launcher died without recording."""
+        return self.state in ACTIVE_STATES and not self.pid_alive and self.procs == 0
+
+
+def _int_or_none(text: str | None) -> int | None:
+    text = (text or "").strip()
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def parse_status(text: str) -> list[NodeRunRecord]:
+    """The records printed by status_command; malformed blocks are skipped, not guessed at."""
+    records: list[NodeRunRecord] = []
+    block: dict[str, str] | None = None
+
+    def flush() -> None:
+        if block is None:
+            return
+        rank = _int_or_none(block.get("node_rank"))
+        if not block.get("run_id") or rank is None:
+            return
+        records.append(NodeRunRecord(
+            run_id=block["run_id"],
+            node_rank=rank,
+            state=block.get("state") or "starting",
+            exit_code=_int_or_none(block.get("exit_code")),
+            started_at=block.get("started_at") or None,
+            ended_at=block.get("ended_at") or None,
+            pid_alive=block.get("pid_alive") == "1",
+            steps_done=_int_or_none(block.get("steps_done")),
+            output_log=block.get("output_log") or None,
+            procs=_int_or_none(block.get("procs")) or 0,
+            host=block.get("host") or None,
+            user=block.get("user") or None,
+            container=block.get("container") or None,
+            output_dir=block.get("output_dir") or None,
+            run_dir=block.get("run_dir") or None,
+            launcher_pid=_int_or_none(block.get("launcher.pid")),
+            entry=block.get("entry") or None,
+        ))
+
+    for line in text.splitlines():
+        if line.startswith("@@ "):
+            flush()
+            block = {} if line == "@@ entry" else None
+        elif block is not None and "=" in line:
+            key, _, value = line.partition("=")
+            block[key] = value
+    flush()
+    return records
+
+
+@dataclass(frozen=True)
+class StopOutcome:
+    """What stop_command did to one node's entry of a run."""
+
+    run_id: str
+    node_rank: int
+    state: str
+    exit_code: int | None
+    survivors: tuple[int, ...]
+
+
+def parse_stop_output(text: str) -> list[StopOutcome]:
+    outcomes = []
+    for line in text.splitlines():
+        if not line.startswith("stopped "):
+            continue
+        fields = dict(part.partition("=")[::2] for part in line.split()[1:])
+        rank = _int_or_none(fields.get("node"))
+        if not fields.get("run") or rank is None:
+            continue
+        survivors = fields.get("survivors", "-")
+        outcomes.append(StopOutcome(
+            run_id=fields["run"],
+            node_rank=rank,
+            state=fields.get("state", ""),
+            exit_code=_int_or_none(fields.get("exit_code")),
+            survivors=tuple(int(p) for p in survivors.split(",") if p.isdigit()),
+        ))
+    return outcomes
+
+
+def latest_run_id(records: Sequence[NodeRunRecord]) -> str | None:
+    """The run started last (ISO timestamps sort as text)."""
+    dated = [r for r in records if r.started_at]
+    if not dated:
+        return records[-1].run_id if records else None
+    return max(dated, key=lambda r: (r.started_at, r.run_id)).run_id
+
+
+__all__ = [
+    "ACTIVE_STATES", "FINAL_STATES", "NodeRunRecord", "RegistryError", "StopOutcome",
+    "entry_dir", "latest_run_id", "launcher_start_command", "logs_command", "parse_status",
+    "parse_stop_output", "render_node_launcher", "status_command", "stop_command",
+    "validate_run_id", "SHELL_LIB", "SCAN_KILL_SH",
+]

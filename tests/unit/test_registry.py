@@ -1,0 +1,361 @@
+"""The run registry: rendering and parsing (pure), and the node-side shell run for real on this
+machine (a real launcher, a torchrun stand-in whose workers live in sessions of their own, real
+signals): start, status, graceful stop, escalation, emergency kill sparing a look-alike decoy."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tasks.lib import registry
+from tasks.lib.registry import (
+    NodeRunRecord,
+    RegistryError,
+    latest_run_id,
+    launcher_start_command,
+    logs_command,
+    parse_status,
+    parse_stop_output,
+    render_node_launcher,
+    status_command,
+    stop_command,
+)
+
+FAKE_TORCHRUN = Path(__file__).resolve().parents[1] / "fake_torchrun.py"
+
+
+def render(tmp: Path, argv: list[str], **overrides: object) -> str:
+    args = dict(
+        run_id="multinode_28ch_256th_20240101_000000",
+        registry_dir=str(tmp / "reg"),
+        run_dir=str(tmp / "run"),
+        output_dir=str(tmp / "run" / "out"),
+        env_script=str(tmp / "run" / "env.sh"),
+        workdir=str(tmp),
+        torchrun_argv=argv,
+        wrapper_argv=None,
+        container=None,
+        venv=None,
+    )
+    args.update(overrides)
+    return render_node_launcher(**args)  # type: ignore[arg-type]
+
+
+def bash_syntax_ok(script: str) -> None:
+    subprocess.run(["bash", "-n", "-c", script], check=True)
+
+
+# -- pure -----------------------------------------------------------------------------------------
+
+def test_rendered_launcher_is_valid_bash_and_quotes_every_value(tmp_path: Path) -> None:
+    hostile = "$(touch /tmp/pwned) `id` 'quote' \"dq\"\nnewline ; rm -rf /"
+    text = render(tmp_path, ["torchrun", "--override", hostile], wrapper_argv=["rocprofv3", "--"],
+                  container="training-overlap", venv=str(tmp_path / "venv"))
+    bash_syntax_ok(text)
+    assert "$(touch /tmp/pwned)" in text  # present, but only inside single quotes
+    assert "'$(touch /tmp/pwned) `id` '\"'\"'quote'\"'\"'" in text
+
+
+@pytest.mark.parametrize("bad", [
+    {"run_id": "../etc"}, {"run_id": "a b"}, {"run_id": "*"},
+    {"registry_dir": "relative/reg"}, {"registry_dir": "~/reg"},
+    {"workdir": "x"}, {"container": "bad name"}, {"torchrun_argv": []},
+    {"venv": "venv"},
+])
+def test_render_refuses_values_the_nodes_could_misread(tmp_path: Path, bad: dict) -> None:
+    with pytest.raises(RegistryError):
+        render(tmp_path, ["torchrun"], **bad)
+
+
+def test_node_commands_are_valid_bash() -> None:
+    for command in (
+        launcher_start_command("/w/run/node_launcher.sh", 1, "/tmp/gemm-runs", "r1"),
+        stop_command("/tmp/gemm-runs", None, 15, False),
+        stop_command("/tmp/gemm-runs", "r1", 0, True),
+        status_command("/tmp/gemm-runs"),
+        logs_command("/tmp/gemm-runs", "r1", True),
+    ):
+        bash_syntax_ok(command)
+        argv = shlex.split(command)
+        assert argv[:2] == ["bash", "-c"]
+        bash_syntax_ok(argv[2])  # the script the outer quoting carries
+        assert "_POLLS" not in argv[2] and "EXIT_NO_SUCH_RUN" not in argv[2]
+
+
+def test_command_builders_refuse_bad_input() -> None:
+    with pytest.raises(RegistryError):
+        launcher_start_command("/w/l.sh", -1, "/reg", "r1")
+    with pytest.raises(RegistryError):
+        launcher_start_command("l.sh", 0, "/reg", "r1")
+    with pytest.raises(RegistryError):
+        stop_command("/reg", "r1", float("nan"), False)
+    with pytest.raises(RegistryError):
+        stop_command("/reg", "r 1", 1, False)
+    with pytest.raises(RegistryError):
+        status_command("reg")
+
+
+STATUS_TEXT = """\
+@@ host node1
+@@ entry
+run_id=multinode_28ch_256th_20240101_000000
+node_rank=1
+state=running
+exit_code=
+started_at=2024-01-01T00:00:01.000Z
+ended_at=
+host=node1
+user=root
+container=training-overlap
+output_dir=/w/experiments/r/256thread_28channels
+output_log=/w/experiments/r/256thread_28channels/node_1_output.log
+run_dir=/w/experiments/r
+launcher.pid=4242
+entry=/tmp/gemm-runs/r/node_1
+pid_alive=1
+procs=5
+steps_done=17
+@@ entry
+run_id=older
+node_rank=0
+state=running
+exit_code=
+started_at=2023-12-31T00:00:00.000Z
+pid_alive=0
+procs=0
+steps_done=
+@@ entry
+node_rank=x
+state=exited
+"""
+
+
+def test_parse_status_reads_blocks_and_skips_malformed_ones() -> None:
+    records = parse_status(STATUS_TEXT)
+    assert [r.run_id for r in records] == ["multinode_28ch_256th_20240101_000000", "older"]
+    first, second = records
+    assert first == NodeRunRecord(
+        run_id="multinode_28ch_256th_20240101_000000", node_rank=1, state="running",
+        exit_code=None, started_at="2024-01-01T00:00:01.000Z", ended_at=None, pid_alive=True,
+        steps_done=17, output_log="/w/experiments/r/256thread_28channels/node_1_output.log",
+        procs=5, host="node1", user="root", container="training-overlap",
+        output_dir="/w/experiments/r/256thread_28channels", run_dir="/w/experiments/r",
+        launcher_pid=4242, entry="/tmp/gemm-runs/r/node_1")
+    assert first.active and not first.lost
+    assert second.lost and second.active and second.steps_done is None
+    assert latest_run_id(records) == first.run_id
+    assert latest_run_id([]) is None
+
+
+def test_parse_stop_output() -> None:
+    text = ("stopped run=r1 node=0 state=stopped exit_code=143 survivors=-\n"
+            "some noise\n"
+            "stopped run=r1 node=1 state=killed exit_code=137 survivors=12,13\n")
+    outcomes = parse_stop_output(text)
+    assert [(o.node_rank, o.state, o.exit_code, o.survivors) for o in outcomes] == [
+        (0, "stopped", 143, ()), (1, "killed", 137, (12, 13))]
+
+
+# -- the node side, for real ----------------------------------------------------------------------
+
+RUN_ID = "multinode_28ch_256th_20240101_000000"
+
+
+class LocalNode:
+    """This machine as a node: a rendered launcher in tmp, commands through bash."""
+
+    def __init__(self, tmp: Path, *, fake_args: list[str] | None = None, env_text: str = ""):
+        self.tmp = tmp
+        self.registry = str(tmp / "reg")
+        (tmp / "run").mkdir(parents=True, exist_ok=True)
+        (tmp / "run" / "env.sh").write_text(env_text or "export FAKE_ENV='from env.sh'\n")
+        self.output_dir = tmp / "run" / "out"
+        argv = [sys.executable, str(FAKE_TORCHRUN), "--output-dir", str(self.output_dir),
+                *(fake_args or [])]
+        # The launcher puts --node-rank right after argv[0]: make argv[0] the fake itself.
+        wrapper = tmp / "torchrun"
+        wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE_TORCHRUN} \"$@\"\n")
+        wrapper.chmod(0o755)
+        argv = [str(wrapper), *argv[2:]]
+        self.launcher = tmp / "run" / "node_launcher.sh"
+        self.launcher.write_text(render(tmp, argv))
+
+    def sh(self, command: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(command, shell=True, capture_output=True, text=True, check=check,
+                              timeout=60)
+
+    def start(self, rank: int = 0) -> int:
+        result = self.sh(launcher_start_command(str(self.launcher), rank, self.registry, RUN_ID))
+        return int(result.stdout.strip())
+
+    def status(self) -> list[NodeRunRecord]:
+        return parse_status(self.sh(status_command(self.registry)).stdout)
+
+    def wait_for(self, predicate, timeout: float = 15.0) -> list[NodeRunRecord]:
+        deadline = time.monotonic() + timeout
+        while True:
+            records = self.status()
+            if predicate(records):
+                return records
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not met; status: {records}")
+            time.sleep(0.1)
+
+    def marker_pids(self) -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                env = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"GEMM_RUN_ID={RUN_ID}".encode() in env:
+                found.append(int(entry.name))
+        return found
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[LocalNode]:
+    local = LocalNode(tmp_path)
+    yield local
+    local.sh(stop_command(local.registry, None, 0, True), check=False)
+
+
+def running_with_steps(records: list[NodeRunRecord]) -> bool:
+    return bool(records) and records[0].state == "running" and (records[0].steps_done or 0) >= 2
+
+
+def test_start_status_and_graceful_stop(node: LocalNode) -> None:
+    pid = node.start()
+    records = node.wait_for(running_with_steps)
+    record = records[0]
+    assert record.pid_alive and record.launcher_pid == pid and record.node_rank == 0
+    # launcher + torchrun + 2 workers, the workers in sessions of their own
+    assert record.procs == 4
+    meta = json.loads((node.tmp / "reg" / RUN_ID / "node_0" / "meta.json").read_text())
+    assert meta["launcher_pid"] == pid and meta["container"] is None
+    assert meta["command"][0].endswith("torchrun")
+
+    result = node.sh(stop_command(node.registry, RUN_ID, 10, False))
+    [outcome] = parse_stop_output(result.stdout)
+    assert outcome.state == "stopped" and outcome.survivors == ()
+    # The workers got SIGTERM once (through torchrun) and finished their step.
+    assert outcome.exit_code not in (None, 137)
+    log = (node.output_dir / "node_0_output.log").read_text()
+    assert "stopping after step" in log and "env FAKE_ENV='from env.sh'" in log
+    assert "ended with exit code" in log
+    assert node.marker_pids() == []
+    [after] = node.status()
+    assert after.state == "stopped" and not after.active and after.ended_at
+
+
+def test_stop_escalates_to_sigkill_after_the_grace_period(tmp_path: Path) -> None:
+    node = LocalNode(tmp_path, fake_args=["--ignore-term"])
+    try:
+        node.start()
+        node.wait_for(running_with_steps)
+        started = time.monotonic()
+        result = node.sh(stop_command(node.registry, None, 1.0, False))
+        elapsed = time.monotonic() - started
+        [outcome] = parse_stop_output(result.stdout)
+        assert outcome.state == "killed" and outcome.survivors == ()
+        assert 1.0 <= elapsed < 6, elapsed
+        assert node.marker_pids() == []
+    finally:
+        node.sh(stop_command(node.registry, None, 0, True), check=False)
+
+
+def test_emergency_kill_is_fast_and_spares_a_look_alike(node: LocalNode) -> None:
+    decoy = subprocess.Popen(["bash", "-c", 'exec -a "python train.py torchrun --nproc 8" sleep 300'],
+                             start_new_session=True)
+    try:
+        node.start()
+        node.wait_for(running_with_steps)
+        started = time.monotonic()
+        result = node.sh(stop_command(node.registry, None, 0, True))
+        elapsed = time.monotonic() - started
+        [outcome] = parse_stop_output(result.stdout)
+        assert outcome.state == "killed" and outcome.exit_code == 137 and outcome.survivors == ()
+        assert node.marker_pids() == []
+        assert elapsed < 3, elapsed
+        assert decoy.poll() is None, "the decoy was killed"
+    finally:
+        decoy.kill()
+        decoy.wait()
+
+
+def test_launcher_records_exit_code_of_a_finished_run(tmp_path: Path) -> None:
+    node = LocalNode(tmp_path, fake_args=["--steps", "3", "--interval", "0.01"])
+    node.start(rank=2)
+    # The launcher records the end, then exits: wait until it is gone.
+    [record] = node.wait_for(lambda rs: bool(rs) and rs[0].state == "exited" and not rs[0].pid_alive)
+    assert record.exit_code == 0 and record.node_rank == 2 and record.steps_done == 3
+    assert not record.active
+    # logs: the node rank first, then the output log
+    out = node.sh(logs_command(node.registry, RUN_ID, follow=True)).stdout.splitlines()
+    assert out[0] == "@@ node_rank 2"
+    assert any(line.startswith("step 3/3") for line in out)
+    missing = node.sh(logs_command(node.registry, "other_run", follow=False), check=False)
+    assert missing.returncode == registry.EXIT_NO_SUCH_RUN
+
+
+def test_a_second_start_of_a_live_run_is_refused(node: LocalNode) -> None:
+    node.start()
+    result = node.sh(launcher_start_command(str(node.launcher), 0, node.registry, RUN_ID),
+                     check=False)
+    assert result.returncode == 1 and "already has a live launcher" in result.stderr
+
+
+def test_hostile_arguments_reach_torchrun_literally(tmp_path: Path) -> None:
+    hostile = "$(touch pwned) `id` 'q' \"dq\" ; x"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "env.sh").write_text("")
+    script = tmp_path / "torchrun"
+    script.write_text("#!/bin/sh\nprintf '<%s>\\n' \"$@\"\n")
+    script.chmod(0o755)
+    launcher = tmp_path / "run" / "node_launcher.sh"
+    launcher.write_text(render(tmp_path, [str(script), "--x", hostile]))
+    subprocess.run(launcher_start_command(str(launcher), 0, str(tmp_path / "reg"), RUN_ID),
+                   shell=True, check=True, capture_output=True)
+    log = tmp_path / "run" / "out" / "node_0_output.log"
+    deadline = time.monotonic() + 10
+    while "ended with exit code" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert f"<--node-rank=0>\n<--x>\n<{hostile}>\n" in log.read_text()
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "run" / "pwned").exists()
+
+
+def test_status_of_a_launcher_killed_without_recording_reports_it_lost(node: LocalNode) -> None:
+    pid = node.start()
+    node.wait_for(running_with_steps)
+    os.kill(pid, signal.SIGKILL)
+    [record] = node.wait_for(lambda rs: bool(rs) and not rs[0].pid_alive)
+    # torchrun and its workers are still there: active, not lost
+    assert record.active and record.procs == 3 and not record.lost
+    node.sh(stop_command(node.registry, None, 5, False))
+    [record] = node.status()
+    assert record.state in ("stopped", "killed") and not record.active
+
+
+def test_a_run_whose_processes_all_vanished_is_lost_then_recorded_killed(node: LocalNode) -> None:
+    node.start()
+    node.wait_for(running_with_steps)
+    for pid in node.marker_pids():  # as the OOM killer would: nothing gets to record anything
+        os.kill(pid, signal.SIGKILL)
+    [record] = node.wait_for(lambda rs: bool(rs) and rs[0].procs == 0 and not rs[0].pid_alive)
+    assert record.lost and record.state == "running"
+    result = node.sh(stop_command(node.registry, None, 5, False))
+    [outcome] = parse_stop_output(result.stdout)
+    assert outcome.state == "killed" and outcome.exit_code is None
+    [record] = node.status()
+    assert record.state == "killed" and not record.active and not record.lost
