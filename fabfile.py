@@ -9,7 +9,7 @@ from invoke import Collection
 from tasks.lib.settings import default_config
 
 # Modules are imported by name so a task module under construction can be listed here early.
-TASK_MODULES = ("cluster", "docker", "launch", "runs", "sweep", "report")
+TASK_MODULES = ("cluster", "docker", "launch", "runs", "sweep", "report", "diagnose")
 
 ns = Collection()
 for module_name in TASK_MODULES:

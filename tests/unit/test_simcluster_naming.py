@@ -112,7 +112,7 @@ def test_fabric_config_has_the_contract_keys():
         "hosts": ["10.0.0.10", "10.0.0.11"], "known_hosts": "/kh", "host_key_policy": "reject",
         "workdir": "/srv/gemm", "venv": "/work/main/.venv", "registry_dir": "/tmp/gemm-runs"}
     assert config["docker"] == {"enabled": True, "image": "gemm-sim:latest", "platform": "cpu",
-                                "volumes": ["/usr:/usr:ro"]}
+                                "volumes": ["/usr:/usr:ro"], "ulimits": {"memlock": None}}
 
 
 def test_cgroup_mounts_mirror_a_hybrid_host():

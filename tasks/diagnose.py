@@ -1,0 +1,230 @@
+"""`fab diagnose`: what every process of a run is doing, from every host, without stopping it.
+
+The same collection is what the launch's hang watchdog runs before it stops a hung run
+(`collect_diagnostics(..., kind="hang")` into `<run dir>/hang/`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from invoke import Collection, task
+from invoke.exceptions import Exit
+from rich.console import Console
+from rich.markup import escape
+
+from tasks.lib import diagnostics as diag
+from tasks.lib.settings import Settings
+from tasks.lib.watchdog import HangReport, HangWatchdog, parse_progress_poll, progress_poll_command
+from tasks.nodes import Node, describe_error, on_each
+from tasks.session import EXIT_USAGE, ClusterSession, project_path
+
+RUN_JSON = "run.json"
+ACTIVE_STATUSES = ("running", "detached", "starting")
+# Per py-spy call; the node command as a whole gets room for a few dumps per rank plus GPU tools.
+DUMP_TIMEOUT_S = 20.0
+NODE_TIMEOUT_S = 240.0
+
+
+def collect_diagnostics(
+    session: ClusterSession,
+    run_id: str,
+    dest_dir: Path,
+    *,
+    kind: str = "diagnose",
+    hang: Mapping[str, Any] | None = None,
+    expected_ranks: Iterable[int] = (),
+    container: str | None = None,
+    nodes: Iterable[Node] | None = None,
+    native: bool = True,
+) -> diag.DiagnosticsSummary:
+    """Collect from every node at once, write `dest_dir/node_<rank>/...`, `summary.json` and
+    `summary.md`, and return the summary. A node that cannot be reached is named in the summary,
+    never fatal: diagnostics must come back from the hosts that answer."""
+    settings = session.settings
+
+    def collect_one(node: Node) -> diag.NodeReport:
+        command = diag.node_diagnostics_command(
+            run_id, node.index, settings.cluster.registry_dir, workdir=session.workdir,
+            venv=settings.cluster.venv, container=container, native=native, timeout=DUMP_TIMEOUT_S)
+        result = node.run(command, warn=True, timeout=NODE_TIMEOUT_S)
+        return diag.parse_node_report(result.stdout, node.index, node.label)
+
+    results = on_each(list(nodes) if nodes is not None else session.nodes, collect_one)
+    reports = [results.ok[node] for node in sorted(results.ok, key=lambda n: n.index)]
+    errors = {f"node {node.index} ({node.label})": describe_error(error)
+              for node, error in sorted(results.failed.items(), key=lambda item: item[0].index)}
+    summary = diag.build_summary(run_id, kind, reports, time.time(), hang=hang,
+                                 expected_ranks=expected_ranks, node_errors=errors)
+    write_diagnostics(dest_dir, reports, summary)
+    return summary
+
+
+def write_diagnostics(dest_dir: Path, reports: Iterable[diag.NodeReport],
+                      summary: diag.DiagnosticsSummary) -> None:
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    for report in reports:
+        node_dir = dest_dir / f"node_{report.node_rank}"
+        node_dir.mkdir(exist_ok=True)
+        for name, content in diag.node_report_files(report).items():
+            (node_dir / name).write_text(content)
+    (dest_dir / diag.SUMMARY_FILE).write_text(json.dumps(summary.as_dict(), indent=1) + "\n")
+    (dest_dir / diag.SUMMARY_MD).write_text(diag.summary_markdown(summary, dest_dir.name))
+
+
+def print_summary(console: Console, summary: diag.DiagnosticsSummary, dest_dir: Path) -> None:
+    for index, line in enumerate(diag.summary_lines(summary)):
+        style = "bold red" if index == 0 and summary.kind == "hang" else None
+        console.print(escape(line), style=style, highlight=False)
+    console.print(f"diagnostics: {escape(str(dest_dir))}/", highlight=False)
+
+
+# -- the launch's hang watchdog --------------------------------------------------------------------
+
+class HangMonitor:
+    """The watch loop's hang watchdog: polls every node's per-rank metrics files now and then,
+    feeds a HangWatchdog, and on a hang collects the diagnostics into `<run dir>/hang/`.
+
+    `tick` is cheap to call often (it polls at most every `poll_s`); its SSH calls run in parallel
+    and a node that does not answer a poll is simply not counted (the heartbeat finds lost nodes).
+    """
+
+    def __init__(self, session: ClusterSession, run_id: str, output_dir: str, timeout_s: float, *,
+                 world_size: int, started_at: float, startup_timeout_s: float | None = None,
+                 poll_s: float | None = None):
+        self.session = session
+        self.run_id = run_id
+        self.output_dir = output_dir
+        self.world_size = world_size
+        self.watchdog = HangWatchdog(timeout_s=timeout_s, started_at=started_at,
+                                     expected_ranks=range(world_size),
+                                     startup_timeout_s=startup_timeout_s)
+        # Often enough that detection lands within a few seconds of the timeout, rarely enough
+        # that a 600 s timeout costs no SSH traffic to speak of.
+        self.poll_s = poll_s if poll_s is not None else min(10.0, max(1.0, timeout_s / 10))
+        self.next_poll = started_at
+        self.command = progress_poll_command(output_dir)
+
+    def poll(self, nodes: Iterable[Node], now: float) -> list[int]:
+        """Read every node's metrics files once; the ranks that advanced."""
+        results = on_each(list(nodes), lambda node: node.run(self.command, warn=True, timeout=30).stdout)
+        snapshot: dict[int, tuple[int, int | None]] = {}
+        for text in results.ok.values():
+            snapshot.update(parse_progress_poll(text))
+        return self.watchdog.observe_poll(snapshot, now)
+
+    def tick(self, open_nodes: Iterable[Node], now: float, alive: bool = True) -> HangReport | None:
+        open_nodes = list(open_nodes)
+        if now >= self.next_poll and open_nodes:
+            self.poll(open_nodes, now)
+            self.next_poll = now + self.poll_s
+        return self.watchdog.check(now, alive=alive and bool(open_nodes))
+
+    def diagnose(self, report: HangReport, run_dir: Path, *, container: str | None,
+                 console: Console) -> dict[str, Any]:
+        """Collect `<run dir>/hang/`, print the summary; returns run.json's `hang` record."""
+        dest = run_dir / diag.HANG_DIR
+        console.print(f"[bold red]launch: no rank advanced for {report.stalled_for_s:.0f} s "
+                      f"(hang timeout {report.timeout_s:.0f} s): collecting diagnostics from "
+                      f"{len(self.session.nodes)} host(s) before stopping[/bold red]")
+        summary = collect_diagnostics(self.session, self.run_id, dest, kind="hang",
+                                      hang=report.as_dict(), expected_ranks=range(self.world_size),
+                                      container=container)
+        print_summary(console, summary, dest)
+        record = diag.hang_record(summary, diag.HANG_DIR)
+        record["detected_at"] = datetime.now().astimezone().isoformat(timespec="seconds")
+        return record
+
+
+# -- finding the run ------------------------------------------------------------------------------
+
+def read_run_json(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / RUN_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def latest_active_run(experiments: Path) -> str | None:
+    """The newest run this controller knows as still running (by run.json)."""
+    candidates = []
+    for run_json in experiments.glob(f"*/{RUN_JSON}"):
+        data = read_run_json(run_json.parent)
+        if data and data.get("status") in ACTIVE_STATUSES:
+            candidates.append((str(data.get("started_at") or data.get("created_at") or ""),
+                               run_json.parent.name))
+    return max(candidates)[1] if candidates else None
+
+
+def active_run_from_registries(session: ClusterSession) -> str | None:
+    """The newest active run in the nodes' registries (any controller's), when tasks.runs is here."""
+    try:
+        from tasks.runs import active_runs
+    except ImportError:
+        return None
+    newest: tuple[str, str] | None = None
+    for records in active_runs(session).values():
+        for record in records:
+            key = (str(record.started_at or ""), record.run_id)
+            newest = key if newest is None or key > newest else newest
+    return newest[1] if newest else None
+
+
+def run_container(record: Mapping[str, Any] | None, settings: Settings) -> str | None:
+    docker = (record or {}).get("flags", {}).get("docker")
+    if docker is None:
+        docker = settings.docker.enabled
+    return settings.docker.container if docker else None
+
+
+def expected_ranks(record: Mapping[str, Any] | None) -> list[int]:
+    return list(range(int((record or {}).get("world_size") or 0)))
+
+
+@task(help={
+    "run": "run id (the run directory's name); default: the newest active run",
+    "native": "include native (C/C++) frames in the py-spy dumps (default on; --no-native is faster)",
+    "hosts": "comma-separated hosts instead of the configured inventory",
+})
+def diagnose(c, run=None, native=True, hosts=None):
+    """Snapshot a run's processes on every host (stacks, GPU, logs, NCCL env); stops nothing.
+
+    py-spy dumps of every process of the run (inside containers too), nvidia-smi/rocm-smi, the last
+    lines of each node's log and the ranks' NCCL/TORCH_NCCL environment, written to
+    <run dir>/diagnose_<timestamp>/, with a per-rank summary (step, innermost frames) printed.
+    """
+    console = Console(highlight=False)
+    with ClusterSession(c, [hosts] if hosts else None) as session:
+        experiments = project_path(session.settings.cluster.experiments_dir)
+        run_id = run or latest_active_run(experiments) or active_run_from_registries(session)
+        if not run_id:
+            raise Exit("no active run found (in run.json files or the nodes' registries); "
+                       "name one with --run RUN_ID", code=EXIT_USAGE)
+        if "/" in run_id or run_id in (".", ".."):
+            raise Exit(f"--run {run_id!r}: give the run id (the run directory's name), not a path",
+                       code=EXIT_USAGE)
+        run_dir = experiments / run_id
+        record = read_run_json(run_dir)
+        nodes = session.nodes
+        if record and len(record.get("nodes") or []) not in (0, len(nodes)):
+            console.print(f"[yellow]run.json lists {len(record['nodes'])} hosts, the inventory "
+                          f"{len(nodes)}: diagnosing the inventory's[/yellow]")
+        dest = run_dir / f"diagnose_{datetime.now():%Y%m%d_%H%M%S}"
+        console.print(f"collecting diagnostics of {run_id} from {len(nodes)} host(s)...")
+        summary = collect_diagnostics(session, run_id, dest, kind="diagnose",
+                                      expected_ranks=expected_ranks(record),
+                                      container=run_container(record, session.settings),
+                                      native=native)
+        print_summary(console, summary, dest)
+        if not summary.ranks and not summary.node_errors:
+            raise Exit(f"no process of run {run_id} found on any host (finished or not started?)",
+                       code=1)
+        if summary.node_errors and len(summary.node_errors) == len(nodes):
+            raise Exit("diagnostics failed on every host", code=1)
+
+
+ns = Collection(diagnose)

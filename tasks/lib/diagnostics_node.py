@@ -1,0 +1,350 @@
+"""Node-side diagnostics collector: a standalone script (standard library only).
+
+The controller sends this file's source as `python3 -c SOURCE ARGS_JSON` (see
+`tasks.lib.diagnostics.node_diagnostics_command`), so nothing has to be installed or synced on the
+node, and the same text runs inside a container when the host cannot see the run's processes.
+It prints one JSON document on stdout and never stops or signals any process.
+
+Which processes: every process whose environment carries GEMM_RUN_ID=<run id> (and
+GEMM_NODE_RANK=<rank> when given) -- the markers the node launcher exports -- plus, where the
+environment cannot be read, the sessions/process groups recorded in the run registry.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "RCCL_", "GLOO_", "HSA_", "TORCH_DISTRIBUTED_", "GEMM_")
+ENV_NAMES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
+             "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
+             "TORCHELASTIC_RESTART_COUNT", "OMP_NUM_THREADS")
+MAX_DUMP_CHARS = 200_000
+MAX_CMD_CHARS = 100_000
+# py-spy cannot ptrace-suspend a process that is already stopped; --nonblocking reads its memory.
+STOPPED_STATES = ("T", "t")
+SOURCE_ENV = "GEMM_DIAG_SOURCE"
+
+
+def read_bytes(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def read_text(path: str) -> str | None:
+    data = read_bytes(path)
+    return None if data is None else data.decode("utf-8", "replace")
+
+
+def parse_environ(data: bytes) -> dict[str, str]:
+    env = {}
+    for item in data.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep and key:
+            env[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+    return env
+
+
+def parse_stat(text: str) -> dict[str, Any]:
+    """Fields of /proc/<pid>/stat that matter here (comm may hold spaces and parentheses)."""
+    head, _, rest = text.rpartition(")")
+    comm = head.partition("(")[2]
+    fields = rest.split()
+    return {"comm": comm, "state": fields[0], "ppid": int(fields[1]), "pgrp": int(fields[2]),
+            "session": int(fields[3])}
+
+
+def ns_pid(status_text: str | None) -> int | None:
+    """The pid in the innermost pid namespace (the container's view), from /proc/<pid>/status."""
+    for line in (status_text or "").splitlines():
+        if line.startswith("NSpid:"):
+            values = line.split()[1:]
+            return int(values[-1]) if values else None
+    return None
+
+
+def keep_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: env[k] for k in sorted(env) if k.startswith(ENV_PREFIXES) or k in ENV_NAMES}
+
+
+def role_of(info: dict[str, Any]) -> str:
+    argv = info["cmdline"]
+    names = " ".join(os.path.basename(a) for a in argv[:3])
+    if "RANK" in info["env"] and "LOCAL_RANK" in info["env"] and info["python"]:
+        return "rank"
+    if "torchrun" in names or "torch.distributed.run" in " ".join(argv[:4]):
+        return "torchrun"
+    if argv and os.path.basename(argv[0]) in ("docker", "docker.io"):
+        return "docker-exec"
+    if argv and os.path.basename(argv[0]) in ("rocprofv3", "nsys"):
+        return "profiler"
+    if info["comm"] in ("bash", "sh") and any("node_launcher" in a for a in argv):
+        return "launcher"
+    return "other"
+
+
+def is_python(exe: str | None, argv: list[str]) -> bool:
+    candidates = [os.path.basename(exe or "")] + [os.path.basename(a) for a in argv[:1]]
+    return any(c.startswith("python") or c == "torchrun" for c in candidates)
+
+
+def registry_entries(registry_dir: str, run_id: str, node_rank: int | None) -> list[dict[str, Any]]:
+    pattern = f"node_{node_rank}" if node_rank is not None else "node_*"
+    entries = []
+    for path in sorted(glob.glob(os.path.join(registry_dir, run_id, pattern))):
+        meta_text = read_text(os.path.join(path, "meta.json"))
+        try:
+            meta = json.loads(meta_text) if meta_text else {}
+        except ValueError:
+            meta = {}
+        ids = {}
+        for name in ("launcher.pid", "container.pid"):
+            text = (read_text(os.path.join(path, name)) or "").strip()
+            if text.isdigit():
+                ids[name] = int(text)
+        entries.append({"dir": path, "meta": meta, "ids": ids,
+                        "state": (read_text(os.path.join(path, "state")) or "").strip() or None})
+    return entries
+
+
+def scan_processes(run_id: str, node_rank: int | None, sessions: set[int]) -> tuple[list[dict], int]:
+    """The run's processes on this machine, and how many environments could not be read."""
+    found, unreadable = [], 0
+    me = os.getpid()
+    for proc in glob.glob("/proc/[0-9]*"):
+        pid = int(proc.rsplit("/", 1)[1])
+        if pid == me:
+            continue
+        stat_text = read_text(f"{proc}/stat")
+        if not stat_text:
+            continue
+        try:
+            stat = parse_stat(stat_text)
+        except (IndexError, ValueError):
+            continue
+        environ = read_bytes(f"{proc}/environ")
+        env = parse_environ(environ) if environ is not None else {}
+        if environ is None:
+            unreadable += 1
+        marked = env.get("GEMM_RUN_ID") == run_id and (
+            node_rank is None or env.get("GEMM_NODE_RANK") in (None, str(node_rank)))
+        by_registry = environ is None and (stat["session"] in sessions or stat["pgrp"] in sessions)
+        if not (marked or by_registry):
+            continue
+        argv = [a.decode("utf-8", "replace") for a in (read_bytes(f"{proc}/cmdline") or b"").split(b"\0") if a]
+        try:
+            exe = os.readlink(f"{proc}/exe")
+        except OSError:
+            exe = None
+        info = {"pid": pid, "ns_pid": ns_pid(read_text(f"{proc}/status")), "ppid": stat["ppid"],
+                "pgrp": stat["pgrp"], "session": stat["session"], "state": stat["state"],
+                "comm": stat["comm"], "exe": exe, "cmdline": argv, "env": keep_env(env),
+                "matched_by": "marker" if marked else "registry"}
+        info["python"] = is_python(exe, argv)
+        info["role"] = role_of(info)
+        rank = info["env"].get("RANK")
+        info["rank"] = int(rank) if rank is not None and rank.isdigit() and info["role"] == "rank" else None
+        found.append(info)
+    found.sort(key=lambda p: (p["rank"] is None, p["rank"] if p["rank"] is not None else 0, p["pid"]))
+    return found, unreadable
+
+
+def run_command(argv: list[str], timeout: float) -> dict[str, Any]:
+    started = time.monotonic()
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+        out = {"argv": argv, "rc": done.returncode, "stdout": done.stdout[-MAX_CMD_CHARS:],
+               "stderr": done.stderr[-4000:]}
+    except subprocess.TimeoutExpired as err:
+        out = {"argv": argv, "rc": None, "stdout": (err.stdout or "")[-MAX_CMD_CHARS:] if isinstance(err.stdout, str) else "",
+               "stderr": f"timed out after {timeout}s"}
+    except OSError as err:
+        out = {"argv": argv, "rc": None, "stdout": "", "stderr": str(err)}
+    out["seconds"] = round(time.monotonic() - started, 3)
+    return out
+
+
+def find_pyspy(candidates: list[str]) -> str | None:
+    for candidate in candidates:
+        if os.sep in candidate:
+            if os.access(candidate, os.X_OK):
+                return candidate
+        else:
+            found = shutil.which(candidate)
+            if found:
+                return found
+    return None
+
+
+def dump_stack(proc: dict[str, Any], pyspy: str | None, container: str | None, native: bool,
+               timeout: float) -> dict[str, Any]:
+    """py-spy dump of one process, trying the most informative mode first.
+
+    From the host (root) py-spy reads container processes too; when that fails and the process is
+    in the run's container, py-spy inside the container is tried with the container's pid.
+    """
+    attempts: list[list[str]] = []
+    if pyspy:
+        base = [pyspy, "dump", "--pid", str(proc["pid"])]
+        if proc["state"] in STOPPED_STATES:
+            attempts.append(base + ["--nonblocking"])
+        else:
+            if native:
+                attempts.append(base + ["--native"])
+            attempts += [base, base + ["--nonblocking"]]
+    if container and proc.get("ns_pid") and proc["ns_pid"] != proc["pid"]:
+        inner = ["docker", "exec", container, "py-spy", "dump", "--pid", str(proc["ns_pid"])]
+        attempts += [inner + ["--nonblocking"]] if proc["state"] in STOPPED_STATES else [inner, inner + ["--nonblocking"]]
+    errors = []
+    for argv in attempts:
+        result = run_command(argv, timeout)
+        if result["rc"] == 0 and result["stdout"].strip():
+            return {"ok": True, "command": argv, "text": result["stdout"][:MAX_DUMP_CHARS],
+                    "errors": errors}
+        errors.append(f"{' '.join(argv)}: rc={result['rc']}: {last_line(result['stderr'])}")
+    if not attempts:
+        errors.append("py-spy not found on this host (pip install py-spy, or put it in the image)")
+    return {"ok": False, "command": None, "text": "", "errors": errors}
+
+
+def last_line(text: str) -> str:
+    lines = [l for l in text.strip().splitlines() if l.strip() and not l.startswith(" ")]
+    for line in lines:
+        if line.startswith("Error:"):
+            return line
+    return lines[-1] if lines else ""
+
+
+def gpu_state(timeout: float) -> list[dict[str, Any]]:
+    commands = []
+    if shutil.which("nvidia-smi"):
+        commands += [["nvidia-smi"],
+                     ["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory", "--format=csv"]]
+    if shutil.which("rocm-smi"):
+        commands += [["rocm-smi"], ["rocm-smi", "--showpids"]]
+    if shutil.which("amd-smi"):
+        commands += [["amd-smi", "process"]]
+    return [run_command(argv, timeout) for argv in commands]
+
+
+def tail_lines(path: str | None, count: int) -> dict[str, Any]:
+    if not path:
+        return {"path": None, "lines": [], "error": "no output log known for this node"}
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 256 * 1024))
+            data = handle.read()
+    except OSError as err:
+        return {"path": path, "lines": [], "error": str(err)}
+    lines = data.decode("utf-8", "replace").splitlines()
+    return {"path": path, "lines": lines[-count:], "error": None}
+
+
+def metrics_progress(output_dir: str | None) -> dict[str, dict[str, Any]]:
+    """{rank: {lines, step, mtime}} from the rank_XX_metrics.jsonl files of the node's output dir."""
+    progress: dict[str, dict[str, Any]] = {}
+    if not output_dir:
+        return progress
+    for path in sorted(glob.glob(os.path.join(output_dir, "rank_*_metrics.jsonl"))):
+        digits = os.path.basename(path)[len("rank_"):].split("_", 1)[0]
+        if not digits.isdigit():
+            continue
+        data = read_bytes(path) or b""
+        lines = data.split(b"\n")
+        complete = lines[:-1]  # the part after the last newline is still being written
+        step = None
+        for raw in reversed(complete[-3:]):
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                step = record["step"]
+                break
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError:
+            mtime = None
+        progress[str(int(digits))] = {"lines": len(complete), "step": step, "mtime": mtime}
+    return progress
+
+
+def collect(args: dict[str, Any]) -> dict[str, Any]:
+    run_id = args["run_id"]
+    node_rank = args.get("node_rank")
+    timeout = float(args.get("timeout", 20))
+    entries = registry_entries(args.get("registry_dir") or "/tmp/gemm-runs", run_id, node_rank)
+    meta = entries[0]["meta"] if entries else {}
+    # The registry says whether this node's run is dockerized (null: bare); the argument is only
+    # a fallback for a node without a registry entry.
+    container = meta["container"] if "container" in meta else args.get("container")
+    output_log = args.get("output_log") or meta.get("output_log")
+    output_dir = (args.get("output_dir") or meta.get("output_dir")
+                  or (os.path.dirname(output_log) if output_log else None))
+    sessions = {i for e in entries for name, i in e["ids"].items() if name == "launcher.pid"}
+    if args.get("inside_container"):
+        sessions |= {i for e in entries for name, i in e["ids"].items() if name == "container.pid"}
+    processes, unreadable = scan_processes(run_id, node_rank, sessions)
+    pyspy = find_pyspy(list(args.get("pyspy") or []) + ["py-spy"])
+    for proc in processes:
+        if proc["python"]:
+            proc["stack"] = dump_stack(proc, pyspy, None if args.get("inside_container") else container,
+                                       bool(args.get("native", True)), timeout)
+    report = {
+        "format": 1,
+        "hostname": os.uname().nodename,
+        "collected_at": time.time(),
+        "run_id": run_id,
+        "node_rank": node_rank,
+        "uid": os.getuid(),
+        "inside_container": bool(args.get("inside_container")),
+        "registry": [{"dir": e["dir"], "state": e["state"], "ids": e["ids"]} for e in entries],
+        "container": container,
+        "pyspy": pyspy,
+        "processes": processes,
+        "unreadable_environments": unreadable,
+        "gpu": gpu_state(timeout),
+        "log_tail": tail_lines(output_log, int(args.get("log_lines", 200))),
+        "progress": metrics_progress(output_dir),
+    }
+    # A non-root host user cannot read the container's process environments: look from inside.
+    if container and not args.get("inside_container") and not any(p["role"] == "rank" for p in processes):
+        inner_args = dict(args, inside_container=True, container=container)
+        # Under `python3 -c` there is no file to re-read: the controller's command exports the
+        # source as SOURCE_ENV for this hop.
+        source = os.environ.get(SOURCE_ENV)
+        if not source and "__file__" in globals():
+            source = read_text(os.path.abspath(__file__))
+        if source:
+            result = run_command(["docker", "exec", container, "python3", "-c", source,
+                                  json.dumps(inner_args)], timeout * 4)
+            try:
+                report["container_report"] = json.loads(result["stdout"])
+            except ValueError:
+                report["container_error"] = f"rc={result['rc']}: {last_line(result['stderr']) or 'no output'}"
+    return report
+
+
+def main(argv: list[str]) -> int:
+    args = json.loads(argv[1]) if len(argv) > 1 else {}
+    if "run_id" not in args:
+        print("usage: diagnostics_node.py '{\"run_id\": ..., \"node_rank\": ...}'", file=sys.stderr)
+        return 2
+    json.dump(collect(args), sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
