@@ -35,7 +35,7 @@ from tasks.lib.probe import (
     judge_host,
     mismatch_hint,
     parse_probe_output,
-    probe_command,
+    sh_command,
     probe_script,
     resolve_master_side,
 )
@@ -157,7 +157,7 @@ def probe_all(
             container=container,
             venv=venv,
         )
-        result = node.run(probe_command(script), timeout=PROBE_TIMEOUT_S)
+        result = node.run(sh_command(script), timeout=PROBE_TIMEOUT_S)
         return parse_probe_output(node.index, node.label, result.stdout)
 
     results = on_each(session.nodes, probe)

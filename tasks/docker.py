@@ -29,10 +29,9 @@ from tasks.lib.containers import (
     parse_inspect,
     parse_probe,
     probe_script,
-    sh_command,
     up_outcome,
 )
-from tasks.lib.quoting import sh_join, sh_quote
+from tasks.lib.quoting import sh_command, sh_join, sh_quote
 from tasks.lib.render import compose_command, compose_project_name, render_compose
 from tasks.nodes import Node, NodeError, NodeResults, on_each
 from tasks.session import EXIT_USAGE, ClusterSession

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from tasks.lib.quoting import sh_join, sh_quote
+from tasks.lib.quoting import section_function, sh_command, sh_join, sh_quote, split_sections
 
 SECTION_MARK = "@@gemm-docker "
 COMPOSE_FILE = "docker-compose.yaml"
@@ -62,7 +62,7 @@ class DockerProbe:
 
 
 def _sections_script(lines: list[str]) -> str:
-    section = f"s() {{ printf '\\n{SECTION_MARK}%s\\n' \"$1\"; }}"
+    section = section_function(SECTION_MARK)
     return "\n".join([section, *lines, "s end", "exit 0"])
 
 
@@ -109,26 +109,13 @@ def down_script(compose_argv: list[str] | None, compose_file: str, project: str,
     return "\n".join(lines)
 
 
-def sh_command(script: str) -> str:
-    """Run a script with sh whatever the remote login shell is."""
-    return "sh -c " + sh_quote(script)
-
 
 # -- parsing --------------------------------------------------------------------------------------
 
-def split_sections(text: str) -> dict[str, str]:
-    sections: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for line in text.splitlines():
-        if line.startswith(SECTION_MARK):
-            current = sections.setdefault(line[len(SECTION_MARK):].strip(), [])
-        elif current is not None:
-            current.append(line)
-    return {name: "\n".join(body).strip() for name, body in sections.items()}
 
 
 def parse_probe(text: str) -> DockerProbe:
-    sections = split_sections(text)
+    sections = split_sections(text, SECTION_MARK)
     if "end" not in sections:
         raise ValueError("the Docker probe's output was cut short")
     engine_lines = sections.get("engine", "").splitlines()
@@ -150,7 +137,7 @@ def parse_probe(text: str) -> DockerProbe:
 def parse_inspect(text: str) -> ContainerState:
     """The state from `docker inspect` JSON; absent when docker printed nothing or `[]`."""
     if "@@" in text:
-        text = split_sections(text).get("inspect", "")
+        text = split_sections(text, SECTION_MARK).get("inspect", "")
     text = text.strip()
     if not text:
         return ABSENT

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from tasks.lib.quoting import sh_quote
+from tasks.lib.quoting import section_function, sh_command, sh_quote, split_sections
 
 SECTION_MARK = "@@gemm-probe "
 SYNC_RECORD = ".gemm-sync.json"  # written by `fab sync`: where the tree came from + its hash
@@ -130,7 +130,7 @@ def probe_script(
         f"C={sh_quote(container or '')}",
         f"V={sh_quote(venv or '')}",
         "export LC_ALL=C",
-        f"s() {{ printf '\\n{SECTION_MARK}%s\\n' \"$1\"; }}",
+        section_function(SECTION_MARK),
         "s hostname; uname -n",
         # Prefer a non-loopback address: Debian maps the host's own name to 127.0.1.1.
         "MIP=$(getent ahostsv4 \"$M\" 2>/dev/null | awk '$1 !~ /^127\\./ {print $1; exit}')",
@@ -189,23 +189,10 @@ def probe_script(
     return "\n".join(lines) + "\n"
 
 
-def probe_command(script: str) -> str:
-    """Run the script with sh whatever the remote login shell is."""
-    return "sh -c " + sh_quote(script)
-
 
 # -- parsing --------------------------------------------------------------------------------------
 
 
-def split_sections(text: str) -> dict[str, str]:
-    sections: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for line in text.splitlines():
-        if line.startswith(SECTION_MARK):
-            current = sections.setdefault(line[len(SECTION_MARK) :].strip(), [])
-        elif current is not None:
-            current.append(line)
-    return {name: "\n".join(body).strip() for name, body in sections.items()}
 
 
 def parse_route(text: str) -> tuple[str | None, str | None]:
@@ -342,7 +329,7 @@ def _parse_docker(text: str) -> tuple[str | None, str | None, str | None]:
 
 def parse_probe_output(node_index: int, label: str, text: str) -> HostFacts:
     """HostFacts from the output of `probe_script` on one host."""
-    sections = split_sections(text)
+    sections = split_sections(text, SECTION_MARK)
     notes: list[str] = []
     if "end" not in sections:
         notes.append("probe output was cut short; facts may be incomplete")
@@ -624,7 +611,7 @@ __all__ = [
     "CheckoutState",
     "Finding",
     "probe_script",
-    "probe_command",
+    "sh_command",
     "parse_probe_output",
     "resolve_master_side",
     "checkout_mismatch",

@@ -47,3 +47,28 @@ def is_env_name(name: str) -> bool:
     return bool(name) and (name[0].isalpha() or name[0] == "_") and all(
         ch.isalnum() or ch == "_" for ch in name
     ) and name.isascii()
+
+
+def sh_command(script: str) -> str:
+    """Run a multi-line script with sh, whatever the remote login shell is."""
+    return "sh -c " + sh_quote(script)
+
+
+def section_function(mark: str) -> str:
+    """Shell function `s NAME` that starts a named section of a script's output.
+
+    Scripts that report many facts in one round trip print sections; `split_sections` reads them.
+    """
+    return f"s() {{ printf '\\n{mark}%s\\n' \"$1\"; }}"
+
+
+def split_sections(text: str, mark: str) -> dict[str, str]:
+    """Output of a script using `section_function(mark)`, as {section name: body}."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith(mark):
+            current = sections.setdefault(line[len(mark):].strip(), [])
+        elif current is not None:
+            current.append(line)
+    return {name: "\n".join(body).strip() for name, body in sections.items()}

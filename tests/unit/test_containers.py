@@ -22,9 +22,9 @@ from tasks.lib.containers import (
     parse_inspect,
     parse_probe,
     probe_script,
-    sh_command,
     up_outcome,
 )
+from tasks.lib.quoting import sh_command
 
 INSPECT_RUNNING = [{
     "Id": "a238e43bae94" + "0" * 52,

@@ -21,7 +21,7 @@ from tasks.lib.probe import (
     parse_gpus,
     parse_probe_output,
     parse_route,
-    probe_command,
+    sh_command,
     probe_script,
     resolve_master_side,
     route_from_proc,
@@ -52,9 +52,9 @@ def run_probe(workdir: Path, **kwargs) -> HostFacts:
     master = kwargs.pop("master", "localhost")
     options = {"master_port": None, "container": None, "venv": None, **kwargs}
     script = probe_script(master, str(workdir), **options)
-    # Through a login-shell-like layer, as Fabric does: probe_command wraps it for sh.
+    # Through a login-shell-like layer, as Fabric does: sh_command wraps it for sh.
     result = subprocess.run(
-        ["bash", "-c", probe_command(script)], capture_output=True, text=True, timeout=60
+        ["bash", "-c", sh_command(script)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
     return parse_probe_output(3, "label", result.stdout)
