@@ -1,0 +1,356 @@
+"""run.json: what a launch decided, where it ran, and how each node ended.
+
+Written into the controller's run directory at each stage (rendered, started, ended) and pushed
+with the bundle, so any controller (and `fab report`, `fab collect`) can read it back. Pure: the
+record is plain dataclasses turned into JSON; no files, no network.
+
+Schema (version 1), top level:
+  schema, run_id, status (rendered|running|detached|succeeded|failed|stopped|hung),
+  exit_status (the launch's own exit code, null until it ends), created_at, started_at, ended_at,
+  controller {host, user, cwd, commit}, run_dir (controller), node_run_dir, output_dir (name of
+  <T>thread_<C>channels), flags (RunSpec.flags_record: values and their sources),
+  master {addr, port}, nnodes, nproc_per_node, world_size,
+  env {common: {...}, per_node: [{...} per node rank]}, torchrun_argv, wrapper_argv,
+  nodes [{node_rank, host, hostname, address, ifname, gpus, gpu_names, commit, branch, ranks,
+          launcher_pid, state, exit_code, started_at, ended_at, steps_done, steps_total, log,
+          collected}],
+  first_failure {node_rank, host, ranks, exit_code, reason, at, last_lines} | null,
+  headline {metric: value} (from summary.json, when there is one),
+  timings {phase: seconds} (validate, probe, busy_check, render, push, start, watch, collect),
+  hang {first_stalled_ranks, basis, suspect_ranks, rank_steps, stalled_for_s, timeout_s,
+        detected_at, diagnostics} | null (when the watchdog stopped a run that made no progress).
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from typing import Any
+
+from tasks.lib.quoting import sh_quote
+
+SCHEMA_VERSION = 1
+RUN_JSON = "run.json"
+LAST_LINES = 20
+# Node states that mean the launcher is gone and will not write again.
+FINAL_NODE_STATES = ("exited", "stopped", "killed", "lost")
+_STEP = re.compile(r"\bstep (\d+)/(\d+)\b")
+
+
+class RunRecordError(ValueError):
+    """run.json that cannot be read back (wrong schema, not JSON)."""
+
+
+@dataclass
+class NodeRecord:
+    node_rank: int
+    host: str
+    ranks: list[int]
+    hostname: str | None = None
+    address: str | None = None
+    ifname: str | None = None
+    gpus: int | None = None
+    gpu_names: list[str] = field(default_factory=list)
+    commit: str | None = None
+    branch: str | None = None
+    launcher_pid: int | None = None
+    state: str = "pending"       # pending | starting | running | exited | stopped | killed | lost
+    exit_code: int | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    steps_done: int | None = None
+    steps_total: int | None = None
+    log: str | None = None        # controller log file, relative to the run dir
+    collected: dict[str, int] | None = None  # {"files", "bytes", "skipped"} after collection
+
+
+@dataclass
+class Failure:
+    node_rank: int
+    host: str
+    ranks: list[int]
+    exit_code: int | None
+    reason: str
+    at: str
+    last_lines: list[str]
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    run_dir: str
+    node_run_dir: str
+    output_dir: str
+    created_at: str
+    controller: dict[str, Any]
+    flags: dict[str, Any]
+    schema: int = SCHEMA_VERSION
+    status: str = "rendered"
+    exit_status: int | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    master: dict[str, Any] = field(default_factory=dict)
+    nnodes: int = 0
+    nproc_per_node: int = 0
+    world_size: int = 0
+    env: dict[str, Any] = field(default_factory=lambda: {"common": {}, "per_node": []})
+    torchrun_argv: list[str] = field(default_factory=list)
+    wrapper_argv: list[str] | None = None
+    nodes: list[NodeRecord] = field(default_factory=list)
+    first_failure: Failure | None = None
+    headline: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # launch phases, seconds
+    hang: dict[str, Any] | None = None  # the hang watchdog's record (tasks.lib.diagnostics)
+
+    # -- building -------------------------------------------------------------------------------
+
+    def plan(
+        self,
+        *,
+        master_addr: str,
+        master_port: int | str,
+        nproc_per_node: int,
+        hosts: Sequence[Mapping[str, Any]],
+        common_env: Mapping[str, str],
+        per_node_env: Sequence[Mapping[str, str]],
+        torchrun_argv: Sequence[str],
+        wrapper_argv: Sequence[str] | None,
+    ) -> None:
+        """Fill in the placement: hosts[i] holds host (label) and the probe's facts for node i."""
+        self.master = {"addr": master_addr, "port": master_port}
+        self.nnodes = len(hosts)
+        self.nproc_per_node = nproc_per_node
+        self.world_size = self.nnodes * nproc_per_node
+        self.env = {"common": dict(common_env), "per_node": [dict(env) for env in per_node_env]}
+        self.torchrun_argv = list(torchrun_argv)
+        self.wrapper_argv = list(wrapper_argv) if wrapper_argv else None
+        known = {f.name for f in fields(NodeRecord)}
+        self.nodes = [
+            NodeRecord(node_rank=rank, ranks=global_ranks(rank, nproc_per_node),
+                       **{key: value for key, value in host.items() if key in known})
+            for rank, host in enumerate(hosts)
+        ]
+
+    def node(self, node_rank: int) -> NodeRecord:
+        return self.nodes[node_rank]
+
+    def mark_started(self, node_rank: int, launcher_pid: int | None, at: str) -> None:
+        node = self.node(node_rank)
+        node.launcher_pid = launcher_pid
+        node.state = "running"
+        node.started_at = at
+        if self.started_at is None:
+            self.started_at = at
+        self.status = "running"
+
+    def mark_node_ended(self, node_rank: int, *, state: str, exit_code: int | None,
+                        at: str) -> None:
+        node = self.node(node_rank)
+        if node.state in FINAL_NODE_STATES:
+            return  # the first ending seen is the one that happened
+        node.state = state
+        node.exit_code = exit_code
+        node.ended_at = at
+
+    def record_failure(self, node_rank: int, *, reason: str, exit_code: int | None, at: str,
+                       last_lines: Iterable[str]) -> bool:
+        """Keep the first failure only; True when this one is it."""
+        if self.first_failure is not None:
+            return False
+        node = self.node(node_rank)
+        self.first_failure = Failure(node_rank=node_rank, host=node.host, ranks=list(node.ranks),
+                                     exit_code=exit_code, reason=reason, at=at,
+                                     last_lines=list(last_lines)[-LAST_LINES:])
+        return True
+
+    def finish(self, *, status: str, exit_status: int, at: str) -> None:
+        self.status = status
+        self.exit_status = exit_status
+        self.ended_at = at
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {"schema": data.pop("schema"), "run_id": data.pop("run_id"),
+                "status": data.pop("status"), **data}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunRecord:
+        if not isinstance(data, Mapping) or data.get("schema") != SCHEMA_VERSION:
+            found = data.get("schema") if isinstance(data, Mapping) else type(data).__name__
+            raise RunRecordError(f"run.json schema {found!r} is not {SCHEMA_VERSION}")
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        values["nodes"] = [NodeRecord(**_known(NodeRecord, n)) for n in data.get("nodes", [])]
+        failure = data.get("first_failure")
+        values["first_failure"] = Failure(**_known(Failure, failure)) if failure else None
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunRecord:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise RunRecordError(f"run.json is not JSON: {err}") from None
+        return cls.from_dict(data)
+
+
+def _known(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    return {key: value for key, value in data.items() if key in names}
+
+
+def new_record(*, run_id: str, run_dir: str, node_run_dir: str, output_dir: str,
+               controller: Mapping[str, Any], flags: Mapping[str, Any],
+               created_at: str) -> RunRecord:
+    return RunRecord(run_id=run_id, run_dir=run_dir, node_run_dir=node_run_dir,
+                     output_dir=output_dir, created_at=created_at, controller=dict(controller),
+                     flags=dict(flags))
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+def global_ranks(node_rank: int, nproc_per_node: int) -> list[int]:
+    """torchrun's static rendezvous numbers ranks node by node."""
+    return list(range(node_rank * nproc_per_node, (node_rank + 1) * nproc_per_node))
+
+
+def now_iso(when: datetime | None = None) -> str:
+    moment = (when or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    return moment.isoformat(timespec="milliseconds")
+
+
+def parse_progress(line: str) -> tuple[int, int] | None:
+    """(done, total) from a train progress line ("step 12/100 | iter ...")."""
+    match = _STEP.search(line)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def exit_reason(state: str, exit_code: int | None) -> str:
+    """One phrase for how a node ended."""
+    if state == "lost":
+        return "the node stopped answering (host down or network lost)"
+    if exit_code is None:
+        return f"launcher {state} without an exit code"
+    if exit_code > 128:
+        return f"exited {exit_code} (signal {exit_code - 128})"
+    if exit_code < 0:
+        return f"killed by signal {-exit_code}"
+    return f"exited {exit_code}"
+
+
+HEADLINE_METRICS: tuple[tuple[str, str], ...] = (
+    ("iter_ms", "iter ms"),
+    ("compute_ms", "compute ms"),
+    ("comm_ms", "comm ms"),
+    ("exposed_comm_ms", "exposed comm ms"),
+    ("overlap_fraction", "overlap"),
+    ("gemm_tflops", "GEMM TFLOP/s"),
+    ("busbw_gbps", "busbw GB/s"),
+    ("contention_slowdown", "contention slowdown"),
+)
+
+
+def headline_metrics(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """Medians of the summary's aggregates, plus status and step counts, for the final table."""
+    headline: dict[str, Any] = {
+        "status": summary.get("status"),
+        "world_size": summary.get("world_size"),
+        "backend": summary.get("backend"),
+        "steps_completed": summary.get("steps_completed"),
+        "steps_per_s": summary.get("steps_per_s"),
+    }
+    for key, _ in HEADLINE_METRICS:
+        value = summary.get(key)
+        headline[key] = value.get("median") if isinstance(value, Mapping) else None
+    return headline
+
+
+# -- failure evidence in the nodes' output -------------------------------------------------------
+
+_AGENT_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
+_AGENT_CLOSING = re.compile(r"Sending process \d+ closing signal")
+AGENT_DEATH_SIGNAL = re.compile(r"Received \S+ death signal")
+_RANK_FAILED = re.compile(r"train: rank (\d+) failed: (.*)")
+
+
+@dataclass
+class Evidence:
+    """A sign that something failed on a node, as seen by the controller."""
+
+    node_rank: int
+    at: float                  # monotonic
+    kind: str        # rank-signal | rank-exit | agent-stopping | rank-error | node-exit | lost
+    rank: int | None
+    exit_code: int | None
+    line: str
+
+
+def classify_line(line: str, node_rank: int, nproc: int, at: float,
+                  stopping_from_outside: bool) -> Evidence | None:
+    """Failure signs in torchrun's and train's output.
+
+    torchrun's agent logs "Sending process N closing signal" as soon as a local rank died (it then
+    waits for the others, up to 30 s) and "failed (exitcode: X) local_rank: L" after; the same
+    closing lines follow "Received SIGTERM death signal" when the node was told to stop, which
+    is not a failure of its own.
+    """
+    if stopping_from_outside:
+        return None
+    if (match := _AGENT_FAILED.search(line)):
+        code, local_rank = int(match.group(1)), int(match.group(2))
+        return Evidence(node_rank, at, "rank-signal" if code < 0 else "rank-exit",
+                        node_rank * nproc + local_rank, code, line)
+    if _AGENT_CLOSING.search(line):
+        return Evidence(node_rank, at, "agent-stopping", None, None, line)
+    if (match := _RANK_FAILED.search(line)):
+        return Evidence(node_rank, at, "rank-error", int(match.group(1)), None, line)
+    return None
+
+
+def choose_first_failure(evidence: Sequence[Evidence]) -> Evidence:
+    """The culprit among near-simultaneous failures: a rank killed by a signal did not die because
+    of a peer (peers raise errors, they are not signalled), so it wins; otherwise the earliest."""
+    signalled = [e for e in evidence if e.kind == "rank-signal"]
+    return min(signalled or evidence, key=lambda e: e.at)
+
+
+def failure_reason(culprit: Evidence) -> str:
+    """run.json's first_failure.reason for the evidence chosen as the culprit."""
+    if culprit.kind in ("lost", "node-exit"):
+        return culprit.line
+    if culprit.kind == "rank-signal" and culprit.exit_code is not None:
+        return f"rank {culprit.rank} killed by signal {-culprit.exit_code}"
+    if culprit.rank is not None:
+        return f"rank {culprit.rank} failed"
+    return "a rank failed (torchrun is stopping the node's ranks)"
+
+
+# -- collection -----------------------------------------------------------------------------------
+
+def list_files_command(directory: str) -> str:
+    return f"find {sh_quote(directory)} -type f -printf '%s\\t%P\\n' 2>/dev/null || true"
+
+
+def parse_file_list(text: str) -> list[tuple[int, str]]:
+    files = []
+    for line in text.splitlines():
+        size, sep, path = line.partition("\t")
+        if sep and size.isdigit() and path:
+            files.append((int(size), path))
+    return files
+
+
+__all__ = [
+    "RunRecord", "NodeRecord", "Failure", "RunRecordError", "new_record", "global_ranks",
+    "now_iso", "parse_progress", "exit_reason", "headline_metrics", "HEADLINE_METRICS",
+    "SCHEMA_VERSION", "RUN_JSON", "FINAL_NODE_STATES", "Evidence", "classify_line",
+    "choose_first_failure", "failure_reason", "AGENT_DEATH_SIGNAL", "list_files_command",
+    "parse_file_list",
+]

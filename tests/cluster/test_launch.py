@@ -1,0 +1,442 @@
+"""`fab launch` end to end: real sshd nodes (tests/simcluster), real torchrun gloo ranks.
+
+One 2-node cluster (separate filesystems, interfaces eth0 and ens5) serves the module; each test
+drives `fab` as a subprocess with a runtime config pointing experiments_dir at a temp dir. The
+first two tests need no cluster: they point the inventory at a TCP listener and check that it
+never sees a connection.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.simcluster import SimCluster
+from tests.simcluster.testing import make_sim_cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+FAB = str(Path(sys.executable).with_name("fab"))
+# COLUMNS: rich tables are as wide as the terminal; a pipe would otherwise get 80 columns.
+FAB_ENV = {**os.environ, "COLUMNS": "250", "PYTHONUNBUFFERED": "1"}
+for name in ("CHANNELS", "THREADS", "NPROC_PER_NODE", "CONFIG_FILE", "MASTER_PORT",
+             "SLURM_JOB_NODELIST"):
+    FAB_ENV.pop(name, None)
+FAST = ["--override", "training.max_steps=4", "--override", "calibration.compute_steps=1",
+        "--override", "calibration.comm_steps=1"]
+LONG = ["--override", "training.max_steps=100000"]
+
+
+def fab(config: Path | None, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    argv = [FAB] + (["-f", str(config)] if config else []) + list(args)
+    return subprocess.run(argv, cwd=ROOT, env=FAB_ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# -- no host may be contacted ----------------------------------------------------------------------
+
+class Listener:
+    """A TCP port that counts connections (and closes them at once, so SSH fails fast)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.fixture
+def listeners(tmp_path) -> Iterator[tuple[list[Listener], Path]]:
+    found = [Listener(), Listener()]
+    config = write_config(tmp_path / "unreachable.yaml", {
+        "timeouts": {"connect": 3},
+        "cluster": {"hosts": [f"127.0.0.1:{found[0].port}", f"localhost:{found[1].port}"],
+                    "host_key_policy": "auto-add", "experiments_dir": str(tmp_path / "exp"),
+                    "workdir": "/srv/gemm"},
+        "docker": {"enabled": False, "platform": "cpu"},
+    })
+    yield found, config
+    for listener in found:
+        listener.close()
+
+
+BAD_FLAGS = [
+    (["--channels", "65"], "outside 1-64"),
+    (["-t", "300"], "not a value NCCL/RCCL take as given"),
+    (["-p", "0"], "at least 1"),
+    (["--nproc", "auto"], "counts GPUs"),
+    (["--env", "1X=1"], "not a valid variable name"),
+    (["--env", "NCCL_MAX_NCHANNELS=4"], "use --channels"),
+    (["--override", "max_steps=3"], "section.key=value"),
+    (["--override", "training.max_steps=0"], "training.max_steps must be >= 1"),
+    (["-C", "config/multi_node/nope.yaml"], "not found"),
+    (["--docker", "--no-docker"], "contradict"),
+    (["--master-port", "80"], "not a usable port"),
+    (["--nccl-preset", "nope"], "unknown NCCL preset"),
+]
+
+
+def test_bad_flags_fail_before_any_host_is_contacted(listeners):
+    hosts, config = listeners
+    for flags, message in BAD_FLAGS:
+        result = fab(config, "launch", *flags, timeout=60)
+        assert result.returncode == 2, (flags, result.stdout, result.stderr)
+        error = result.stderr.strip()
+        assert message in error and len(error.splitlines()) == 1, (flags, error)
+    assert [h.connections for h in hosts] == [0, 0]
+    # The same command line with valid flags does reach the hosts: the listeners can tell.
+    result = fab(config, "launch", "--channels", "64", timeout=60)
+    assert result.returncode == 1 and "probe failed on 2 of 2 host(s)" in result.stderr
+    assert all(h.connections >= 1 for h in hosts)
+
+
+def test_dry_run_touches_nothing(listeners, tmp_path):
+    hosts, config = listeners
+    result = fab(config, "launch", "--dry-run", "-c", "42", "-t", "512",
+                 "--env", "NCCL_X=$(touch /tmp/gemm-dry) 'q'", timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert [h.connections for h in hosts] == [0, 0]
+    assert not (tmp_path / "exp").exists() and not Path("/tmp/gemm-dry").exists()
+    for index, listener in enumerate(hosts):
+        assert f"node {index} (" in out and f":{listener.port})" in out
+    assert out.count("node_launcher.sh (") == 2 and out.count("env.sh (") == 2
+    assert out.count("gemm-start /tmp/gemm-runs multinode_42ch_512th_") == 2
+    assert "export NCCL_MIN_NCHANNELS=42" in out and "export RCCL_THREADS_PER_BLOCK=512" in out
+    assert "export NCCL_X='$(touch /tmp/gemm-dry) '\"'\"'q'\"'\"''" in out
+    assert "--nnodes=2" in out and "--nproc-per-node=2" in out
+
+
+# -- the embedded default --------------------------------------------------------------------------
+
+def test_embedded_default_runs_here_without_ssh(tmp_path):
+    """README's first command: no inventory, this machine, CPU ranks with gloo."""
+    config = write_config(tmp_path / "local.yaml", {"cluster": {
+        "hosts_file": str(tmp_path / "no_hosts.txt"), "experiments_dir": str(tmp_path / "exp")}})
+    started = time.monotonic()
+    result = fab(config, "launch", *FAST, timeout=120)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    run_dir = only_run_dir(tmp_path / "exp")
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "succeeded" and record["nodes"][0]["host"] == "localhost"
+    assert record["flags"]["accelerator"] == "cpu" and record["world_size"] == 2
+    outputs = run_dir / "256thread_28channels"
+    assert {"rank_00_metrics.jsonl", "rank_01_metrics.jsonl", "summary.json",
+            "node_0_output.log"} <= {p.name for p in outputs.iterdir()}
+    assert elapsed < 60
+
+
+# -- the cluster -----------------------------------------------------------------------------------
+
+@dataclass
+class LaunchCluster:
+    sim: SimCluster
+    config: Path
+    experiments: Path
+
+    def sync(self) -> None:
+        result = fab(self.config, "sync", timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def launch(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        # Other people edit this checkout while tests run: a file saved between sync and launch
+        # makes the checkout check refuse. Re-sync and retry then (CI has no such editors).
+        for _ in range(3):
+            result = fab(self.config, "launch", *args, timeout=timeout)
+            if "checkout differs" not in result.stderr:
+                return result
+            self.sync()
+        return result
+
+    def popen_launch(self, *args: str) -> subprocess.Popen[str]:
+        self.sync()
+        return subprocess.Popen([FAB, "-f", str(self.config), "launch", *args], cwd=ROOT,
+                                env=FAB_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+
+    def run_processes(self, run_id: str) -> list[str]:
+        """Processes of the run left on any node (by the launch's environment markers)."""
+        found = []
+        for node in self.sim.nodes:
+            out = self.sim.exec(node.index, f"grep -lzxsF -e GEMM_RUN_ID={run_id} "
+                                            "/proc/[0-9]*/environ || true").stdout
+            found += [f"node{node.index}:{line}" for line in out.split()]
+        return found
+
+
+def disable_dns(sim: SimCluster) -> None:
+    """The nodes inherit this machine's resolver, unreachable from their network namespaces: every
+    reverse lookup of a v4-mapped address (torch's TCPStore does one per client) then waits 10 s.
+    Real clusters have DNS; give the nodes none, so lookups fail at once instead."""
+    for node in sim.nodes:
+        sim.exec(node.index, "printf '# no DNS on this sim node\\n' >/tmp/resolv.conf && "
+                             "mount --bind /tmp/resolv.conf /etc/resolv.conf")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[LaunchCluster]:
+    with make_sim_cluster(prefix="ln", nodes=2, ifnames=["eth0", "ens5"]) as sim:
+        disable_dns(sim)
+        tmp = tmp_path_factory.mktemp("launch")
+        data = yaml.safe_load(sim.write_fabric_config(tmp / "sim.yaml").read_text())
+        data["cluster"]["experiments_dir"] = str(tmp / "experiments")
+        launch = LaunchCluster(sim, write_config(tmp / "launch.yaml", data), tmp / "experiments")
+        launch.sync()
+        yield launch
+
+
+def only_run_dir(experiments: Path, run_id: str | None = None) -> Path:
+    if run_id:
+        return experiments / run_id
+    runs = sorted(experiments.glob("multinode_*"))
+    assert len(runs) >= 1, list(experiments.iterdir()) if experiments.exists() else "no dir"
+    return max(runs, key=lambda p: p.stat().st_mtime)
+
+
+def run_id_of(output: str) -> str:
+    match = re.search(r"(multinode_\d+ch_\d+th_\d{8}_\d{6}(?:_\d+)?)", output)
+    assert match, output[-2000:]
+    return match.group(1)
+
+
+HOSTILE = {
+    "NCCL_GEMMTEST_SUBST": "$(touch /tmp/gemm-pwned)",
+    "NCCL_GEMMTEST_QUOTES": "it's \"quoted\" `x`",
+    "NCCL_GEMMTEST_SPACES": "  two  spaces  ",
+    "NCCL_GEMMTEST_NEWLINE": "line1\nline2",
+}
+
+
+@pytest.mark.cluster
+def test_two_nodes_bare_every_rank_collected_env_literal(cluster):
+    env_flags = [arg for name, value in HOSTILE.items() for arg in ("--env", f"{name}={value}")]
+    result = cluster.launch("--no-docker", "-c", "42", *FAST, *env_flags)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr
+    run_dir = only_run_dir(cluster.experiments, run_id_of(result.stdout))
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "succeeded" and record["exit_status"] == 0
+    assert [n["ifname"] for n in record["nodes"]] == ["eth0", "ens5"]
+    assert [n["exit_code"] for n in record["nodes"]] == [0, 0]
+    assert all(n["commit"] for n in record["nodes"])
+
+    # Every rank's outputs, from two separate filesystems, are on the controller now.
+    outputs = run_dir / "256thread_42channels"
+    names = {p.name for p in outputs.iterdir()}
+    assert {f"rank_{r:02d}_metrics.jsonl" for r in range(4)} <= names
+    assert {"node_0_output.log", "node_1_output.log", "summary.json"} <= names
+    assert record["nodes"][1]["collected"]["files"] >= 3
+    logs = sorted(p.name for p in (run_dir / "logs").iterdir())
+    assert [name.split("_")[1] for name in logs] == ["0", "1"]
+    assert "[node 1] step 4/4" in result.stdout
+
+    # Every env.sh variable reached the ranks, per node where it differs, hostile values literal.
+    summary = json.loads((outputs / "summary.json").read_text())
+    ranks_env = summary["env"]
+    for name, value in record["env"]["common"].items():
+        assert ranks_env.get(name) == value, name
+    assert {name: ranks_env[name] for name in HOSTILE} == HOSTILE
+    for name in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
+        assert summary["env_differences"][name] == {"0": "eth0", "1": "eth0", "2": "ens5",
+                                                    "3": "ens5"}
+    for node in cluster.sim.nodes:
+        assert cluster.sim.exec(node.index, "test -e /tmp/gemm-pwned", check=False).returncode == 1
+    assert not Path("/tmp/gemm-pwned").exists()
+
+
+def kill_local_rank(sim: SimCluster, node: int, run_id: str, local_rank: int) -> str:
+    script = (f"for e in /proc/[0-9]*/environ; do "
+              f"grep -qzxF GEMM_RUN_ID={run_id} $e 2>/dev/null && "
+              f"grep -qzxF LOCAL_RANK={local_rank} $e 2>/dev/null && "
+              f"p=${{e#/proc/}} && p=${{p%/environ}} && kill -9 $p && echo $p; done; true")
+    return sim.exec(node, script).stdout.strip()
+
+
+def read_until(proc: subprocess.Popen[str], pattern: str, timeout: float) -> list[str]:
+    """Lines of proc's output up to the first matching `pattern` (fails on timeout or exit)."""
+    lines: list[str] = []
+    found = threading.Event()
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(pattern, line):
+                found.set()
+                return
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert found.is_set(), f"no {pattern!r} within {timeout} s:\n" + "".join(lines[-30:])
+    return lines
+
+
+@pytest.mark.cluster
+def test_fail_fast_after_a_rank_dies_on_node_1(cluster):
+    proc = cluster.popen_launch("--no-docker", *LONG)
+    try:
+        lines = read_until(proc, r"\[node 1\] step \d+/", timeout=150)
+        run_id = run_id_of("".join(lines))
+        killed = kill_local_rank(cluster.sim, 1, run_id, local_rank=1)
+        killed_at = time.monotonic()
+        assert killed, "no rank process found on node 1"
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = "".join(lines) + rest
+    assert proc.returncode == 1, output[-3000:]
+    assert re.search(r"node 1 \([0-9.]+\) failed first", output), output[-3000:]
+    while cluster.run_processes(run_id) and time.monotonic() - killed_at < 15:
+        time.sleep(0.2)
+    clean_after = time.monotonic() - killed_at
+    assert not cluster.run_processes(run_id)
+    assert clean_after < 10, f"nodes clean only {clean_after:.1f} s after the rank died"
+    record = json.loads((only_run_dir(cluster.experiments, run_id) / "run.json").read_text())
+    failure = record["first_failure"]
+    assert failure["node_rank"] == 1 and failure["ranks"] == [3], failure
+    assert failure["last_lines"] and record["status"] == "failed" and record["exit_status"] == 1
+    # Whatever the ending: the outputs of both nodes were collected.
+    outputs = only_run_dir(cluster.experiments, run_id) / "256thread_28channels"
+    assert {"node_0_output.log", "node_1_output.log"} <= {p.name for p in outputs.iterdir()}
+
+
+@pytest.mark.cluster
+def test_detach_then_logs_then_stop(cluster):
+    result = cluster.launch("--no-docker", "--detach", *LONG)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_id = run_id_of(result.stdout)
+    assert f"fab logs --follow --run {run_id}" in result.stdout
+    assert f"fab stop --run {run_id}" in result.stdout
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        logs = fab(cluster.config, "logs", "--run", run_id, timeout=60)
+        if "[node 1] step" in logs.stdout and "[node 0] step" in logs.stdout:
+            break
+        time.sleep(1)
+    assert "[node 0] step" in logs.stdout and "[node 1] step" in logs.stdout, logs.stdout[-2000:]
+    stop = fab(cluster.config, "stop", "--run", run_id, "--grace", "5", timeout=60)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert not cluster.run_processes(run_id)
+    status = fab(cluster.config, "status", "--run", run_id, timeout=60)
+    assert status.returncode == 0 and status.stdout.count(run_id) == 2, status.stdout
+    assert "running" not in status.stdout
+
+
+@pytest.mark.cluster
+def test_controller_killed_while_attached_run_completes(cluster):
+    steps = 60
+    proc = cluster.popen_launch("--no-docker", "--override", f"training.max_steps={steps}",
+                                "--override", "training.log_interval=1")
+    try:
+        lines = read_until(proc, r"\[node 1\] step \d+/", timeout=150)
+        run_id = run_id_of("".join(lines))
+        os.kill(proc.pid, signal.SIGKILL)  # the controller and its SSH connections vanish
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 150
+    states = []
+    while time.monotonic() < deadline:
+        states = [cluster.sim.exec(n.index, f"cat /tmp/gemm-runs/{run_id}/node_{n.index}/state "
+                                            f"/tmp/gemm-runs/{run_id}/node_{n.index}/exit_code "
+                                            "2>/dev/null || true").stdout.split()
+                  for n in cluster.sim.nodes]
+        if all(s and s[0] != "running" and s[0] != "starting" for s in states):
+            break
+        time.sleep(1)
+    assert states == [["exited", "0"], ["exited", "0"]], states
+    status = fab(cluster.config, "status", "--run", run_id, timeout=60)
+    assert status.returncode == 0 and status.stdout.count("exited") >= 2, status.stdout
+    collected = fab(cluster.config, "collect", "--run", run_id, timeout=60)
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    outputs = only_run_dir(cluster.experiments, run_id) / "256thread_28channels"
+    summary = json.loads((outputs / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps_completed"] == steps
+    assert {f"rank_{r:02d}_metrics.jsonl" for r in range(4)} <= {p.name for p in outputs.iterdir()}
+
+
+@pytest.mark.cluster
+@pytest.mark.docker
+def test_two_nodes_in_docker_every_env_variable_reaches_the_ranks(cluster_docker, tmp_path):
+    sim = cluster_docker
+    data = yaml.safe_load(sim.write_fabric_config(tmp_path / "sim.yaml").read_text())
+    # The session cluster is shared: our own container, registry and outputs.
+    data["cluster"]["experiments_dir"] = str(tmp_path / "experiments")
+    data["cluster"]["registry_dir"] = "/tmp/gemm-runs-launch-test"
+    data["docker"]["container"] = "gemm-launch-test"
+    # The sim image has no Python of its own: the checkout's venv is mounted (read-only) and goes
+    # first on the container's PATH, as torchrun does in a real ROCm/CUDA image.
+    venv_bin = str(Path(sys.executable).parent)
+    data["docker"]["env"] = {"PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:"
+                                     "/usr/bin:/sbin:/bin"}
+    cluster = LaunchCluster(sim, write_config(tmp_path / "docker.yaml", data),
+                            tmp_path / "experiments")
+    cluster.sync()
+    # Containers copy the node's resolver at creation: give them none (see disable_dns), then
+    # leave the shared nodes' own resolver as it was.
+    disable_dns(sim)
+    try:
+        up = fab(cluster.config, "docker-up", timeout=240)
+    finally:
+        for node in sim.nodes:
+            sim.exec(node.index, "umount /etc/resolv.conf", check=False)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        env_flags = [arg for name, value in HOSTILE.items() for arg in ("--env", f"{name}={value}")]
+        result = cluster.launch("--docker", *FAST, *env_flags)
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr
+        run_dir = only_run_dir(cluster.experiments, run_id_of(result.stdout))
+        record = json.loads((run_dir / "run.json").read_text())
+        assert record["status"] == "succeeded" and record["flags"]["docker"] is True
+        assert "in container gemm-launch-test" in result.stdout
+        outputs = run_dir / "256thread_28channels"
+        names = {p.name for p in outputs.iterdir()}
+        assert {f"rank_{r:02d}_metrics.jsonl" for r in range(4)} <= names
+        summary = json.loads((outputs / "summary.json").read_text())
+        for name, value in record["env"]["common"].items():
+            assert summary["env"].get(name) == value, name
+        assert summary["env_differences"]["NCCL_SOCKET_IFNAME"] == {"0": "eth0", "1": "eth0",
+                                                                    "2": "ens5", "3": "ens5"}
+        for node in sim.nodes:
+            assert sim.exec(node.index, "test -e /tmp/gemm-pwned", check=False).returncode == 1
+            inside = sim.exec(node.index, "docker exec gemm-launch-test test -e /tmp/gemm-pwned",
+                              check=False)
+            assert inside.returncode == 1, inside.stderr
+    finally:
+        fab(cluster.config, "docker-down", timeout=240)

@@ -1,0 +1,140 @@
+"""tasks/lib/runrecord.py: run.json building, round trip, failure evidence, collection listing."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tasks.lib.runrecord import (
+    LAST_LINES,
+    SCHEMA_VERSION,
+    Evidence,
+    RunRecord,
+    RunRecordError,
+    choose_first_failure,
+    classify_line,
+    exit_reason,
+    failure_reason,
+    global_ranks,
+    headline_metrics,
+    new_record,
+    parse_file_list,
+    parse_progress,
+)
+
+
+def planned_record() -> RunRecord:
+    record = new_record(run_id="multinode_28ch_256th_20250101_000000", run_dir="/c/experiments/r",
+                        node_run_dir="/srv/gemm/experiments/r", output_dir="256thread_28channels",
+                        controller={"host": "ctl", "user": "me", "commit": "abc"},
+                        flags={"channels": 28, "threads": 256}, created_at="2025-01-01T00:00:00Z")
+    record.plan(master_addr="10.0.0.1", master_port=29500, nproc_per_node=2,
+                hosts=[{"host": "n0", "ifname": "eth0", "commit": "abc", "gpus": 0, "bogus": 1},
+                       {"host": "root@n1:2222", "ifname": "ens5", "commit": "abc"}],
+                common_env={"NCCL_MAX_NCHANNELS": "28"},
+                per_node_env=[{"NCCL_SOCKET_IFNAME": "eth0"}, {"NCCL_SOCKET_IFNAME": "ens5"}],
+                torchrun_argv=["torchrun", "-m", "train"], wrapper_argv=None)
+    return record
+
+
+def test_plan_places_ranks_node_by_node():
+    record = planned_record()
+    assert (record.nnodes, record.nproc_per_node, record.world_size) == (2, 2, 4)
+    assert [n.ranks for n in record.nodes] == [[0, 1], [2, 3]]
+    assert record.nodes[1].host == "root@n1:2222" and record.nodes[1].ifname == "ens5"
+    assert record.env["per_node"][1] == {"NCCL_SOCKET_IFNAME": "ens5"}
+    assert global_ranks(3, 8) == list(range(24, 32))
+
+
+def test_lifecycle_and_json_round_trip():
+    record = planned_record()
+    record.mark_started(0, 111, "t1")
+    record.mark_started(1, 222, "t2")
+    assert record.status == "running" and record.started_at == "t1"
+    record.mark_node_ended(1, state="exited", exit_code=1, at="t3")
+    record.mark_node_ended(1, state="killed", exit_code=137, at="t4")  # the first ending stays
+    assert (record.nodes[1].state, record.nodes[1].exit_code) == ("exited", 1)
+    lines = [f"line {i}" for i in range(50)]
+    assert record.record_failure(1, reason="exited 1", exit_code=1, at="t3", last_lines=lines)
+    assert not record.record_failure(0, reason="later", exit_code=143, at="t5", last_lines=[])
+    record.finish(status="failed", exit_status=1, at="t6")
+
+    data = json.loads(record.to_json())
+    assert data["schema"] == SCHEMA_VERSION
+    assert data["first_failure"]["node_rank"] == 1 and data["first_failure"]["ranks"] == [2, 3]
+    assert data["first_failure"]["last_lines"] == lines[-LAST_LINES:]
+    assert data["nodes"][0]["launcher_pid"] == 111
+    again = RunRecord.from_json(record.to_json())
+    assert again == record
+
+
+def test_from_json_refuses_other_schemas():
+    with pytest.raises(RunRecordError, match="schema"):
+        RunRecord.from_dict({"schema": 99})
+    with pytest.raises(RunRecordError, match="not JSON"):
+        RunRecord.from_json("{")
+
+
+def test_exit_reason():
+    assert exit_reason("exited", 1) == "exited 1"
+    assert exit_reason("killed", 137) == "exited 137 (signal 9)"
+    assert "stopped answering" in exit_reason("lost", None)
+    assert exit_reason("killed", None) == "launcher killed without an exit code"
+
+
+def test_progress():
+    assert parse_progress("step 12/100 | iter 3.1 ms") == (12, 100)
+    assert parse_progress("[node 1] step 3/20 | ...") == (3, 20)
+    assert parse_progress("warmup step") is None
+
+
+def test_headline_takes_medians():
+    summary = {"status": "completed", "world_size": 4, "steps_completed": 20, "steps_per_s": 5.0,
+               "iter_ms": {"median": 2.5, "p10": 2.0}, "busbw_gbps": None}
+    headline = headline_metrics(summary)
+    assert headline["iter_ms"] == 2.5 and headline["busbw_gbps"] is None
+    assert headline["status"] == "completed" and headline["steps_per_s"] == 5.0
+
+
+# -- failure evidence ------------------------------------------------------------------------------
+
+AGENT_FAILED = ("E1201 12:00:00.123 torch/distributed/elastic/multiprocessing/api.py:882] failed "
+                "(exitcode: -9) local_rank: 1 (pid: 4242) of binary: /usr/bin/python3")
+AGENT_CLOSING = ("W1201 12:00:00.100 torch/distributed/elastic/multiprocessing/api.py:900] Sending "
+                 "process 4243 closing signal SIGTERM")
+
+
+def test_classify_torchrun_and_train_lines():
+    killed = classify_line(AGENT_FAILED, node_rank=1, nproc=2, at=1.0, stopping_from_outside=False)
+    assert (killed.kind, killed.rank, killed.exit_code) == ("rank-signal", 3, -9)
+    exited = classify_line(AGENT_FAILED.replace("-9", "1"), 1, 2, 1.0, False)
+    assert exited.kind == "rank-exit"
+    closing = classify_line(AGENT_CLOSING, 1, 2, 1.0, False)
+    assert closing.kind == "agent-stopping" and closing.rank is None
+    error = classify_line("train: rank 0 failed: RuntimeError: Connection closed by peer",
+                          0, 2, 1.0, False)
+    assert (error.kind, error.rank) == ("rank-error", 0)
+    assert classify_line("step 3/20 | iter 1 ms", 0, 2, 1.0, False) is None
+    # After "Received SIGTERM death signal" the node was told to stop: not a failure of its own.
+    assert classify_line(AGENT_CLOSING, 1, 2, 1.0, stopping_from_outside=True) is None
+
+
+def test_signal_death_is_the_culprit_even_when_victims_report_first():
+    victim = Evidence(0, 1.00, "rank-error", 0, None, "train: rank 0 failed: connection closed")
+    agent = Evidence(1, 1.05, "agent-stopping", None, None, AGENT_CLOSING)
+    culprit = Evidence(1, 1.30, "rank-signal", 3, -9, AGENT_FAILED)
+    assert choose_first_failure([victim, agent, culprit]) is culprit
+    assert choose_first_failure([agent, victim]) is victim  # no signal death: the earliest
+
+
+def test_failure_reason_names_the_rank_when_known():
+    assert failure_reason(Evidence(1, 0.0, "rank-signal", 3, -9, "")) == "rank 3 killed by signal 9"
+    assert failure_reason(Evidence(0, 0.0, "rank-error", 1, None, "")) == "rank 1 failed"
+    assert failure_reason(Evidence(1, 0.0, "node-exit", None, 1, "exited 1")) == "exited 1"
+    assert "torchrun is stopping" in failure_reason(Evidence(1, 0.0, "agent-stopping", None,
+                                                             None, "Sending process"))
+
+
+def test_parse_file_list():
+    text = "12\tnode_1_output.log\n3\ttorch_profiler/a b.json\nbogus\n\t\n"
+    assert parse_file_list(text) == [(12, "node_1_output.log"), (3, "torch_profiler/a b.json")]
