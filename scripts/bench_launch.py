@@ -104,11 +104,6 @@ def run_processes(cluster: SimCluster, run_id: str) -> int:
 
 def prepare(nodes: int, tmp: Path) -> tuple[SimCluster, Path]:
     cluster = SimCluster(name=f"bl-{os.getpid()}-{nodes}", nodes=nodes).up()
-    # Same as tests/cluster/test_launch.py: the nodes cannot reach this machine's resolver, and
-    # torch's TCPStore would wait 10 s for a reverse lookup per client.
-    for node in cluster.nodes:
-        cluster.exec(node.index, "printf '# no DNS\\n' >/tmp/resolv.conf && "
-                                 "mount --bind /tmp/resolv.conf /etc/resolv.conf")
     data = yaml.safe_load(cluster.write_fabric_config(tmp / f"sim{nodes}.yaml").read_text())
     data["cluster"]["experiments_dir"] = str(tmp / "experiments")
     config = tmp / f"bench{nodes}.yaml"

@@ -287,7 +287,8 @@ def build_plan(session: ClusterSession, spec: RunSpec, *, run_id: str, run_dir: 
         output_dir=output_dir, env_script=posixpath.join(remote_run_dir, ENV_SCRIPT),
         workdir=workdir, torchrun_argv=[str(a) for a in argv], wrapper_argv=wrapper,
         container=settings.docker.container if spec.docker else None,
-        venv=None if spec.docker else venv)
+        venv=None if spec.docker else venv,
+        venv_required=bool(settings.cluster.venv))
 
     record = new_record(run_id=run_id, run_dir=str(run_dir), node_run_dir=remote_run_dir,
                         output_dir=spec.output_dir_name, controller=controller_info(),

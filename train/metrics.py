@@ -167,8 +167,11 @@ def median(values: Iterable[float | None]) -> float | None:
 
 
 def collect_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """The variables of ENV_PREFIXES/ENV_NAMES, sorted by name."""
-    return {k: environ[k] for k in sorted(environ) if k.startswith(ENV_PREFIXES) or k in ENV_NAMES}
+    """The variables of ENV_PREFIXES/ENV_NAMES and those the launch's env.sh lists in
+    GEMM_ENV_VARS (so every setting of a run shows whether it reached the ranks), sorted by name."""
+    launched = set(environ.get("GEMM_ENV_VARS", "").split())
+    return {k: environ[k] for k in sorted(environ)
+            if k.startswith(ENV_PREFIXES) or k in ENV_NAMES or k in launched}
 
 
 def env_differences(envs: Sequence[Mapping[str, str]]) -> dict[str, dict[str, str | None]]:

@@ -407,12 +407,14 @@ def render_node_launcher(
     wrapper_argv: list[str] | None,
     container: str | None,
     venv: str | None,
+    venv_required: bool = True,
 ) -> str:
     """The node launcher (bash), one file for every node: `bash node_launcher.sh NODE_RANK`.
 
     It adds `--node-rank=<rank>` right after torchrun_argv[0] and runs
     `[wrapper_argv...] torchrun --node-rank=<rank> torchrun_argv[1:]...` in `workdir` with env.sh
-    sourced, bare (venv activated) or through `docker exec` into `container`.
+    sourced, bare (venv activated) or through `docker exec` into `container`. A venv that is
+    not `venv_required` (the <workdir>/.venv default) is activated only where it exists.
     """
     validate_run_id(run_id)
     for value, what in ((registry_dir, "registry_dir"), (run_dir, "run_dir"),
@@ -440,6 +442,7 @@ def render_node_launcher(
         wrapper_argv=list(wrapper_argv or []),
         container=container or "",
         venv=venv or "",
+        venv_required=venv_required,
         command_json=json.dumps([*(wrapper_argv or []), *torchrun_argv]),
         shell_lib=SHELL_LIB,
     )

@@ -120,11 +120,17 @@ def render_env_script(
         raise ValueError(f"run id {run_id!r} must be letters, digits, '.', '_' or '-'")
     if not node_env:
         raise ValueError("node_env is empty: a run has at least one node")
+    common_items = _env_items(common_env, "common_env")
+    node_items = [_env_items(env, f"node_env[{rank}]") for rank, env in enumerate(node_env)]
+    # The ranks record every variable named here in summary.json, whatever its prefix, so a
+    # run shows that each setting of its env.sh arrived (--env extras included).
+    names = dict.fromkeys(name for items in (common_items, *node_items) for name, _ in items)
     return render_template(
         ENV_TEMPLATE,
         run_id=run_id,
-        common_env=_env_items(common_env, "common_env"),
-        node_env=[_env_items(env, f"node_env[{rank}]") for rank, env in enumerate(node_env)],
+        common_env=common_items,
+        node_env=node_items,
+        env_var_names=" ".join(names),
     )
 
 

@@ -172,7 +172,8 @@ RUN_ID = "multinode_28ch_256th_20240101_000000"
 class LocalNode:
     """This machine as a node: a rendered launcher in tmp, commands through bash."""
 
-    def __init__(self, tmp: Path, *, fake_args: list[str] | None = None, env_text: str = ""):
+    def __init__(self, tmp: Path, *, fake_args: list[str] | None = None, env_text: str = "",
+                 **render_overrides: object):
         self.tmp = tmp
         self.registry = str(tmp / "reg")
         (tmp / "run").mkdir(parents=True, exist_ok=True)
@@ -186,7 +187,7 @@ class LocalNode:
         wrapper.chmod(0o755)
         argv = [str(wrapper), *argv[2:]]
         self.launcher = tmp / "run" / "node_launcher.sh"
-        self.launcher.write_text(render(tmp, argv))
+        self.launcher.write_text(render(tmp, argv, **render_overrides))
 
     def sh(self, command: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(command, shell=True, capture_output=True, text=True, check=check,
@@ -306,6 +307,17 @@ def test_launcher_records_exit_code_of_a_finished_run(tmp_path: Path) -> None:
     assert any(line.startswith("step 3/3") for line in out)
     missing = node.sh(logs_command(node.registry, "other_run", follow=False), check=False)
     assert missing.returncode == registry.EXIT_NO_SUCH_RUN
+
+
+@pytest.mark.parametrize("required, state, exit_code", [(False, "exited", 0), (True, "exited", 1)])
+def test_a_missing_venv_fails_the_node_only_when_configured(
+        tmp_path: Path, required: bool, state: str, exit_code: int) -> None:
+    # The <workdir>/.venv default is optional ("if present"); an explicit cluster.venv is not.
+    node = LocalNode(tmp_path, fake_args=["--steps", "1", "--interval", "0.01"],
+                     venv=str(tmp_path / "no-such-venv"), venv_required=required)
+    node.start()
+    [record] = node.wait_for(lambda rs: bool(rs) and rs[0].exit_code is not None)
+    assert (record.state, record.exit_code) == (state, exit_code)
 
 
 def test_a_second_start_of_a_live_run_is_refused(node: LocalNode) -> None:

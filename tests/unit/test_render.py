@@ -84,7 +84,8 @@ def test_env_script_reproduces_hostile_values_exactly(tmp_path: Path, shell: str
         assert code == 0, err
         expected = {**common, **node}
         assert {key: env.get(key) for key in expected} == expected
-        assert set(env) - before == set(expected)
+        assert set(env) - before == set(expected) | {"GEMM_ENV_VARS"}
+        assert set(env["GEMM_ENV_VARS"].split()) == set(common) | {k for n in nodes for k in n}
     assert not marker.exists()
 
 
@@ -111,7 +112,7 @@ def test_env_script_executed_instead_of_sourced_still_fails_on_unknown_rank(tmp_
 def test_env_script_keeps_common_order() -> None:
     text = render_env_script(run_id="r", common_env={"Z": "1", "A": "2", "M": "3"}, node_env=[{}])
     exports = [line.split("=")[0] for line in text.splitlines() if line.startswith("export ")]
-    assert exports == ["export Z", "export A", "export M"]
+    assert exports == ["export Z", "export A", "export M", "export GEMM_ENV_VARS"]
 
 
 @pytest.mark.parametrize("common, nodes, message", [

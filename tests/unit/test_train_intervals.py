@@ -165,6 +165,9 @@ def test_env_collection_and_differences() -> None:
     }
     env = collect_env(environ)
     assert "HOME" not in env and "PATH" not in env
+    # Whatever the launch's env.sh set is recorded too, whatever its prefix.
+    launched = collect_env({**environ, "MY_FLAG": "x", "GEMM_ENV_VARS": "MY_FLAG NCCL_MAX_NCHANNELS"})
+    assert launched["MY_FLAG"] == "x" and "HOME" not in launched
     assert env["NCCL_MAX_NCHANNELS"] == "42" and env["CUDA_VISIBLE_DEVICES"] == "0,1"
     other = dict(env, NCCL_MAX_NCHANNELS="28")
     del other["HSA_NO_SCRATCH_RECLAIM"]
