@@ -423,6 +423,12 @@ class SimCluster:
         if self.docker:
             self._start_docker_daemons(node)
 
+    def _paths_under_tmp(self) -> list[Path]:
+        paths = [image.repo_root().resolve(), self.venv.resolve()]
+        under = [p for p in paths if p.is_relative_to("/tmp") and p != Path("/tmp")]
+        # The venv inside the checkout comes with it.
+        return [p for p in under if not any(p != q and p.is_relative_to(q) for q in under)]
+
     def _start_holder(self, node: SimNode) -> None:
         script = "\n".join([
             "set -e",
@@ -432,7 +438,12 @@ class SimCluster:
             *("  " + cmd for cmd in naming.cgroup_mount_commands(
                 Path("/proc/self/mountinfo").read_text())),
             "fi",
-            f"mount --bind {node.tmp_dir} /tmp",
+            # A checkout (or venv) under /tmp must stay visible on the nodes, like the rest of
+            # the host's files: bind it into the node's own /tmp before that covers the host's.
+            *(f"mkdir -p {node.tmp_dir}/{path.relative_to('/tmp')} && "
+              f"mount --bind {path} {node.tmp_dir}/{path.relative_to('/tmp')}"
+              for path in self._paths_under_tmp()),
+            f"mount --rbind {node.tmp_dir} /tmp",
             f"mount --bind {node.srv_dir} /srv",
             "mount -t tmpfs -o nosuid,nodev,mode=1777 shm /dev/shm",
             f"mount --bind {self.state_dir}/hosts /etc/hosts",
