@@ -23,7 +23,8 @@ from tests.simcluster.testing import make_sim_cluster, require_cluster, unique_n
 
 pytestmark = pytest.mark.cluster
 
-VENV_PYTHON = "/work/main/.venv/bin/python"
+# The nodes see this checkout and its venv where the host has them.
+VENV_PYTHON = sys.executable
 SIM_CLUSTER = str(repo_root() / "scripts" / "sim-cluster")
 
 
