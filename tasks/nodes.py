@@ -10,10 +10,12 @@ import base64
 import hashlib
 import io
 import os
+import posixpath
 import shutil
 import socket
 import subprocess
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -56,7 +58,11 @@ class Node:
         raise NotImplementedError
 
     def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o644) -> None:
-        """Write each remote path with its content, creating parent directories."""
+        """Write each remote path with its content, creating parent directories.
+
+        Each file is written beside its target and renamed over it: on a shared filesystem every
+        node writes the same paths at once, and a reader never sees a half-written file.
+        """
         raise NotImplementedError
 
     def get_file(self, remote_path: str, local_path: Path) -> None:
@@ -93,8 +99,10 @@ class LocalNode(Node):
         for path, content in files.items():
             target = Path(path)
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(content.encode() if isinstance(content, str) else content)
-            target.chmod(mode)
+            partial = target.with_name(_partial_name(target.name))
+            partial.write_bytes(content.encode() if isinstance(content, str) else content)
+            partial.chmod(mode)
+            partial.replace(target)
 
     def get_file(self, remote_path: str, local_path: Path) -> None:
         local_path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,8 +137,10 @@ class SshNode(Node):
         sftp = self.connection.sftp()
         for path, content in files.items():
             data = content.encode() if isinstance(content, str) else content
-            sftp.putfo(io.BytesIO(data), path)
-            sftp.chmod(path, mode)
+            partial = posixpath.join(posixpath.dirname(path), _partial_name(posixpath.basename(path)))
+            sftp.putfo(io.BytesIO(data), partial)
+            sftp.chmod(partial, mode)
+            sftp.posix_rename(partial, path)
 
     def get_file(self, remote_path: str, local_path: Path) -> None:
         local_path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,6 +200,10 @@ class RecordNewHostKeyPolicy(paramiko.MissingHostKeyPolicy):
             with self.known_hosts.open("a") as handle:
                 handle.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
             client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+def _partial_name(name: str) -> str:
+    return f".{name}.part-{uuid.uuid4().hex[:12]}"
 
 
 def _fingerprint(key: paramiko.PKey) -> str:

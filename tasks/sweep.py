@@ -338,7 +338,7 @@ class SweepRunner:
             interrupted = True
         except Exit as err:
             code = err.code
-            point["error"] = _first_line(err.message) or f"launch exited {code}"
+            point["error"] = _one_line(err.message) or f"launch exited {code}"
             if code in (EXIT_USAGE, EXIT_BUSY) and not result.started:
                 # Every later point would meet the same refusal: stop here, resumable.
                 self.aborted_reason, self.aborted_code = point["error"], code
@@ -402,8 +402,9 @@ class SweepRunner:
                          + f", {point['launch_s']:.1f} s", highlight=False)
 
 
-def _first_line(text: str | None) -> str:
-    return (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+def _one_line(text: str | None) -> str:
+    """A launch's Exit message (a headline and one line per failing host) as one line."""
+    return "; ".join(line.strip() for line in (text or "").splitlines() if line.strip())
 
 
 def _duration(seconds: float) -> str:
