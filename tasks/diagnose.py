@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from tasks.lib import diagnostics as diag
+from tasks.lib.registry import RegistryError, validate_run_id
 from tasks.lib.settings import Settings
 from tasks.lib.watchdog import HangReport, HangWatchdog, parse_progress_poll, progress_poll_command
 from tasks.nodes import Node, describe_error, on_each
@@ -181,6 +182,15 @@ def run_container(record: Mapping[str, Any] | None, settings: Settings) -> str |
     return settings.docker.container if docker else None
 
 
+def checked_run_id(run_id: str, source: str = "--run") -> str:
+    """The run id, or Exit(2): it names a directory here and is globbed on the nodes."""
+    try:
+        return validate_run_id(run_id)
+    except RegistryError as err:
+        raise Exit(f"{source}: {err}; give the run id (the run directory's name)",
+                   code=EXIT_USAGE) from None
+
+
 def expected_ranks(record: Mapping[str, Any] | None) -> list[int]:
     return list(range(int((record or {}).get("world_size") or 0)))
 
@@ -198,15 +208,15 @@ def diagnose(c, run=None, native=True, hosts=None):
     <run dir>/diagnose_<timestamp>/, with a per-rank summary (step, innermost frames) printed.
     """
     console = Console(highlight=False)
+    if run is not None:
+        checked_run_id(run)  # before any connection: a bad flag touches nothing
     with ClusterSession(c, [hosts] if hosts else None) as session:
         experiments = project_path(session.settings.cluster.experiments_dir)
         run_id = run or latest_active_run(experiments) or active_run_from_registries(session)
         if not run_id:
             raise Exit("no active run found (in run.json files or the nodes' registries); "
                        "name one with --run RUN_ID", code=EXIT_USAGE)
-        if "/" in run_id or run_id in (".", ".."):
-            raise Exit(f"--run {run_id!r}: give the run id (the run directory's name), not a path",
-                       code=EXIT_USAGE)
+        checked_run_id(run_id, "the active run's id")
         run_dir = experiments / run_id
         record = read_run_json(run_dir)
         nodes = session.nodes

@@ -11,10 +11,13 @@ import hashlib
 import io
 import os
 import posixpath
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +36,10 @@ from tasks.lib.quoting import sh_quote
 from tasks.lib.settings import ClusterSettings
 
 T = TypeVar("T")
+
+# An archive upload to one host: generous for a slow link, but a stalled host must not hang
+# `fab sync` (and every other host's result with it) forever.
+UPLOAD_TIMEOUT_S = 600.0
 
 
 class NodeError(Exception):
@@ -68,11 +75,13 @@ class Node:
     def get_file(self, remote_path: str, local_path: Path) -> None:
         raise NotImplementedError
 
-    def run_with_input(self, command: str, data: bytes, *, warn: bool = False) -> Result:
+    def run_with_input(self, command: str, data: bytes, *, warn: bool = False,
+                       timeout: float | None = UPLOAD_TIMEOUT_S) -> Result:
         """Run `command` with `data` (binary-safe) as its stdin; stdout+stderr come back combined.
 
         For streaming an archive in one round trip: invoke's in_stream decodes stdin as text
-        and sends it in 1000-byte chunks, which corrupts binary data.
+        and sends it in 1000-byte chunks, which corrupts binary data. Past `timeout` seconds
+        (None: no limit) it raises invoke's CommandTimedOut with the output so far.
         """
         raise NotImplementedError
 
@@ -109,10 +118,19 @@ class LocalNode(Node):
         if Path(remote_path).resolve() != local_path.resolve():
             shutil.copyfile(remote_path, local_path)
 
-    def run_with_input(self, command: str, data: bytes, *, warn: bool = False) -> Result:
-        completed = subprocess.run(["/bin/sh", "-c", command], input=data, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, check=False)
-        return _finish(command, completed.stdout, completed.returncode, warn)
+    def run_with_input(self, command: str, data: bytes, *, warn: bool = False,
+                       timeout: float | None = UPLOAD_TIMEOUT_S) -> Result:
+        # Its own session, so a timeout kills the whole group: subprocess.run kills only the
+        # shell, then waits for the pipe that the shell's children still hold open.
+        with subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True) as process:
+            try:
+                output, _ = process.communicate(data, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                partial = _kill_group(process)
+                raise CommandTimedOut(_result(command, partial, -1), timeout) from None
+        return _finish(command, output, process.returncode, warn)
 
 
 class SshNode(Node):
@@ -146,7 +164,9 @@ class SshNode(Node):
         local_path.parent.mkdir(parents=True, exist_ok=True)
         self.connection.get(remote_path, str(local_path))
 
-    def run_with_input(self, command: str, data: bytes, *, warn: bool = False) -> Result:
+    def run_with_input(self, command: str, data: bytes, *, warn: bool = False,
+                       timeout: float | None = UPLOAD_TIMEOUT_S) -> Result:
+        deadline = None if timeout is None else time.monotonic() + timeout
         self.connection.open()
         channel = self.connection.client.get_transport().open_session(
             timeout=self.connection.connect_timeout)
@@ -154,16 +174,22 @@ class SshNode(Node):
         # Read while writing: a command that fails early may fill the window and stop reading.
         reader = threading.Thread(target=lambda: _drain(channel, output), daemon=True)
         try:
+            # Bounds each blocking send/recv: a host that stops reading must not block sendall.
+            channel.settimeout(timeout)
             channel.set_combine_stderr(True)
             channel.exec_command(command)
             reader.start()
             try:
                 channel.sendall(data)
                 channel.shutdown_write()
+            except TimeoutError:
+                raise CommandTimedOut(_result(command, bytes(output), -1), timeout) from None
             except OSError:
                 pass  # the command exited without reading all of it: its status says why
+            if not channel.status_event.wait(_remaining(deadline)):
+                raise CommandTimedOut(_result(command, bytes(output), -1), timeout)
             status = channel.recv_exit_status()
-            reader.join()
+            reader.join(_remaining(deadline))
         finally:
             channel.close()
         return _finish(command, bytes(output), status, warn)
@@ -171,11 +197,12 @@ class SshNode(Node):
     @property
     def known_hosts_name(self) -> str:
         """This host's name in known_hosts (OpenSSH writes "[host]:port" off port 22)."""
-        host, port = self.connection.host, self.connection.port
-        return host if port == 22 else f"[{host}]:{port}"
+        return _known_hosts_name(self.connection)
 
     def close(self) -> None:
-        self.connection.close()
+        """Close the connection, then its ProxyJump hops (Connection.close leaves them open)."""
+        for hop in connection_chain(self.connection):
+            hop.close()
 
 
 # -- host keys ------------------------------------------------------------------------------------
@@ -213,13 +240,34 @@ def _fingerprint(key: paramiko.PKey) -> str:
 
 
 def _drain(channel: paramiko.Channel, into: bytearray) -> None:
-    while chunk := channel.recv(65536):
-        into.extend(chunk)
+    try:
+        while chunk := channel.recv(65536):
+            into.extend(chunk)
+    except TimeoutError:
+        pass  # quiet past the timeout: the caller's deadline decides, not this thread
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _kill_group(process: subprocess.Popen) -> bytes:
+    """Kill the process and its children; the output it wrote before."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    output, _ = process.communicate()
+    return output or b""
+
+
+def _result(command: str, output: bytes, status: int) -> Result:
+    return Result(stdout=output.decode(errors="replace"), command=command, exited=status,
+                  hide=("stdout", "stderr"))
 
 
 def _finish(command: str, output: bytes, status: int, warn: bool) -> Result:
-    result = Result(stdout=output.decode(errors="replace"), command=command, exited=status,
-                    hide=("stdout", "stderr"))
+    result = _result(command, output, status)
     if status != 0 and not warn:
         raise UnexpectedExit(result)
     return result
@@ -239,6 +287,25 @@ def apply_host_key_policy(client: paramiko.SSHClient, policy: str, known_hosts: 
         client.set_missing_host_key_policy(RecordNewHostKeyPolicy(known_hosts))
 
 
+def _known_hosts_name(connection: Connection) -> str:
+    host, port = connection.host, connection.port
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+def connection_chain(connection: Connection) -> list[Connection]:
+    """The connection, its gateway, that gateway's gateway, ...: every SSH client it uses.
+
+    Fabric builds the hops from ~/.ssh/config (ProxyJump) or a `gateway=` Connection. A
+    ProxyCommand gateway (a string) is a local command that checks its own host keys.
+    """
+    chain = [connection]
+    gateway = connection.gateway
+    while isinstance(gateway, Connection) and gateway not in chain:
+        chain.append(gateway)
+        gateway = gateway.gateway
+    return chain
+
+
 def known_hosts_path(cluster: ClusterSettings) -> Path:
     return Path(os.path.expanduser(cluster.known_hosts))
 
@@ -253,7 +320,10 @@ def open_nodes(config: Config, inventory: Inventory, cluster: ClusterSettings) -
     nodes: list[Node] = []
     for index, spec in enumerate(inventory.hosts):
         connection = Connection(spec.host, user=spec.user, port=spec.port, config=config)
-        apply_host_key_policy(connection.client, cluster.host_key_policy, known_hosts)
+        # Fabric gives every ProxyJump hop a client of its own that accepts any key: a spoofed
+        # jump host would see the traffic of every node behind it.
+        for hop in connection_chain(connection):
+            apply_host_key_policy(hop.client, cluster.host_key_policy, known_hosts)
         nodes.append(SshNode(index, spec, connection, known_hosts))
     return nodes
 
@@ -309,6 +379,25 @@ def close_all(nodes: Iterable[Node]) -> None:
             pass
 
 
+# paramiko's RejectPolicy text: "Server '[host]:port' not found in known_hosts".
+_UNKNOWN_HOST_KEY = re.compile(r"Server '(.*)' not found in known_hosts")
+
+
+def _hop_named(node: Node | None, known_hosts_name: str) -> Connection | None:
+    """The connection of `node`'s chain a host-key error is about: the node or a jump host."""
+    if not isinstance(node, SshNode):
+        return None
+    chain = connection_chain(node.connection)
+    named = [hop for hop in chain if _known_hosts_name(hop) == known_hosts_name]
+    return named[0] if named else chain[0]
+
+
+def _hop_role(node: Node | None, hop: Connection | None) -> str:
+    if isinstance(node, SshNode) and hop is not None and hop is not node.connection:
+        return "jump host "
+    return ""
+
+
 def describe_error(error: BaseException, node: Node | None = None) -> str:
     """One line that says what went wrong on a host and, where known, how to fix it.
 
@@ -318,21 +407,23 @@ def describe_error(error: BaseException, node: Node | None = None) -> str:
         return str(error)
     known_hosts = getattr(node, "known_hosts", None)
     file_text = str(known_hosts) if known_hosts else "<known_hosts>"
-    key_name = node.known_hosts_name if isinstance(node, SshNode) else None
     if isinstance(error, paramiko.BadHostKeyException):
-        name = key_name or error.hostname
-        return (f"host key CHANGED for {name} (offered {error.key.get_name()} "
-                f"SHA256:{_fingerprint(error.key)}, {file_text} has another); if the node was "
-                f"reinstalled, remove the old key with: ssh-keygen -R {sh_quote(name)} "
-                f"-f {sh_quote(file_text)}, then retry")
-    if isinstance(error, paramiko.SSHException) and "not found in known_hosts" in str(error):
-        if isinstance(node, SshNode):
-            port = node.connection.port
-            port_flag = f"-p {port} " if port != 22 else ""
-            keyscan = f"ssh-keyscan {port_flag}{sh_quote(node.connection.host)}"
+        hop = _hop_named(node, error.hostname)
+        name = _known_hosts_name(hop) if hop else error.hostname
+        return (f"host key CHANGED for {_hop_role(node, hop)}{name} (offered "
+                f"{error.key.get_name()} SHA256:{_fingerprint(error.key)}, {file_text} has "
+                f"another); if the host was reinstalled, remove the old key with: ssh-keygen -R "
+                f"{sh_quote(name)} -f {sh_quote(file_text)}, then retry")
+    unknown = _UNKNOWN_HOST_KEY.search(str(error))
+    if isinstance(error, paramiko.SSHException) and unknown:
+        hop = _hop_named(node, unknown.group(1))
+        if hop is not None:
+            port_flag = f"-p {hop.port} " if hop.port != 22 else ""
+            keyscan = f"ssh-keyscan {port_flag}{sh_quote(hop.host)}"
+            key_name = _hop_role(node, hop) + _known_hosts_name(hop)
         else:
-            keyscan = "ssh-keyscan <host>"
-        return (f"unknown host key: {key_name or 'the host'} is not in {file_text} and "
+            keyscan, key_name = "ssh-keyscan <host>", "the host"
+        return (f"unknown host key: {key_name} is not in {file_text} and "
                 f"host_key_policy is 'reject'; after checking its fingerprint, add it with "
                 f"`{keyscan} >> {sh_quote(file_text)}`, or use host_key_policy accept-new")
     if isinstance(error, paramiko.AuthenticationException):

@@ -484,11 +484,13 @@ def uncommitted_differ(facts: HostFacts, local: CheckoutState) -> bool:
 
 def mismatch_hint(facts: HostFacts, local: CheckoutState, workdir: str) -> str:
     if facts.has_git and not facts.synced:
-        target = local.branch if not is_detached(local.branch) else local.commit
-        return (
-            f"run `fab sync`, or on that host: git -C {sh_quote(workdir)} fetch && "
-            f"git -C {sh_quote(workdir)} checkout {sh_quote(target or '')} && git pull"
-        )
+        git = f"git -C {sh_quote(workdir)}"
+        if is_detached(local.branch):
+            # A commit checks out detached: there is no branch for `git pull` to update.
+            steps = [f"{git} fetch", f"{git} checkout {sh_quote(local.commit or '')}"]
+        else:
+            steps = [f"{git} fetch", f"{git} checkout {sh_quote(local.branch)}", f"{git} pull"]
+        return "run `fab sync`, or on that host: " + " && ".join(steps)
     return "run `fab sync`"
 
 

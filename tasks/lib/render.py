@@ -25,10 +25,6 @@ NCCL_PRESETS_DIR = REPO_ROOT / "config" / "nccl"
 ENV_TEMPLATE = "env.sh.j2"
 COMPOSE_TEMPLATE = "docker-compose.yaml.j2"
 
-# Run ids name directories and appear in the env script's comments and messages: keep them plain.
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-# Docker's own rule for container names; compose service names are a superset.
-_CONTAINER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _PROJECT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 
@@ -116,8 +112,11 @@ def render_env_script(
     NCCL_SOCKET_IFNAME). An unknown NODE_RANK makes sourcing fail instead of running
     half-configured.
     """
-    if not _RUN_ID.fullmatch(run_id):
-        raise ValueError(f"run id {run_id!r} must be letters, digits, '.', '_' or '-'")
+    # Not at the top: registry imports this module (render_template) while it loads.
+    from tasks.lib.registry import validate_run_id
+
+    # Run ids name directories and appear in the env script's comments: keep them plain.
+    validate_run_id(run_id)  # a RegistryError, which is a ValueError
     if not node_env:
         raise ValueError("node_env is empty: a run has at least one node")
     common_items = _env_items(common_env, "common_env")
@@ -174,7 +173,9 @@ def render_compose(
     if not docker.image:
         raise ValueError("docker.image is not set: set it in fabric.yaml or the runtime config "
                          "(e.g. docker: {image: rocm/pytorch:latest})")
-    if not _CONTAINER_NAME.fullmatch(docker.container):
+    from tasks.lib.registry import _CONTAINER  # not at the top: see render_env_script
+
+    if not _CONTAINER.fullmatch(docker.container):
         raise ValueError(f"docker.container {docker.container!r} is not a valid container name "
                          "(letters, digits, '_', '.', '-'; not starting with a symbol)")
     for what, path in (("workdir", workdir), ("registry_dir", registry_dir)):

@@ -7,6 +7,7 @@ file fails with its key named instead of being silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 from types import UnionType
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -36,6 +37,23 @@ class ClusterSettings:
         if self.host_key_policy not in HOST_KEY_POLICIES:
             raise SettingsError(f"cluster.host_key_policy: {self.host_key_policy!r} is not one of "
                                 f"{', '.join(HOST_KEY_POLICIES)}")
+        for key in NODE_PATH_KEYS:
+            value = getattr(self, key)
+            if value is not None:
+                check_node_path(f"cluster.{key}", value)
+
+
+# Paths used verbatim on every node, quoted: "~" or a relative path would not mean what it says.
+NODE_PATH_KEYS = ("workdir", "registry_dir", "venv")
+
+
+def check_node_path(key: str, path: str) -> None:
+    if path.startswith("~"):
+        raise SettingsError(f"{key}: {path!r}: '~' is not "
+                            "expanded on the nodes; write the absolute path (/home/USER/...)")
+    if not posixpath.isabs(path) or any(c in path for c in "\n\0"):
+        raise SettingsError(f"{key}: {path!r} must be an absolute path on the nodes "
+                            "(starting with '/', no newline)")
 
 
 @dataclass(frozen=True)

@@ -175,3 +175,39 @@ def test_unreachable_message_says_why():
     assert describe_error(raised.value, node) == (
         f"unreachable: cannot connect to port {port}: Connection refused"
     )
+
+
+def jump_connect(cluster, known_hosts: Path, policy: str):
+    """`hostname` on node 1 through node 0 as its ProxyJump host: (node, hostname or error)."""
+    jump, target = cluster.nodes[0], cluster.nodes[1]
+    config = cluster_config(cluster)
+    config.set_runtime_ssh_path(None)
+    config.base_ssh_config = paramiko.SSHConfig.from_text(
+        f"Host {target.address}\n  ProxyJump {config.user}@{jump.address}\n"
+    )
+    settings = ClusterSettings(known_hosts=str(known_hosts), host_key_policy=policy)
+    inventory = Inventory((parse_host_entry(target.address),), "test")
+    [node] = open_nodes(config, inventory, settings)
+    gateway = node.connection.gateway
+    assert isinstance(gateway, Connection) and gateway.host == jump.address
+    try:
+        return node, node.run("hostname").stdout.strip()
+    except Exception as error:  # noqa: BLE001 - the error is what the test looks at
+        return node, error
+    finally:
+        node.close()
+        assert not gateway.is_connected  # close() closed the jump host's connection too
+
+
+@pytest.mark.cluster
+def test_proxyjump_host_key_is_checked(cluster3, tmp_path):
+    node, hostname = jump_connect(cluster3, Path(cluster3.known_hosts_path), "reject")
+    assert hostname == cluster3.nodes[1].hostname
+    known_hosts = with_changed_key(cluster3, tmp_path, 0)  # only the jump host's key is wrong
+    before = known_hosts.read_text()
+    for policy in ("accept-new", "reject"):
+        node, error = jump_connect(cluster3, known_hosts, policy)
+        assert isinstance(error, paramiko.BadHostKeyException), error
+        jump = cluster3.nodes[0].address
+        assert describe_error(error, node).startswith(f"host key CHANGED for jump host {jump} ")
+    assert known_hosts.read_text() == before

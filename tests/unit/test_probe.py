@@ -17,6 +17,7 @@ from tasks.lib.probe import (
     checkout_mismatch,
     judge_cluster,
     judge_host,
+    mismatch_hint,
     parse_addresses,
     parse_gpus,
     parse_probe_output,
@@ -324,7 +325,7 @@ def test_checkout_mismatches_are_errors_with_a_fix():
     assert errors(found) == [
         f"checkout differs from this one (commit {COMMIT_B[:12]} != {COMMIT_A[:12]}): "
         "run `fab sync`, or on that host: "
-        "git -C /srv/w fetch && git -C /srv/w checkout main && git pull"
+        "git -C /srv/w fetch && git -C /srv/w checkout main && git -C /srv/w pull"
     ]
     assert "branch dev != main" in errors(judge(facts(1, branch="dev")))[0]
     # A detached HEAD on either side compares commits only.
@@ -338,6 +339,25 @@ def test_checkout_mismatches_are_errors_with_a_fix():
         "changed since the last sync" in errors(judge(facts(1, commit=None, tree_hash="x" * 64)))[0]
     )
     assert "does not exist" in errors(judge(facts(1, workdir_exists=False)))[0]
+
+
+@pytest.mark.parametrize("detached", [False, True])
+def test_mismatch_hint_runs_from_any_directory_and_updates_the_workdir(repo, tmp_path, detached):
+    workdir = tmp_path / "node w'dir"
+    subprocess.run(["git", "clone", "-q", str(repo), str(workdir)], check=True)
+    old = git(workdir, "rev-parse", "HEAD")
+    (repo / "a.py").write_text("print(2)\n")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-am", "two")
+    new = git(repo, "rev-parse", "HEAD")
+    local = CheckoutState("HEAD" if detached else "main", new, False, None, "d")
+    hint = mismatch_hint(facts(1, commit=old), local, str(workdir))
+    command = hint.split("on that host: ", 1)[1]
+    elsewhere = tmp_path / "not-a-repo"
+    elsewhere.mkdir()
+    done = subprocess.run(["sh", "-c", command], cwd=elsewhere, capture_output=True, text=True)
+    assert done.returncode == 0, (command, done.stderr)
+    assert git(workdir, "rev-parse", "HEAD") == new
+    assert ("pull" in command) is not detached  # a detached checkout has no branch to pull
 
 
 def test_same_content_matches_whatever_git_says():

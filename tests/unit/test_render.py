@@ -109,6 +109,32 @@ def test_env_script_executed_instead_of_sourced_still_fails_on_unknown_rank(tmp_
     assert "unknown NODE_RANK" in proc.stderr
 
 
+@pytest.mark.parametrize("shell", SHELLS)
+def test_env_script_message_quotes_the_run_id(tmp_path: Path, shell: str) -> None:
+    # render_env_script refuses such ids; the template must not rely on that to stay safe.
+    marker = tmp_path / "pwned"
+    run_id = f'r" $(touch {marker}) `touch {marker}` \'x\' $HOME'
+    script = tmp_path / "env.sh"
+    script.write_text(render_template("env.sh.j2", run_id=run_id, common_env=[],
+                                      node_env=[[("B", "x")]], env_var_names="B"))
+    code, env, err = source_and_dump(shell, script, "7")
+    assert code != 0 and "B" not in env
+    assert f"env.sh: unknown NODE_RANK '7' (run {run_id} has 1 node(s): 0..0)" in err
+    assert not marker.exists()
+
+
+def test_run_id_and_container_rules_are_the_registry_ones() -> None:
+    from tasks.lib import registry
+
+    # One rule for both: a run id the registry would refuse must not get an env script.
+    with pytest.raises(registry.RegistryError, match="run id"):
+        render_env_script(run_id="r" * 201, common_env={}, node_env=[{}])
+    assert render_env_script(run_id="r" * 200, common_env={}, node_env=[{}])
+    import tasks.lib.render as render
+
+    assert not hasattr(render, "_RUN_ID") and not hasattr(render, "_CONTAINER_NAME")
+
+
 def test_env_script_keeps_common_order() -> None:
     text = render_env_script(run_id="r", common_env={"Z": "1", "A": "2", "M": "3"}, node_env=[{}])
     exports = [line.split("=")[0] for line in text.splitlines() if line.startswith("export ")]

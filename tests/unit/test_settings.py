@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from invoke import Config
+from invoke import Config, Context
+from invoke.exceptions import Exit
 
 from tasks.lib.configedit import ConfigEditError, set_yaml_key
 from tasks.lib.settings import (
@@ -15,6 +16,7 @@ from tasks.lib.settings import (
     SettingsError,
     default_config,
 )
+from tasks.session import load_settings
 
 
 def test_defaults_round_trip_through_a_config_tree():
@@ -64,6 +66,32 @@ def test_missing_sections_take_defaults():
 def test_bad_values_name_their_key(config, message):
     with pytest.raises(SettingsError, match=message):
         Settings.from_config(config)
+
+
+@pytest.mark.parametrize("key", ["workdir", "registry_dir", "venv"])
+@pytest.mark.parametrize("path, message", [
+    ("~/gemm", "'~' is not expanded on the nodes"),
+    ("~root/gemm", "'~' is not expanded on the nodes"),
+    ("srv/gemm", "must be an absolute path"),
+    ("", "must be an absolute path"),
+    ("/srv/a\nb", "must be an absolute path"),
+])
+def test_node_paths_must_be_absolute_without_tilde(key, path, message):
+    with pytest.raises(SettingsError, match=f"^cluster.{key}: .*{message}"):
+        Settings.from_config({"cluster": {key: path}})
+    # What a task sees: a one-line usage error (exit 2), not a traceback from deep inside.
+    with pytest.raises(Exit) as raised:
+        load_settings(Context(Config(overrides={"cluster": {key: path}})))
+    assert raised.value.code == 2 and f"config error: cluster.{key}:" in raised.value.message
+
+
+def test_node_paths_accept_absolute_paths_and_null_where_the_default_is_null():
+    cluster = Settings.from_config({"cluster": {
+        "workdir": "/srv/o'k $(x)/~tilde-inside", "registry_dir": "/tmp/r", "venv": None}}).cluster
+    assert (cluster.workdir, cluster.registry_dir, cluster.venv) == (
+        "/srv/o'k $(x)/~tilde-inside", "/tmp/r", None)
+    with pytest.raises(SettingsError, match="cluster.registry_dir: must not be null"):
+        Settings.from_config({"cluster": {"registry_dir": None}})
 
 
 # -- set_yaml_key (what `fab setup` writes) -------------------------------------------------------
