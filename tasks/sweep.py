@@ -11,13 +11,12 @@ run is active on a host (the launch's refusal); 130 interrupted.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,8 @@ from tasks.lib import report as rep
 from tasks.lib import sweep as sw
 from tasks.lib.runrecord import now_iso
 from tasks.lib.runspec import LaunchFlags
-from tasks.launch import SHORT_FLAGS, LaunchTask, resolve_spec
+from tasks.launch import SHORT_FLAGS, LaunchTask, RunOutcome, resolve_spec, run_launch
+from tasks.launch import launch as launch_task
 from tasks.nodes import describe_error, on_each
 from tasks.session import EXIT_USAGE, ClusterSession, project_path
 
@@ -40,22 +40,19 @@ EXIT_BUSY = 3            # tasks.launch: another run is active on a host
 EXIT_INTERRUPTED = 130   # tasks.launch returns it when Ctrl-C detached it from the run
 PROCESS_POLL_S = 0.2
 PROCESS_GONE_TIMEOUT_S = 60.0
+KILL_CONFIRM_S = 15.0    # after the SIGKILL, how long leftovers may take to go
 PROCESS_CHECK_TIMEOUT_S = 10.0
 
 # Launch flags a resumed sweep may be given anew: they change how the remaining points are
-# started, not what they measure.
-OPERATIONAL_FLAGS = ("force", "hosts", "master_port")
-
-
-@dataclass
-class LaunchResult:
-    """What one point's launch call left behind (filled in place, also on Ctrl-C)."""
-
-    run_id: str | None = None
-    run_dir: Path | None = None
-    started: bool = False
-    status: str | None = None
-    exit_code: int | None = None
+# started or when a hang is called, not what a completed point measures.
+OPERATIONAL_FLAGS = ("force", "hosts", "master_port", "hang_timeout")
+# fab launch flags the sweep does not take: every point is watched to its end (no --detach), and
+# a dry run is of one launch. Every other launch flag is a sweep flag too (a unit test holds it).
+LAUNCH_ONLY_FLAGS = frozenset({"detach", "dry_run"})
+# The grid gives these per point.
+GRID_FLAGS = frozenset({"channels", "threads"})
+# The sweep's record names of LaunchFlags fields whose flag is spelled otherwise.
+RECORD_NAMES = {"overrides": "override"}
 
 
 # -- flags --------------------------------------------------------------------------------------
@@ -68,22 +65,31 @@ def launch_flags_record(**flags: Any) -> dict[str, Any]:
     return record
 
 
-FLAG_DEFAULTS = launch_flags_record(
-    nproc=None, config=None, rocprof=False, stats=False, rocprof_input=None, master_port=None,
-    nccl_preset=None, override=None, env=None, docker=None, force=False, pin_channels=True,
-    hosts=None, point_override=None)
+def _flag_defaults() -> dict[str, Any]:
+    """Every recorded launch flag at its LaunchFlags default ("not given"), plus the sweep's
+    --point-override; what a sweep.json written before a flag existed implicitly holds."""
+    defaults = {RECORD_NAMES.get(f.name, f.name): f.default for f in fields(LaunchFlags)
+                if f.name not in GRID_FLAGS | LAUNCH_ONLY_FLAGS}
+    return launch_flags_record(**defaults, hosts=None, point_override=None)
+
+
+FLAG_DEFAULTS = _flag_defaults()
 
 
 def launch_flags_for(record: Mapping[str, Any], point: sw.GridPoint, extra_overrides: Sequence[str]) -> LaunchFlags:
-    return LaunchFlags(
-        channels=point.channels, threads=point.threads, nproc=record.get("nproc"),
-        config=record.get("config"), master_port=record.get("master_port"),
-        nccl_preset=record.get("nccl_preset"),
-        overrides=tuple(record.get("override") or ()) + tuple(extra_overrides),
-        env=tuple(record.get("env") or ()), docker=record.get("docker"),
-        rocprof=bool(record.get("rocprof")), stats=bool(record.get("stats")),
-        rocprof_input=record.get("rocprof_input"),
-        pin_channels=record.get("pin_channels", True), force=bool(record.get("force")))
+    """One point's launch: every LaunchFlags field from the record (a flag the record lacks, in a
+    sweep.json older than the flag, keeps its default), the grid's channels and threads."""
+    values: dict[str, Any] = {}
+    for field in fields(LaunchFlags):
+        if field.name in GRID_FLAGS | LAUNCH_ONLY_FLAGS:
+            continue
+        value = record.get(RECORD_NAMES.get(field.name, field.name))
+        if isinstance(field.default, bool):
+            value = field.default if value is None else bool(value)
+        values[field.name] = value if value is not None else field.default
+    values["overrides"] = tuple(values["overrides"] or ()) + tuple(extra_overrides)
+    values["env"] = tuple(values["env"] or ())
+    return LaunchFlags(channels=point.channels, threads=point.threads, **values)
 
 
 # -- files --------------------------------------------------------------------------------------
@@ -146,84 +152,49 @@ def stop_point(session: ClusterSession, run_id: str, console: Console) -> None:
 
 
 def wait_processes_gone(session: ClusterSession, run_id: str, console: Console,
+                        container: str | None = None,
                         timeout: float = PROCESS_GONE_TIMEOUT_S) -> float:
-    """Seconds until no process with the run's marker is left on any host. Past the timeout the
-    leftovers are killed (the next point must not share the GPUs with them)."""
-    command = sw.run_processes_command(run_id)
+    """Seconds until no process with the run's marker is left on any host (inside `container`
+    too, for a --docker run). Past the timeout the leftovers are killed (the next point must not
+    share the GPUs with them)."""
     started = time.monotonic()
+    deadline = started + timeout
     killed = False
     reported_unreachable: set[int] = set()
     while True:
-        results = on_each(session.nodes, lambda node: sw.parse_pids(
-            node.run(command, warn=True, timeout=PROCESS_CHECK_TIMEOUT_S).stdout))
+        results = on_each(session.nodes, lambda node: sw.parse_leftovers(node.run(
+            sw.run_processes_command(run_id, container, node.index), warn=True,
+            timeout=PROCESS_CHECK_TIMEOUT_S).stdout))
         for node, error in results.failed.items():
             if node.index not in reported_unreachable:
                 reported_unreachable.add(node.index)
                 console.out(f"sweep: cannot check node {node.index} ({node.label}) for leftovers "
                             f"of {run_id}: {describe_error(error)}", highlight=False)
-        alive = {node.index: pids for node, pids in results.ok.items() if pids}
-        elapsed = time.monotonic() - started
+        alive = {node.index: left for node, left in results.ok.items() if left}
+        now = time.monotonic()
         if not alive:
-            return elapsed
-        if elapsed > timeout:
+            return now - started
+        if now > deadline:
+            listing = ", ".join(f"node {i}: {left}" for i, left in sorted(alive.items()))
             if killed:
-                console.out(f"sweep: processes of {run_id} still alive after SIGKILL: "
-                            + ", ".join(f"node {i}: {pids}" for i, pids in sorted(alive.items())),
+                console.out(f"sweep: processes of {run_id} still alive after SIGKILL: {listing}",
                             highlight=False)
-                return elapsed
+                return now - started
             from tasks.runs import stop_run
 
-            console.out(f"sweep: {run_id} left processes after {timeout:.0f} s "
-                        f"({', '.join(f'node {i}: {len(p)}' for i, p in sorted(alive.items()))}); killing them",
-                        highlight=False)
+            console.out(f"sweep: {run_id} left processes after {now - started:.0f} s ({listing}); "
+                        "killing them", highlight=False)
             stop_run(session, run_id, 0.0, kill=True)
-            killed, started, timeout = True, time.monotonic() - elapsed, elapsed + 15.0
+            killed, deadline = True, time.monotonic() + KILL_CONFIRM_S
         time.sleep(PROCESS_POLL_S)
-
-
-def call_launch(session: ClusterSession, spec: Any, console: Console, result: LaunchResult,
-                experiments_dir: Path) -> int:
-    """tasks.launch.run_launch for one point, with `result` telling which run it started.
-
-    run_launch fills an `outcome` when it takes one (LAUNCH_CONTRACT.md, Changes); otherwise the
-    run id is the new run directory that appeared for this point."""
-    from tasks import launch as launch_module
-
-    pattern = f"multinode_{spec.channels}ch_{spec.threads}th_*"
-    before = {p.name for p in experiments_dir.glob(pattern)}
-    takes_outcome = "outcome" in inspect.signature(launch_module.run_launch).parameters
-    outcome = launch_module.RunOutcome() if takes_outcome and hasattr(launch_module, "RunOutcome") else None
-    try:
-        if outcome is not None:
-            code = launch_module.run_launch(session, spec, console, outcome=outcome)
-        else:
-            code = launch_module.run_launch(session, spec, console)
-        result.exit_code = code
-        return code
-    finally:
-        if outcome is not None:
-            for name in ("run_id", "run_dir", "started", "status"):
-                if getattr(outcome, name, None) is not None:
-                    setattr(result, name, getattr(outcome, name))
-        if result.run_id is None:
-            result.run_id = new_run_id(experiments_dir, pattern, before)
-        if result.run_id and result.run_dir is None:
-            result.run_dir = experiments_dir / result.run_id
-
-
-def new_run_id(experiments_dir: Path, pattern: str, before: set[str]) -> str | None:
-    created = sorted((p for p in experiments_dir.glob(pattern) if p.name not in before),
-                     key=lambda p: p.stat().st_mtime)
-    return created[-1].name if created else None
 
 
 class PointWatchdog:
     """Stops a point's run when it exceeds --point-timeout (a hang the launch did not catch)."""
 
     def __init__(self, session: ClusterSession, console: Console, limit: float | None,
-                 result: LaunchResult, experiments_dir: Path, pattern: str, before: set[str]):
-        self.session, self.console, self.limit, self.result = session, console, limit, result
-        self.experiments_dir, self.pattern, self.before = experiments_dir, pattern, before
+                 outcome: RunOutcome):
+        self.session, self.console, self.limit, self.outcome = session, console, limit, outcome
         self.fired = False
         self._timer: threading.Timer | None = None
 
@@ -239,7 +210,7 @@ class PointWatchdog:
             self._timer.cancel()
 
     def _fire(self) -> None:
-        run_id = self.result.run_id or new_run_id(self.experiments_dir, self.pattern, self.before)
+        run_id = self.outcome.run_id  # None: the launch has not chosen one; nothing runs yet
         if not run_id:
             return
         self.fired = True
@@ -316,7 +287,7 @@ class SweepRunner:
 
     def run_point(self, point: dict[str, Any]) -> None:
         spec = self.specs[point["index"]]
-        result = LaunchResult()
+        outcome = RunOutcome()  # run_launch fills it as it goes: still there after Ctrl-C
         started = time.monotonic()
         started_unix = time.time()
         point.update(status=sw.RUNNING, started_at=now_iso(), ended_at=None, error=None,
@@ -325,21 +296,18 @@ class SweepRunner:
                      idle_before_s=None, exit_status=None, launch_s=None, cleanup_wait_s=None,
                      startup_s=None, teardown_s=None)
         write_sweep(self.sweep_dir, self.document)
-        pattern = f"multinode_{spec.channels}ch_{spec.threads}th_*"
-        before = {p.name for p in self.experiments_dir.glob(pattern)}
         interrupted = False
-        watchdog = PointWatchdog(self.session, self.console, self.point_timeout, result,
-                                 self.experiments_dir, pattern, before)
+        watchdog = PointWatchdog(self.session, self.console, self.point_timeout, outcome)
         try:
             with watchdog:
-                code = call_launch(self.session, spec, self.console, result, self.experiments_dir)
+                code = run_launch(self.session, spec, self.console, outcome=outcome)
             interrupted = code == EXIT_INTERRUPTED
         except KeyboardInterrupt:
             interrupted = True
         except Exit as err:
             code = err.code
             point["error"] = _one_line(err.message) or f"launch exited {code}"
-            if code in (EXIT_USAGE, EXIT_BUSY) and not result.started:
+            if code in (EXIT_USAGE, EXIT_BUSY) and not outcome.started:
                 # Every later point would meet the same refusal: stop here, resumable.
                 self.aborted_reason, self.aborted_code = point["error"], code
         except Exception as err:  # noqa: BLE001 - one point's crash must not end the sweep
@@ -350,27 +318,27 @@ class SweepRunner:
         self.launch_window = (started_unix, time.time())
         point["launch_s"] = round(ended - started, 3)
         point["exit_status"] = None if interrupted else code
-        if result.run_id:
-            point["run_id"] = result.run_id
-            point["run_dir"] = os.path.relpath(result.run_dir or self.experiments_dir / result.run_id,
+        if outcome.run_id:
+            point["run_id"] = outcome.run_id
+            point["run_dir"] = os.path.relpath(outcome.run_dir or self.experiments_dir / outcome.run_id,
                                                self.sweep_dir)
+        container = self.session.settings.docker.container if spec.docker else None
         try:
-            if result.run_id:
+            if outcome.run_id:
                 if interrupted:
-                    self.console.out(f"sweep: interrupted; stopping {result.run_id} on every host",
+                    self.console.out(f"sweep: interrupted; stopping {outcome.run_id} on every host",
                                      highlight=False)
-                    stop_point(self.session, result.run_id, self.console)
+                    stop_point(self.session, outcome.run_id, self.console)
                 point["cleanup_wait_s"] = round(
-                    wait_processes_gone(self.session, result.run_id, self.console), 3)
+                    wait_processes_gone(self.session, outcome.run_id, self.console, container), 3)
         except KeyboardInterrupt:
             interrupted = True
-        self.finish_point(point, result, interrupted, watchdog.fired)
+        self.finish_point(point, interrupted, watchdog.fired)
         self.durations.append(time.monotonic() - started)
         if interrupted:
             raise KeyboardInterrupt
 
-    def finish_point(self, point: dict[str, Any], result: LaunchResult, interrupted: bool,
-                     hung: bool) -> None:
+    def finish_point(self, point: dict[str, Any], interrupted: bool, hung: bool) -> None:
         point["ended_at"] = now_iso()
         run_dir = (self.sweep_dir / point["run_dir"]).resolve() if point.get("run_dir") else None
         if interrupted:
@@ -431,7 +399,7 @@ def print_dead_time(console: Console, document: Mapping[str, Any]) -> None:
 
 # -- the task -------------------------------------------------------------------------------------
 
-SWEEP_HELP = {
+SWEEP_ONLY_HELP = {
     "channels": "channel values, comma-separated or repeated: --channels 28,42,56,70",
     "threads": "thread values, comma-separated or repeated: --threads 256,512",
     "resume": "sweep directory to finish: skips points whose run completed (grid and launch flags "
@@ -442,21 +410,63 @@ SWEEP_HELP = {
     "point_override": "train override for some points only: CxT:section.key=value, * for any "
                       "(repeatable), e.g. 56x256:profiling.enabled=true",
     "no_report": "do not write results.csv, report.md and the PNGs at the end",
-    "nproc": "as fab launch: ranks per node or 'auto'",
-    "config": "as fab launch: train config YAML",
-    "rocprof": "as fab launch: wrap torchrun in rocprofv3",
-    "stats": "as fab launch: with --rocprof, kernel statistics",
-    "rocprof_input": "as fab launch: rocprofv3 input file",
     "master_port": "as fab launch: rendezvous port on node 0 (default: a free one per point)",
-    "nccl_preset": "as fab launch: ib, ethernet, debug",
     "override": "as fab launch: train override section.key=value for every point (repeatable)",
-    "env": "as fab launch: extra KEY=VALUE for every rank (repeatable)",
-    "docker": "as fab launch: run in the experiment container",
-    "no_docker": "as fab launch: run bare",
-    "force": "as fab launch: start even while another run is active on a host",
-    "pin_channels": "as fab launch: --no-pin-channels sets only NCCL_MAX_NCHANNELS",
     "hosts": "as fab launch: hosts for the sweep, master first",
 }
+# Every other flag's help is fab launch's own, so the two cannot drift apart. Taken when this
+# module is imported: invoke empties a task's help dict as it builds its parser (the fabfile
+# imports every task module before that).
+SWEEP_HELP = {**{name: f"as fab launch: {text}" for name, text in launch_task.help.items()
+                 if name not in LAUNCH_ONLY_FLAGS | GRID_FLAGS},
+              **SWEEP_ONLY_HELP}
+
+
+@dataclass
+class SweepPlan:
+    """What a new or resumed sweep runs: its launch flags, grid and (resumed) document."""
+
+    flags_record: dict[str, Any]
+    channels: list[int]
+    threads: list[int]
+    points: list[sw.GridPoint]
+    extra_overrides: dict[sw.GridPoint, list[str]]
+    document: dict[str, Any] | None = None   # None: a new sweep (created once the hosts are known)
+    sweep_dir: Path | None = None
+
+
+def plan_sweep(given: dict[str, Any], channels: Any, threads: Any, resume: str | None) -> SweepPlan:
+    """The grid and flags of a new sweep, or those recorded in the resumed one's sweep.json (with
+    the operational flags given now); SweepError for anything that does not fit."""
+    channel_values = sw.parse_grid_values(channels, "--channels")
+    thread_values = sw.parse_grid_values(threads, "--threads")
+    if not resume:
+        points = sw.grid_points(channel_values, thread_values)  # both axes present
+        return SweepPlan(given, channel_values, thread_values, points,
+                         sw.parse_point_overrides(given["point_override"], points))
+    sweep_dir = _cli_path(resume)
+    document = load_sweep(sweep_dir)
+    sw.check_resume_grid(document, channel_values, thread_values)
+    recorded = document["launch_flags"]
+    sw.check_resume_flags(recorded, {k: v for k, v in given.items() if v != FLAG_DEFAULTS.get(k)},
+                          may_change=OPERATIONAL_FLAGS)
+    flags_record = {**recorded, **{k: given[k] for k in OPERATIONAL_FLAGS if given.get(k)}}
+    if not given.get("force"):
+        flags_record["force"] = False  # --force is for this invocation, not remembered
+    points = [sw.GridPoint(p["channels"], p["threads"]) for p in document["points"]]
+    extra = sw.parse_point_overrides(flags_record.get("point_override") or [], points)
+    return SweepPlan(flags_record, channel_values, thread_values, points, extra, document, sweep_dir)
+
+
+def parse_point_timeout(point_timeout: Any) -> float | None:
+    try:
+        limit = float(point_timeout) if point_timeout not in (None, "") else None
+        if limit is not None and not limit > 0:
+            raise ValueError
+    except ValueError:
+        raise Exit(f"sweep: --point-timeout {point_timeout!r} is not a positive number of seconds",
+                   code=EXIT_USAGE) from None
+    return limit
 
 
 @task(
@@ -467,8 +477,9 @@ SWEEP_HELP = {
 )
 def sweep(c, channels=None, threads=None, resume=None, fail_fast=False, point_timeout=None,
           point_override=None, no_report=False, nproc=None, config=None, rocprof=False, stats=False,
-          rocprof_input=None, master_port=None, nccl_preset=None, override=None, env=None,
-          docker=False, no_docker=False, force=False, pin_channels=True, hosts=None):
+          rocprof_input=None, nsys=False, torch_profile=False, master_port=None, nccl_preset=None,
+          override=None, env=None, docker=False, no_docker=False, force=False, pin_channels=True,
+          hang_timeout=None, hosts=None):
     """Run every channels × threads point as a launch, back to back; write the report at the end.
 
     fab sweep --channels 28,42,56,70 --threads 256,512 [launch flags]
@@ -477,40 +488,19 @@ def sweep(c, channels=None, threads=None, resume=None, fail_fast=False, point_ti
     console = Console(highlight=False, soft_wrap=True)
     if docker and no_docker:
         raise Exit("sweep: --docker and --no-docker contradict each other; give one", code=EXIT_USAGE)
-    try:
-        limit = float(point_timeout) if point_timeout not in (None, "") else None
-        if limit is not None and limit <= 0:
-            raise ValueError
-    except ValueError:
-        raise Exit(f"sweep: --point-timeout {point_timeout!r} is not a positive number of seconds",
-                   code=EXIT_USAGE) from None
+    limit = parse_point_timeout(point_timeout)
     given = launch_flags_record(
         nproc=nproc, config=config, rocprof=rocprof, stats=stats, rocprof_input=rocprof_input,
-        master_port=master_port, nccl_preset=nccl_preset, override=override, env=env,
-        docker=True if docker else (False if no_docker else None), force=force,
-        pin_channels=pin_channels, hosts=hosts, point_override=point_override)
+        nsys=nsys, torch_profile=torch_profile, master_port=master_port, nccl_preset=nccl_preset,
+        override=override, env=env, docker=True if docker else (False if no_docker else None),
+        force=force, pin_channels=pin_channels, hang_timeout=hang_timeout, hosts=hosts,
+        point_override=point_override)
     try:
-        channel_values = sw.parse_grid_values(channels, "--channels")
-        thread_values = sw.parse_grid_values(threads, "--threads")
-        if resume:
-            sweep_dir = _cli_path(resume)
-            document = load_sweep(sweep_dir)
-            sw.check_resume_grid(document, channel_values, thread_values)
-            recorded = document["launch_flags"]
-            sw.check_resume_flags(recorded, {k: v for k, v in given.items() if v != FLAG_DEFAULTS[k]},
-                                  may_change=OPERATIONAL_FLAGS)
-            flags_record = {**recorded, **{k: given[k] for k in OPERATIONAL_FLAGS if given.get(k)}}
-            if not given.get("force"):
-                flags_record["force"] = False  # --force is for this invocation, not remembered
-        else:
-            points = sw.grid_points(channel_values, thread_values)  # both axes present
-            sw.parse_point_overrides(given["point_override"], points)
-            flags_record, document, sweep_dir = given, None, None
-        points = [sw.GridPoint(p["channels"], p["threads"]) for p in document["points"]] if document \
-            else sw.grid_points(channel_values, thread_values)
-        extra = sw.parse_point_overrides(flags_record.get("point_override") or [], points)
+        plan = plan_sweep(given, channels, threads, resume)
     except sw.SweepError as err:
         raise Exit(f"sweep: {err}", code=EXIT_USAGE) from None
+    flags_record, points, extra = plan.flags_record, plan.points, plan.extra_overrides
+    document, sweep_dir = plan.document, plan.sweep_dir
 
     with ClusterSession(c, flags_record.get("hosts") or None) as session:
         # Every point's flags and config are checked before the first point starts.
@@ -520,7 +510,7 @@ def sweep(c, channels=None, threads=None, resume=None, fail_fast=False, point_ti
         if document is None:
             sweep_dir = create_sweep_dir(project_path(session.settings.cluster.experiments_dir), datetime.now())
             document = sw.new_sweep(
-                sweep_id=sweep_dir.name, channels=channel_values, threads=thread_values,
+                sweep_id=sweep_dir.name, channels=plan.channels, threads=plan.threads,
                 launch_flags=flags_record, hosts=[n.label for n in session.nodes],
                 fail_fast=fail_fast, controller=_controller(), created_at=now_iso())
             document["point_timeout"] = limit
@@ -549,12 +539,17 @@ def sweep(c, channels=None, threads=None, resume=None, fail_fast=False, point_ti
         from tasks.report import print_report, write_report
 
         print_report(console, write_report(sweep_dir))
+    raise_for_status(status, runner, document, sweep_dir)
+
+
+def raise_for_status(status: str, runner: SweepRunner | None, document: Mapping[str, Any],
+                     sweep_dir: Path) -> None:
+    """The sweep's exit status (see the module docstring) as an Exit; nothing when all completed."""
     if status == sw.SWEEP_INTERRUPTED:
         raise Exit(f"sweep: interrupted; finish it with: fab sweep --resume {sweep_dir}", code=EXIT_INTERRUPTED)
     if runner is not None and runner.aborted_reason:
-        code = runner.aborted_code
         raise Exit(f"sweep: stopped: {runner.aborted_reason}; after fixing it: fab sweep --resume {sweep_dir}",
-                   code=code)
+                   code=runner.aborted_code)
     if status != sw.SWEEP_COMPLETED:
         failed = [f"{p['channels']}x{p['threads']} {p['status']}" for p in document["points"]
                   if p["status"] != sw.COMPLETED]

@@ -25,11 +25,13 @@ measured step: probe, push, torchrun start, rendezvous, warm-up and calibration)
 from __future__ import annotations
 
 import re
+import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tasks.lib.quoting import sh_quote
+from tasks.lib.registry import SCAN_KILL_SH
 
 SCHEMA_VERSION = 1
 SWEEP_JSON = "sweep.json"
@@ -235,10 +237,7 @@ def eta_seconds(durations: Sequence[float], remaining: int) -> float | None:
     """Remaining points × the median duration of the points run so far (None before the first)."""
     if not durations or remaining <= 0:
         return None if remaining > 0 else 0.0
-    ordered = sorted(durations)
-    middle = len(ordered) // 2
-    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-    return median * remaining
+    return statistics.median(durations) * remaining
 
 
 def dead_time_summary(points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -246,11 +245,10 @@ def dead_time_summary(points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for key, name in (("gap_before_s", "gap_s"), ("idle_before_s", "idle_s"), ("cleanup_wait_s", "cleanup_wait_s"),
                       ("startup_s", "startup_s"), ("teardown_s", "teardown_s")):
-        values = sorted(float(p[key]) for p in points if isinstance(p.get(key), (int, float)))
+        values = [float(p[key]) for p in points if isinstance(p.get(key), (int, float))]
         if values:
-            middle = len(values) // 2
-            median = values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
-            summary[name] = {"median": round(median, 3), "max": round(values[-1], 3), "n": len(values)}
+            summary[name] = {"median": round(statistics.median(values), 3), "max": round(max(values), 3),
+                             "n": len(values)}
     return summary
 
 
@@ -266,15 +264,56 @@ def unique_name(base: str, taken: Callable[[str], bool]) -> str:
 
 # -- the nodes ------------------------------------------------------------------------------------
 
-def run_processes_command(run_id: str) -> str:
-    """Prints the pids of every process on a node that carries the run's marker
-    (GEMM_RUN_ID=<run id>, set by the node launcher and inherited by torchrun, the ranks and the
-    in-container processes, which the node's pid namespace shows too). One grep, no per-pid forks.
+CONTAINER_COUNT = "container"
+
+
+def run_processes_command(run_id: str, container: str | None = None, node_rank: int = 0) -> str:
+    """Prints the pids of every process on a node whose environment carries the run's marker
+    (GEMM_RUN_ID=<run id>, set by the node launcher and inherited by torchrun and the ranks);
+    one grep, no per-pid forks. That sees only what this user may read: in-container processes
+    of a root container are invisible to a non-root SSH user. So with `container` (a --docker
+    run) it also prints `container N`: the processes inside the container carrying the run's
+    and the node's markers, counted by the registry's in-container scan (signal 0 signals
+    nothing). A container that is gone holds no process: no line, which reads as 0.
     Exit status 0 whether or not any is found."""
     marker = f"GEMM_RUN_ID={run_id}"
-    return (f"grep -lzxF -- {sh_quote(marker)} /proc/[0-9]*/environ 2>/dev/null "
-            "| sed -n 's|^/proc/\\([0-9]*\\)/environ$|\\1|p'; true")
+    host = (f"grep -lzxF -- {sh_quote(marker)} /proc/[0-9]*/environ 2>/dev/null "
+            "| sed -n 's|^/proc/\\([0-9]*\\)/environ$|\\1|p'")
+    if container is None:
+        return f"{host}; true"
+    scan = (f"docker exec {sh_quote(container)} sh -c {sh_quote(SCAN_KILL_SH)} gemm-count 0 "
+            f"{sh_quote(run_id)} {int(node_rank)} 2>/dev/null")
+    return f"{host}; n=$({scan}) && echo {CONTAINER_COUNT} \"$n\"; true"
+
+
+@dataclass(frozen=True)
+class Leftovers:
+    """A run's processes still on one node (what run_processes_command printed)."""
+
+    pids: tuple[int, ...] = ()   # host pids this user can see
+    in_container: int = 0       # counted inside the container (root's too)
+
+    def __bool__(self) -> bool:
+        return bool(self.pids) or self.in_container > 0
+
+    def __str__(self) -> str:
+        parts = [f"pid(s) {', '.join(map(str, self.pids))}"] if self.pids else []
+        if self.in_container:
+            parts.append(f"{self.in_container} in the container")
+        return " + ".join(parts) or "none"
+
+
+def parse_leftovers(text: str) -> Leftovers:
+    pids: list[int] = []
+    in_container = 0
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) == 1 and words[0].isdigit():
+            pids.append(int(words[0]))
+        elif len(words) == 2 and words[0] == CONTAINER_COUNT and words[1].isdigit():
+            in_container = int(words[1])
+    return Leftovers(tuple(pids), in_container)
 
 
 def parse_pids(text: str) -> list[int]:
-    return [int(line) for line in text.split() if line.isdigit()]
+    return list(parse_leftovers(text).pids)

@@ -20,8 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.lib.sweep import parse_pids, run_processes_command
+from tasks.lib.quoting import sh_quote
+from tasks.lib.registry import SCAN_KILL_SH
+from tasks.lib.sweep import Leftovers, parse_leftovers, parse_pids, run_processes_command
 from tests.simcluster import SimCluster
+from tests.simcluster.image import container_volumes
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -192,3 +195,38 @@ def test_hung_point_is_stopped_and_fail_fast_ends_the_sweep(cluster3: SimCluster
     assert len(run_dirs(experiments)) == 1
     with (sweep_dir / "results.csv").open() as handle:
         assert [r["status"] for r in csv.DictReader(handle)] == ["hung", "not_run"]
+
+
+@pytest.mark.docker
+def test_leftover_check_counts_processes_inside_the_container(cluster_docker: SimCluster) -> None:
+    """A --docker point's leftovers: a root process inside the container, carrying the run's
+    markers, that a non-root SSH user cannot see through /proc/PID/environ on the host."""
+    suffix = uuid.uuid4().hex[:8]
+    container, run_id = f"sweepscan-{suffix}", f"multinode_28ch_256th_scan{suffix}"
+    # The image has no toolchain of its own: the host's comes in read-only, as for docker-up.
+    volumes = " ".join(f"-v {sh_quote(volume)}" for volume in container_volumes())
+    cluster_docker.exec(0, f"docker run -d --network none {volumes} --name {container} "
+                        f"{cluster_docker.image} sleep 600 >/dev/null")
+    try:
+        cluster_docker.exec(0, f"docker exec -d -e GEMM_RUN_ID={run_id} -e GEMM_NODE_RANK=0 {container} "
+                            "sleep 600")
+        time.sleep(0.5)
+        # What the old host-only scan saw as a user other than the container's (root).
+        as_nobody = cluster_docker.exec(0, "setpriv --reuid=65534 --regid=65534 --clear-groups "
+                                        f"bash -c {sh_quote(run_processes_command(run_id))}").stdout
+        assert parse_leftovers(as_nobody) == Leftovers()
+
+        def check(run: str, rank: int) -> Leftovers:
+            return parse_leftovers(cluster_docker.exec(0, run_processes_command(run, container, rank)).stdout)
+
+        assert check(run_id, 0).in_container == 1
+        assert check(run_id, 1).in_container == 0            # node 1's processes are not node 0's
+        assert not check(run_id + "_1", 0)                    # nor another run's
+        cluster_docker.exec(0, f"docker exec {container} sh -c {sh_quote(SCAN_KILL_SH)} gemm-kill TERM "
+                            f"{run_id} 0")
+        deadline = time.monotonic() + 10
+        while check(run_id, 0) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not check(run_id, 0)
+    finally:
+        cluster_docker.exec(0, f"docker rm -f {container} >/dev/null 2>&1", check=False)

@@ -3,22 +3,34 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
+from tasks.launch import launch
 from tasks.lib import sweep as sw
+from tasks.lib.registry import SCAN_KILL_SH
+from tasks.lib.runspec import LaunchFlags
 from tasks.sweep import (
     FLAG_DEFAULTS,
+    GRID_FLAGS,
+    LAUNCH_ONLY_FLAGS,
+    RECORD_NAMES,
+    SWEEP_HELP,
+    SweepPlan,
     create_sweep_dir,
     launch_flags_for,
     launch_flags_record,
     load_sweep,
+    plan_sweep,
     rank0_wall_times,
     run_status_of,
+    sweep,
     write_sweep,
 )
 from tests.unit.report_fixtures import make_run
@@ -79,6 +91,78 @@ def test_launch_flags_for_a_point_add_its_overrides() -> None:
     assert (flags.channels, flags.threads, flags.nproc, flags.docker) == (42, 512, "2", False)
     assert flags.overrides == ("training.max_steps=4", "distributed.backend=nccl")
     assert flags.pin_channels is True and flags.detach is False and flags.dry_run is False
+
+
+# -- the sweep takes fab launch's flags ---------------------------------------------------------
+
+SWEEP_ONLY_FLAGS = {"resume", "fail_fast", "point_timeout", "point_override", "no_report"}
+
+
+def flag_names(task) -> set[str]:
+    # The signature, not get_arguments(): that one empties the task's help dict.
+    return set(task.argspec(task.body).parameters)
+
+
+def test_sweep_takes_every_per_point_launch_flag() -> None:
+    """A flag added to fab launch fails here until the sweep takes it (or names it launch-only)."""
+    assert flag_names(sweep) - SWEEP_ONLY_FLAGS == flag_names(launch) - LAUNCH_ONLY_FLAGS
+    assert {"nsys", "torch_profile", "hang_timeout"} <= flag_names(sweep)
+    assert set(SWEEP_HELP) == flag_names(sweep)   # every flag has help, and no help is stray
+    assert SWEEP_HELP["nsys"].startswith("as fab launch: wrap torchrun in Nsight Systems")
+
+
+def test_fab_help_sweep_lists_launch_flags() -> None:
+    result = subprocess.run([str(Path(sys.executable).parent / "fab"), "--help", "sweep"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    for flag in ("--nsys", "--torch-profile", "--hang-timeout", "--point-timeout"):
+        line = next(line for line in result.stdout.splitlines() if line.strip().startswith(flag))
+        assert len(line.split(None, 1)) == 2, f"{flag} has no help"
+
+
+def test_every_launch_flag_field_is_recorded_and_reaches_the_point() -> None:
+    """FLAG_DEFAULTS (the sweep.json record) covers every LaunchFlags field the sweep passes on,
+    and launch_flags_for hands each recorded value over, not its default."""
+    passed = [f for f in fields(LaunchFlags) if f.name not in GRID_FLAGS | LAUNCH_ONLY_FLAGS]
+    assert set(FLAG_DEFAULTS) == {RECORD_NAMES.get(f.name, f.name) for f in passed} | {"hosts", "point_override"}
+    given = {"nproc": "2", "config": "c.yaml", "master_port": "29511", "nccl_preset": "debug",
+             "override": ["a.b=1"], "env": ["K=V"], "docker": True, "rocprof": True, "stats": True,
+             "rocprof_input": "in.yaml", "nsys": True, "torch_profile": True, "hang_timeout": "30",
+             "pin_channels": False, "force": True}
+    assert set(given) == {RECORD_NAMES.get(f.name, f.name) for f in passed}
+    flags = launch_flags_for(launch_flags_record(**{**FLAG_DEFAULTS, **given}), sw.GridPoint(28, 256), [])
+    for field in passed:
+        value = given[RECORD_NAMES.get(field.name, field.name)]
+        assert getattr(flags, field.name) == (tuple(value) if isinstance(value, list) else value), field.name
+    # A sweep.json written before a flag existed: the flag keeps its launch default.
+    old = launch_flags_for({"override": ["a.b=1"]}, sw.GridPoint(28, 256), [])
+    assert (old.nsys, old.torch_profile, old.hang_timeout, old.pin_channels) == (False, False, None, True)
+
+
+# -- planning a new or resumed sweep ------------------------------------------------------------
+
+def test_plan_of_a_new_sweep() -> None:
+    given = launch_flags_record(**{**FLAG_DEFAULTS, "point_override": ["28x512:training.max_steps=9"]})
+    plan = plan_sweep(given, "28,42", ["256", "512"], None)
+    assert (plan.channels, plan.threads, plan.document, plan.sweep_dir) == ([28, 42], [256, 512], None, None)
+    assert plan.points == sw.grid_points([28, 42], [256, 512])
+    assert plan.extra_overrides[sw.GridPoint(28, 512)] == ["training.max_steps=9"]
+    with pytest.raises(sw.SweepError, match="at least one value for --channels"):
+        plan_sweep(given, "28", None, None)
+
+
+def test_plan_of_a_resumed_sweep_keeps_recorded_flags(tmp_path: Path) -> None:
+    write_sweep(tmp_path, new_doc(override=["training.max_steps=4"], force=True, hang_timeout="60",
+                                  point_override=["42x512:training.max_steps=8"]))
+    given = launch_flags_record(**{**FLAG_DEFAULTS, "hang_timeout": "120"})
+    plan = plan_sweep(given, None, None, str(tmp_path))
+    assert isinstance(plan, SweepPlan) and plan.sweep_dir == tmp_path and plan.document is not None
+    assert plan.flags_record["override"] == ["training.max_steps=4"]
+    assert plan.flags_record["hang_timeout"] == "120"   # operational: may change on resume
+    assert plan.flags_record["force"] is False          # --force is not remembered
+    assert plan.extra_overrides[sw.GridPoint(42, 512)] == ["training.max_steps=8"]
+    with pytest.raises(sw.SweepError, match="--nsys True differs"):
+        plan_sweep(launch_flags_record(**{**FLAG_DEFAULTS, "nsys": True}), None, None, str(tmp_path))
 
 
 # -- the document and resume ------------------------------------------------------------------
@@ -176,6 +260,7 @@ def test_point_status() -> None:
 def test_eta_and_dead_time() -> None:
     assert sw.eta_seconds([], 3) is None
     assert sw.eta_seconds([10.0, 30.0, 20.0], 2) == 40.0
+    assert sw.eta_seconds([10.0, 40.0, 20.0, 30.0], 2) == 50.0
     assert sw.eta_seconds([10.0], 0) == 0.0
     points = [{"gap_before_s": None, "idle_before_s": None, "cleanup_wait_s": 0.05},
               {"gap_before_s": 0.2, "idle_before_s": 6.0, "cleanup_wait_s": 0.07},
@@ -223,10 +308,55 @@ def test_run_processes_command_finds_only_the_runs_processes() -> None:
 
 
 def test_run_processes_command_quotes_the_run_id() -> None:
-    command = sw.run_processes_command("x'; touch /tmp/pwned; '")
-    assert "'\"'\"'" in command
-    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
-    assert result.returncode == 0 and not Path("/tmp/pwned").exists()
+    for container in (None, "c'; touch /tmp/pwned; '"):
+        command = sw.run_processes_command("x'; touch /tmp/pwned; '", container)
+        assert "'\"'\"'" in command
+        result = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+        assert result.returncode == 0 and not Path("/tmp/pwned").exists()
+
+
+def test_in_container_scan_counts_the_nodes_processes_of_the_run() -> None:
+    """The scan the leftover check runs inside the container (registry's, signal 0), run here in
+    this pid namespace: only processes with both the run's and the node's markers count, and
+    none of them is signalled."""
+    run_id = f"multinode_28ch_256th_scan{os.getpid()}"
+    processes = [subprocess.Popen(["sleep", "30"], env={**os.environ, "GEMM_RUN_ID": run, "GEMM_NODE_RANK": rank})
+                 for run, rank in ((run_id, "1"), (run_id, "1"), (run_id, "0"), (run_id + "_1", "1"))]
+    try:
+        time.sleep(0.2)
+        count = subprocess.run(["sh", "-c", SCAN_KILL_SH, "gemm-count", "0", run_id, "1"],
+                               capture_output=True, text=True, check=True).stdout
+        assert count.strip() == "2"
+        assert all(process.poll() is None for process in processes)
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.skipif(shutil.which("docker") is None, reason="needs the docker client")
+def test_an_unreachable_container_leaves_the_host_scan_standing() -> None:
+    """No container to exec into (or no dockerd): its processes are gone with it; the host's are
+    still listed, and no `container` line is invented."""
+    run_id = f"multinode_28ch_256th_gone{os.getpid()}"
+    ours = subprocess.Popen(["sleep", "30"], env={**os.environ, "GEMM_RUN_ID": run_id})
+    try:
+        time.sleep(0.2)
+        command = sw.run_processes_command(run_id, f"no-such-container-{os.getpid()}", 0)
+        result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0
+        assert sw.parse_leftovers(result.stdout) == sw.Leftovers((ours.pid,), 0)
+    finally:
+        ours.kill()
+        ours.wait()
+
+
+def test_parse_leftovers() -> None:
+    left = sw.parse_leftovers("12\n345\ncontainer 3\n")
+    assert left == sw.Leftovers((12, 345), 3) and left and str(left) == "pid(s) 12, 345 + 3 in the container"
+    assert sw.parse_pids("12\ncontainer 3\n") == [12]   # the count is no pid
+    assert sw.parse_leftovers("container 2\n") and str(sw.parse_leftovers("container 2")) == "2 in the container"
+    assert not sw.parse_leftovers("container 0\n") and not sw.parse_leftovers("")
 
 
 def test_sweep_json_written_by_write_sweep_carries_dead_time(tmp_path: Path) -> None:
