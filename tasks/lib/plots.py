@@ -127,7 +127,8 @@ def plot_busbw_vs_channels(rows: Sequence[PointRow], path: Path) -> Path | None:
     ax.set_xlabel("NCCL channels")
     ax.set_ylabel("bus bandwidth, median (GB/s)")
     ax.set_title("Bus bandwidth under overlap vs channels")
-    ax.set_ylim(bottom=0, top=max(r.busbw_gbps_median for r in usable) * 1.18)
+    # All zero at world size 1: keep a visible axis instead of a singular one.
+    ax.set_ylim(bottom=0, top=max(r.busbw_gbps_median for r in usable) * 1.18 or 1.0)
     ax.grid(True, alpha=0.3)
     ax.legend(title="threads per block")
     fig.tight_layout()

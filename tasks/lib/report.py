@@ -581,7 +581,8 @@ class TradeOff:
 
 def trade_off(rows: Sequence[PointRow]) -> TradeOff | None:
     completed = [r for r in rows if r.status == COMPLETED]
-    with_busbw = [r for r in completed if r.busbw_gbps_median is not None]
+    # busbw is 0 where no data crosses ranks (world size 1): no bandwidth to trade.
+    with_busbw = [r for r in completed if r.busbw_gbps_median]
     with_contention = [r for r in completed if r.contention_slowdown_median is not None]
     if not with_busbw or not with_contention:
         return None
@@ -680,7 +681,8 @@ def report_markdown(report_input: ReportInput, rows: Sequence[PointRow], figures
 
 def _trade_off_lines(result: TradeOff | None) -> list[str]:
     if result is None:
-        return ["Not enough completed points with busbw and contention figures for a trade-off."]
+        return ["Not enough completed points with busbw and contention figures for a trade-off "
+                "(busbw is 0 at world size 1: no data crosses ranks)."]
     high, low = result.highest_busbw, result.lowest_contention
     lines = [
         f"- Highest busbw: **{high.label}**: {_fmt(high.busbw_gbps_median, '.3g')} GB/s, "

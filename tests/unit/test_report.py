@@ -174,6 +174,19 @@ def test_sweep_best_point_and_trade_off(tmp_path: Path) -> None:
     assert trade.iter_ms_delta_pct == pytest.approx((99.25 / 100.25 - 1) * 100)
 
 
+def test_world_size_one_has_no_bandwidth_trade_off(tmp_path: Path) -> None:
+    # One rank moves no data between ranks: busbw 0 everywhere (as on a single GPU).
+    sweep_dir = make_sweep(tmp_path, [
+        (28, 256, dict(iter_ms=100.0, busbw=0.0, contention=0.02)),
+        (42, 256, dict(iter_ms=90.0, busbw=0.0, contention=0.04)),
+    ])
+    result = write_report(sweep_dir)
+    assert rep.trade_off(rep.collect_rows(rep.discover(sweep_dir))[0]) is None
+    assert "busbw is 0 at world size 1" in (sweep_dir / "report.md").read_text()
+    assert result.best is not None and result.best.channels == 42
+    assert is_png(sweep_dir / BUSBW_LINES)
+
+
 def test_sweep_with_a_failed_point_still_reports_the_others(tmp_path: Path) -> None:
     sweep_dir = grid_2x2(tmp_path, last=dict(status="failed", summary=False, steps=2, iter_ms=50.0))
     result = write_report(sweep_dir)
