@@ -82,11 +82,12 @@ class CollectiveTiming:
 
 @dataclass
 class StepTimes:
-    """What one step's clock produced. ``gemm`` is None when GEMMs were not timed."""
+    """What one step's clock produced. ``gemm`` is None when GEMMs were not timed; ``comm``
+    is None when collectives ran but were not timed (an empty list: none ran)."""
 
     iter_ms: float
     gemm: list[Interval] | None = None
-    comm: list[CollectiveTiming] = field(default_factory=list)
+    comm: list[CollectiveTiming] | None = field(default_factory=list)
 
 
 def _ratio_minus_one(value: float | None, baseline: float | None) -> float | None:
@@ -111,20 +112,25 @@ def step_metrics(
 
     compute_ms is the union of GEMM intervals, comm_ms the union of collective intervals,
     overlap_ms their intersection, exposed_comm_ms = comm_ms - overlap_ms. busbw sums each
-    collective's size times its own nccl-tests factor, over the communication time.
+    collective's size times its own nccl-tests factor, over the communication time. When the
+    collectives ran untimed (times.comm is None) every communication field is None: a
+    comm_bytes of 0 would claim that no data moved.
     """
-    comm_intervals = [(c.start_ms, c.end_ms) for c in times.comm]
-    comm_ms = union_length(comm_intervals) if times.gemm is not None else None
-    comm_bytes = sum(c.size_bytes for c in times.comm)
-    bus_bytes = sum(c.size_bytes * busbw_factor(c.collective, world_size) for c in times.comm)
+    comm_timed = times.comm is not None
+    comm = times.comm or []
+    comm_intervals = [(c.start_ms, c.end_ms) for c in comm]
+    comm_ms = union_length(comm_intervals) if times.gemm is not None and comm_timed else None
+    comm_bytes = sum(c.size_bytes for c in comm) if comm_timed else None
+    bus_bytes = sum(c.size_bytes * busbw_factor(c.collective, world_size) for c in comm)
 
     compute_ms = overlap_ms = exposed_ms = None
     if times.gemm is not None:
         compute_ms = union_length(times.gemm)
-        overlap_ms = intersection_length(times.gemm, comm_intervals)
-        exposed_ms = max(0.0, (comm_ms or 0.0) - overlap_ms)
+        if comm_timed:
+            overlap_ms = intersection_length(times.gemm, comm_intervals)
+            exposed_ms = max(0.0, (comm_ms or 0.0) - overlap_ms)
 
-    has_comm = bool(times.comm) and comm_ms is not None and comm_ms > 0
+    has_comm = bool(comm) and comm_ms is not None and comm_ms > 0
     return {
         "iter_ms": _rounded(times.iter_ms),
         "compute_ms": _rounded(compute_ms),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -162,6 +163,27 @@ def init_distributed(plan: RuntimePlan, timeout_s: float) -> None:
             rank=plan.rank,
             world_size=plan.world_size,
         )
+
+
+_BLOCKING_WAIT_VARS = ("TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT")  # the second: old name
+
+
+def blocking_wait_warning(environ: Mapping[str, str]) -> str | None:
+    """The warning to print when NCCL blocking wait is on, else None.
+
+    With it, each collective's wait blocks the CPU until the collective completes, so the
+    host cannot queue the next GEMMs behind a running bucket: the overlap this loop measures
+    silently disappears.
+    """
+    for name in _BLOCKING_WAIT_VARS:
+        value = environ.get(name, "").strip().lower()
+        if value in ("1", "true", "yes", "y", "on"):
+            return (
+                f"train: warning: {name}={environ[name]} blocks the CPU on every collective's "
+                "wait, which removes the compute/communication overlap being measured; "
+                f"unset {name} (timeouts still apply through TORCH_NCCL_ASYNC_ERROR_HANDLING)"
+            )
+    return None
 
 
 def shutdown_distributed() -> None:

@@ -398,10 +398,12 @@ class Stepper:
         gemm = None
         if pending.gemm_marks is not None:
             gemm = [(clock.ms(s), clock.ms(e)) for s, e in pending.gemm_marks]
-        comm = [
+        comm: list[CollectiveTiming] | None = [
             CollectiveTiming(clock.ms(s), clock.ms(e), name, size)
             for s, e, name, size in pending.comm_marks
         ]
+        if not self.time_comm and pending.kind != COMPUTE:
+            comm = None  # collectives ran untimed: unknown, not zero
         if pending.kind == COMM and pending.gemm_marks is None and self.time_comm:
             gemm = []  # communication-only: no GEMMs by construction, comm_ms still wanted
         times = StepTimes(iter_ms=clock.ms(clock.end), gemm=gemm, comm=comm)

@@ -22,6 +22,7 @@ from train.model import GemmStack
 from train.outputs import PROFILER_DIR, SUMMARY_NAME, MetricsWriter, write_json_atomic
 from train.runtime import (
     RuntimePlan,
+    blocking_wait_warning,
     device_name,
     init_distributed,
     shutdown_distributed,
@@ -209,6 +210,9 @@ class Trainer:
     # ---- the run --------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, plan = self.config, self.plan
+        warning = blocking_wait_warning(os.environ) if plan.rank == 0 else None
+        if warning is not None:
+            print(warning, file=sys.stderr, flush=True)
         init_distributed(plan, cfg.distributed.timeout_s)
         self.stack = GemmStack(
             cfg.model,

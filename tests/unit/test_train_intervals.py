@@ -215,3 +215,16 @@ def test_aggregate_ranks_pools_steps_and_reports_spread() -> None:
     assert s["env"] == {"NCCL_X": "1"}  # rank 0's
     assert s["env_differences"] == {"NCCL_X": {"0": "1", "1": "2"}}
     assert s["hosts"] == ["a", "b"]
+
+
+def test_step_metrics_untimed_collectives_are_unknown_not_zero() -> None:
+    # timing.granularity=step: data moved but nothing timed the collectives.
+    m = step_metrics(StepTimes(iter_ms=5.0, gemm=None, comm=None), gemm_flops=1.0, world_size=2)
+    assert m["iter_ms"] == 5.0
+    assert all(m[k] is None for k in m if k != "iter_ms"), m
+    # GEMMs timed but collectives not: compute known, every comm-derived field unknown.
+    m = step_metrics(StepTimes(iter_ms=5.0, gemm=[(0.0, 2.0)], comm=None), gemm_flops=1.0,
+                     world_size=2)
+    assert m["compute_ms"] == pytest.approx(2.0)
+    for key in ("comm_ms", "comm_bytes", "overlap_ms", "exposed_comm_ms", "busbw_gbps"):
+        assert m[key] is None, key
