@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,6 +39,13 @@ from tasks.lib.probe import (
     sh_command,
     probe_script,
     resolve_master_side,
+)
+from tasks.lib.runspec import (
+    LaunchFlags,
+    LaunchValues,
+    RunSpecError,
+    explicit_launch_config,
+    resolve_launch_values,
 )
 from tasks.lib.settings import Settings
 from tasks.nodes import Node, NodeResults, SshNode, describe_error, on_each
@@ -128,6 +136,45 @@ def master_address(session: ClusterSession) -> str:
     return "localhost"
 
 
+def local_accelerator() -> str:
+    """This machine's GPUs by their tools (the embedded default runs here, GPU if present)."""
+    if shutil.which("nvidia-smi"):
+        return "cuda"
+    if shutil.which("rocm-smi") or Path("/dev/kfd").exists():
+        return "rocm"
+    return "cpu"
+
+
+@dataclass(frozen=True)
+class LaunchContext:
+    """What the nodes run on, and the built-ins of that situation (launch and check agree)."""
+
+    accelerator: str
+    docker_default: bool
+    builtin_overrides: dict[str, object]
+
+
+def launch_context(session: ClusterSession) -> LaunchContext:
+    if session.inventory.is_local:
+        # This machine alone: its own hardware decides (all of its GPUs unless told otherwise),
+        # and Docker only when asked for.
+        accelerator = local_accelerator()
+        return LaunchContext(accelerator, False, {"nproc": "auto"} if accelerator != "cpu" else {})
+    return LaunchContext(session.settings.docker.platform, session.settings.docker.enabled, {})
+
+
+def launch_defaults(session: ClusterSession, config: object, environ: dict[str, str]) -> LaunchValues:
+    """The nproc, master port ... a `fab launch` without flags would use (config, then the
+    original env variables NPROC_PER_NODE, MASTER_PORT ..., then built-ins); Exit 2 when bad."""
+    context = launch_context(session)
+    try:
+        return resolve_launch_values(LaunchFlags(), explicit_launch_config(config), environ,
+                                     accelerator=context.accelerator,
+                                     builtin_overrides=context.builtin_overrides)
+    except RunSpecError as err:
+        raise Exit(f"launch settings: {err}", code=EXIT_USAGE) from None
+
+
 def node_venv(session: ClusterSession) -> str:
     return session.settings.cluster.venv or os.path.join(session.workdir, ".venv")
 
@@ -169,7 +216,10 @@ def probe_all(
 
 
 def findings_for(
-    session: ClusterSession, results: NodeResults[HostFacts], local: CheckoutState
+    session: ClusterSession,
+    results: NodeResults[HostFacts],
+    local: CheckoutState,
+    nproc: int | str | None = None,
 ) -> list[Finding]:
     """Every error and warning: unreachable hosts first, then per host, then cluster-wide."""
     settings = session.settings
@@ -183,7 +233,7 @@ def findings_for(
             fact,
             local=local,
             workdir=session.workdir,
-            nproc=settings.launch.nproc,
+            nproc=settings.launch.nproc if nproc is None else nproc,
             docker_enabled=settings.docker.enabled,
             socket_ifname=settings.cluster.socket_ifname,
         )
@@ -249,11 +299,17 @@ def _yes_no(value: bool | None, yes: str = "yes", no: str = "no") -> str:
 
 
 def facts_table(
-    session: ClusterSession, results: NodeResults[HostFacts], local: CheckoutState, title: str
+    session: ClusterSession,
+    results: NodeResults[HostFacts],
+    local: CheckoutState,
+    title: str,
+    launch: LaunchValues | None = None,
 ):
     from rich.table import Table
 
     settings = session.settings
+    nproc = settings.launch.nproc if launch is None else launch.nproc
+    master_port = settings.launch.master_port if launch is None else launch.master_port
     table = Table(title=title, title_justify="left")
     for column in (
         "node",
@@ -285,7 +341,7 @@ def facts_table(
             fact.hostname,
             fact.address or "?",
             settings.cluster.socket_ifname or fact.ifname or "[red]?[/]",
-            _gpu_cell(fact, settings.launch.nproc),
+            _gpu_cell(fact, nproc),
             _checkout_cell(fact, local),
             _docker_cell(fact) if settings.docker.enabled else "off",
             ""
@@ -293,7 +349,7 @@ def facts_table(
             else (
                 "auto"
                 if fact.port_free is None
-                else f"{settings.launch.master_port} {_port_state(fact.port_free)}"
+                else f"{master_port} {_port_state(fact.port_free)}"
             ),
             format_bytes(fact.shm_bytes) if fact.shm_bytes is not None else "?",
         )
@@ -361,14 +417,16 @@ def check(c, hosts=None):
     """Preflight every node at once: reachability, GPUs, route to the master, checkout, Docker.
 
     Exits non-zero when anything would block a launch (unreachable host, host key, checkout
-    different from this one, too few GPUs for launch.nproc, busy master port, no Docker engine
-    while docker.enabled); warnings do not.
+    different from this one, too few GPUs for the launch's nproc, busy master port, no Docker
+    engine while docker.enabled); warnings do not. nproc and the master port are what `fab
+    launch` would use: launch.* config, else $NPROC_PER_NODE / $MASTER_PORT, else built-ins.
     """
     started = time.monotonic()
     with ClusterSession(c, hosts=_hosts_flag(hosts)) as session:
+        launch = launch_defaults(session, c.config, dict(os.environ))
         local = local_checkout_state(excluded_dirs=sync_excludes(session.settings))
-        results = probe_all(session)
-        findings = findings_for(session, results, local)
+        results = probe_all(session, master_port=launch.master_port)
+        findings = findings_for(session, results, local, nproc=launch.nproc)
         console = make_console()
         console.print(
             facts_table(
@@ -378,6 +436,7 @@ def check(c, hosts=None):
                 f"{len(session.nodes)} node(s) from {session.inventory.source}; "
                 f"this checkout: {describe_checkout(local)}; "
                 f"workdir {session.workdir}",
+                launch,
             )
         )
         print_findings(console, findings)
@@ -502,10 +561,13 @@ def setup(c, hosts=None, iface=None, yes=False):
                 "no hosts to set up: pass --hosts master,worker1,... (master first)",
                 code=EXIT_USAGE,
             )
+        launch = launch_defaults(session, c.config, dict(os.environ))
         local = local_checkout_state(excluded_dirs=sync_excludes(settings))
-        results = probe_all(session)
-        findings = findings_for(session, results, local)
-        console.print(facts_table(session, results, local, f"{len(session.nodes)} node(s) probed"))
+        results = probe_all(session, master_port=launch.master_port)
+        findings = findings_for(session, results, local, nproc=launch.nproc)
+        console.print(
+            facts_table(session, results, local, f"{len(session.nodes)} node(s) probed", launch)
+        )
         print_findings(console, findings)
         results.raise_if_failed(
             "setup",

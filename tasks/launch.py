@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import getpass
 import io
+import json
 import os
 import posixpath
 import random
 import re
-import shutil
+import shlex
 import socket
 import subprocess
 import sys
@@ -27,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from invoke.exceptions import Exit
 from rich.console import Console
 from rich.table import Table
 
+from tasks.cluster import launch_context, probe_all, require_matching_checkout
+from tasks.diagnose import HangMonitor
 from tasks.lib.probe import HostFacts
 from tasks.lib.profiling import (
     ProfilerChoice,
@@ -49,6 +52,12 @@ from tasks.lib.profiling import (
     tool_check_command,
 )
 from tasks.lib.quoting import sh_join, sh_quote
+from tasks.lib.registry import (
+    launcher_start_command,
+    parse_status,
+    render_node_launcher,
+    status_command,
+)
 from tasks.lib.render import load_nccl_preset, render_compose, render_env_script
 from tasks.lib.runrecord import (
     AGENT_DEATH_SIGNAL,
@@ -73,6 +82,7 @@ from tasks.lib.runspec import (
     LaunchFlags,
     RunSpec,
     RunSpecError,
+    explicit_launch_config,
     log_file_name,
     nccl_env,
     node_run_dir,
@@ -82,9 +92,10 @@ from tasks.lib.runspec import (
     socket_env,
     torchrun_argv,
 )
-from tasks.lib.settings import LaunchSettings
 from tasks.nodes import Node, NodeResults, describe_error, on_each
-from tasks.session import EXIT_USAGE, PROJECT_ROOT, ClusterSession, project_path
+from tasks.report import write_report
+from tasks.runs import active_runs, stop_run
+from tasks.session import EXIT_USAGE, PROJECT_ROOT, ClusterSession, load_settings, project_path
 
 EXIT_FAILED = 1
 EXIT_BUSY = 3
@@ -105,11 +116,11 @@ HEARTBEAT_TIMEOUT_S = 15.0
 LOST_AFTER_S = 30.0
 PROGRESS_LINE_S = 10.0         # at most this often, a "progress:" line with every node's steps
 TAIL_POLL_S = 0.5
+# After the registry says every node ended, a tail may still be delivering the last lines (it
+# notices the launcher's exit at its next poll): wait this long for the streams to end.
+TAIL_DRAIN_S = 5.0
 AUTO_PORT_RANGE = (29500, 29999)
 AUTO_PORT_TRIES = 5
-
-# launch.* keys whose value the user may have set (the rest of the tree is built-in defaults).
-LAUNCH_KEYS = frozenset(f.name for f in fields(LaunchSettings))
 
 SHORT_FLAGS = {"channels": "c", "threads": "t", "nproc": "p", "config": "C", "rocprof": "r",
                "stats": "m"}
@@ -134,51 +145,16 @@ class LaunchTask(Task):
 
 # -- resolution before any host --------------------------------------------------------------------
 
-def explicit_launch_config(config: Any) -> dict[str, Any]:
-    """The `launch.*` keys a user set (fabric.yaml, -f FILE, ~/.fabric.yaml, FABRIC_LAUNCH_* ...).
-
-    Built-in defaults live in the config tree too (Collection.configure); they must not hide the
-    original scripts' environment variables, which rank between the config and the built-ins.
-    Invoke keeps each source as its own layer, so the user's layers are read directly.
-    """
-    layers = ("_system", "_user", "_project", "_env", "_runtime", "_overrides", "_modifications")
-    found: dict[str, Any] = {}
-    for layer_name in layers:
-        layer = getattr(config, layer_name, None) if not isinstance(config, Mapping) else None
-        section = layer.get("launch") if isinstance(layer, Mapping) else None
-        if isinstance(section, Mapping):
-            found.update({key: value for key, value in section.items() if key in LAUNCH_KEYS})
-    if isinstance(config, Mapping):  # a plain dict (tests): everything in it counts as set
-        section = config.get("launch") or {}
-        found.update({key: value for key, value in section.items() if key in LAUNCH_KEYS})
-    return found
-
-
-def local_accelerator() -> str:
-    """This machine's GPUs by their tools (the embedded default runs here, GPU if present)."""
-    if shutil.which("nvidia-smi"):
-        return "cuda"
-    if shutil.which("rocm-smi") or Path("/dev/kfd").exists():
-        return "rocm"
-    return "cpu"
-
-
 def resolve_spec(session: ClusterSession, flags: LaunchFlags, c_config: Any,
                  environ: Mapping[str, str]) -> RunSpec:
     settings = session.settings
-    builtins: dict[str, Any] = {}
-    if session.inventory.is_local:
-        # This machine alone: its own hardware decides (all of its GPUs unless told otherwise),
-        # and Docker only when asked for.
-        accelerator, docker_default = local_accelerator(), False
-        if accelerator != "cpu":
-            builtins["nproc"] = "auto"
-    else:
-        accelerator, docker_default = settings.docker.platform, settings.docker.enabled
+    context = launch_context(session)  # the same situation `fab check` judges
     try:
         spec = resolve_run_spec(flags, explicit_launch_config(c_config), environ,
-                                accelerator=accelerator, docker_default=docker_default,
-                                project_root=PROJECT_ROOT, builtin_overrides=builtins)
+                                accelerator=context.accelerator,
+                                docker_default=context.docker_default,
+                                project_root=PROJECT_ROOT,
+                                builtin_overrides=context.builtin_overrides)
         if spec.nccl_preset:
             try:
                 load_nccl_preset(spec.nccl_preset)
@@ -205,13 +181,7 @@ class Plan:
     node_run_dir: str                # on every node
     output_dir: str                  # on every node
     nproc: int | str
-    master_addr: str
-    master_port: int | str
-    ifnames: list[str]
-    common_env: dict[str, str]
-    node_env: list[dict[str, str]]
     torchrun: list[str]
-    wrapper: list[str] | None
     profilers: ProfilerChoice        # rocprof_input there: the path on the nodes
     files: dict[str, str | bytes]    # node run dir file name -> content (launcher excluded)
     launcher: str
@@ -252,8 +222,6 @@ def pick_run_id(spec: RunSpec, experiments_dir: Path, when: datetime, create: bo
 def build_plan(session: ClusterSession, spec: RunSpec, *, run_id: str, run_dir: Path,
                nproc: int | str, master_addr: str, master_port: int | str, ifnames: list[str],
                facts: Sequence[HostFacts] | None) -> Plan:
-    from tasks.lib.registry import render_node_launcher
-
     settings = session.settings
     workdir = session.workdir
     remote_run_dir = node_run_dir(workdir, run_id)
@@ -306,9 +274,7 @@ def build_plan(session: ClusterSession, spec: RunSpec, *, run_id: str, run_dir: 
                 common_env=common_env, per_node_env=node_env, torchrun_argv=[str(a) for a in argv],
                 wrapper_argv=wrapper)
     return Plan(spec=spec, run_id=run_id, run_dir=run_dir, node_run_dir=remote_run_dir,
-                output_dir=output_dir, nproc=nproc, master_addr=master_addr,
-                master_port=master_port, ifnames=ifnames, common_env=common_env,
-                node_env=node_env, torchrun=[str(a) for a in argv], wrapper=wrapper,
+                output_dir=output_dir, nproc=nproc, torchrun=[str(a) for a in argv],
                 profilers=profilers, files=files,
                 launcher=launcher, record=record)
 
@@ -346,21 +312,21 @@ def node_log_path(plan: Plan, node_rank: int) -> str:
     return posixpath.join(plan.output_dir, f"node_{node_rank}_output.log")
 
 
-def tail_command(log_path: str, launcher_pid: int | str) -> str:
-    """Stream a node's output log from its first line until its launcher exits.
+def tail_command(log_path: str, launcher_pid: int | str, from_start: bool = True) -> str:
+    """Stream a node's output log until its launcher exits: from its first line, or (a stream
+    reopened after its SSH channel broke) from its end.
 
     -F waits for the file to appear; --pid ends tail once the launcher is gone and the file has
     been read to the end, so nothing the node wrote is cut off.
     """
-    return (f"exec tail -n +1 -F -s {TAIL_POLL_S} --pid={sh_quote(launcher_pid)} "
+    start = "+1" if from_start else "0"
+    return (f"exec tail -n {start} -F -s {TAIL_POLL_S} --pid={sh_quote(launcher_pid)} "
             f"{sh_quote(log_path)} 2>/dev/null")
 
 
 def abbreviate_script(command: str, limit: int = 300) -> str:
     """`bash -c <long script> name args...` with the script's body elided (it is the registry's
     shell library, tasks/lib/registry.py); the arguments stay exact."""
-    import shlex
-
     parts = shlex.split(command)
     if len(parts) >= 3 and parts[:2] == ["bash", "-c"] and len(parts[2]) > limit:
         return (f"bash -c <{len(parts[2])}-byte script of tasks/lib/registry.py> "
@@ -372,8 +338,6 @@ def abbreviate_script(command: str, limit: int = 300) -> str:
 
 def print_dry_run(session: ClusterSession, spec: RunSpec, console: Console) -> None:
     """Print what would be pushed and run on each host, contacting none of them."""
-    from tasks.lib.registry import launcher_start_command
-
     settings = session.settings
     experiments_dir = project_path(settings.cluster.experiments_dir)
     run_id = pick_run_id(spec, experiments_dir, datetime.now(), create=False)
@@ -420,8 +384,6 @@ def print_dry_run(session: ClusterSession, spec: RunSpec, console: Console) -> N
 
 def probe_cluster(session: ClusterSession, spec: RunSpec) -> tuple[list[HostFacts], int]:
     """Facts of every host (one round trip each, in parallel) and a master port free on node 0."""
-    from tasks.cluster import probe_all, require_matching_checkout
-
     tries = 1 if spec.master_port else AUTO_PORT_TRIES
     port = spec.master_port or random.randint(*AUTO_PORT_RANGE)
     for _ in range(tries):
@@ -505,8 +467,6 @@ def check_profiler(session: ClusterSession, spec: RunSpec) -> None:
 
 
 def refuse_if_busy(session: ClusterSession, force: bool, console: Console) -> None:
-    from tasks.runs import active_runs
-
     active = {node: runs for node, runs in active_runs(session).items() if runs}
     if not active:
         return
@@ -535,7 +495,17 @@ def push_bundle(session: ClusterSession, plan: Plan) -> None:
         if dirs:
             node.run("mkdir -p -- " + " ".join(sh_quote(d) for d in dirs))
 
-    on_each(session.nodes, push).raise_if_failed("pushing the run bundle", code=EXIT_FAILED)
+    results = on_each(session.nodes, push)
+    record_host_failures(plan, "push", results)
+    results.raise_if_failed("pushing the run bundle", code=EXIT_FAILED)
+
+
+def record_host_failures(plan: Plan, phase: str, results: NodeResults[Any]) -> None:
+    """run.json's first_failure for a phase that failed on some hosts (one line per host)."""
+    if results.failed:
+        plan.record.record_phase_failure(
+            phase, {node.index: describe_error(error, node) for node, error in results.failed.items()},
+            at=now_iso())
 
 
 _PID = re.compile(r"(\d+)\s*$")
@@ -543,8 +513,6 @@ _PID = re.compile(r"(\d+)\s*$")
 
 def start_launchers(session: ClusterSession, plan: Plan) -> dict[int, int]:
     """Start every node's launcher (detached); node rank -> launcher pid."""
-    from tasks.lib.registry import launcher_start_command
-
     registry_dir = session.settings.cluster.registry_dir
 
     def start(node: Node) -> int:
@@ -558,13 +526,30 @@ def start_launchers(session: ClusterSession, plan: Plan) -> dict[int, int]:
 
     results = on_each(session.nodes, start)
     if results.failed:
-        from tasks.runs import stop_run
-
+        record_host_failures(plan, "start", results)
+        hint = ""
         if results.ok:  # never leave half a run waiting for peers that will not come
-            stop_run(session, plan.run_id, FAIL_FAST_GRACE_S)
-        results.raise_if_failed("starting the node launchers", code=EXIT_FAILED,
-                                hint="the nodes that had started were stopped")
+            hint = stop_after_failed_start(session, plan)
+        results.raise_if_failed("starting the node launchers", code=EXIT_FAILED, hint=hint)
     return {node.index: pid for node, pid in results.ok.items()}
+
+
+def stop_after_failed_start(session: ClusterSession, plan: Plan) -> str:
+    """Stop the launchers that did start; what happened, for the error message (and run.json)."""
+    try:
+        stopped = stop_run(session, plan.run_id, FAIL_FAST_GRACE_S)
+    except Exception as err:  # noqa: BLE001 - the start's failure is the error to report
+        failed_lines = [f"stopping the started nodes failed: {err}"]
+    else:
+        failed_lines = [f"stopping node {node.index} ({node.label}) failed: "
+                        f"{describe_error(error, node)}"
+                        for node, error in sorted(stopped.failed.items(), key=lambda i: i[0].index)]
+    if plan.record.first_failure is not None:
+        plan.record.first_failure.last_lines.extend(failed_lines)
+    if not failed_lines:
+        return "the nodes that had started were stopped"
+    return ("\n".join(failed_lines)
+            + f"\nprocesses of the run may be left there: fab stop --run {plan.run_id}")
 
 
 # -- watching --------------------------------------------------------------------------------------
@@ -611,10 +596,28 @@ class NodeWatch:
     exit_code: int | None = None
     last_ok: float = field(default_factory=time.monotonic)  # last successful registry read
     stopping_from_outside: bool = False
+    log_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def ended(self) -> bool:
         return self.ended_at is not None
+
+    def write_line(self, line: str) -> bool:
+        """Append to the controller's log; False once it is closed (a stream that outlived the
+        wait: the line is still in the node's own output log)."""
+        with self.log_lock:
+            if self.log_file.closed:
+                return False
+            self.log_file.write(line + "\n")
+            self.log_file.flush()
+            return True
+
+    def close_log(self) -> None:
+        with self.log_lock:
+            try:
+                self.log_file.close()
+            except OSError:
+                pass
 
 
 class Watcher:
@@ -642,10 +645,9 @@ class Watcher:
         self.last_progress_print = now
         self.hung = False
         self.done = threading.Event()
+        self.heartbeat: threading.Thread | None = None
         self.hang = None
         if plan.spec.hang_timeout > 0:
-            from tasks.diagnose import HangMonitor
-
             # Imports, rendezvous and calibration come before the first metrics line: allow more.
             self.hang = HangMonitor(session, plan.run_id, plan.output_dir, plan.spec.hang_timeout,
                                     world_size=plan.record.world_size, started_at=now,
@@ -667,9 +669,7 @@ class Watcher:
 
     def _tail(self, watch: NodeWatch, from_start: bool) -> None:
         sink = LineSink(lambda line: self._on_line(watch, line))
-        command = tail_command(node_log_path(self.plan, watch.rank), watch.pid)
-        if not from_start:
-            command = command.replace("tail -n +1 ", "tail -n 0 ", 1)
+        command = tail_command(node_log_path(self.plan, watch.rank), watch.pid, from_start)
         try:
             watch.node.run(command, warn=True, hide="err", out_stream=sink)
         except BaseException as err:  # noqa: BLE001 - reported through the heartbeat
@@ -680,8 +680,7 @@ class Watcher:
 
     def _on_line(self, watch: NodeWatch, line: str) -> None:
         now = time.monotonic()
-        watch.log_file.write(line + "\n")
-        watch.log_file.flush()
+        watch.write_line(line)
         watch.lines.append(line)
         if (progress := parse_progress(line)):
             watch.steps_done, watch.steps_total = progress
@@ -697,8 +696,6 @@ class Watcher:
 
     def poll_states(self, watches: Sequence[NodeWatch]) -> None:
         """Read the registry state of these nodes (concurrently); record endings and losses."""
-        from tasks.lib.registry import parse_status, status_command
-
         command = status_command(self.session.settings.cluster.registry_dir, self.plan.run_id,
                                  recent=1)
 
@@ -749,13 +746,30 @@ class Watcher:
                 self.console.out(f"launch: heartbeat: {err}", highlight=False)
 
     def wait(self) -> str:
-        """Until every node ended; returns "succeeded", "failed", "stopped" or "hung"."""
-        heartbeat = threading.Thread(target=self._heartbeat, daemon=True, name="heartbeat")
-        heartbeat.start()
+        """Until every node ended and its log stream delivered its last lines; returns
+        "succeeded", "failed", "stopped" or "hung"."""
+        self.heartbeat = threading.Thread(target=self._heartbeat, daemon=True, name="heartbeat")
+        self.heartbeat.start()
         try:
-            return self._wait()
+            status = self._wait()
         finally:
             self.done.set()
+        for rank in self.drain():
+            self.console.out(f"launch: the log stream of node {rank} did not end within "
+                             f"{TAIL_DRAIN_S:.0f} s; its last lines are in the node's output log",
+                             highlight=False)
+        return status
+
+    def drain(self, timeout: float = TAIL_DRAIN_S) -> list[int]:
+        """The registry may report a node's end before its tail delivered the last lines: wait
+        (bounded: a lost node's stream may never end) for every stream and the heartbeat.
+        Returns the node ranks whose stream was still open."""
+        if self.heartbeat is not None:
+            self.heartbeat.join(HEARTBEAT_TIMEOUT_S + 1)
+        deadline = time.monotonic() + timeout
+        for watch in self.watches:
+            watch.tail_done.wait(max(0.0, deadline - time.monotonic()))
+        return [w.rank for w in self.watches if not w.tail_done.is_set()]
 
     def _wait(self) -> str:
         first_seen: float | None = None
@@ -806,8 +820,6 @@ class Watcher:
     def on_hang(self, report: Any) -> None:
         """No rank advanced for hang_timeout seconds: diagnostics first (stacks of the live
         processes), then stop everything; hung ranks ignore SIGTERM, so the grace is short."""
-        from tasks.runs import stop_run
-
         container = self.session.settings.docker.container if self.plan.spec.docker else None
         assert self.hang is not None
         self.plan.record.hang = self.hang.diagnose(report, self.plan.run_dir, container=container,
@@ -831,8 +843,6 @@ class Watcher:
                 watch.state, watch.ended_at = "lost", time.monotonic()
 
     def fail_fast(self, culprit: Evidence) -> None:
-        from tasks.runs import stop_run
-
         watch = self.watches[culprit.node_rank]
         record = self.plan.record
         reason = failure_reason(culprit)
@@ -870,19 +880,17 @@ class Watcher:
 
     def close(self) -> None:
         for watch in self.watches:
-            try:
-                watch.log_file.close()
-            except OSError:
-                pass
+            watch.close_log()
 
 
 # -- collection ------------------------------------------------------------------------------------
 
 def collect_outputs(session: ClusterSession, remote_output_dir: str,
-                    target: Path) -> dict[int, dict[str, int]]:
+                    target: Path) -> NodeResults[dict[str, int]]:
     """Copy every node's <T>thread_<C>channels/ into the controller's run dir, unless the same file
     (same size at the same place) is already there: local runs and shared filesystems copy nothing.
-    A name another node already delivered with different content goes under node_<rank>/."""
+    A name another node already delivered with different content goes under node_<rank>/.
+    A host without the output directory, or whose files cannot be listed or copied, fails."""
     claimed: dict[Path, int] = {}
     lock = threading.Lock()
 
@@ -906,12 +914,14 @@ def collect_outputs(session: ClusterSession, remote_output_dir: str,
             stats["bytes"] += size
         return stats
 
-    results = on_each(session.nodes, collect)
+    return on_each(session.nodes, collect)
+
+
+def record_collection(record: RunRecord, results: NodeResults[dict[str, int]]) -> None:
+    for node, stats in results.ok.items():
+        record.node(node.index).collected = stats
     for node, error in results.failed.items():
-        print(f"launch: collecting outputs of node {node.index} ({node.label}) failed: "
-              f"{describe_error(error)}; they stay in {remote_output_dir} on that host",
-              file=sys.stderr)
-    return {node.index: stats for node, stats in results.ok.items()}
+        record.node(node.index).collect_error = describe_error(error, node)
 
 
 # -- ending ----------------------------------------------------------------------------------------
@@ -968,14 +978,16 @@ def finish(session: ClusterSession, plan: Plan, watcher: Watcher, status: str,
         record.mark_node_ended(watch.rank, state=watch.state or "lost", exit_code=watch.exit_code,
                                at=now_iso())
     collected = collect_outputs(session, plan.output_dir, plan.run_dir / plan.spec.output_dir_name)
-    for rank, stats in collected.items():
-        record.node(rank).collected = stats
+    # A node that failed early may never have made its output directory: run.json says so, and
+    # the launch ends as the run did.
+    record_collection(record, collected)
+    for node, error in sorted(collected.failed.items(), key=lambda item: item[0].index):
+        console.out(f"launch: collecting outputs of node {node.index} ({node.label}) failed: "
+                    f"{describe_error(error, node)}", highlight=False)
     clock.mark("collect")
     summary_path = plan.run_dir / plan.spec.output_dir_name / "summary.json"
     if summary_path.is_file():
         try:
-            import json
-
             record.headline = headline_metrics(json.loads(summary_path.read_text()))
         except (OSError, ValueError):
             pass
@@ -994,8 +1006,6 @@ def write_run_report(plan: Plan, console: Console) -> None:
     """results.csv, report.md and plots next to run.json (tasks/report.py). A report problem is
     reported, never the launch's failure: the run itself is over and recorded."""
     try:
-        from tasks.report import write_report
-
         result = write_report(plan.run_dir)
         console.out(f"report: {plan.run_dir / 'report.md'} ({len(result.files)} file(s))",
                     highlight=False)
@@ -1060,11 +1070,6 @@ def launch(c, channels=None, threads=None, nproc=None, config=None, rocprof=Fals
     With no inventory this machine alone runs it, without SSH (GPU if present, else 2 CPU ranks
     with gloo and config/multi_node/cpu_tiny.yaml). Ctrl-C detaches; the run goes on.
     """
-    from fabric import Connection
-
-    if isinstance(c, Connection):
-        raise Exit("launch: give hosts after the task name (fab launch --hosts a,b); `fab -H` runs "
-                   "a task once per host, one after another", code=EXIT_USAGE)
     if docker and no_docker:
         raise Exit("launch: --docker and --no-docker contradict each other; give one",
                    code=EXIT_USAGE)
@@ -1148,9 +1153,17 @@ def _run_launch(session: ClusterSession, spec: RunSpec, console: Console, outcom
             (run_dir / name).write_text(str(plan.files[name]))
     write_record(plan)
     clock.mark("render")
-    push_bundle(session, plan)
-    clock.mark("push")
-    pids = start_launchers(session, plan)
+    phase = "push"
+    try:
+        push_bundle(session, plan)
+        clock.mark("push")
+        phase = "start"
+        pids = start_launchers(session, plan)
+    except BaseException as err:
+        # run.json exists: it must not stay "rendered" (the report would show it running).
+        fail_record(plan, phase, err)
+        outcome.status = plan.record.status
+        raise
     outcome.started = True
     clock.mark("start")
     at = now_iso()
@@ -1173,14 +1186,25 @@ def _run_launch(session: ClusterSession, spec: RunSpec, console: Console, outcom
     except KeyboardInterrupt:
         plan.record.status = outcome.status = "detached"
         write_record(plan)
-        watcher.close()
         console.out(f"\nlaunch: detached (Ctrl-C). {detach_message(run_id)}", highlight=False)
         return EXIT_DETACHED
-    watcher.close()
+    finally:
+        watcher.close()
     clock.mark("watch")
     code = finish(session, plan, watcher, status, console, clock)
     outcome.status = plan.record.status
     return code
+
+
+def fail_record(plan: Plan, phase: str, error: BaseException) -> None:
+    """Finish run.json as failed in `phase` (the per-host lines when the phase recorded them)."""
+    record = plan.record
+    if record.first_failure is None:
+        detail = "interrupted (Ctrl-C)" if isinstance(error, KeyboardInterrupt) else (
+            str(getattr(error, "message", "") or error) or type(error).__name__)
+        record.record_phase_failure(phase, {}, at=now_iso(), detail=detail)
+    record.finish(status="failed", exit_status=EXIT_FAILED, at=now_iso())
+    write_record(plan)
 
 
 def latest_run_dir(experiments_dir: Path) -> Path | None:
@@ -1198,8 +1222,6 @@ def collect(c, run=None, hosts=None):
     For runs started with --detach or left by Ctrl-C: `fab launch` does this itself when it
     watches a run to its end. Files already here with the same size are skipped.
     """
-    from tasks.session import load_settings
-
     experiments_dir = project_path(load_settings(c).cluster.experiments_dir)
     run_dir = experiments_dir / run if run else latest_run_dir(experiments_dir)
     if run_dir is None or not (run_dir / RUN_JSON).is_file():
@@ -1218,13 +1240,16 @@ def collect(c, run=None, hosts=None):
                        code=EXIT_USAGE)
         collected = collect_outputs(session, posixpath.join(record.node_run_dir, record.output_dir),
                                     run_dir / record.output_dir)
-    for rank, stats in sorted(collected.items()):
-        record.node(rank).collected = stats
-        print(f"node {rank}: {stats['files']} file(s), {stats['bytes']} bytes copied, "
+    record_collection(record, collected)
+    for node, stats in sorted(collected.ok.items(), key=lambda item: item[0].index):
+        print(f"node {node.index}: {stats['files']} file(s), {stats['bytes']} bytes copied, "
               f"{stats['skipped']} already there")
     tmp = run_dir / f".{RUN_JSON}.tmp"
     tmp.write_text(record.to_json())
     tmp.replace(run_dir / RUN_JSON)
+    collected.raise_if_failed("collecting outputs", code=EXIT_FAILED,
+                              hint=f"the files stay on those hosts; `fab collect --run "
+                                   f"{record.run_id}` retries")
 
 
 ns = Collection(launch, collect)

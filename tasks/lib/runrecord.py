@@ -13,8 +13,9 @@ Schema (version 1), top level:
   env {common: {...}, per_node: [{...} per node rank]}, torchrun_argv, wrapper_argv,
   nodes [{node_rank, host, hostname, address, ifname, gpus, gpu_names, commit, branch, ranks,
           launcher_pid, state, exit_code, started_at, ended_at, steps_done, steps_total, log,
-          collected}],
-  first_failure {node_rank, host, ranks, exit_code, reason, at, last_lines} | null,
+          collected, collect_error}],
+  first_failure {node_rank, host, ranks, exit_code, reason, at, last_lines} | null (a push or
+    start failure: reason "<phase> failed on node N (host)", last_lines one line per host),
   headline {metric: value} (from summary.json, when there is one),
   timings {phase: seconds} (validate, probe, busy_check, render, push, start, watch, collect),
   hang {first_stalled_ranks, basis, suspect_ranks, rank_steps, stalled_for_s, timeout_s,
@@ -64,6 +65,7 @@ class NodeRecord:
     steps_total: int | None = None
     log: str | None = None        # controller log file, relative to the run dir
     collected: dict[str, int] | None = None  # {"files", "bytes", "skipped"} after collection
+    collect_error: str | None = None  # why this node's outputs could not be collected
 
 
 @dataclass
@@ -163,6 +165,26 @@ class RunRecord:
         self.first_failure = Failure(node_rank=node_rank, host=node.host, ranks=list(node.ranks),
                                      exit_code=exit_code, reason=reason, at=at,
                                      last_lines=list(last_lines)[-LAST_LINES:])
+        return True
+
+    def record_phase_failure(self, phase: str, host_errors: Mapping[int, str], *, at: str,
+                             detail: str = "") -> bool:
+        """A launch phase (push, start) failed before any rank ran: first_failure names the
+        phase, its first failing node, and one line per failing host in last_lines. Without
+        per-host errors (the controller itself failed) it is pinned on node 0, with `detail`."""
+        if self.first_failure is not None:
+            return False
+        lines = [f"node {rank} ({self.node(rank).host}): {error}"
+                 for rank, error in sorted(host_errors.items())]
+        rank = min(host_errors) if host_errors else 0
+        if host_errors:
+            hosts = ", ".join(f"node {r} ({self.node(r).host})" for r in sorted(host_errors))
+            reason = f"{phase} failed on {hosts}"
+        else:
+            reason = f"{phase} failed: {detail}" if detail else f"{phase} failed"
+        self.first_failure = Failure(node_rank=rank, host=self.node(rank).host if self.nodes else "",
+                                     ranks=[], exit_code=None, reason=reason, at=at,
+                                     last_lines=lines)
         return True
 
     def finish(self, *, status: str, exit_status: int, at: str) -> None:
@@ -335,7 +357,11 @@ def failure_reason(culprit: Evidence) -> str:
 # -- collection -----------------------------------------------------------------------------------
 
 def list_files_command(directory: str) -> str:
-    return f"find {sh_quote(directory)} -type f -printf '%s\\t%P\\n' 2>/dev/null || true"
+    """Size and relative path of every file under `directory`; a missing directory (or one that
+    cannot be read) exits non-zero saying so, never "no files"."""
+    quoted = sh_quote(directory)
+    return (f"if [ -d {quoted} ]; then find {quoted} -type f -printf '%s\\t%P\\n'; "
+            f"else echo {sh_quote(f'no output directory {directory}')} >&2; exit 3; fi")
 
 
 def parse_file_list(text: str) -> list[tuple[int, str]]:

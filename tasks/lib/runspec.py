@@ -11,7 +11,7 @@ from __future__ import annotations
 import posixpath
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +23,7 @@ from tasks.lib.profiling import (
     torch_profile_overrides,
 )
 from tasks.lib.quoting import is_env_name
+from tasks.lib.settings import LaunchSettings
 
 Accelerator = Literal["cuda", "rocm", "cpu"]
 ACCELERATORS: tuple[str, ...] = ("cuda", "rocm", "cpu")
@@ -43,14 +44,14 @@ ENV_FALLBACKS: dict[str, str] = {  # RunSpec field -> the original scripts' envi
     "config": "CONFIG_FILE",
     "master_port": "MASTER_PORT",
 }
+# The launch.* defaults are LaunchSettings' (one place); they rank last, below the env variables.
+_LAUNCH_DEFAULTS = LaunchSettings()
 BUILTINS: dict[str, Any] = {
-    "channels": 28,
-    "threads": 256,
-    "nproc": 8,
-    "config": "config/multi_node/distributed_multinode.yaml",
-    "master_port": None,  # auto: a free port on the master
-    "hang_timeout": 600.0,  # seconds without progress before the watchdog stops the run; 0: off
+    name: getattr(_LAUNCH_DEFAULTS, name)
+    for name in ("channels", "threads", "nproc", "config", "master_port", "hang_timeout")
 }
+# launch.* keys whose value the user may set (the rest of a config tree is not launch's).
+LAUNCH_KEYS = frozenset(f.name for f in fields(LaunchSettings))
 # Without GPUs the same run is a small gloo job: two ranks per node and the CPU-sized config.
 CPU_BUILTINS: dict[str, Any] = {
     "nproc": 2,
@@ -161,25 +162,52 @@ class RunSpec:
 
 # -- resolution ------------------------------------------------------------------------------------
 
-def resolve_run_spec(
+def explicit_launch_config(config: Any) -> dict[str, Any]:
+    """The `launch.*` keys a user set (fabric.yaml, -f FILE, ~/.fabric.yaml, FABRIC_LAUNCH_* ...).
+
+    Built-in defaults live in the config tree too (Collection.configure); they must not hide the
+    original scripts' environment variables, which rank between the config and the built-ins.
+    Invoke keeps each source as its own layer, so the user's layers are read directly.
+    """
+    layers = ("_system", "_user", "_project", "_env", "_runtime", "_overrides", "_modifications")
+    found: dict[str, Any] = {}
+    for layer_name in layers:
+        layer = getattr(config, layer_name, None) if not isinstance(config, Mapping) else None
+        section = layer.get("launch") if isinstance(layer, Mapping) else None
+        if isinstance(section, Mapping):
+            found.update({key: value for key, value in section.items() if key in LAUNCH_KEYS})
+    if isinstance(config, Mapping):  # a plain dict (tests): everything in it counts as set
+        section = config.get("launch") or {}
+        found.update({key: value for key, value in section.items() if key in LAUNCH_KEYS})
+    return found
+
+
+@dataclass(frozen=True)
+class LaunchValues:
+    """The launch values that have a flag, a config key, an env variable and a built-in."""
+
+    channels: int
+    threads: int
+    nproc: int | Literal["auto"]
+    master_port: int | None
+    config: str
+    hang_timeout: float
+    sources: Mapping[str, str]    # field -> flag | config | env X | built-in
+
+
+def resolve_launch_values(
     flags: LaunchFlags,
     config: Mapping[str, Any],
     environ: Mapping[str, str],
     *,
     accelerator: str,
-    docker_default: bool,
-    project_root: Path,
-    validate_config: Callable[[Path, Sequence[str]], None] | None = None,
     builtin_overrides: Mapping[str, Any] | None = None,
-) -> RunSpec:
-    """Decide and validate every launch value: flag -> config -> environment -> built-in.
+) -> LaunchValues:
+    """THE resolution order of launch values: flag -> config -> environment -> built-in.
 
-    config: only the `launch.*` keys the user set (built-in defaults excluded, so the original
-    environment variables still apply). accelerator: "cuda" | "rocm" | "cpu", what the nodes run
-    on (CPU: gloo, and the CPU built-ins for nproc and config). docker_default: docker on/off when
-    neither --docker nor --no-docker was given. validate_config: raises RunSpecError for a bad
-    config (default: train.config.load_config, torch-free). builtin_overrides: built-ins of this
-    situation (the embedded default on a GPU machine uses nproc "auto": its own GPUs).
+    `fab launch` (through resolve_run_spec) and `fab check` both use it, so a check judges the
+    nproc and master port the launch would use. config: only the `launch.*` keys the user set
+    (explicit_launch_config). Raises RunSpecError naming where a bad value came from.
     """
     if accelerator not in ACCELERATORS:
         raise RunSpecError(f"unknown accelerator {accelerator!r} "
@@ -215,17 +243,47 @@ def resolve_run_spec(
     nproc = parse_nproc(pick("nproc", flags.nproc), where("nproc"))
     master_port = parse_master_port(pick("master_port", flags.master_port), where("master_port"))
     config_text = str(pick("config", flags.config))
+    if accelerator == "cpu" and nproc == "auto":
+        raise RunSpecError(f"{where('nproc')}: 'auto' counts GPUs and these nodes have none; "
+                           "give a number of CPU ranks per node, e.g. --nproc 2")
+    hang_timeout = parse_hang_timeout(pick("hang_timeout", flags.hang_timeout),
+                                      where("hang_timeout"))
+    return LaunchValues(channels=channels, threads=threads, nproc=nproc,
+                        master_port=master_port, config=config_text,
+                        hang_timeout=hang_timeout, sources=sources)
+
+
+def resolve_run_spec(
+    flags: LaunchFlags,
+    config: Mapping[str, Any],
+    environ: Mapping[str, str],
+    *,
+    accelerator: str,
+    docker_default: bool,
+    project_root: Path,
+    validate_config: Callable[[Path, Sequence[str]], None] | None = None,
+    builtin_overrides: Mapping[str, Any] | None = None,
+) -> RunSpec:
+    """Decide and validate every launch value (resolve_launch_values' order for those it owns).
+
+    config: only the `launch.*` keys the user set (built-in defaults excluded, so the original
+    environment variables still apply). accelerator: "cuda" | "rocm" | "cpu", what the nodes run
+    on (CPU: gloo, and the CPU built-ins for nproc and config). docker_default: docker on/off when
+    neither --docker nor --no-docker was given. validate_config: raises RunSpecError for a bad
+    config (default: train.config.load_config, torch-free). builtin_overrides: built-ins of this
+    situation (the embedded default on a GPU machine uses nproc "auto": its own GPUs).
+    """
+    values = resolve_launch_values(flags, config, environ, accelerator=accelerator,
+                                   builtin_overrides=builtin_overrides)
+    sources = dict(values.sources)
+    channels, threads, nproc = values.channels, values.threads, values.nproc
+    master_port, config_text, hang_timeout = values.master_port, values.config, values.hang_timeout
     overrides = parse_overrides(flags.overrides)
     env = parse_env_pairs(flags.env)
 
     nccl_preset = flags.nccl_preset or config.get("nccl_preset") or None
     sources["nccl_preset"] = "flag" if flags.nccl_preset else ("config" if nccl_preset else "none")
 
-    if accelerator == "cpu" and nproc == "auto":
-        raise RunSpecError(f"{where('nproc')}: 'auto' counts GPUs and these nodes have none; "
-                           "give a number of CPU ranks per node, e.g. --nproc 2")
-    hang_timeout = parse_hang_timeout(pick("hang_timeout", flags.hang_timeout),
-                                      where("hang_timeout"))
     # The profiling flags' rules are tasks.lib.profiling's (--stats, --rocprof-input: --rocprof).
     try:
         profilers = resolve_profilers(rocprof=flags.rocprof, stats=flags.stats,
@@ -510,5 +568,6 @@ __all__ = [
     "parse_overrides", "load_train_config", "resolve_nproc", "nccl_env", "socket_env",
     "run_id_base", "run_id_candidates", "output_dir_name", "node_run_dir", "log_file_name",
     "torchrun_argv", "parse_hang_timeout", "BUILTINS", "CPU_BUILTINS", "ENV_FALLBACKS",
-    "THREAD_VALUES", "CONFIG_NAME_ON_NODE", "ROCPROF_INPUT_NAME_ON_NODE",
+    "THREAD_VALUES", "CONFIG_NAME_ON_NODE", "ROCPROF_INPUT_NAME_ON_NODE", "LAUNCH_KEYS",
+    "LaunchValues", "resolve_launch_values", "explicit_launch_config",
 ]

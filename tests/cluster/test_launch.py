@@ -7,9 +7,11 @@ never sees a connection.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -17,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -158,6 +160,102 @@ def test_embedded_default_runs_here_without_ssh(tmp_path):
     assert {"rank_00_metrics.jsonl", "rank_01_metrics.jsonl", "summary.json",
             "node_0_output.log"} <= {p.name for p in outputs.iterdir()}
     assert elapsed < 60
+
+
+# -- this machine alone, no cluster: the watcher's ending and `fab collect` ---------------------------
+
+def local_session(tmp_path: Path):
+    from invoke import Config, Context
+
+    from tasks.session import ClusterSession
+
+    return ClusterSession(Context(Config(overrides={"cluster": {
+        "hosts_file": str(tmp_path / "no_hosts.txt"), "experiments_dir": str(tmp_path / "exp")}})))
+
+
+def test_tail_command_from_start_or_from_the_end():
+    from tasks.launch import tail_command
+
+    assert "tail -n +1 -F" in tail_command("/o/node_0_output.log", 42)
+    reopened = tail_command("/o/node_0_output.log", 42, from_start=False)
+    assert "tail -n 0 -F" in reopened and "+1" not in reopened
+
+
+def test_last_lines_reach_the_controller_log_after_the_registry_says_ended(tmp_path):
+    """The registry may report a node's end before its tail delivered the last lines: the watch
+    ends only when the streams did, and a line arriving after the files closed raises nothing."""
+    from rich.console import Console
+
+    from tasks.launch import Watcher, build_plan, node_log_path, resolve_spec
+    from tasks.lib.runspec import LaunchFlags
+
+    with local_session(tmp_path) as session:
+        spec = resolve_spec(session, LaunchFlags(hang_timeout="0"), {}, {})
+        plan = build_plan(session, spec, run_id="multinode_28ch_256th_20260101_000000",
+                          run_dir=tmp_path / "run", nproc=1, master_addr="127.0.0.1",
+                          master_port=29500, ifnames=["lo"], facts=None)
+        plan = replace(plan, output_dir=str(tmp_path / "out"))
+        log = Path(node_log_path(plan, 0))
+        log.parent.mkdir(parents=True)
+        log.write_text("first line\n")
+        # The "launcher" writes its last line a moment after the registry recorded its end.
+        launcher = subprocess.Popen(["bash", "-c", f"sleep 1.5; echo 'last line' >> {shlex.quote(str(log))}"])
+        reaper = threading.Thread(target=launcher.wait, daemon=True)  # tail --pid sees zombies
+        reaper.start()
+        watcher = Watcher(session, plan, {0: launcher.pid}, Console(file=io.StringIO()))
+        watch = watcher.watches[0]
+        try:
+            watcher.start_tails()
+            deadline = time.monotonic() + 15
+            while "first line" not in watch.lines and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "first line" in watch.lines
+            watch.state, watch.exit_code, watch.ended_at = "exited", 0, time.monotonic()
+            assert watcher.wait() == "succeeded"
+        finally:
+            watcher.close()
+            reaper.join(10)
+        assert watch.tail_done.is_set() and watch.tail_error is None
+        written = (plan.run_dir / plan.record.node(0).log).read_text()
+        assert written == "first line\nlast line\n"
+        watcher._on_line(watch, "a line after the end")  # closed: dropped, no ValueError
+        assert (plan.run_dir / plan.record.node(0).log).read_text() == written
+
+
+def write_fake_run(experiments: Path, node_run_dir: Path) -> str:
+    """run.json of a one-node run on this machine whose outputs are in node_run_dir."""
+    from tasks.lib.runrecord import new_record, now_iso
+
+    run_id = "multinode_28ch_256th_20260101_000000"
+    record = new_record(run_id=run_id, run_dir=str(experiments / run_id),
+                        node_run_dir=str(node_run_dir), output_dir="256thread_28channels",
+                        controller={}, flags={}, created_at=now_iso())
+    record.plan(master_addr="127.0.0.1", master_port=29500, nproc_per_node=2,
+                hosts=[{"host": "localhost"}], common_env={}, per_node_env=[{}],
+                torchrun_argv=["torchrun"], wrapper_argv=None)
+    (experiments / run_id).mkdir(parents=True)
+    (experiments / run_id / "run.json").write_text(record.to_json())
+    return run_id
+
+
+def test_collect_fails_when_a_host_has_no_output_directory(tmp_path):
+    config = write_config(tmp_path / "local.yaml", {"cluster": {
+        "hosts_file": str(tmp_path / "no_hosts.txt"), "experiments_dir": str(tmp_path / "exp")}})
+    node_run_dir = tmp_path / "node"
+    run_id = write_fake_run(tmp_path / "exp", node_run_dir)
+    result = fab(config, "collect", "--run", run_id, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "collecting outputs failed on 1 of 1 host(s)" in result.stderr
+    assert f"no output directory {node_run_dir}/256thread_28channels" in result.stderr
+    record = json.loads((tmp_path / "exp" / run_id / "run.json").read_text())
+    assert "no output directory" in record["nodes"][0]["collect_error"]
+
+    (node_run_dir / "256thread_28channels").mkdir(parents=True)
+    (node_run_dir / "256thread_28channels" / "summary.json").write_text("{}")
+    result = fab(config, "collect", "--run", run_id, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "node 0: 1 file(s), 2 bytes copied" in result.stdout
+    assert (tmp_path / "exp" / run_id / "256thread_28channels" / "summary.json").read_text() == "{}"
 
 
 # -- the cluster -----------------------------------------------------------------------------------
@@ -423,3 +521,52 @@ def test_two_nodes_in_docker_every_env_variable_reaches_the_ranks(cluster_docker
             assert inside.returncode == 1, inside.stderr
     finally:
         fab(cluster.config, "docker-down", timeout=240)
+
+
+@pytest.mark.cluster
+def test_push_failure_finishes_run_json_as_failed_naming_the_host(cluster):
+    """Nothing started: run.json must not stay "rendered" (the report would show it running)."""
+    workdir = yaml.safe_load(cluster.config.read_text())["cluster"]["workdir"]
+    experiments = shlex.quote(f"{workdir}/experiments")
+    # A file where node 1's run directories go: the push fails there, and only there.
+    cluster.sim.exec(1, f"mv {experiments} {experiments}.moved 2>/dev/null; touch {experiments}")
+    try:
+        result = cluster.launch("--no-docker", *FAST)
+    finally:
+        cluster.sim.exec(1, f"rm -f {experiments}; mv {experiments}.moved {experiments} "
+                            "2>/dev/null; true")
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr
+    assert "pushing the run bundle failed on 1 of 2 host(s)" in result.stderr
+    record = json.loads((only_run_dir(cluster.experiments) / "run.json").read_text())
+    assert record["status"] == "failed" and record["exit_status"] == 1
+    failure = record["first_failure"]
+    assert failure["node_rank"] == 1 and failure["reason"].startswith("push failed on node 1 ")
+    assert len(failure["last_lines"]) == 1 and failure["last_lines"][0].startswith("node 1 (")
+    assert [n["state"] for n in record["nodes"]] == ["pending", "pending"]
+
+
+@pytest.mark.cluster
+def test_check_judges_the_master_port_launch_would_use(cluster):
+    """MASTER_PORT (an original env variable the launch honours) is checked by `fab check` too."""
+    port = 29777
+    # Listens in node 0's namespaces until its stdin closes (nsenter forks: killing it alone
+    # would leave the listener).
+    holder = subprocess.Popen([*cluster.sim.nsenter_argv(0), "python3", "-c",
+                               "import socket, sys; s = socket.create_server(('0.0.0.0', "
+                               f"{port})); print('listening', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "listening"
+        argv = [FAB, "-f", str(cluster.config), "check"]
+        for _ in range(3):
+            result = subprocess.run(argv, cwd=ROOT, env={**FAB_ENV, "MASTER_PORT": str(port)},
+                                    capture_output=True, text=True, timeout=120)
+            if "checkout differs" not in result.stdout + result.stderr:
+                break
+            cluster.sync()
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr
+    assert f"{port} busy" in result.stdout, result.stdout[-3000:]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
@@ -17,6 +18,7 @@ from tasks.lib.runrecord import (
     failure_reason,
     global_ranks,
     headline_metrics,
+    list_files_command,
     new_record,
     parse_file_list,
     parse_progress,
@@ -138,3 +140,47 @@ def test_failure_reason_names_the_rank_when_known():
 def test_parse_file_list():
     text = "12\tnode_1_output.log\n3\ttorch_profiler/a b.json\nbogus\n\t\n"
     assert parse_file_list(text) == [(12, "node_1_output.log"), (3, "torch_profiler/a b.json")]
+
+
+def test_list_files_fails_on_a_missing_directory(tmp_path):
+    """A node whose output directory is missing is a failed collection, not "0 files"."""
+    missing = tmp_path / "no such dir"
+    result = subprocess.run(["bash", "-c", list_files_command(str(missing))],
+                            capture_output=True, text=True, timeout=10)
+    assert result.returncode != 0 and result.stdout == ""
+    assert f"no output directory {missing}" in result.stderr
+    (tmp_path / "out dir" / "sub").mkdir(parents=True)
+    (tmp_path / "out dir" / "sub" / "a b.json").write_text("12345")
+    result = subprocess.run(["bash", "-c", list_files_command(str(tmp_path / "out dir"))],
+                            capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0, result.stderr
+    assert parse_file_list(result.stdout) == [(5, "sub/a b.json")]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = subprocess.run(["bash", "-c", list_files_command(str(empty))],
+                            capture_output=True, text=True, timeout=10)
+    assert (result.returncode, result.stdout) == (0, "")
+
+
+def test_phase_failure_names_the_phase_and_every_failing_host():
+    record = planned_record()
+    assert record.record_phase_failure("push", {1: "No space left on device"}, at="t")
+    failure = record.first_failure
+    assert failure is not None
+    assert (failure.node_rank, failure.host) == (1, "root@n1:2222")
+    assert failure.reason == "push failed on node 1 (root@n1:2222)"
+    assert failure.last_lines == ["node 1 (root@n1:2222): No space left on device"]
+    assert not record.record_phase_failure("start", {0: "later"}, at="t")  # the first one stays
+    record.finish(status="failed", exit_status=1, at="t2")
+    data = json.loads(record.to_json())
+    assert data["status"] == "failed" and data["first_failure"]["reason"].startswith("push")
+
+    record = planned_record()
+    record.record_phase_failure("start", {}, at="t", detail="interrupted (Ctrl-C)")
+    assert record.first_failure.reason == "start failed: interrupted (Ctrl-C)"  # type: ignore[union-attr]
+
+
+def test_collect_error_round_trips():
+    record = planned_record()
+    record.node(1).collect_error = "no output directory /x"
+    assert RunRecord.from_json(record.to_json()).node(1).collect_error == "no output directory /x"

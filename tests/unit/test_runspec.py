@@ -25,6 +25,7 @@ from tasks.lib.runspec import (
     parse_threads,
     resolve_nproc,
     parse_hang_timeout,
+    resolve_launch_values,
     resolve_run_spec,
     run_id_base,
     run_id_candidates,
@@ -321,7 +322,7 @@ def test_torchrun_argv():
 def test_explicit_launch_config_ignores_builtin_defaults(tmp_path):
     from invoke import Config
 
-    from tasks.launch import explicit_launch_config
+    from tasks.lib.runspec import explicit_launch_config
     from tasks.lib.settings import default_config
 
     runtime = tmp_path / "runtime.yaml"
@@ -333,3 +334,54 @@ def test_explicit_launch_config_ignores_builtin_defaults(tmp_path):
     assert explicit_launch_config(config) == {"threads": 512}  # ... but not set by the user
     config.launch.nproc = 4
     assert explicit_launch_config(config) == {"threads": 512, "nproc": 4}
+
+
+def test_launch_and_check_share_one_resolution():
+    """fab check calls resolve_launch_values (through tasks.cluster.launch_defaults): env values
+    the launch honours are the ones the check judges, in the same order."""
+    environ = {"NPROC_PER_NODE": "4", "MASTER_PORT": "29600"}
+    values = resolve_launch_values(LaunchFlags(), {}, environ, accelerator="rocm")
+    assert (values.nproc, values.master_port) == (4, 29600)
+    assert values.sources["nproc"] == "env NPROC_PER_NODE"
+    spec = resolve(environ=environ)
+    assert (spec.nproc, spec.master_port) == (values.nproc, values.master_port)
+    values = resolve_launch_values(LaunchFlags(), {"nproc": "auto"}, environ, accelerator="rocm")
+    assert values.nproc == "auto" and values.sources["nproc"] == "config"
+    assert resolve_launch_values(LaunchFlags(), {}, {}, accelerator="cpu").nproc == 2
+    with pytest.raises(RunSpecError, match="NPROC_PER_NODE: 'x' is not an integer"):
+        resolve_launch_values(LaunchFlags(), {}, {"NPROC_PER_NODE": "x"}, accelerator="rocm")
+
+
+def test_check_uses_the_launch_resolution():
+    from invoke import Config, Context
+
+    from tasks.cluster import launch_defaults
+    from tasks.session import ClusterSession
+
+    config = Config(overrides={"cluster": {"hosts": ["127.0.0.1:9", "127.0.0.1:10"]},
+                               "docker": {"platform": "rocm"}})
+    with ClusterSession(Context(config)) as session:  # no host is contacted
+        values = launch_defaults(session, config, {"NPROC_PER_NODE": "4", "MASTER_PORT": "29601"})
+    assert (values.nproc, values.master_port) == (4, 29601)
+
+
+def test_builtins_are_the_launch_settings_defaults():
+    """BUILTINS is derived from LaunchSettings, not a copy: change a default there, it follows."""
+    script = (
+        "import dataclasses, tasks.lib.settings as s\n"
+        "@dataclasses.dataclass(frozen=True)\n"
+        "class Changed(s.LaunchSettings):\n"
+        "    channels: int = 12\n"
+        "    hang_timeout: float = 5.0\n"
+        "s.LaunchSettings = Changed\n"
+        "from tasks.lib.runspec import BUILTINS\n"
+        "print(BUILTINS['channels'], BUILTINS['hang_timeout'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["12", "5.0"]
+    from tasks.lib.settings import LaunchSettings
+
+    defaults = LaunchSettings()
+    assert all(BUILTINS[name] == getattr(defaults, name) for name in BUILTINS)
