@@ -1,10 +1,13 @@
 """Shared fixtures: the simulated multi-node cluster (tests/simcluster, docs/SIM_CLUSTER.md).
 
 - cluster3: session-wide, 3 nodes, separate /srv per node, interfaces eth0/ens5/eth1, no docker.
-- cluster_docker: session-wide, 2 nodes, each with its own dockerd and the gemm-sim image.
+- cluster_docker: session-wide, 2 nodes, each with its own dockerd and the gemm-sim image;
+  `image` is that image's tag.
 - sim_cluster: a factory for one test: `c = sim_cluster(nodes=2, shared_fs=True)`; torn down
   when the test ends.
 - make_sim_cluster(**kw): context manager for anything else (tests.simcluster.testing).
+
+Plain helpers (run_fab, wait_until, the fake rank process, clean-up) are in tests/helpers.py.
 
 Session clusters are shared by every test that asks for them: don't leave state behind that
 another test could trip over (use your own workdir or registry dir, clean up your containers).
@@ -51,6 +54,12 @@ def cluster_docker() -> Iterator[SimCluster]:
     _prepare(docker=True)
     with make_sim_cluster(prefix="cd", nodes=2, docker=True, ifnames=["eth0", "ens5"]) as cluster:
         yield cluster
+
+
+@pytest.fixture
+def image(cluster_docker: SimCluster) -> str:
+    """The image on cluster_docker's nodes (one docker-up can start with `init: true`)."""
+    return cluster_docker.image
 
 
 @pytest.fixture

@@ -19,18 +19,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import FAB, REPO, run_fab
+
 pytestmark = pytest.mark.cluster
 
-REPO = Path(__file__).resolve().parents[2]
-FAB = REPO / ".venv" / "bin" / "fab"
 SNAPSHOT_PARTS = [
     "fabfile.py",
     "fabric.yaml",
     ".gitignore",
-    "tasks/lib",
-    "tasks/nodes.py",
-    "tasks/session.py",
-    "tasks/cluster.py",
+    "tasks",  # all of it: fabfile.py imports every task module
 ]
 
 
@@ -76,15 +73,9 @@ def runtime_config(cluster, path: Path, **cluster_keys) -> Path:
 
 def fab(
     snapshot: Path, config: Path, *args: str, timeout: float = 60
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(FAB), "-f", str(config), *args],
-        cwd=snapshot,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+) -> subprocess.CompletedProcess[str]:
+    """`fab` run from the snapshot (its fabfile and tasks), not from this checkout."""
+    return run_fab(config, *args, cwd=snapshot, timeout=timeout)
 
 
 def rows(output: str) -> dict[int, list[str]]:
@@ -345,7 +336,7 @@ def test_setup_asks_in_a_terminal(cluster3, snapshot, tmp_path):
     )
     leader, follower = os.openpty()
     process = subprocess.Popen(
-        [str(FAB), "-f", str(config), "setup"],
+        [FAB, "-f", str(config), "setup"],
         cwd=snapshot,
         stdin=follower,
         stdout=follower,

@@ -7,51 +7,17 @@ without a sync.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
-import yaml
 
+from tests.helpers import REPO, docker_config, registry_dir_for, run_fab
 from tests.simcluster import SimCluster
-from tests.simcluster.image import repo_root
 
 pytestmark = [pytest.mark.cluster, pytest.mark.docker]
 
-REPO = repo_root()
-FAB = str(Path(sys.executable).parent / "fab")
 HOSTILE_VALUE = "$(touch /tmp/pwned) 'single' \"double\" `tick` \\ * ${HOME} ünï\nsecond line"
-FAB_TIMEOUT_S = 180
-
-
-@pytest.fixture(scope="module")
-def image(cluster_docker: SimCluster) -> str:
-    return cluster_docker.image
-
-
-def run_fab(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("DOCKER_")}
-    env["COLUMNS"] = "200"  # one table row per line, whatever the terminal
-    return subprocess.run([FAB, "-f", str(config), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=FAB_TIMEOUT_S, env=env)
-
-
-def write_config(cluster: SimCluster, path: Path, image: str | None, **docker: object) -> Path:
-    config = yaml.safe_load(cluster.write_fabric_config().read_text())
-    config["docker"]["image"] = image
-    config["cluster"]["workdir"] = str(REPO)
-    # Node-private /tmp: a registry dir of our own keeps clear of other tests' runs.
-    config["cluster"]["registry_dir"] = registry_dir(path)
-    # The workdir is mounted read-write by the compose file itself: a second mount of the same
-    # path would be refused (by render_compose, and by Docker).
-    config["docker"]["volumes"] = [volume for volume in config["docker"]["volumes"]
-                                   if volume.split(":")[1] != str(REPO)]
-    config["docker"].update(docker)
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def container_field(cluster: SimCluster, index: int, container: str, template: str) -> str:
@@ -59,20 +25,16 @@ def container_field(cluster: SimCluster, index: int, container: str, template: s
     return result.stdout.strip() if result.returncode == 0 else "absent"
 
 
-def registry_dir(config: Path) -> str:
-    return f"/tmp/gemm-runs-{config.stem}"
-
-
 def clean_nodes(cluster: SimCluster, container: str, config: Path) -> None:
     """The shared cluster is left as found: no container, no compose file of ours."""
     for index in range(len(cluster.nodes)):
         cluster.exec(index, f"docker rm -f {container} >/dev/null 2>&1; "
-                     f"rm -rf {registry_dir(config)}", check=False)
+                     f"rm -rf {registry_dir_for(config)}", check=False)
 
 
 def test_docker_up_status_down(cluster_docker: SimCluster, image: str, tmp_path: Path) -> None:
     container = f"dk-{uuid.uuid4().hex[:8]}"
-    config = write_config(cluster_docker, tmp_path / "cycle.yaml", image, container=container,
+    config = docker_config(cluster_docker, tmp_path / "cycle.yaml", image, container=container,
                           env={"HOSTILE": HOSTILE_VALUE, "yes": "no"})
     count = len(cluster_docker.nodes)
     nodes = range(count)
@@ -127,7 +89,7 @@ def test_docker_up_with_a_missing_image_names_every_host(cluster_docker: SimClus
     container = f"dk-{uuid.uuid4().hex[:8]}"
     # A registry that refuses at once (port 1): the pull fails without waiting for DNS.
     bad_image = "localhost:1/gemm-sim:no-such-tag"
-    config = write_config(cluster_docker, tmp_path / "badimage.yaml", bad_image, container=container)
+    config = docker_config(cluster_docker, tmp_path / "badimage.yaml", bad_image, container=container)
     try:
         up = run_fab(config, "docker-up")
         assert up.returncode == 1, up.stdout + up.stderr
@@ -145,7 +107,7 @@ def test_docker_up_fails_only_on_the_host_with_a_conflicting_container(
         cluster_docker: SimCluster, image: str, tmp_path: Path) -> None:
     """A container of the same name that compose does not own (started by hand) on node 1."""
     container = f"dk-{uuid.uuid4().hex[:8]}"
-    config = write_config(cluster_docker, tmp_path / "conflict.yaml", image, container=container)
+    config = docker_config(cluster_docker, tmp_path / "conflict.yaml", image, container=container)
     try:
         cluster_docker.exec(1, f"docker create --name {container} {image} sleep 1")
         up = run_fab(config, "docker-up")
@@ -172,10 +134,10 @@ def test_docker_up_fails_only_on_the_host_with_a_conflicting_container(
 def test_docker_up_config_errors_touch_no_host(cluster_docker: SimCluster, tmp_path: Path,
                                                image_name: str | None, docker: dict,
                                                message: str) -> None:
-    config = write_config(cluster_docker, tmp_path / "configerror.yaml", image_name, **docker)
+    config = docker_config(cluster_docker, tmp_path / "configerror.yaml", image_name, **docker)
     up = run_fab(config, "docker-up")
     assert up.returncode == 2, up.stdout + up.stderr
     assert message in up.stderr and "Traceback" not in up.stderr
     assert len(up.stderr.strip().splitlines()) == 1
     for index in range(len(cluster_docker.nodes)):
-        assert cluster_docker.exec(index, f"ls {registry_dir(config)}", check=False).returncode != 0
+        assert cluster_docker.exec(index, f"ls {registry_dir_for(config)}", check=False).returncode != 0

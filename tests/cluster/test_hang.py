@@ -7,50 +7,50 @@
 - The HangMonitor and `fab diagnose` on a real `fab launch --detach` (gloo ranks), then `fab stop`.
 - End to end through `fab launch`: a frozen rank detected, diagnosed, stopped and marked hung;
   profiler command lines in --dry-run; a missing profiler refused before any start; one torch
-  profiler trace per rank. These skip, naming the flag, while `fab launch` lacks issue 7's flags.
+  profiler trace per rank.
+
+Launches run with workdir = this checkout: each test removes the node run directories its own
+runs left under <checkout>/experiments.
 """
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 import re
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tasks.lib.quoting import sh_quote
+from tests.helpers import (
+    FAB,
+    FAKE_STEPPER_WAIT_FRAME,
+    REPO,
+    fab_env,
+    fake_stepper_files,
+    ready_file,
+    remove_node_run_dirs,
+    run_fab,
+    wait_until,
+)
 from tests.simcluster import SimCluster
-from tests.simcluster.image import repo_root
 
 pytestmark = [pytest.mark.cluster]
 
-REPO = repo_root()
-FAB = str(Path(sys.executable).parent / "fab")
 VENV_PYTHON = str(Path(sys.executable))
-FAB_TIMEOUT_S = 300
-
-FAKE_STEPPER = """\
-import time
-
-def wait_for_peers():
-    while True:
-        time.sleep(0.05)
-
-def train_step():
-    wait_for_peers()
-"""
 
 
-def run_fab(config: Path, *args: str, timeout: float = FAB_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("DOCKER_")}
-    env["COLUMNS"] = "200"
-    return subprocess.run([FAB, "-f", str(config), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+@pytest.fixture(autouse=True)
+def _remove_node_run_dirs(tmp_path: Path) -> Iterator[None]:
+    """The nodes write <checkout>/experiments/<run>: remove this test's runs there."""
+    yield
+    remove_node_run_dirs(tmp_path / "experiments")
 
 
 def write_config(cluster: SimCluster, path: Path, **docker: object) -> Path:
@@ -68,11 +68,9 @@ def fake_run_on_node(cluster: SimCluster, index: int, run_id: str, registry: str
     """Start one rank-like process per rank on node `index` with the run's markers (bare, or
     through `docker exec` into `container`), and the node's registry entry. Returns the node dir."""
     node_dir = f"/tmp/fake-{run_id}"
-    stepper = FAKE_STEPPER.replace("'", "'\\''")
     lines = [f"mkdir -p {node_dir}/train {node_dir}/out",
-             f": > {node_dir}/train/__init__.py",
-             f"printf '%s' '{stepper}' > {node_dir}/train/fake_stepper.py",
-             f"printf 'from train.fake_stepper import train_step\\ntrain_step()\\n' > {node_dir}/train/__main__.py",
+             *(f"printf '%s' {sh_quote(text)} > {node_dir}/{name}"
+               for name, text in fake_stepper_files().items()),
              f"for i in $(seq 1 40); do echo \"step $i/100 | iter 1 ms\"; done > {node_dir}/out/node_{index}_output.log"]
     for rank in ranks:
         lines.append(f"for s in 1 2 3; do echo '{{\"rank\": {rank}, \"step\": '$s'}}'; done "
@@ -93,6 +91,15 @@ def fake_run_on_node(cluster: SimCluster, index: int, run_id: str, registry: str
                          "</dev/null >/dev/null 2>&1 &")
     cluster.exec(index, "\n".join(lines))
     return node_dir
+
+
+def wait_ready(cluster: SimCluster, index: int, run_id: str, ranks: list[int]) -> None:
+    """Until every fake rank on node `index` is in its wait loop (frozen there, its innermost
+    frame is known)."""
+    paths = " ".join(f"/tmp/fake-{run_id}/{ready_file(rank)}" for rank in ranks)
+    wait_until(lambda: cluster.exec(index, f"ls {paths}", check=False).returncode == 0,
+               timeout=30, what=f"ranks {ranks} of {run_id} on node {index} not ready",
+               interval=0.1)
 
 
 def rank_pid(cluster: SimCluster, index: int, run_id: str, rank: int) -> int:
@@ -131,9 +138,10 @@ def test_diagnose_bare_ranks_on_two_nodes_finds_the_frozen_one(cluster3: SimClus
     try:
         fake_run_on_node(cluster3, 0, run_id, registry, [0, 1])
         fake_run_on_node(cluster3, 1, run_id, registry, [2, 3])
+        wait_ready(cluster3, 0, run_id, [0, 1])
+        wait_ready(cluster3, 1, run_id, [2, 3])
         frozen = rank_pid(cluster3, 1, run_id, 3)
         running = rank_pid(cluster3, 0, run_id, 0)
-        time.sleep(1.0)  # into the wait loop
         cluster3.exec(1, f"kill -STOP {frozen}")
 
         result = run_fab(config, "diagnose", "--run", run_id)
@@ -143,7 +151,7 @@ def test_diagnose_bare_ranks_on_two_nodes_finds_the_frozen_one(cluster3: SimClus
         assert sorted(ranks) == [0, 1, 2, 3]
         assert [ranks[r]["node_rank"] for r in range(4)] == [0, 0, 1, 1]
         for rank in ranks.values():
-            assert rank["frames"][0] == "wait_for_peers (train/fake_stepper.py:5)", rank
+            assert rank["frames"][0] == FAKE_STEPPER_WAIT_FRAME, rank
         assert ranks[3]["state"] == "T"
         assert summary["first_stalled_ranks"] == [3]
         assert summary["node_errors"] == {}
@@ -181,8 +189,9 @@ def test_diagnose_dumps_ranks_inside_containers(cluster_docker: SimCluster, tmp_
                                 f"{cluster_docker.image} sleep infinity")
             fake_run_on_node(cluster_docker, index, run_id, registry, [2 * index, 2 * index + 1],
                              container=container)
+        for index in range(2):
+            wait_ready(cluster_docker, index, run_id, [2 * index, 2 * index + 1])
         frozen = rank_pid(cluster_docker, 1, run_id, 2)
-        time.sleep(1.0)
         cluster_docker.exec(1, f"kill -STOP {frozen}")
 
         result = run_fab(config, "diagnose", "--run", run_id)
@@ -236,8 +245,6 @@ def test_hang_monitor_and_diagnose_on_a_detached_launch(cluster3: SimCluster, tm
     from tasks.diagnose import HangMonitor
     from tasks.session import ClusterSession
 
-    if "--detach" not in launch_flags():
-        pytest.skip("fab launch --detach is not available")
     timeout_s = 15.0
     config = write_config(cluster3, tmp_path / "wd.yaml", enabled=False, platform="cpu")
     data = yaml.safe_load(config.read_text())
@@ -293,24 +300,7 @@ def test_hang_monitor_and_diagnose_on_a_detached_launch(cluster3: SimCluster, tm
     assert "stopped advancing first: rank(s) 3" in console, console
 
 
-# -- end to end through `fab launch` (needs the launch task) --------------------------------------
-
-def launch_flags() -> str:
-    done = subprocess.run([FAB, "--help", "launch"], cwd=REPO, capture_output=True, text=True)
-    return done.stdout if done.returncode == 0 else ""
-
-
-# The launch integrates issue 7 as one piece (LAUNCH_CONTRACT.md, Changes): until all of these
-# flags exist, the end-to-end tests skip rather than fail on half-integrated behaviour.
-ISSUE_7_FLAGS = ("--hang-timeout", "--nsys", "--torch-profile", "--rocprof", "--stats")
-
-
-def need_launch_flags(*flags: str) -> None:
-    text = launch_flags()
-    missing = [flag for flag in dict.fromkeys((*ISSUE_7_FLAGS, *flags)) if flag not in text]
-    if missing:
-        pytest.skip(f"fab launch lacks {', '.join(missing)} (launch integration not landed)")
-
+# -- end to end through `fab launch` ---------------------------------------------------------------
 
 # Two of cluster3's nodes: 4 ranks already load this machine's 2 cores (and others' tests).
 LAUNCH_NODES = 2
@@ -337,14 +327,17 @@ def newest_run_dir(experiments: Path) -> Path:
 @pytest.mark.slow
 def test_frozen_rank_is_detected_diagnosed_stopped_and_marked_hung(cluster3: SimCluster,
                                                                      tmp_path: Path):
-    need_launch_flags("--hang-timeout")
     timeout_s = 20
     config = launch_config(cluster3, tmp_path / "hang.yaml")
     experiments = tmp_path / "experiments"
-    proc = subprocess.Popen(
-        [FAB, "-f", str(config), "launch", "--no-docker", "--hang-timeout", str(timeout_s),
-         "--override", "training.max_steps=100000", "--override", "training.log_interval=1"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Output to a file: nothing reads while the test polls, and a full pipe would block fab.
+    output_path = tmp_path / "launch-output.txt"
+    with open(output_path, "w") as output_file:
+        proc = subprocess.Popen(
+            [FAB, "-f", str(config), "launch", "--no-docker", "--hang-timeout", str(timeout_s),
+             "--override", "training.max_steps=100000", "--override", "training.log_interval=1"],
+            cwd=REPO, stdin=subprocess.DEVNULL, stdout=output_file, stderr=subprocess.STDOUT,
+            env=fab_env())
     try:
         deadline = time.monotonic() + 180
         run_dir = None
@@ -361,11 +354,13 @@ def test_frozen_rank_is_detected_diagnosed_stopped_and_marked_hung(cluster3: Sim
         pid = rank_pid(cluster3, 1, run_dir.name, 3)
         cluster3.exec(1, f"kill -STOP {pid}")
         frozen_at = time.monotonic()
-        output, _ = proc.communicate(timeout=timeout_s + 180)
+        proc.wait(timeout=timeout_s + 180)
         detected = time.monotonic() - frozen_at
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+    output = output_path.read_text()
     assert proc.returncode != 0, output
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "hung", record.get("status")
@@ -399,7 +394,6 @@ def test_frozen_rank_is_detected_diagnosed_stopped_and_marked_hung(cluster3: Sim
 ])
 def test_profiler_wrappers_in_dry_run(cluster3: SimCluster, tmp_path: Path, flag: str,
                                       platform: str, expected: str):
-    need_launch_flags(flag)
     config = launch_config(cluster3, tmp_path / "dry.yaml", platform)
     result = run_fab(config, "launch", "--no-docker", flag, "--dry-run")
     text = result.stdout + result.stderr
@@ -413,7 +407,6 @@ def test_profiler_wrappers_in_dry_run(cluster3: SimCluster, tmp_path: Path, flag
 
 def test_missing_profiler_fails_before_any_start_naming_each_host(cluster3: SimCluster,
                                                                   tmp_path: Path):
-    need_launch_flags("--rocprof")
     config = launch_config(cluster3, tmp_path / "noprof.yaml", "rocm")
     result = run_fab(config, "launch", "--no-docker", "--rocprof")
     assert result.returncode != 0, result.stdout + result.stderr
@@ -427,7 +420,6 @@ def test_missing_profiler_fails_before_any_start_naming_each_host(cluster3: SimC
 
 @pytest.mark.slow
 def test_torch_profile_yields_one_trace_per_rank(cluster3: SimCluster, tmp_path: Path):
-    need_launch_flags("--torch-profile")
     config = launch_config(cluster3, tmp_path / "torchprof.yaml")
     result = run_fab(config, "launch", "--no-docker", "--torch-profile",
                      "--override", "training.max_steps=6")

@@ -8,12 +8,10 @@ run id, and kills what it started, so the shared clusters are left as found.
 """
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,18 +26,13 @@ from tasks.lib.registry import (
     stop_command,
 )
 from tasks.nodes import apply_host_key_policy
-# The image fixture (an image docker-up can start with `init: true`) and the docker runtime config.
-from tests.cluster.test_docker_tasks import image  # noqa: F401  (a fixture)
-from tests.cluster.test_docker_tasks import write_config as docker_config
+from tests.helpers import REPO, docker_config, run_fab, wait_until
 from tests.simcluster import SimCluster
 
 pytestmark = pytest.mark.cluster
 
-REPO = Path(__file__).resolve().parents[2]
-FAB = str(Path(sys.executable).parent / "fab")
 FAKE_TORCHRUN = REPO / "tests" / "fake_torchrun.py"
 WORKDIR = "/srv/gemm"  # the sim's default: each node's own /srv
-FAB_TIMEOUT_S = 120
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -54,13 +47,6 @@ def write_config(cluster: SimCluster, path: Path, registry: str, **docker: objec
     config["docker"].update(docker)
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def run_fab(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("DOCKER_")}
-    env["COLUMNS"] = "200"
-    return subprocess.run([FAB, "-f", str(config), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=FAB_TIMEOUT_S, env=env)
 
 
 def connect(cluster: SimCluster, index: int) -> Connection:
@@ -170,8 +156,12 @@ def alive_in_node(cluster: SimCluster, index: int, pid: int) -> bool:
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> str:
-    return f"/tmp/gemm-runs-test-{uuid.uuid4().hex[:8]}"
+def registry(cluster3: SimCluster) -> Iterator[str]:
+    """A registry dir of this test's own on cluster3's nodes, removed afterwards."""
+    path = f"/tmp/gemm-runs-test-{uuid.uuid4().hex[:8]}"
+    yield path
+    for index in range(len(cluster3.nodes)):
+        cluster3.exec(index, f"rm -rf {sh_quote(path)}", check=False)
 
 
 # -- tests ------------------------------------------------------------------------------------------
@@ -269,8 +259,8 @@ def test_launcher_outlives_the_ssh_connection_that_started_it(
         connection.close()
         run.wait_steps([1], at_least=2)
         steps = run.steps(1)
-        time.sleep(1.5)
-        assert run.steps(1) > steps, "training stopped with the SSH connection"
+        wait_until(lambda: run.steps(1) > steps, timeout=15,
+                   what="training stopped with the SSH connection", interval=0.2)
         assert alive_in_node(cluster3, 1, int(run.entry_value(1, "launcher.pid")))
         assert run.entry_value(1, "state") == "running" and pid > 0
         # its own session: not the sshd session that started it

@@ -4,7 +4,6 @@ leaves nothing behind. Real sshd, real gloo ranks, real dockerd; no mocks."""
 from __future__ import annotations
 
 import json
-import random
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 import yaml
 from fabric import Config, Connection, ThreadingGroup
 
+from tests.helpers import free_port
 from tests.simcluster import SimCluster, default_state_root, procs
 from tests.simcluster.image import docker_run_volume_args, repo_root
 from tests.simcluster.testing import make_sim_cluster, require_cluster, unique_name
@@ -160,7 +160,7 @@ def test_torchrun_gloo_all_reduce_across_two_nodes(cluster3: SimCluster):
     nodes = cluster3.nodes[:2]
     connections = fabric_connections(cluster3)[:2]
     script = f"/tmp/allreduce-{uuid.uuid4().hex}.py"
-    port = random.randint(20000, 29000)
+    port = free_port(cluster3, 0)  # the master's port, on the master
     try:
         promises = []
         for node, connection in zip(nodes, connections, strict=True):

@@ -3,7 +3,7 @@
 Each node has its own network namespace (an address on the cluster's bridge, interface named
 as asked), hostname (UTS), mount namespace (private /run, /tmp, /srv, /dev/shm, /etc/hosts and a
 sysfs of its own), IPC and pid namespace (a node's `ps` and `pkill` see only that node). The
-rest of the filesystem (/usr, /work/main and its venv, /root/.pyenv) is the host's, like a
+rest of the filesystem (/usr, /work/main and its venv, the base Python) is the host's, like a
 cluster with the toolchain installed everywhere. Each node runs sshd on port 22 of its address
 and, on request, its own containerd + dockerd.
 
@@ -69,8 +69,15 @@ def default_state_root() -> Path:
     return Path(os.environ.get("SIM_CLUSTER_STATE_ROOT", STATE_ROOT_DEFAULT))
 
 
-def default_venv() -> Path:
-    return image.repo_root() / ".venv"
+def default_venv() -> Path | None:
+    """The venv the nodes should use: the one running this process, else the checkout's.
+
+    None when there is neither (the generated config then leaves cluster.venv out).
+    """
+    if sys.prefix != sys.base_prefix:
+        return Path(sys.prefix)
+    checkout_venv = image.repo_root() / ".venv"
+    return checkout_venv if checkout_venv.is_dir() else None
 
 
 def _tool(name: str) -> str | None:
@@ -201,7 +208,7 @@ class SimCluster:
         self.workdir = workdir
         self.state_root = Path(state_root) if state_root else default_state_root()
         self.state_dir = self.state_root / self.name
-        self.venv = Path(venv) if venv else default_venv()
+        self.venv: Path | None = Path(venv) if venv else default_venv()
         self.image = image.IMAGE_TAG
         self.container_volumes: list[str] = image.container_volumes(venv=self.venv)
         self.nodes: list[SimNode] = []
@@ -424,7 +431,9 @@ class SimCluster:
             self._start_docker_daemons(node)
 
     def _paths_under_tmp(self) -> list[Path]:
-        paths = [image.repo_root().resolve(), self.venv.resolve()]
+        paths = [image.repo_root().resolve(), Path(sys.base_prefix).resolve()]
+        if self.venv is not None:
+            paths.append(self.venv.resolve())
         under = [p for p in paths if p.is_relative_to("/tmp") and p != Path("/tmp")]
         # The venv inside the checkout comes with it.
         return [p for p in under if not any(p != q and p.is_relative_to(q) for q in under)]
@@ -630,8 +639,8 @@ class SimCluster:
         target = Path(path) if path else self.fabric_config_path
         config = naming.fabric_config(
             key_path=str(self.key_path), known_hosts_path=str(self.known_hosts_path),
-            hosts=self.hosts, workdir=self.workdir, venv=str(self.venv), docker=self.docker,
-            image=self.image, container_volumes=self.container_volumes)
+            hosts=self.hosts, workdir=self.workdir, venv=str(self.venv) if self.venv else None,
+            docker=self.docker, image=self.image, container_volumes=self.container_volumes)
         header = (f"# Runtime config of sim-cluster {self.name!r}: fab -f {target} <task>\n"
                   f"# Written by tests/simcluster; removed by `scripts/sim-cluster down`.\n")
         target.parent.mkdir(parents=True, exist_ok=True)

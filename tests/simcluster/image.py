@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,16 +45,18 @@ def container_volumes(repo: Path | None = None, venv: Path | None = None) -> lis
     """Read-only binds giving a container the host's toolchain and this checkout (with its venv).
 
     On a merged-/usr host /bin, /lib, /lib64 and /sbin are symlinks into /usr: the image carries
-    the same symlinks and only /usr is mounted.
+    the same symlinks and only /usr is mounted. An interpreter installed elsewhere (pyenv, a
+    python.org build under /opt) is mounted from sys.base_prefix.
     """
     repo = repo or repo_root()
     volumes = []
     for path in _TOP_LEVEL_TOOLCHAIN:
         if os.path.isdir(path) and not os.path.islink(path):
             volumes.append(f"{path}:{path}:ro")
-    pyenv = Path("/root/.pyenv")
-    if pyenv.is_dir():
-        volumes.append(f"{pyenv}:{pyenv}:ro")
+    # A venv's python is a symlink to the base interpreter: a container needs that too.
+    base = Path(sys.base_prefix).resolve()
+    if not base.is_relative_to("/usr"):
+        volumes.append(f"{base}:{base}:ro")
     volumes.append(f"{repo}:{repo}:ro")
     if venv is not None and venv.exists() and not venv.resolve().is_relative_to(repo):
         volumes.append(f"{venv}:{venv}:ro")

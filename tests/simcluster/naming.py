@@ -158,12 +158,15 @@ def render_ssh_client_config(*, key_path: str, known_hosts_path: str) -> str:
 
 
 def fabric_config(
-    *, key_path: str, known_hosts_path: str, hosts: Sequence[str], workdir: str, venv: str,
+    *, key_path: str, known_hosts_path: str, hosts: Sequence[str], workdir: str, venv: str | None,
     docker: bool, image: str, container_volumes: Sequence[str],
     registry_dir: str = "/tmp/gemm-runs",
 ) -> dict:
-    """The runtime config for `fab -f FILE task` (Fabric's keys plus the project's)."""
-    return {
+    """The runtime config for `fab -f FILE task` (Fabric's keys plus the project's).
+
+    venv None leaves cluster.venv out: the task library then looks for <workdir>/.venv.
+    """
+    config = {
         "user": "root",
         "connect_kwargs": {
             "key_filename": [key_path],
@@ -189,6 +192,9 @@ def fabric_config(
             "ulimits": {"memlock": None},
         },
     }
+    if venv is None:
+        del config["cluster"]["venv"]
+    return config
 
 
 def cgroup_mount_commands(mountinfo: str) -> list[str]:

@@ -32,6 +32,7 @@ from tasks.lib.diagnostics import (
 )
 from tasks.lib.diagnostics_node import parse_environ, parse_stat
 from tasks.session import PROJECT_ROOT
+from tests.helpers import FAKE_STEPPER_WAIT_FRAME, fake_stepper_files, ready_file, wait_until
 
 NATIVE_DUMP = """\
 Process 4242: /usr/bin/python3 -m train --config c.yaml
@@ -101,28 +102,14 @@ def test_first_stalled_uses_process_state_to_break_ties():
 
 # -- the collector on real processes ----------------------------------------------------------
 
-FAKE_STEPPER = """\
-import time
-
-def wait_for_peers():
-    while True:
-        time.sleep(0.05)
-
-def train_step():
-    wait_for_peers()
-"""
-
-
 @pytest.fixture
 def fake_run(tmp_path):
     """Two 'ranks' of node 0 of a run (rank 1 frozen), one process of another run, one of node 1
     of the same run; a registry entry and an output dir with metrics and a log."""
     run_id = f"multinode_28ch_256th_test_{uuid.uuid4().hex[:8]}"
-    package = tmp_path / "train"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "fake_stepper.py").write_text(FAKE_STEPPER)
-    (package / "__main__.py").write_text("from train.fake_stepper import train_step\ntrain_step()\n")
+    (tmp_path / "train").mkdir()
+    for name, text in fake_stepper_files().items():
+        (tmp_path / name).write_text(text)
     output_dir = tmp_path / "experiments" / run_id / "256thread_28channels"
     output_dir.mkdir(parents=True)
     log = output_dir / "node_0_output.log"
@@ -151,13 +138,18 @@ def fake_run(tmp_path):
                             "LOCAL_RANK": "0"}),
         "other_node": start({**marker, "GEMM_NODE_RANK": "1", "RANK": "2", "LOCAL_RANK": "0"}),
     }
-    time.sleep(1.0)  # past the interpreter start-up, into the wait loop
-    os.kill(procs["rank1"].pid, signal.SIGSTOP)
-    yield {"run_id": run_id, "registry": registry, "procs": procs, "log": log, "output_dir": output_dir}
-    for proc in procs.values():
-        os.kill(proc.pid, signal.SIGCONT)
-        proc.kill()
-        proc.wait()
+    try:
+        # Every fake in its wait loop before rank 1 is frozen: the stacks are known.
+        ready = [tmp_path / ready_file(rank) for rank in (0, 1, 5, 2)]
+        wait_until(lambda: all(path.exists() for path in ready), timeout=30,
+                   what="fake ranks not in their wait loop")
+        os.kill(procs["rank1"].pid, signal.SIGSTOP)
+        yield {"run_id": run_id, "registry": registry, "procs": procs, "log": log,
+               "output_dir": output_dir}
+    finally:
+        for proc in procs.values():
+            proc.kill()  # SIGKILL ends a stopped process too
+            proc.wait()
 
 
 def proc_state(pid: int) -> str:
@@ -182,7 +174,7 @@ def test_collector_dumps_every_rank_of_the_run_and_leaves_them_as_they_were(fake
     assert (rank0["rank"], rank0["role"], rank1["rank"], rank1["state"]) == (0, "rank", 1, "T")
     for proc in (rank0, rank1):
         assert proc["stack"]["ok"], proc["stack"]["errors"]
-        assert "wait_for_peers (train/fake_stepper.py:5)" in proc["stack"]["text"]
+        assert FAKE_STEPPER_WAIT_FRAME in proc["stack"]["text"]
     assert "--nonblocking" in rank1["stack"]["command"]  # a stopped process cannot be suspended
     assert rank0["env"]["NCCL_DEBUG"] == "INFO" and "NOT_COLLECTED" not in rank0["env"]
     assert report.data["log_tail"]["lines"][-1] == "step 300/100 | iter 1 ms"
@@ -213,8 +205,8 @@ def test_summary_files_and_markdown_from_a_real_collection(fake_run, tmp_path):
     assert summary.suspects == [1]
     assert [(s.rank, s.step, s.state) for s in summary.ranks] == [(0, 7, "S"), (1, 6, "T")] or \
         [(s.rank, s.step, s.state) for s in summary.ranks] == [(0, 7, "R"), (1, 6, "T")]
-    assert summary.ranks[0].frames[0] == "wait_for_peers (train/fake_stepper.py:5)"
-    assert summary.ranks[1].train_frame == "wait_for_peers (train/fake_stepper.py:5)"
+    assert summary.ranks[0].frames[0] == FAKE_STEPPER_WAIT_FRAME
+    assert summary.ranks[1].train_frame == FAKE_STEPPER_WAIT_FRAME
     text = "\n".join(summary_lines(summary))
     assert "HUNG" in text and "rank 1 (node 0, node-a" in text and "state T (stopped)" in text
 
@@ -223,7 +215,7 @@ def test_summary_files_and_markdown_from_a_real_collection(fake_run, tmp_path):
     (run_dir / "hang" / "summary.json").write_text(json.dumps(summary.as_dict()))
     markdown = hang_summary_markdown(run_dir)
     assert "Stopped advancing first: **rank 1**" in markdown
-    assert "| 1 | 0 | node-a | 6 | T (stopped) | `wait_for_peers (train/fake_stepper.py:5)`" in markdown
+    assert f"| 1 | 0 | node-a | 6 | T (stopped) | `{FAKE_STEPPER_WAIT_FRAME}`" in markdown
     assert DiagnosticsSummary.from_dict(json.loads(json.dumps(summary.as_dict()))).ranks == summary.ranks
     record = hang_record(summary, "hang")
     assert record["first_stalled_ranks"] == [1] and record["diagnostics"] == "hang"
@@ -291,3 +283,26 @@ def test_hang_monitor_polls_real_files_fires_and_writes_the_hang_dir(fake_run, t
     hang_dir = tmp_path / "run" / "hang"
     assert (hang_dir / "summary.md").read_text() == hang_summary_markdown(tmp_path / "run")
     assert len(list((hang_dir / "node_0").glob("pyspy_rank*_pid*.txt"))) == 2
+
+
+@pytest.mark.parametrize("run_id", ["*", "run-?", "a/b", "..", ".hidden", "x" * 201, ""])
+def test_diagnose_refuses_a_run_id_that_is_no_run_id(run_id):
+    from invoke.exceptions import Exit
+
+    from tasks.diagnose import checked_run_id
+
+    with pytest.raises(Exit) as raised:
+        checked_run_id(run_id)
+    assert raised.value.code == 2 and raised.value.message.startswith("--run: run id ")
+    assert checked_run_id("20240101_120000-gemm.2") == "20240101_120000-gemm.2"
+
+
+def test_fab_diagnose_with_a_glob_run_exits_2_before_connecting(tmp_path):
+    # Hosts that do not exist: the refusal must come before any connection is tried.
+    config = tmp_path / "runtime.yaml"
+    config.write_text("cluster:\n  hosts: [no-such-host.invalid]\n")
+    done = subprocess.run([str(PROJECT_ROOT / ".venv" / "bin" / "fab"), "-f", str(config),
+                           "diagnose", "--run", "*"], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("--run: run id '*' must be") and "Traceback" not in done.stderr

@@ -10,7 +10,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -166,15 +167,17 @@ def test_parse_stop_output() -> None:
 
 # -- the node side, for real ----------------------------------------------------------------------
 
-RUN_ID = "multinode_28ch_256th_20240101_000000"
-
-
 class LocalNode:
-    """This machine as a node: a rendered launcher in tmp, commands through bash."""
+    """This machine as a node: a rendered launcher in tmp, commands through bash.
 
-    def __init__(self, tmp: Path, *, fake_args: list[str] | None = None, env_text: str = "",
-                 **render_overrides: object):
+    The emergency kill matches GEMM_RUN_ID machine-wide: every test needs a run id of its own,
+    or it could kill another test's (or another pytest run's) processes.
+    """
+
+    def __init__(self, tmp: Path, run_id: str, *, fake_args: list[str] | None = None,
+                 env_text: str = "", **render_overrides: object):
         self.tmp = tmp
+        self.run_id = run_id
         self.registry = str(tmp / "reg")
         (tmp / "run").mkdir(parents=True, exist_ok=True)
         (tmp / "run" / "env.sh").write_text(env_text or "export FAKE_ENV='from env.sh'\n")
@@ -187,14 +190,15 @@ class LocalNode:
         wrapper.chmod(0o755)
         argv = [str(wrapper), *argv[2:]]
         self.launcher = tmp / "run" / "node_launcher.sh"
-        self.launcher.write_text(render(tmp, argv, **render_overrides))
+        self.launcher.write_text(render(tmp, argv, run_id=run_id, **render_overrides))
 
     def sh(self, command: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(command, shell=True, capture_output=True, text=True, check=check,
                               timeout=60)
 
     def start(self, rank: int = 0) -> int:
-        result = self.sh(launcher_start_command(str(self.launcher), rank, self.registry, RUN_ID))
+        result = self.sh(launcher_start_command(str(self.launcher), rank, self.registry,
+                                                self.run_id))
         return int(result.stdout.strip())
 
     def status(self) -> list[NodeRunRecord]:
@@ -219,16 +223,38 @@ class LocalNode:
                 env = (entry / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if f"GEMM_RUN_ID={RUN_ID}".encode() in env:
+            if f"GEMM_RUN_ID={self.run_id}".encode() in env:
                 found.append(int(entry.name))
         return found
 
 
+    def kill_everything(self) -> None:
+        self.sh(stop_command(self.registry, None, 0, True), check=False)
+
+
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[LocalNode]:
-    local = LocalNode(tmp_path)
-    yield local
-    local.sh(stop_command(local.registry, None, 0, True), check=False)
+def run_id() -> str:
+    return f"test_registry_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def make_node(tmp_path: Path, run_id: str) -> Iterator[Callable[..., LocalNode]]:
+    """Factory for this test's LocalNode; whatever it started is killed when the test ends."""
+    made: list[LocalNode] = []
+
+    def factory(**kwargs: object) -> LocalNode:
+        local = LocalNode(tmp_path, run_id, **kwargs)  # type: ignore[arg-type]
+        made.append(local)
+        return local
+
+    yield factory
+    for local in made:
+        local.kill_everything()
+
+
+@pytest.fixture
+def node(make_node: Callable[..., LocalNode]) -> LocalNode:
+    return make_node()
 
 
 def running_with_steps(records: list[NodeRunRecord]) -> bool:
@@ -242,11 +268,11 @@ def test_start_status_and_graceful_stop(node: LocalNode) -> None:
     assert record.pid_alive and record.launcher_pid == pid and record.node_rank == 0
     # launcher + torchrun + 2 workers, the workers in sessions of their own
     assert record.procs == 4
-    meta = json.loads((node.tmp / "reg" / RUN_ID / "node_0" / "meta.json").read_text())
+    meta = json.loads((node.tmp / "reg" / node.run_id / "node_0" / "meta.json").read_text())
     assert meta["launcher_pid"] == pid and meta["container"] is None
     assert meta["command"][0].endswith("torchrun")
 
-    result = node.sh(stop_command(node.registry, RUN_ID, 10, False))
+    result = node.sh(stop_command(node.registry, node.run_id, 10, False))
     [outcome] = parse_stop_output(result.stdout)
     assert outcome.state == "stopped" and outcome.survivors == ()
     # The workers got SIGTERM once (through torchrun) and finished their step.
@@ -259,20 +285,18 @@ def test_start_status_and_graceful_stop(node: LocalNode) -> None:
     assert after.state == "stopped" and not after.active and after.ended_at
 
 
-def test_stop_escalates_to_sigkill_after_the_grace_period(tmp_path: Path) -> None:
-    node = LocalNode(tmp_path, fake_args=["--ignore-term"])
-    try:
-        node.start()
-        node.wait_for(running_with_steps)
-        started = time.monotonic()
-        result = node.sh(stop_command(node.registry, None, 1.0, False))
-        elapsed = time.monotonic() - started
-        [outcome] = parse_stop_output(result.stdout)
-        assert outcome.state == "killed" and outcome.survivors == ()
-        assert 1.0 <= elapsed < 6, elapsed
-        assert node.marker_pids() == []
-    finally:
-        node.sh(stop_command(node.registry, None, 0, True), check=False)
+def test_stop_escalates_to_sigkill_after_the_grace_period(
+        make_node: Callable[..., LocalNode]) -> None:
+    node = make_node(fake_args=["--ignore-term"])
+    node.start()
+    node.wait_for(running_with_steps)
+    started = time.monotonic()
+    result = node.sh(stop_command(node.registry, None, 1.0, False))
+    elapsed = time.monotonic() - started
+    [outcome] = parse_stop_output(result.stdout)
+    assert outcome.state == "killed" and outcome.survivors == ()
+    assert 1.0 <= elapsed < 6, elapsed
+    assert node.marker_pids() == []
 
 
 def test_emergency_kill_is_fast_and_spares_a_look_alike(node: LocalNode) -> None:
@@ -294,15 +318,16 @@ def test_emergency_kill_is_fast_and_spares_a_look_alike(node: LocalNode) -> None
         decoy.wait()
 
 
-def test_launcher_records_exit_code_of_a_finished_run(tmp_path: Path) -> None:
-    node = LocalNode(tmp_path, fake_args=["--steps", "3", "--interval", "0.01"])
+def test_launcher_records_exit_code_of_a_finished_run(
+        make_node: Callable[..., LocalNode]) -> None:
+    node = make_node(fake_args=["--steps", "3", "--interval", "0.01"])
     node.start(rank=2)
     # The launcher records the end, then exits: wait until it is gone.
     [record] = node.wait_for(lambda rs: bool(rs) and rs[0].state == "exited" and not rs[0].pid_alive)
     assert record.exit_code == 0 and record.node_rank == 2 and record.steps_done == 3
     assert not record.active
     # logs: the node rank first, then the output log
-    out = node.sh(logs_command(node.registry, RUN_ID, follow=True)).stdout.splitlines()
+    out = node.sh(logs_command(node.registry, node.run_id, follow=True)).stdout.splitlines()
     assert out[0] == "@@ node_rank 2"
     assert any(line.startswith("step 3/3") for line in out)
     missing = node.sh(logs_command(node.registry, "other_run", follow=False), check=False)
@@ -311,9 +336,10 @@ def test_launcher_records_exit_code_of_a_finished_run(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("required, state, exit_code", [(False, "exited", 0), (True, "exited", 1)])
 def test_a_missing_venv_fails_the_node_only_when_configured(
-        tmp_path: Path, required: bool, state: str, exit_code: int) -> None:
+        make_node: Callable[..., LocalNode], tmp_path: Path, required: bool, state: str,
+        exit_code: int) -> None:
     # The <workdir>/.venv default is optional ("if present"); an explicit cluster.venv is not.
-    node = LocalNode(tmp_path, fake_args=["--steps", "1", "--interval", "0.01"],
+    node = make_node(fake_args=["--steps", "1", "--interval", "0.01"],
                      venv=str(tmp_path / "no-such-venv"), venv_required=required)
     node.start()
     [record] = node.wait_for(lambda rs: bool(rs) and rs[0].exit_code is not None)
@@ -322,12 +348,12 @@ def test_a_missing_venv_fails_the_node_only_when_configured(
 
 def test_a_second_start_of_a_live_run_is_refused(node: LocalNode) -> None:
     node.start()
-    result = node.sh(launcher_start_command(str(node.launcher), 0, node.registry, RUN_ID),
+    result = node.sh(launcher_start_command(str(node.launcher), 0, node.registry, node.run_id),
                      check=False)
     assert result.returncode == 1 and "already has a live launcher" in result.stderr
 
 
-def test_hostile_arguments_reach_torchrun_literally(tmp_path: Path) -> None:
+def test_hostile_arguments_reach_torchrun_literally(tmp_path: Path, run_id: str) -> None:
     hostile = "$(touch pwned) `id` 'q' \"dq\" ; x"
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "env.sh").write_text("")
@@ -335,8 +361,8 @@ def test_hostile_arguments_reach_torchrun_literally(tmp_path: Path) -> None:
     script.write_text("#!/bin/sh\nprintf '<%s>\\n' \"$@\"\n")
     script.chmod(0o755)
     launcher = tmp_path / "run" / "node_launcher.sh"
-    launcher.write_text(render(tmp_path, [str(script), "--x", hostile]))
-    subprocess.run(launcher_start_command(str(launcher), 0, str(tmp_path / "reg"), RUN_ID),
+    launcher.write_text(render(tmp_path, [str(script), "--x", hostile], run_id=run_id))
+    subprocess.run(launcher_start_command(str(launcher), 0, str(tmp_path / "reg"), run_id),
                    shell=True, check=True, capture_output=True)
     log = tmp_path / "run" / "out" / "node_0_output.log"
     deadline = time.monotonic() + 10
