@@ -52,19 +52,10 @@ STEP_FIELDS = (
 )
 
 # Metrics aggregated into summary.json (median/p10/p90 over every measured step of every rank).
-AGGREGATED = (
-    "iter_ms",
-    "compute_ms",
-    "comm_ms",
-    "overlap_ms",
-    "exposed_comm_ms",
-    "exposed_comm_fraction",
-    "overlap_fraction",
-    "gemm_tflops",
-    "algbw_gbps",
-    "busbw_gbps",
-    "contention_slowdown",
-    "comm_slowdown",
+# Identity and counters are not distributions.
+AGGREGATED = tuple(
+    name for name in STEP_FIELDS
+    if name not in ("rank", "world_size", "step", "wall_time", "comm_bytes")
 )
 CALIBRATION_AGGREGATED = ("compute_ms", "gemm_tflops", "comm_ms", "algbw_gbps", "busbw_gbps")
 PER_RANK_MEDIANS = ("iter_ms", "compute_ms", "comm_ms", "gemm_tflops", "busbw_gbps")

@@ -147,22 +147,10 @@ def init_distributed(plan: RuntimePlan, timeout_s: float) -> None:
         # leaving the other ranks blocked forever.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(plan.device)
-        dist.init_process_group(
-            backend="nccl",
-            init_method="env://",
-            timeout=timeout,
-            rank=plan.rank,
-            world_size=plan.world_size,
-            device_id=plan.device,
-        )
-    else:
-        dist.init_process_group(
-            backend="gloo",
-            init_method="env://",
-            timeout=timeout,
-            rank=plan.rank,
-            world_size=plan.world_size,
-        )
+    # device_id binds the NCCL communicator to this rank's GPU at init (eager, no guessing).
+    device = {"device_id": plan.device} if plan.backend == "nccl" else {}
+    dist.init_process_group(backend=plan.backend, init_method="env://", timeout=timeout,
+                            rank=plan.rank, world_size=plan.world_size, **device)
 
 
 _BLOCKING_WAIT_VARS = ("TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT")  # the second: old name
