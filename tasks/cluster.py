@@ -18,10 +18,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
+from rich.console import Console
+from rich.prompt import Confirm, Prompt
+from rich.table import Table
 
 from tasks.lib import sync as syncing
 from tasks.lib.configedit import ConfigEditError, set_yaml_key
@@ -51,15 +53,13 @@ from tasks.lib.settings import Settings
 from tasks.nodes import Node, NodeResults, SshNode, describe_error, on_each
 from tasks.session import (
     EXIT_USAGE,
+    HOSTS_HELP,
     PROJECT_ROOT,
     ClusterSession,
     load_inventory,
     load_settings,
     project_path,
 )
-
-if TYPE_CHECKING:
-    from rich.console import Console
 
 PROBE_TIMEOUT_S = 60  # a hung nvidia-smi or docker must not hold the whole check
 
@@ -288,8 +288,6 @@ def describe_checkout(state: CheckoutState) -> str:
 
 
 def make_console() -> Console:
-    from rich.console import Console  # rich takes ~0.1 s to import: keep it off `fab --list`
-
     # Not a terminal (CI, logs, tests): wide enough that rows do not wrap mid-word.
     return Console(width=None if sys.stdout.isatty() else 220, highlight=False)
 
@@ -305,8 +303,6 @@ def facts_table(
     title: str,
     launch: LaunchValues | None = None,
 ):
-    from rich.table import Table
-
     settings = session.settings
     nproc = settings.launch.nproc if launch is None else launch.nproc
     master_port = settings.launch.master_port if launch is None else launch.master_port
@@ -401,18 +397,10 @@ def print_findings(console: Console, findings: Sequence[Finding]) -> None:
         console.print(f"[{color}]{finding.line()}[/]", soft_wrap=True)
 
 
-def _hosts_flag(hosts: str | None) -> list[str] | None:
-    return [hosts] if hosts else None
-
-
 # -- fab check ------------------------------------------------------------------------------------
 
 
-@task(
-    help={
-        "hosts": "Comma-separated hosts to check instead of the inventory (master first).",
-    }
-)
+@task(help={"hosts": HOSTS_HELP})
 def check(c, hosts=None):
     """Preflight every node at once: reachability, GPUs, route to the master, checkout, Docker.
 
@@ -422,7 +410,7 @@ def check(c, hosts=None):
     launch` would use: launch.* config, else $NPROC_PER_NODE / $MASTER_PORT, else built-ins.
     """
     started = time.monotonic()
-    with ClusterSession(c, hosts=_hosts_flag(hosts)) as session:
+    with ClusterSession(c, hosts=hosts) as session:
         launch = launch_defaults(session, c.config, dict(os.environ))
         local = local_checkout_state(excluded_dirs=sync_excludes(session.settings))
         results = probe_all(session, master_port=launch.master_port)
@@ -512,8 +500,6 @@ def _update_yaml(path: Path, key: str, value: object) -> None:
 
 
 def _prompt_hosts(console: Console, current: Inventory) -> str:
-    from rich.prompt import Prompt
-
     default = ",".join(h.label for h in current.hosts) if not current.is_local else None
     console.print(
         "Hosts of this cluster, master first (node 0 runs the rendezvous), "
@@ -555,7 +541,7 @@ def setup(c, hosts=None, iface=None, yes=False):
             code=EXIT_USAGE,
         )
     target_kind, target = inventory_target(c, settings)
-    with ClusterSession(c, hosts=_hosts_flag(hosts)) as session:
+    with ClusterSession(c, hosts=hosts) as session:
         if session.inventory.is_local:
             raise Exit(
                 "no hosts to set up: pass --hosts master,worker1,... (master first)",
@@ -593,8 +579,6 @@ def setup(c, hosts=None, iface=None, yes=False):
         plan.append(f"cluster.socket_ifname = {iface} -> {iface_target(c)}")
     console.print("Will write:\n  " + "\n  ".join(plan))
     if not yes:
-        from rich.prompt import Confirm
-
         if not Confirm.ask("Write these?", default=True, console=console):
             raise Exit("nothing written", code=1)
     write_inventory(target_kind, target, specs)
@@ -650,11 +634,7 @@ def next_steps(
 # -- fab sync -------------------------------------------------------------------------------------
 
 
-@task(
-    help={
-        "hosts": "Comma-separated hosts to sync instead of the inventory.",
-    }
-)
+@task(help={"hosts": HOSTS_HELP})
 def sync(c, hosts=None):
     """Make every node's workdir match this checkout (tracked and non-ignored files).
 
@@ -663,14 +643,12 @@ def sync(c, hosts=None):
     deleted; anything else on the node (experiments, logs, venvs) is left alone.
     """
     started = time.monotonic()
-    with ClusterSession(c, hosts=_hosts_flag(hosts)) as session:
+    with ClusterSession(c, hosts=hosts) as session:
         if session.inventory.is_local:
             print("nothing to sync: the only node is this machine")
             return
         outcome = sync_nodes(session)
         console = make_console()
-        from rich.table import Table
-
         table = Table(
             title=f"sync of {outcome.files} file(s), tree {outcome.tree_hash[:12]}, "
             f"to {session.workdir}",

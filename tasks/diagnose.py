@@ -19,12 +19,12 @@ from rich.markup import escape
 
 from tasks.lib import diagnostics as diag
 from tasks.lib.registry import RegistryError, validate_run_id
+from tasks.lib.runrecord import RUN_JSON
 from tasks.lib.settings import Settings
 from tasks.lib.watchdog import HangReport, HangWatchdog, parse_progress_poll, progress_poll_command
 from tasks.nodes import Node, describe_error, on_each
 from tasks.session import EXIT_USAGE, ClusterSession, project_path
 
-RUN_JSON = "run.json"
 ACTIVE_STATUSES = ("running", "detached", "starting")
 # Per py-spy call; the node command as a whole gets room for a few dumps per rank plus GPU tools.
 DUMP_TIMEOUT_S = 20.0

@@ -15,7 +15,7 @@ from invoke.exceptions import Exit
 from rich.console import Console
 from rich.table import Table
 
-from tasks.cluster import require_matching_checkout
+from tasks.cluster import probe_all, require_matching_checkout
 from tasks.lib.containers import (
     TERMINAL_STATES,
     ContainerState,
@@ -31,13 +31,13 @@ from tasks.lib.containers import (
     probe_script,
     up_outcome,
 )
+from tasks.lib.probe import HostFacts
 from tasks.lib.quoting import sh_command, sh_join, sh_quote
 from tasks.lib.render import compose_command, compose_project_name, render_compose
 from tasks.nodes import Node, NodeError, NodeResults, on_each
-from tasks.session import EXIT_USAGE, ClusterSession
+from tasks.session import EXIT_USAGE, HOSTS_HELP, ClusterSession
 
 POLL_INTERVAL_S = 0.5
-HOSTS_HELP = "comma-separated hosts to use instead of the configured inventory (master first)"
 
 
 class DockerError(NodeError):
@@ -56,22 +56,17 @@ class DownResult:
     outcome: str             # removed | not present
 
 
-def _hosts_arg(hosts: str | None) -> list[str] | None:
-    return [hosts] if hosts else None
-
-
-def _probe(node: Node, container: str, compose_file: str,
-           workdir: str | None = None) -> DockerProbe:
-    output = node.run(sh_command(probe_script(container, compose_file, workdir))).stdout
+def _probe(node: Node, container: str, compose_file: str) -> DockerProbe:
+    output = node.run(sh_command(probe_script(container, compose_file))).stdout
     probe = parse_probe(output)
     if probe.engine is None:
         raise DockerError(f"Docker engine not usable: {probe.engine_error}")
     return probe
 
 
-def _compose_argv(probe: DockerProbe) -> list[str]:
+def _compose_argv(variant: str) -> list[str]:
     try:
-        return compose_command(probe.compose)
+        return compose_command(variant)
     except ValueError as err:
         raise DockerError(str(err)) from None
 
@@ -98,14 +93,25 @@ def _wait_running(node: Node, container: str, wait_s: float) -> ContainerState:
         time.sleep(POLL_INTERVAL_S)
 
 
-def _up_on(node: Node, *, compose_text: str, compose_file: str, project: str, container: str,
-           image: str, workdir: str, wait_s: float) -> UpResult:
-    probe = _probe(node, container, compose_file, workdir)
-    if probe.workdir_exists is False:
+def _facts_of(results: NodeResults[HostFacts], node: Node) -> HostFacts:
+    """This node's preflight facts; its probe's failure is the node's failure."""
+    if node in results.failed:
+        raise results.failed[node]
+    return results.ok[node]
+
+
+def _up_on(node: Node, facts: HostFacts, *, compose_text: str, compose_file: str, project: str,
+           container: str, image: str, workdir: str, wait_s: float) -> UpResult:
+    if facts.docker_engine is None:
+        raise DockerError("Docker engine not usable: "
+                          f"{facts.docker_error or 'no answer from the Docker engine'}")
+    if not facts.workdir_exists:
         # Docker would mount a fresh empty directory instead: the run would find no code.
         raise DockerError(f"workdir {workdir} does not exist on this host: run `fab sync` "
                           "or set cluster.workdir")
-    compose = _compose_argv(probe)
+    compose_variant = facts.docker_compose or "none"
+    compose = _compose_argv(compose_variant)
+    before = ContainerState(facts.container_state or "unknown", id=facts.container_id or "")
     node.put_files({compose_file: compose_text})
     argv = [*compose, "-p", project, "-f", compose_file, "up", "-d"]
     result = node.run(sh_join(argv) + " 2>&1", warn=True)
@@ -116,7 +122,7 @@ def _up_on(node: Node, *, compose_text: str, compose_file: str, project: str, co
             message += f" (remove it with `fab docker-down` or `docker rm -f {container}`)"
         raise DockerError(f"{' '.join(compose)} up -d: {message}")
     after = _wait_running(node, container, wait_s)
-    return UpResult(probe.compose, up_outcome(probe.container, after), after)
+    return UpResult(compose_variant, up_outcome(before, after), after)
 
 
 def _down_on(node: Node, *, compose_file: str, project: str, container: str) -> DownResult:
@@ -160,7 +166,7 @@ def docker_up(c, hosts=None, wait=60):
     docker.* config, pushes it to <cluster.registry_dir>/docker/docker-compose.yaml on each node,
     runs `docker compose up -d` (or docker-compose v1) there and waits until the container runs.
     """
-    with ClusterSession(c, _hosts_arg(hosts)) as session:
+    with ClusterSession(c, hosts) as session:
         docker = session.settings.docker
         if not docker.enabled:
             raise Exit("docker.enabled is false: launches run bare, so there is no container to "
@@ -174,12 +180,14 @@ def docker_up(c, hosts=None, wait=60):
                                           registry_dir=registry_dir, project_name=project)
         except ValueError as err:
             raise Exit(f"config error: {err}", code=EXIT_USAGE) from None
-        require_matching_checkout(session)
+        # One probe per host answers both: does its checkout match, and what does its Docker run.
+        facts = probe_all(session, docker=True)
+        require_matching_checkout(session, facts)
         compose_file = compose_file_path(registry_dir)
         results: NodeResults[UpResult] = on_each(session.nodes, lambda node: _up_on(
-            node, compose_text=compose_text, compose_file=compose_file, project=project,
-            container=docker.container, image=docker.image, workdir=session.workdir,
-            wait_s=float(wait)))
+            node, _facts_of(facts, node), compose_text=compose_text, compose_file=compose_file,
+            project=project, container=docker.container, image=docker.image,
+            workdir=session.workdir, wait_s=float(wait)))
         title = f"docker-up: container {docker.container} ({docker.image})"
         table = _status_table(["node", "host", "compose", "container", "result"])
         for node in session.nodes:
@@ -203,7 +211,7 @@ def docker_down(c, hosts=None):
     Uses the compose file docker-up left on each node; a container of the configured name that
     compose does not know about (file gone with /tmp, started by hand) is removed too.
     """
-    with ClusterSession(c, _hosts_arg(hosts)) as session:
+    with ClusterSession(c, hosts) as session:
         docker = session.settings.docker
         project = compose_project_name(docker.container)
         compose_file = compose_file_path(session.settings.cluster.registry_dir)
@@ -227,7 +235,7 @@ def docker_status(c, hosts=None):
     Exits non-zero only when a host does not answer (or its engine does not); a stopped or
     missing container is a state to show, not an error.
     """
-    with ClusterSession(c, _hosts_arg(hosts)) as session:
+    with ClusterSession(c, hosts) as session:
         docker = session.settings.docker
         compose_file = compose_file_path(session.settings.cluster.registry_dir)
         results: NodeResults[DockerProbe] = on_each(

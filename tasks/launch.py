@@ -14,7 +14,6 @@ first) or a host could not be reached; 2 bad flags, config or cluster state (not
 from __future__ import annotations
 
 import getpass
-import io
 import json
 import os
 import posixpath
@@ -26,8 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -39,8 +37,8 @@ from rich.console import Console
 from rich.table import Table
 
 from tasks.cluster import launch_context, probe_all, require_matching_checkout
-from tasks.diagnose import HangMonitor
-from tasks.lib.probe import HostFacts
+from tasks.lib.diagnostics import node_venv
+from tasks.lib.probe import CheckoutState, HostFacts, judge_cluster, judge_host
 from tasks.lib.profiling import (
     ProfilerChoice,
     missing_tools_message,
@@ -52,30 +50,18 @@ from tasks.lib.profiling import (
     tool_check_command,
 )
 from tasks.lib.quoting import sh_join, sh_quote
-from tasks.lib.registry import (
-    launcher_start_command,
-    parse_status,
-    render_node_launcher,
-    status_command,
-)
+from tasks.lib.registry import launcher_start_command, render_node_launcher
 from tasks.lib.render import load_nccl_preset, render_compose, render_env_script
 from tasks.lib.runrecord import (
-    AGENT_DEATH_SIGNAL,
-    FINAL_NODE_STATES,
     HEADLINE_METRICS,
     RUN_JSON,
-    Evidence,
     RunRecord,
-    choose_first_failure,
-    classify_line,
-    failure_reason,
-    exit_reason,
     headline_metrics,
     list_files_command,
     new_record,
     now_iso,
     parse_file_list,
-    parse_progress,
+    write_json_atomic,
 )
 from tasks.lib.runspec import (
     CONFIG_NAME_ON_NODE,
@@ -83,7 +69,6 @@ from tasks.lib.runspec import (
     RunSpec,
     RunSpecError,
     explicit_launch_config,
-    log_file_name,
     nccl_env,
     node_run_dir,
     resolve_nproc,
@@ -96,6 +81,7 @@ from tasks.nodes import Node, NodeResults, describe_error, on_each
 from tasks.report import write_report
 from tasks.runs import active_runs, stop_run
 from tasks.session import EXIT_USAGE, PROJECT_ROOT, ClusterSession, load_settings, project_path
+from tasks.watch import FAIL_FAST_GRACE_S, Watcher, node_log_path, tail_command
 
 EXIT_FAILED = 1
 EXIT_BUSY = 3
@@ -105,20 +91,6 @@ EXIT_DETACHED = 130
 ENV_SCRIPT = "env.sh"
 COMPOSE_FILE = "docker-compose.yaml"
 NODE_LAUNCHER = "node_launcher.sh"
-# A failure is rarely alone: the ranks of other nodes fail right after, as victims. Waiting this
-# long after the first sign lets the real culprit's report (a rank killed by a signal) arrive.
-FAILURE_SETTLE_S = 2.0
-FAIL_FAST_GRACE_S = 3.0        # SIGTERM -> SIGKILL when stopping the survivors of a failure
-HEARTBEAT_S = 2.0              # how often each node's registry state is read while attached
-HEARTBEAT_TIMEOUT_S = 15.0
-# A node counts as lost (and the run as failed) when its registry could not be read for this
-# long: a loaded node answers slowly, a dead one never; the NCCL timeout is minutes away.
-LOST_AFTER_S = 30.0
-PROGRESS_LINE_S = 10.0         # at most this often, a "progress:" line with every node's steps
-TAIL_POLL_S = 0.5
-# After the registry says every node ended, a tail may still be delivering the last lines (it
-# notices the launcher's exit at its next poll): wait this long for the streams to end.
-TAIL_DRAIN_S = 5.0
 AUTO_PORT_RANGE = (29500, 29999)
 AUTO_PORT_TRIES = 5
 
@@ -285,12 +257,10 @@ def ranks_venv(session: ClusterSession) -> str | None:
     cluster.venv when set, else <workdir>/.venv. On this machine alone (no SSH) it is known
     whether that exists; if not, the environment `fab` itself runs in (None: torchrun from PATH).
     """
-    settings = session.settings
-    if settings.cluster.venv:
-        return settings.cluster.venv
-    default = posixpath.join(session.workdir, ".venv")
-    if not session.inventory.is_local or Path(default, "bin", "activate").is_file():
-        return default
+    chosen = node_venv(session.settings.cluster.venv, session.workdir)
+    if session.settings.cluster.venv or not session.inventory.is_local \
+            or Path(chosen, "bin", "activate").is_file():
+        return chosen
     if sys.prefix != sys.base_prefix and Path(sys.prefix, "bin", "activate").is_file():
         return sys.prefix
     return None
@@ -306,22 +276,6 @@ def bundle_for(plan: Plan) -> dict[str, str | bytes]:
 
 def launcher_path(plan: Plan) -> str:
     return posixpath.join(plan.node_run_dir, NODE_LAUNCHER)
-
-
-def node_log_path(plan: Plan, node_rank: int) -> str:
-    return posixpath.join(plan.output_dir, f"node_{node_rank}_output.log")
-
-
-def tail_command(log_path: str, launcher_pid: int | str, from_start: bool = True) -> str:
-    """Stream a node's output log until its launcher exits: from its first line, or (a stream
-    reopened after its SSH channel broke) from its end.
-
-    -F waits for the file to appear; --pid ends tail once the launcher is gone and the file has
-    been read to the end, so nothing the node wrote is cut off.
-    """
-    start = "+1" if from_start else "0"
-    return (f"exec tail -n {start} -F -s {TAIL_POLL_S} --pid={sh_quote(launcher_pid)} "
-            f"{sh_quote(log_path)} 2>/dev/null")
 
 
 def abbreviate_script(command: str, limit: int = 300) -> str:
@@ -403,31 +357,37 @@ def probe_cluster(session: ClusterSession, spec: RunSpec) -> tuple[list[HostFact
     return facts, port
 
 
+def launch_refusals(facts: Sequence[HostFacts], *, workdir: str, socket_ifname: str | None,
+                    docker: bool, container: str) -> list[str]:
+    """What `fab check` calls an error (probe.judge_host per host, judge_cluster across hosts),
+    plus launch's own rule that a dockerized run needs its container running (check only warns).
+
+    The checkout is not judged here: require_matching_checkout did that with the same facts
+    (each host is compared with its own state). nproc is resolve_nproc's to judge.
+    """
+    problems: list[str] = []
+    for f in facts:
+        own_checkout = CheckoutState(f.branch, f.commit, f.dirty, f.tree_hash, f.diff_hash)
+        problems += [finding.line().removeprefix("error: ")
+                     for finding in judge_host(f, local=own_checkout, workdir=workdir, nproc="auto",
+                                               docker_enabled=docker, socket_ifname=socket_ifname)
+                     if finding.is_error]
+        if docker and f.docker_engine is not None and f.container_state != "running":
+            problems.append(f"node {f.node_index} ({f.label}): container {container} is "
+                            f"{f.container_state or 'unknown'}; run `fab docker-up`")
+    problems += [finding.line().removeprefix("error: ")
+                 for finding in judge_cluster(facts) if finding.is_error]
+    return problems
+
+
 def check_facts(session: ClusterSession, spec: RunSpec,
                 facts: Sequence[HostFacts]) -> tuple[int, list[str], str]:
     """(ranks per node, interface per host, master address), or Exit 2 naming what is wrong."""
-    problems: list[str] = []
     socket_ifname = session.settings.cluster.socket_ifname
-    ifnames: list[str] = []
-    for f in facts:
-        if socket_ifname:
-            names = {name for name, _ in f.interfaces}
-            if f.interfaces and socket_ifname not in names:
-                problems.append(f"node {f.node_index} ({f.label}): cluster.socket_ifname "
-                                f"{socket_ifname!r} not found (has {', '.join(sorted(names))})")
-            ifnames.append(socket_ifname)
-        elif f.ifname:
-            ifnames.append(f.ifname)
-        else:
-            problems.append(f"node {f.node_index} ({f.label}): no route to the master; fix name "
-                            "resolution on that host or set cluster.socket_ifname")
-            ifnames.append("")
-        if spec.docker and f.container_state != "running":
-            state = f.container_state or "unknown"
-            detail = f": {f.docker_error}" if f.docker_error else ""
-            problems.append(f"node {f.node_index} ({f.label}): container "
-                            f"{session.settings.docker.container} is {state}{detail}; "
-                            "run `fab docker-up`")
+    problems = launch_refusals(facts, workdir=session.workdir, socket_ifname=socket_ifname,
+                               docker=spec.docker,
+                               container=session.settings.docker.container)
+    ifnames = [socket_ifname or f.ifname or "" for f in facts]
     try:
         nproc = resolve_nproc(spec.nproc, {f"node {f.node_index} ({f.label})": f.gpu_count
                                            for f in facts}, spec.accelerator)
@@ -552,337 +512,6 @@ def stop_after_failed_start(session: ClusterSession, plan: Plan) -> str:
             + f"\nprocesses of the run may be left there: fab stop --run {plan.run_id}")
 
 
-# -- watching --------------------------------------------------------------------------------------
-
-class LineSink(io.TextIOBase):
-    """A text stream for Invoke's out_stream that hands over whole lines."""
-
-    def __init__(self, on_line: Callable[[str], None]):
-        self._on_line = on_line
-        self._partial = ""
-
-    def write(self, text: str) -> int:
-        data = self._partial + text
-        *lines, self._partial = data.split("\n")
-        for line in lines:
-            self._on_line(line.rstrip("\r"))
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def close_partial(self) -> None:
-        if self._partial:
-            self._on_line(self._partial)
-            self._partial = ""
-
-
-@dataclass
-class NodeWatch:
-    node: Node
-    rank: int
-    pid: int
-    log_file: Any
-    started: float
-    lines: deque = field(default_factory=lambda: deque(maxlen=40))
-    steps_done: int | None = None
-    steps_total: int | None = None
-    tail_done: threading.Event = field(default_factory=threading.Event)
-    tail_error: BaseException | None = None
-    tail_checked: bool = False     # the registry was read once after the stream ended
-    tail_restarts: int = 0
-    ended_at: float | None = None
-    state: str | None = None
-    exit_code: int | None = None
-    last_ok: float = field(default_factory=time.monotonic)  # last successful registry read
-    stopping_from_outside: bool = False
-    log_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def ended(self) -> bool:
-        return self.ended_at is not None
-
-    def write_line(self, line: str) -> bool:
-        """Append to the controller's log; False once it is closed (a stream that outlived the
-        wait: the line is still in the node's own output log)."""
-        with self.log_lock:
-            if self.log_file.closed:
-                return False
-            self.log_file.write(line + "\n")
-            self.log_file.flush()
-            return True
-
-    def close_log(self) -> None:
-        with self.log_lock:
-            try:
-                self.log_file.close()
-            except OSError:
-                pass
-
-
-class Watcher:
-    """Streams every node's log, keeps progress and failure evidence, decides how the run ends."""
-
-    def __init__(self, session: ClusterSession, plan: Plan, pids: Mapping[int, int],
-                 console: Console):
-        self.session = session
-        self.plan = plan
-        self.console = console
-        self.lock = threading.Lock()
-        self.evidence: list[Evidence] = []
-        self.nproc = int(plan.nproc)
-        logs_dir = plan.run_dir / "logs"
-        logs_dir.mkdir(parents=True, exist_ok=True)
-        now = time.monotonic()
-        self.watches: list[NodeWatch] = []
-        for node in session.nodes:
-            name = log_file_name(node.index, plan.started_wall)
-            plan.record.node(node.index).log = f"logs/{name}"
-            handle = open(logs_dir / name, "a", encoding="utf-8", errors="replace")  # noqa: SIM115
-            self.watches.append(NodeWatch(node=node, rank=node.index, pid=pids[node.index],
-                                          log_file=handle, started=now))
-        self.stop_requested_at: float | None = None
-        self.last_progress_print = now
-        self.hung = False
-        self.done = threading.Event()
-        self.heartbeat: threading.Thread | None = None
-        self.hang = None
-        if plan.spec.hang_timeout > 0:
-            # Imports, rendezvous and calibration come before the first metrics line: allow more.
-            self.hang = HangMonitor(session, plan.run_id, plan.output_dir, plan.spec.hang_timeout,
-                                    world_size=plan.record.world_size, started_at=now,
-                                    startup_timeout_s=max(plan.spec.hang_timeout, 300.0))
-        self.last_progress_text = ""
-
-    # the tail threads ---------------------------------------------------------------------------
-
-    def start_tails(self) -> None:
-        for watch in self.watches:
-            self._start_tail(watch, from_start=True)
-
-    def _start_tail(self, watch: NodeWatch, from_start: bool) -> None:
-        watch.tail_done.clear()
-        watch.tail_checked = False
-        thread = threading.Thread(target=self._tail, args=(watch, from_start), daemon=True,
-                                  name=f"tail-node{watch.rank}")
-        thread.start()
-
-    def _tail(self, watch: NodeWatch, from_start: bool) -> None:
-        sink = LineSink(lambda line: self._on_line(watch, line))
-        command = tail_command(node_log_path(self.plan, watch.rank), watch.pid, from_start)
-        try:
-            watch.node.run(command, warn=True, hide="err", out_stream=sink)
-        except BaseException as err:  # noqa: BLE001 - reported through the heartbeat
-            watch.tail_error = err
-        finally:
-            sink.close_partial()
-            watch.tail_done.set()
-
-    def _on_line(self, watch: NodeWatch, line: str) -> None:
-        now = time.monotonic()
-        watch.write_line(line)
-        watch.lines.append(line)
-        if (progress := parse_progress(line)):
-            watch.steps_done, watch.steps_total = progress
-        if AGENT_DEATH_SIGNAL.search(line):
-            watch.stopping_from_outside = True
-        evidence = classify_line(line, watch.rank, self.nproc, now, watch.stopping_from_outside)
-        if evidence is not None:
-            with self.lock:
-                self.evidence.append(evidence)
-        self.console.out(f"[node {watch.rank}] {line}", highlight=False)
-
-    # the main loop --------------------------------------------------------------------------------
-
-    def poll_states(self, watches: Sequence[NodeWatch]) -> None:
-        """Read the registry state of these nodes (concurrently); record endings and losses."""
-        command = status_command(self.session.settings.cluster.registry_dir, self.plan.run_id,
-                                 recent=1)
-
-        def read(node: Node) -> Any:
-            return parse_status(node.run(command, timeout=HEARTBEAT_TIMEOUT_S).stdout)
-
-        results = on_each([w.node for w in watches], read)
-        now = time.monotonic()
-        with self.lock:
-            for watch in watches:
-                if watch.node in results.failed:
-                    if now - watch.last_ok >= LOST_AFTER_S and not watch.ended:
-                        watch.state, watch.ended_at = "lost", now
-                        self.evidence.append(Evidence(
-                            watch.rank, now, "lost", None, None,
-                            f"no answer for {now - watch.last_ok:.0f} s: "
-                            f"{describe_error(results.failed[watch.node])}"))
-                    continue
-                watch.last_ok = now
-                mine = [r for r in results.ok[watch.node]
-                        if r.run_id == self.plan.run_id and r.node_rank == watch.rank]
-                if mine:
-                    self._update(watch, mine[0], now)
-
-    def _update(self, watch: NodeWatch, record: Any, now: float) -> None:
-        if record.steps_done is not None and (watch.steps_done or 0) < record.steps_done:
-            watch.steps_done = record.steps_done
-        if watch.ended or (record.state not in FINAL_NODE_STATES and record.pid_alive):
-            return
-        watch.state = record.state if record.state in FINAL_NODE_STATES else "killed"
-        watch.exit_code = record.exit_code
-        watch.ended_at = now
-        # "stopped": someone ran `fab stop`; that ends the run but is nobody's failure.
-        if watch.state != "stopped" and watch.exit_code != 0 and self.stop_requested_at is None:
-            self.evidence.append(Evidence(watch.rank, now, "node-exit", None, watch.exit_code,
-                                          exit_reason(watch.state, watch.exit_code)))
-
-    def _heartbeat(self) -> None:
-        """Every HEARTBEAT_S, the registry of every open node, off the main loop (a slow node
-        must not delay fail-fast decisions about the others)."""
-        while not self.done.wait(HEARTBEAT_S):
-            open_watches = [w for w in self.watches if not w.ended]
-            if not open_watches:
-                return
-            try:
-                self.poll_states(open_watches)
-            except Exception as err:  # noqa: BLE001 - the next beat tries again
-                self.console.out(f"launch: heartbeat: {err}", highlight=False)
-
-    def wait(self) -> str:
-        """Until every node ended and its log stream delivered its last lines; returns
-        "succeeded", "failed", "stopped" or "hung"."""
-        self.heartbeat = threading.Thread(target=self._heartbeat, daemon=True, name="heartbeat")
-        self.heartbeat.start()
-        try:
-            status = self._wait()
-        finally:
-            self.done.set()
-        for rank in self.drain():
-            self.console.out(f"launch: the log stream of node {rank} did not end within "
-                             f"{TAIL_DRAIN_S:.0f} s; its last lines are in the node's output log",
-                             highlight=False)
-        return status
-
-    def drain(self, timeout: float = TAIL_DRAIN_S) -> list[int]:
-        """The registry may report a node's end before its tail delivered the last lines: wait
-        (bounded: a lost node's stream may never end) for every stream and the heartbeat.
-        Returns the node ranks whose stream was still open."""
-        if self.heartbeat is not None:
-            self.heartbeat.join(HEARTBEAT_TIMEOUT_S + 1)
-        deadline = time.monotonic() + timeout
-        for watch in self.watches:
-            watch.tail_done.wait(max(0.0, deadline - time.monotonic()))
-        return [w.rank for w in self.watches if not w.tail_done.is_set()]
-
-    def _wait(self) -> str:
-        first_seen: float | None = None
-        while True:
-            open_watches = [w for w in self.watches if not w.ended]
-            # A stream ends when its launcher has exited (look at the registry at once) or when
-            # its SSH channel broke (the heartbeat decides; the stream is reopened meanwhile).
-            tails_finished = [w for w in open_watches
-                              if w.tail_done.is_set() and not w.tail_checked]
-            if tails_finished:
-                self.poll_states(tails_finished)
-                for watch in tails_finished:
-                    watch.tail_checked = True
-                    if not watch.ended and watch.tail_error is not None and watch.tail_restarts < 3:
-                        watch.tail_restarts += 1
-                        self.console.out(
-                            f"launch: log stream of node {watch.rank} broke "
-                            f"({describe_error(watch.tail_error)}); reopening it (lines in "
-                            "between are in the node's output log)", highlight=False)
-                        watch.tail_error = None
-                        self._start_tail(watch, from_start=False)
-            with self.lock:
-                evidence = list(self.evidence)
-            if evidence and self.stop_requested_at is None:
-                first_seen = first_seen or min(e.at for e in evidence)
-                all_ended = all(w.ended for w in self.watches)
-                if time.monotonic() - first_seen >= FAILURE_SETTLE_S or all_ended:
-                    self.fail_fast(choose_first_failure(evidence))
-            if self.hang is not None and self.stop_requested_at is None:
-                report = self.hang.tick([w.node for w in self.watches if not w.ended],
-                                        time.monotonic())
-                if report is not None:
-                    self.on_hang(report)
-            if all(w.ended for w in self.watches):
-                break
-            self.print_progress()
-            time.sleep(0.1)
-        if self.hung:
-            return "hung"
-        if self.stop_requested_at is not None:
-            return "failed"
-        if all(w.state == "exited" and w.exit_code == 0 for w in self.watches):
-            return "succeeded"
-        if any(w.state == "stopped" for w in self.watches):
-            return "stopped"
-        return "failed"
-
-    def on_hang(self, report: Any) -> None:
-        """No rank advanced for hang_timeout seconds: diagnostics first (stacks of the live
-        processes), then stop everything; hung ranks ignore SIGTERM, so the grace is short."""
-        container = self.session.settings.docker.container if self.plan.spec.docker else None
-        assert self.hang is not None
-        self.plan.record.hang = self.hang.diagnose(report, self.plan.run_dir, container=container,
-                                                   console=self.console)
-        self.hung = True
-        self.stop_requested_at = time.monotonic()
-        results = stop_run(self.session, self.plan.run_id, FAIL_FAST_GRACE_S)
-        for node, error in results.failed.items():
-            self.console.out(f"launch: stopping node {node.index} ({node.label}) failed: "
-                             f"{describe_error(error)}", highlight=False)
-        self.final_look()
-
-    def final_look(self) -> None:
-        """After a stop: read the registry until every launcher recorded its end (or give up)."""
-        deadline = time.monotonic() + FAIL_FAST_GRACE_S + 10
-        while time.monotonic() < deadline and not all(w.ended for w in self.watches):
-            self.poll_states([w for w in self.watches if not w.ended])
-            time.sleep(0.3)
-        for watch in self.watches:
-            if not watch.ended:
-                watch.state, watch.ended_at = "lost", time.monotonic()
-
-    def fail_fast(self, culprit: Evidence) -> None:
-        watch = self.watches[culprit.node_rank]
-        record = self.plan.record
-        reason = failure_reason(culprit)
-        record.record_failure(culprit.node_rank, reason=reason, exit_code=culprit.exit_code,
-                              at=now_iso(), last_lines=list(watch.lines))
-        if culprit.rank is not None:
-            record.first_failure.ranks = [culprit.rank]  # type: ignore[union-attr]
-        self.stop_requested_at = time.monotonic()
-        self.console.out(f"launch: node {culprit.node_rank} ({watch.node.label}) failed first: "
-                         f"{reason}; stopping every node (SIGTERM, {FAIL_FAST_GRACE_S:.0f} s, "
-                         "SIGKILL)", highlight=False)
-        survivors = [w for w in self.watches if not w.ended and w.state != "lost"]
-        if survivors:
-            results = stop_run(self.session, self.plan.run_id, FAIL_FAST_GRACE_S)
-            for node, error in results.failed.items():
-                self.console.out(f"launch: stopping node {node.index} ({node.label}) failed: "
-                                 f"{describe_error(error)}", highlight=False)
-        # Launchers stopped before the tails notice: give the registry a final look now.
-        self.final_look()
-
-    def print_progress(self) -> None:
-        now = time.monotonic()
-        if now - self.last_progress_print < PROGRESS_LINE_S:
-            return
-        parts = []
-        for watch in self.watches:
-            done = "-" if watch.steps_done is None else str(watch.steps_done)
-            total = f"/{watch.steps_total}" if watch.steps_total else ""
-            parts.append(f"node {watch.rank} {done}{total}{' (ended)' if watch.ended else ''}")
-        text = "progress: " + " | ".join(parts)
-        self.last_progress_print = now
-        if text != self.last_progress_text:
-            self.last_progress_text = text
-            self.console.out(text, highlight=False)
-
-    def close(self) -> None:
-        for watch in self.watches:
-            watch.close_log()
-
-
 # -- collection ------------------------------------------------------------------------------------
 
 def collect_outputs(session: ClusterSession, remote_output_dir: str,
@@ -927,10 +556,7 @@ def record_collection(record: RunRecord, results: NodeResults[dict[str, int]]) -
 # -- ending ----------------------------------------------------------------------------------------
 
 def write_record(plan: Plan) -> None:
-    path = plan.run_dir / RUN_JSON
-    tmp = path.with_name(f".{RUN_JSON}.tmp")
-    tmp.write_text(plan.record.to_json())
-    tmp.replace(path)
+    write_json_atomic(plan.run_dir / RUN_JSON, plan.record.to_dict())
 
 
 def print_summary(console: Console, plan: Plan, watcher: Watcher | None) -> None:
@@ -1244,9 +870,7 @@ def collect(c, run=None, hosts=None):
     for node, stats in sorted(collected.ok.items(), key=lambda item: item[0].index):
         print(f"node {node.index}: {stats['files']} file(s), {stats['bytes']} bytes copied, "
               f"{stats['skipped']} already there")
-    tmp = run_dir / f".{RUN_JSON}.tmp"
-    tmp.write_text(record.to_json())
-    tmp.replace(run_dir / RUN_JSON)
+    write_json_atomic(run_dir / RUN_JSON, record.to_dict())
     collected.raise_if_failed("collecting outputs", code=EXIT_FAILED,
                               hint=f"the files stay on those hosts; `fab collect --run "
                                    f"{record.run_id}` retries")

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tasks.lib import report as rep
-from tasks.session import EXIT_USAGE, project_path
+from tasks.session import EXIT_USAGE, cli_path
 
 
 @dataclass
@@ -54,12 +54,6 @@ def write_report(path: Path, out_dir: Path | None = None, plots: bool = True) ->
     return ReportResult(report_input, rows, rep.best_point(rows), out_dir, [csv_path, md_path, *figures])
 
 
-def _cli_path(path: str) -> Path:
-    """A path typed on the command line: relative to where fab runs, else to the checkout."""
-    given = Path(path).expanduser()
-    return given if given.is_absolute() or given.exists() else project_path(given)
-
-
 # Terminal headers are shorter than report.md's: the table must fit an 80-column terminal.
 TERMINAL_COLUMNS = ("ch", "th", "nodes\nranks", "status", "steps", "iter ms\np50", "iter ms\np90",
                     "GEMM\nTFLOP/s", "GEMM\nslow", "exposed\ncomm", "busbw\nGB/s")
@@ -98,9 +92,9 @@ def print_report(console: Console, result: ReportResult) -> None:
 })
 def report(c, path, out=None, no_plots=False):
     """Summarise a run or a sweep: results.csv, report.md (best point, trade-off), PNG figures."""
-    target = _cli_path(path)
+    target = cli_path(path)
     try:
-        result = write_report(target, _cli_path(out) if out else None, plots=not no_plots)
+        result = write_report(target, cli_path(out) if out else None, plots=not no_plots)
     except rep.ReportError as err:
         raise Exit(f"report: {err}", code=EXIT_USAGE) from None
     except OSError as err:

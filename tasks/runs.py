@@ -8,6 +8,7 @@ else's `python train.py` or `torchrun` survives them.
 """
 from __future__ import annotations
 
+import io
 import sys
 import threading
 import time
@@ -91,21 +92,38 @@ class LogStream:
     lines: int
 
 
-class _LineSplitter:
-    """A text stream for Invoke's out_stream that hands whole lines to a sink."""
+class LineStream(io.TextIOBase):
+    """A text stream for Invoke's out_stream that hands whole lines (no newline, no trailing
+    CR) to `on_line`; `close_partial()` hands over an unterminated last line."""
+
+    def __init__(self, on_line: Callable[[str], None]):
+        self._on_line = on_line
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        *complete, self._partial = (self._partial + text).split("\n")
+        for line in complete:
+            self._on_line(line.rstrip("\r"))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def close_partial(self) -> None:
+        if self._partial:
+            partial, self._partial = self._partial, ""
+            self._on_line(partial.rstrip("\r"))
+
+
+class _NodeLog:
+    """One host's log lines to a sink, under the node rank its `@@ node_rank N` header names."""
 
     def __init__(self, node: Node, sink: LineSink):
         self.node = node
         self.sink = sink
         self.node_rank: int | None = None
         self.lines = 0
-        self._partial = ""
-
-    def write(self, text: str) -> int:
-        *complete, self._partial = (self._partial + text).split("\n")
-        for line in complete:
-            self._line(line)
-        return len(text)
+        self.stream = LineStream(self._line)
 
     def _line(self, line: str) -> None:
         if self.node_rank is None and line.startswith("@@ node_rank "):
@@ -113,16 +131,7 @@ class _LineSplitter:
             self.node_rank = int(rank) if rank.isdigit() else self.node.index
             return
         self.lines += 1
-        self.sink(self.node, self.node.index if self.node_rank is None else self.node_rank,
-                  line.rstrip("\r"))
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        if self._partial:
-            self._line(self._partial)
-            self._partial = ""
+        self.sink(self.node, self.node.index if self.node_rank is None else self.node_rank, line)
 
 
 _print_lock = threading.Lock()
@@ -146,16 +155,16 @@ def follow_logs(session: ClusterSession, run_id: str, *, follow: bool = True,
     command = logs_command(session.settings.cluster.registry_dir, run_id, follow, lines)
 
     def stream(node: Node) -> LogStream:
-        splitter = _LineSplitter(node, sink)
+        log = _NodeLog(node, sink)
         try:
-            result = node.run(command, warn=True, hide="err", out_stream=splitter)
+            result = node.run(command, warn=True, hide="err", out_stream=log.stream)
         finally:
-            splitter.close()
+            log.stream.close_partial()
         if result.exited == EXIT_NO_SUCH_RUN:
             return LogStream(None, 0)
-        if result.exited not in (0, None) and splitter.node_rank is None:
+        if result.exited not in (0, None) and log.node_rank is None:
             raise UnexpectedExit(result)
-        return LogStream(splitter.node_rank, splitter.lines)
+        return LogStream(log.node_rank, log.lines)
 
     # on_each waits for its threads; run it aside so Ctrl-C reaches this (main) thread at once.
     box: dict[str, NodeResults[LogStream]] = {}
@@ -362,4 +371,4 @@ def emergency_stop(c, hosts=None):
 ns = Collection(status, logs, stop, emergency_stop)
 
 __all__ = ["ns", "status", "logs", "stop", "emergency_stop", "node_statuses", "active_runs",
-           "stop_run", "follow_logs", "latest_run", "LogStream", "print_prefixed"]
+           "stop_run", "follow_logs", "latest_run", "LogStream", "LineStream", "print_prefixed"]

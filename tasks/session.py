@@ -17,11 +17,18 @@ from tasks.nodes import Node, close_all, open_nodes
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 EXIT_USAGE = 2  # bad flags or config: nothing was touched
+HOSTS_HELP = "comma-separated hosts to use instead of the configured inventory (master first)"
 
 
 def project_path(path: str | os.PathLike) -> Path:
     expanded = Path(os.path.expanduser(path))
     return expanded if expanded.is_absolute() else PROJECT_ROOT / expanded
+
+
+def cli_path(path: str) -> Path:
+    """A path typed on the command line: relative to where fab runs, else to the checkout."""
+    given = Path(path).expanduser()
+    return given if given.is_absolute() or given.exists() else project_path(given)
 
 
 def load_settings(c: Context) -> Settings:
@@ -51,13 +58,16 @@ def _empty_flag() -> Inventory:
 class ClusterSession:
     """Settings, inventory and nodes of one task invocation; closes connections on exit."""
 
-    def __init__(self, c: Context, hosts: list[str] | None = None):
+    def __init__(self, c: Context, hosts: str | list[str] | None = None):
+        """hosts: a task's --hosts value ("a,b") or a list of such; empty or None: the config's."""
         if isinstance(c, Connection):
             # `fab -H a,b task` runs the task once per host, one after another: node 0 of a
             # launch would wait for node 1 forever. Our tasks fan out themselves.
             raise Exit("use the task's --hosts a,b (or cluster.hosts), not fab -H: -H runs the "
                        "task once per host, one after another", code=EXIT_USAGE)
         self.settings = load_settings(c)
+        if isinstance(hosts, str):
+            hosts = [hosts] if hosts else None
         self.inventory = load_inventory(self.settings, hosts)
         self.nodes: list[Node] = open_nodes(c.config, self.inventory, self.settings.cluster)
 
@@ -79,5 +89,5 @@ class ClusterSession:
         close_all(self.nodes)
 
 
-__all__ = ["ClusterSession", "PROJECT_ROOT", "EXIT_USAGE", "project_path", "load_settings",
-           "load_inventory", "parse_host_entry"]
+__all__ = ["ClusterSession", "PROJECT_ROOT", "EXIT_USAGE", "HOSTS_HELP", "project_path", "cli_path",
+           "load_settings", "load_inventory", "parse_host_entry"]

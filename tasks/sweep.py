@@ -11,7 +11,6 @@ run is active on a host (the launch's refusal); 130 interrupted.
 """
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -28,12 +27,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tasks.lib import report as rep
 from tasks.lib import sweep as sw
-from tasks.lib.runrecord import now_iso
+from tasks.lib.runrecord import now_iso, write_json_atomic
 from tasks.lib.runspec import LaunchFlags
-from tasks.launch import SHORT_FLAGS, LaunchTask, RunOutcome, resolve_spec, run_launch
+from tasks.launch import (
+    SHORT_FLAGS,
+    LaunchTask,
+    RunOutcome,
+    controller_info,
+    resolve_spec,
+    run_launch,
+)
 from tasks.launch import launch as launch_task
 from tasks.nodes import describe_error, on_each
-from tasks.session import EXIT_USAGE, ClusterSession, project_path
+from tasks.session import EXIT_USAGE, ClusterSession, cli_path, project_path
 
 EXIT_FAILED = 1
 EXIT_BUSY = 3            # tasks.launch: another run is active on a host
@@ -98,10 +104,7 @@ def write_sweep(sweep_dir: Path, document: dict[str, Any]) -> None:
     """Atomically (a reader or a Ctrl-C never leaves half a sweep.json)."""
     document["updated_at"] = now_iso()
     document["dead_time"] = sw.dead_time_summary(document["points"])
-    target = sweep_dir / sw.SWEEP_JSON
-    temporary = sweep_dir / f".{sw.SWEEP_JSON}.tmp"
-    temporary.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(temporary, target)
+    write_json_atomic(sweep_dir / sw.SWEEP_JSON, document)
 
 
 def load_sweep(sweep_dir: Path) -> dict[str, Any]:
@@ -444,7 +447,7 @@ def plan_sweep(given: dict[str, Any], channels: Any, threads: Any, resume: str |
         points = sw.grid_points(channel_values, thread_values)  # both axes present
         return SweepPlan(given, channel_values, thread_values, points,
                          sw.parse_point_overrides(given["point_override"], points))
-    sweep_dir = _cli_path(resume)
+    sweep_dir = cli_path(resume)
     document = load_sweep(sweep_dir)
     sw.check_resume_grid(document, channel_values, thread_values)
     recorded = document["launch_flags"]
@@ -512,7 +515,7 @@ def sweep(c, channels=None, threads=None, resume=None, fail_fast=False, point_ti
             document = sw.new_sweep(
                 sweep_id=sweep_dir.name, channels=plan.channels, threads=plan.threads,
                 launch_flags=flags_record, hosts=[n.label for n in session.nodes],
-                fail_fast=fail_fast, controller=_controller(), created_at=now_iso())
+                fail_fast=fail_fast, controller=controller_info(), created_at=now_iso())
             document["point_timeout"] = limit
             for point in document["points"]:
                 point["overrides"] = extra[points[point["index"]]]
@@ -556,18 +559,6 @@ def raise_for_status(status: str, runner: SweepRunner | None, document: Mapping[
         raise Exit(f"sweep: {len(failed)} of {len(document['points'])} point(s) did not complete "
                    f"({', '.join(failed)}); "
                    f"re-run them with: fab sweep --resume {sweep_dir}", code=EXIT_FAILED)
-
-
-def _cli_path(path: str) -> Path:
-    given = Path(path).expanduser()
-    return given if given.is_absolute() or given.exists() else project_path(given)
-
-
-def _controller() -> dict[str, Any]:
-    import getpass
-    import socket
-
-    return {"host": socket.gethostname(), "user": getpass.getuser(), "cwd": os.getcwd()}
 
 
 ns = Collection(sweep)

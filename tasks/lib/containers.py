@@ -11,12 +11,18 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from tasks.lib.quoting import section_function, sh_command, sh_join, sh_quote, split_sections
+from tasks.lib.quoting import section_function, sh_join, sh_quote, split_sections
 
 SECTION_MARK = "@@gemm-docker "
 COMPOSE_FILE = "docker-compose.yaml"
 # States after which a container will not come up by waiting (`restart` policies aside).
 TERMINAL_STATES = frozenset({"exited", "dead", "removing"})
+# Prints the compose variant to drive: v2 (the docker compose plugin), v1 (docker-compose), none.
+# Shared with the preflight probe (tasks/lib/probe.py), which docker-up uses instead of its own.
+COMPOSE_VARIANT_SH = ("if docker compose version >/dev/null 2>&1; then echo v2; "
+                      "elif command -v docker-compose >/dev/null 2>&1; then echo v1; "
+                      "else echo none; fi")
+DOCKER_MISSING = "docker is not installed (not on PATH)"
 
 
 def compose_file_path(registry_dir: str) -> str:
@@ -71,11 +77,10 @@ def probe_script(container: str, compose_file: str, workdir: str | None = None) 
     lines = [
         f"C={sh_quote(container)}",
         "s compose",
-        "if docker compose version >/dev/null 2>&1; then echo v2;",
-        "elif command -v docker-compose >/dev/null 2>&1; then echo v1; else echo none; fi",
+        COMPOSE_VARIANT_SH,
         "s engine",
         "if ! command -v docker >/dev/null 2>&1; then",
-        "  echo 'error=docker is not installed (not on PATH)';",
+        f"  echo {sh_quote('error=' + DOCKER_MISSING)};",
         "elif v=$(docker version --format '{{.Server.Version}}' 2>&1); then echo \"version=$v\";",
         # docker prints the client half and then its error: the last line is the reason.
         "else printf 'error=%s\\n' \"$(printf '%s\\n' \"$v\" | grep -v '^ *$' | tail -n 1)\"; fi",

@@ -7,6 +7,7 @@ The node-side collector is `tasks/lib/diagnostics_node.py`, sent as source text.
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,12 @@ _PY_LOC = re.compile(r"^(?P<file>.+):(?P<line>\d+)$")
 
 # -- the node command --------------------------------------------------------------------------
 
+def node_venv(configured: str | None, workdir: str) -> str:
+    """The virtualenv a node's Python tools come from: cluster.venv when set, else the
+    checkout's own <workdir>/.venv (the one decision launch, check and diagnose share)."""
+    return configured or posixpath.join(workdir, ".venv")
+
+
 def node_diagnostics_command(
     run_id: str,
     node_rank: int | None,
@@ -51,7 +58,8 @@ def node_diagnostics_command(
     py-spy is looked for in the run's venv, the checkout's .venv, then PATH. When the host has no
     python3 the collector runs inside the container (which has one: it runs torch).
     """
-    pyspy = [f"{v.rstrip('/')}/bin/py-spy" for v in (venv, f"{workdir.rstrip('/')}/.venv" if workdir else None) if v]
+    venvs = (venv, node_venv(None, workdir) if workdir else None)
+    pyspy = [f"{v.rstrip('/')}/bin/py-spy" for v in venvs if v]
     args = {"run_id": run_id, "node_rank": node_rank, "registry_dir": registry_dir,
             "pyspy": pyspy, "container": container, "output_log": output_log, "native": native,
             "log_lines": log_lines, "timeout": timeout}

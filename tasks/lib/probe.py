@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
+from tasks.lib.containers import COMPOSE_VARIANT_SH, DOCKER_MISSING
 from tasks.lib.quoting import section_function, sh_command, sh_quote, split_sections
 
 SECTION_MARK = "@@gemm-probe "
@@ -66,6 +67,8 @@ class HostFacts:
     synced: bool = False  # branch/commit come from a valid `fab sync` record
     diff_hash: str | None = None  # sha256 of `git diff HEAD --binary --full-index`
     docker_error: str | None = None  # docker's own message when the engine did not answer
+    docker_compose: str | None = None  # "v2" | "v1" | "none"; None: Docker not asked or missing
+    container_id: str | None = None  # the container's full id; None when absent or not asked
     notes: tuple[str, ...] = ()  # parse-time oddities, shown as warnings
 
 
@@ -181,6 +184,9 @@ def probe_script(
         "    echo \"engine=$(docker version --format '{{.Server.Version}}' 2>&1 | tr '\\n' ' ')\"",
         '    echo "state=$(docker inspect --format \'{{.State.Status}}\' "$C" 2>&1'
         " | tr '\\n' ' ')\"",
+        # What docker-up needs beyond a preflight: the compose to drive, the container to compare.
+        f'    echo "compose=$({COMPOSE_VARIANT_SH})"',
+        '    echo "id=$(docker inspect --type container --format \'{{.Id}}\' "$C" 2>/dev/null)"',
         "  else echo 'docker=missing'; fi",
         "fi",
         "s end",
@@ -310,7 +316,7 @@ def _parse_docker(text: str) -> tuple[str | None, str | None, str | None]:
     if not values:
         return None, None, None
     if values.get("docker") == "missing":
-        return None, None, "docker is not installed (not on PATH)"
+        return None, None, DOCKER_MISSING
     engine_text = values.get("engine", "")
     engine = engine_text if re.fullmatch(r"[0-9][0-9A-Za-z.+~-]*", engine_text) else None
     error = None if engine else (engine_text or "no answer from the Docker engine")
@@ -371,7 +377,9 @@ def parse_probe_output(node_index: int, label: str, text: str) -> HostFacts:
         commit = _str_or_none(record.get("commit"))
         dirty = bool(record.get("dirty"))
         diff_hash = None
-    docker_engine, container_state, docker_error = _parse_docker(sections.get("docker", ""))
+    docker_section = sections.get("docker", "")
+    docker_engine, container_state, docker_error = _parse_docker(docker_section)
+    docker_values = parse_key_values(docker_section)
     port_text = sections.get("port", "")
     shm_text = sections.get("shm", "")
     return HostFacts(
@@ -399,6 +407,8 @@ def parse_probe_output(node_index: int, label: str, text: str) -> HostFacts:
         synced=synced,
         diff_hash=diff_hash,
         docker_error=docker_error,
+        docker_compose=docker_values.get("compose") or None,
+        container_id=docker_values.get("id") or None,
         notes=tuple(notes),
     )
 
@@ -537,7 +547,9 @@ def judge_host(
             "fix /etc/hosts or DNS on that host, or set cluster.socket_ifname"
         )
     if isinstance(nproc, int) and 0 < facts.gpu_count < nproc:
-        error(f"{facts.gpu_count} GPU(s) but launch.nproc is {nproc}: lower --nproc or use 'auto'")
+        # nproc may come from launch.nproc, --nproc or $NPROC_PER_NODE: name none of them.
+        error(f"{facts.gpu_count} GPU(s), fewer than the launch's nproc ({nproc}): "
+              "lower --nproc or use 'auto'")
     if docker_enabled:
         if facts.docker_engine is None:
             error(

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-RUN_JSON = "run.json"
-SWEEP_JSON = "sweep.json"
+from tasks.lib.runrecord import RUN_JSON
+from tasks.lib.sweep import SWEEP_JSON
 SUMMARY_JSON = "summary.json"
 RESULTS_CSV = "results.csv"
 REPORT_MD = "report.md"

@@ -24,20 +24,30 @@ Schema (version 1), top level:
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from tasks.lib.quoting import sh_quote
+from tasks.lib.watchdog import STEP_LINE
 
 SCHEMA_VERSION = 1
 RUN_JSON = "run.json"
 LAST_LINES = 20
 # Node states that mean the launcher is gone and will not write again.
 FINAL_NODE_STATES = ("exited", "stopped", "killed", "lost")
-_STEP = re.compile(r"\bstep (\d+)/(\d+)\b")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """`data` as indented JSON at `path`, atomically: a reader or a Ctrl-C never sees half a
+    file (written beside it as .NAME.tmp, then renamed over it)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, path)
 
 
 class RunRecordError(ValueError):
@@ -249,9 +259,10 @@ def now_iso(when: datetime | None = None) -> str:
 
 
 def parse_progress(line: str) -> tuple[int, int] | None:
-    """(done, total) from a train progress line ("step 12/100 | iter ...")."""
-    match = _STEP.search(line)
-    return (int(match.group(1)), int(match.group(2))) if match else None
+    """(done, total) from a train progress line ("step 12/100 | iter ..."); the one `step N/M`
+    pattern is the hang watchdog's, which also reads the rank prefix."""
+    match = STEP_LINE.search(line)
+    return (int(match.group("step")), int(match.group("total"))) if match else None
 
 
 def exit_reason(state: str, exit_code: int | None) -> str:
@@ -378,5 +389,5 @@ __all__ = [
     "now_iso", "parse_progress", "exit_reason", "headline_metrics", "HEADLINE_METRICS",
     "SCHEMA_VERSION", "RUN_JSON", "FINAL_NODE_STATES", "Evidence", "classify_line",
     "choose_first_failure", "failure_reason", "AGENT_DEATH_SIGNAL", "list_files_command",
-    "parse_file_list",
+    "parse_file_list", "write_json_atomic",
 ]

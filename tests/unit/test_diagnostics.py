@@ -25,6 +25,7 @@ from tasks.lib.diagnostics import (
     main_thread,
     node_diagnostics_command,
     node_report_files,
+    node_venv,
     parse_node_report,
     parse_pyspy_dump,
     summary_lines,
@@ -306,3 +307,9 @@ def test_fab_diagnose_with_a_glob_run_exits_2_before_connecting(tmp_path):
                           text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("--run: run id '*' must be") and "Traceback" not in done.stderr
+
+
+def test_node_venv_is_the_configured_one_else_the_checkouts():
+    assert node_venv("/opt/venv", "/srv/gemm") == "/opt/venv"
+    assert node_venv(None, "/srv/gemm") == "/srv/gemm/.venv"
+    assert node_venv("", "/srv/gemm/") == "/srv/gemm/.venv"

@@ -218,6 +218,20 @@ def test_parse_docker_section(docker, engine, state, error):
     )
 
 
+@pytest.mark.parametrize(
+    "docker,compose,container_id",
+    [
+        ("engine=24.0.5\nstate=running\ncompose=v2\nid=" + "c" * 64, "v2", "c" * 64),
+        ("engine=24.0.5\nstate=Error: No such object: x\ncompose=v1\nid=", "v1", None),
+        ("docker=missing", None, None),
+        ("", None, None),  # Docker not asked
+    ],
+)
+def test_parse_docker_section_for_docker_up(docker, compose, container_id):
+    facts = parse_probe_output(0, "x", section_text(hostname="h", docker=docker, end=""))
+    assert (facts.docker_compose, facts.container_id) == (compose, container_id)
+
+
 def test_cut_short_output_is_noted_and_garbage_git_is_not_a_commit():
     facts = parse_probe_output(
         0, "x", section_text(hostname="h", git="branch=fatal: x\ncommit=fatal: x")

@@ -22,6 +22,7 @@ from tasks.lib.runrecord import (
     new_record,
     parse_file_list,
     parse_progress,
+    write_json_atomic,
 )
 
 
@@ -88,6 +89,18 @@ def test_progress():
     assert parse_progress("step 12/100 | iter 3.1 ms") == (12, 100)
     assert parse_progress("[node 1] step 3/20 | ...") == (3, 20)
     assert parse_progress("warmup step") is None
+    # The same pattern the hang watchdog reads: rank prefixes do not hide the fraction.
+    assert parse_progress("[rank 2] step 7/10 | iter 1 ms") == (7, 10)
+    assert parse_progress("step 7 of 10") is None
+
+
+def test_write_json_atomic_replaces_whole_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "run.json"
+    target.write_text("old, not JSON")
+    write_json_atomic(target, {"b": 1, "a": [1, 2]})
+    assert json.loads(target.read_text()) == {"b": 1, "a": [1, 2]}
+    assert target.read_text().endswith("}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
 
 
 def test_headline_takes_medians():
