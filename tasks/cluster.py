@@ -27,6 +27,7 @@ from rich.table import Table
 
 from tasks.lib import sync as syncing
 from tasks.lib.configedit import ConfigEditError, set_yaml_key
+from tasks.lib.diagnostics import node_venv
 from tasks.lib.inventory import HostSpec, Inventory, render_hosts_file
 from tasks.lib.probe import (
     CheckoutState,
@@ -175,10 +176,6 @@ def launch_defaults(session: ClusterSession, config: object, environ: dict[str, 
         raise Exit(f"launch settings: {err}", code=EXIT_USAGE) from None
 
 
-def node_venv(session: ClusterSession) -> str:
-    return session.settings.cluster.venv or os.path.join(session.workdir, ".venv")
-
-
 def probe_all(
     session: ClusterSession, *, master_port: int | None = None, docker: bool | None = None
 ) -> NodeResults[HostFacts]:
@@ -194,7 +191,7 @@ def probe_all(
         docker = settings.docker.enabled
     master = master_address(session)
     container = settings.docker.container if docker else None
-    venv = node_venv(session)
+    venv = node_venv(settings.cluster.venv, session.workdir)
 
     def probe(node: Node) -> HostFacts:
         script = probe_script(

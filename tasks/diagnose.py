@@ -210,7 +210,7 @@ def diagnose(c, run=None, native=True, hosts=None):
     console = Console(highlight=False)
     if run is not None:
         checked_run_id(run)  # before any connection: a bad flag touches nothing
-    with ClusterSession(c, [hosts] if hosts else None) as session:
+    with ClusterSession(c, hosts) as session:
         experiments = project_path(session.settings.cluster.experiments_dir)
         run_id = run or latest_active_run(experiments) or active_run_from_registries(session)
         if not run_id:

@@ -49,7 +49,7 @@ from tasks.lib.profiling import (
     rocprof_input_node_path,
     tool_check_command,
 )
-from tasks.lib.quoting import sh_join, sh_quote
+from tasks.lib.quoting import sh_join
 from tasks.lib.registry import launcher_start_command, render_node_launcher
 from tasks.lib.render import load_nccl_preset, render_compose, render_env_script
 from tasks.lib.runrecord import (
@@ -451,9 +451,7 @@ def push_bundle(session: ClusterSession, plan: Plan) -> None:
     dirs = profiler_output_dirs(plan.profilers, plan.output_dir)
 
     def push(node: Node) -> None:
-        node.put_files(files, mode=0o644)
-        if dirs:
-            node.run("mkdir -p -- " + " ".join(sh_quote(d) for d in dirs))
+        node.put_files(files, mode=0o644, dirs=dirs)
 
     results = on_each(session.nodes, push)
     record_host_failures(plan, "push", results)

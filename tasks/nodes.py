@@ -64,10 +64,12 @@ class Node:
     def run(self, command: str, *, warn: bool = False, timeout: float | None = None, **kwargs) -> Result:
         raise NotImplementedError
 
-    def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o644) -> None:
+    def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o644,
+                  dirs: Iterable[str] = ()) -> None:
         """Write each remote path with its content, creating parent directories.
 
-        Each file is written beside its target and renamed over it: on a shared filesystem every
+        `dirs` are created too (in the same round trip). Each file is written beside its target
+        and renamed over it: on a shared filesystem every
         node writes the same paths at once, and a reader never sees a half-written file.
         """
         raise NotImplementedError
@@ -104,7 +106,10 @@ class LocalNode(Node):
         kwargs.setdefault("in_stream", False)
         return self._context.run(command, warn=warn, timeout=timeout, **kwargs)
 
-    def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o644) -> None:
+    def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o644,
+                  dirs: Iterable[str] = ()) -> None:
+        for directory in dirs:
+            Path(directory).mkdir(parents=True, exist_ok=True)
         for path, content in files.items():
             target = Path(path)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -147,9 +152,10 @@ class SshNode(Node):
         kwargs.setdefault("in_stream", False)
         return self.connection.run(command, warn=warn, timeout=timeout, **kwargs)
 
-    def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o644) -> None:
+    def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o644,
+                  dirs: Iterable[str] = ()) -> None:
         # Connection.put neither creates directories nor expands "~": make them in one round trip.
-        parents = sorted({os.path.dirname(path) for path in files} - {""})
+        parents = sorted(({os.path.dirname(path) for path in files} | set(dirs)) - {""})
         if parents:
             self.run("mkdir -p -- " + " ".join(sh_quote(p) for p in parents))
         sftp = self.connection.sftp()

@@ -38,9 +38,8 @@ from tasks.lib.registry import (
     validate_run_id,
 )
 from tasks.nodes import Node, NodeResults, on_each
-from tasks.session import EXIT_USAGE, ClusterSession
+from tasks.session import EXIT_USAGE, HOSTS_HELP, ClusterSession
 
-HOSTS_HELP = "comma-separated hosts to use instead of the configured inventory (master first)"
 DEFAULT_RECENT = 5
 STATUS_TIMEOUT_S = 30.0
 # Beyond the grace period, what the node's stop command may take (SIGKILL, confirmations).
@@ -242,10 +241,6 @@ def _grace_arg(grace: str | float | None, default: float) -> float:
     return value
 
 
-def _hosts_arg(hosts: str | None) -> list[str] | None:
-    return [hosts] if hosts else None
-
-
 def _print_stop_results(console: Console, results: NodeResults[list[StopOutcome]],
                         verb: str) -> None:
     for node in sorted(results.ok, key=lambda n: n.index):
@@ -276,7 +271,7 @@ def status(c, run=None, recent=DEFAULT_RECENT, hosts=None):
     except ValueError:
         raise Exit(f"--recent: {recent!r} is not a number", code=EXIT_USAGE) from None
     console = Console()
-    with ClusterSession(c, _hosts_arg(hosts)) as session:
+    with ClusterSession(c, hosts) as session:
         results = node_statuses(session, run_id, recent)
         table = Table(title="runs (from the nodes' registries)")
         for column in ("host", "run", "node", "state", "exit", "steps", "procs", "started",
@@ -318,7 +313,7 @@ def logs(c, run=None, follow=False, lines=None, hosts=None):
             lines = int(lines)
         except ValueError:
             raise Exit(f"--lines: {lines!r} is not a number", code=EXIT_USAGE) from None
-    with ClusterSession(c, _hosts_arg(hosts)) as session:
+    with ClusterSession(c, hosts) as session:
         run_id = run_id or latest_run(session)
         print(f"logs of {run_id}" + (" (following; Ctrl-C stops following)" if follow else ""),
               file=sys.stderr)
@@ -346,7 +341,7 @@ def stop(c, run=None, grace=None, hosts=None):
     summary), wait up to --grace seconds, then SIGKILL what is left, in containers too."""
     run_id = _run_id_arg(run)
     console = Console()
-    with ClusterSession(c, _hosts_arg(hosts)) as session:
+    with ClusterSession(c, hosts) as session:
         grace_s = _grace_arg(grace, session.settings.launch.stop_grace)
         started = time.monotonic()
         results = stop_run(session, run_id, grace_s)
@@ -360,7 +355,7 @@ def emergency_stop(c, hosts=None):
     """SIGKILL every process of every active run of ours on every host at once, inside containers
     too. Only processes marked as our runs' are touched, never others by their name."""
     console = Console()
-    with ClusterSession(c, _hosts_arg(hosts)) as session:
+    with ClusterSession(c, hosts) as session:
         started = time.monotonic()
         results = stop_run(session, None, 0.0, kill=True)
         _print_stop_results(console, results, "killed")
