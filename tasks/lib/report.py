@@ -134,6 +134,18 @@ class RunData:
         return [line for rank in sorted(self.steps_by_rank) for line in self.steps_by_rank[rank]]
 
 
+def _json_object(path: Path, problems: list[str]) -> dict | None:
+    """A JSON object file, or None with the reason appended to `problems`."""
+    document, problem = read_json_file(path)
+    if problem:
+        problems.append(problem)
+    elif isinstance(document, dict):
+        return document
+    else:
+        problems.append(f"{path.name} is not a JSON object")
+    return None
+
+
 def read_run(run_dir: Path) -> RunData:
     data = RunData(run_dir=run_dir)
     if not run_dir.is_dir():
@@ -141,13 +153,7 @@ def read_run(run_dir: Path) -> RunData:
         return data
     run_json_path = run_dir / RUN_JSON
     if run_json_path.exists():
-        document, problem = read_json_file(run_json_path)
-        if problem:
-            data.problems.append(problem)
-        elif isinstance(document, dict):
-            data.run_json = document
-        else:
-            data.problems.append(f"{RUN_JSON} is not a JSON object")
+        data.run_json = _json_object(run_json_path, data.problems)
 
     output_dirs = find_output_dirs(run_dir)
     if len(output_dirs) > 1:
@@ -160,13 +166,7 @@ def read_run(run_dir: Path) -> RunData:
         return data
     data.output_dir = output_dirs[0]
 
-    document, problem = read_json_file(data.output_dir / SUMMARY_JSON)
-    if problem:
-        data.problems.append(problem)
-    elif isinstance(document, dict):
-        data.summary = document
-    else:
-        data.problems.append(f"{SUMMARY_JSON} is not a JSON object")
+    data.summary = _json_object(data.output_dir / SUMMARY_JSON, data.problems)
 
     metrics_files = sorted(
         (int(m.group(1)), p) for p in data.output_dir.iterdir() if (m := METRICS_RE.match(p.name))

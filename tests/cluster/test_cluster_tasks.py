@@ -200,15 +200,16 @@ def test_check_fails_on_a_changed_host_key_naming_host_and_file(cluster3, snapsh
     assert known_hosts.read_text() == "\n".join(lines) + "\n"
 
 
-def test_setup_writes_a_usable_inventory(cluster3, snapshot, tmp_path):
+def setup_config(cluster, snapshot, tmp_path):
+    """A runtime config with no hosts, pointing setup at a hosts file of its own."""
     hosts_file = tmp_path / "nodes.txt"
-    config = runtime_config(
-        cluster3,
-        tmp_path / "rt.yaml",
-        workdir=str(snapshot),
-        hosts=None,
-        hosts_file=str(hosts_file),
-    )
+    config = runtime_config(cluster, tmp_path / "rt.yaml", workdir=str(snapshot), hosts=None,
+                            hosts_file=str(hosts_file))
+    return hosts_file, config
+
+
+def test_setup_writes_a_usable_inventory(cluster3, snapshot, tmp_path):
+    hosts_file, config = setup_config(cluster3, snapshot, tmp_path)
     refused = fab(snapshot, config, "setup", "--hosts", ",".join(cluster3.hosts))
     assert refused.returncode == 2 and "no terminal" in refused.stderr and not hosts_file.exists()
 
@@ -326,14 +327,7 @@ def test_sync_writes_once_to_nodes_sharing_a_filesystem(sim_cluster, snapshot, t
 
 
 def test_setup_asks_in_a_terminal(cluster3, snapshot, tmp_path):
-    hosts_file = tmp_path / "nodes.txt"
-    config = runtime_config(
-        cluster3,
-        tmp_path / "rt.yaml",
-        workdir=str(snapshot),
-        hosts=None,
-        hosts_file=str(hosts_file),
-    )
+    hosts_file, config = setup_config(cluster3, snapshot, tmp_path)
     leader, follower = os.openpty()
     process = subprocess.Popen(
         [FAB, "-f", str(config), "setup"],
