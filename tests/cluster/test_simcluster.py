@@ -148,9 +148,12 @@ ALLREDUCE_SCRIPT = textwrap.dedent("""
     rank = dist.get_rank()
     value = torch.tensor([float(rank + 1)])
     dist.all_reduce(value)
-    print(json.dumps({"rank": rank, "world": dist.get_world_size(), "sum": value.item(),
-                      "host": socket.gethostname(),
-                      "ifname": os.environ["GLOO_SOCKET_IFNAME"]}), flush=True)
+    report = json.dumps({"rank": rank, "world": dist.get_world_size(), "sum": value.item(),
+                         "host": socket.gethostname(),
+                         "ifname": os.environ["GLOO_SOCKET_IFNAME"]})
+    # One write() per line: both local ranks share the pipe, and print() may split a line
+    # into several writes that interleave with the other rank's (seen in CI).
+    os.write(1, (report + "\\n").encode())
     dist.destroy_process_group()
 """)
 
