@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -159,17 +159,28 @@ def test_config_module_does_not_import_torch() -> None:
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
-def run_cli(*args: str, cwd: Path = REPO) -> tuple[subprocess.CompletedProcess[str], float]:
-    started = time.perf_counter()
-    proc = subprocess.run(
+def run_cli(
+    *args: str, cwd: Path = REPO, poison_torch: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m train``; with ``poison_torch`` (a directory), importing torch fails loudly.
+
+    The promise is "config errors before torch is imported"; a poisoned torch package first on
+    the path tests that directly, where a wall-clock bound would only flake on a busy machine.
+    """
+    path = [str(REPO)]
+    if poison_torch is not None:
+        package = poison_torch / "torch"
+        package.mkdir(parents=True, exist_ok=True)
+        (package / "__init__.py").write_text('raise SystemExit("POISONED: torch was imported")\n')
+        path.insert(0, str(poison_torch))
+    return subprocess.run(
         [sys.executable, "-m", "train", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=30,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        timeout=60,
+        env={"PYTHONPATH": os.pathsep.join(path), "PATH": "/usr/bin:/bin"},
     )
-    return proc, time.perf_counter() - started
 
 
 @pytest.mark.parametrize(
@@ -187,56 +198,58 @@ def test_cli_config_errors_exit_2_fast_one_line(
 ) -> None:
     path = write(tmp_path, body)
     extra = ["--override", *overrides] if overrides else []
-    proc, seconds = run_cli("--config", str(path), *extra)
+    proc = run_cli("--config", str(path), *extra, poison_torch=tmp_path / "poison")
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert fragment in lines[0] and str(path) in lines[0]
     assert proc.stdout == ""
-    assert seconds < 2.0
+    assert "POISONED" not in proc.stderr  # refused before torch was imported
 
 
 def test_cli_missing_file_exit_2(tmp_path: Path) -> None:
-    proc, seconds = run_cli("--config", str(tmp_path / "nope.yaml"))
+    proc = run_cli("--config", str(tmp_path / "nope.yaml"), poison_torch=tmp_path / "poison")
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "nope.yaml" in proc.stderr and "not found" in proc.stderr
-    assert seconds < 2.0
+    assert "POISONED" not in proc.stderr  # refused before torch was imported
 
 
 def test_cli_missing_config_flag_exit_2_one_line() -> None:
-    proc, _ = run_cli()
+    proc = run_cli()
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "--config" in proc.stderr
 
 
 def test_cli_check_validates_without_running(tmp_path: Path) -> None:
-    proc, seconds = run_cli(
+    proc = run_cli(
         "--config",
         str(CONFIGS / "cpu_tiny.yaml"),
         "--check",
         "--override",
         f"training.output_dir={tmp_path / 'o'}",
+        poison_torch=tmp_path / "poison",
     )
     assert proc.returncode == 0, proc.stderr
     assert "config OK" in proc.stdout
     assert not (tmp_path / "o").exists()
-    assert seconds < 2.0
+    assert "POISONED" not in proc.stderr  # refused before torch was imported
 
 
 def test_cli_refuses_output_dir_of_an_earlier_run(tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
     (out / "rank_00_metrics.jsonl").write_text('{"step": 1}\n')
-    proc, seconds = run_cli(
+    proc = run_cli(
         "--config",
         str(CONFIGS / "cpu_tiny.yaml"),
         "--override",
         f"training.output_dir={out}",
+        poison_torch=tmp_path / "poison",
     )
     assert proc.returncode == 2
     assert "training.output_dir" in proc.stderr and "earlier run" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert (out / "rank_00_metrics.jsonl").read_text() == '{"step": 1}\n'  # untouched
-    assert seconds < 2.0
+    assert "POISONED" not in proc.stderr  # refused before torch was imported
