@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tasks.lib.quoting import sh_join, sh_quote
-from tasks.lib.render import render_template
+from tasks.lib.templating import render_template
 
 LAUNCHER_TEMPLATE = "node_launcher.sh.j2"
 ACTIVE_STATES = ("starting", "running")
@@ -50,7 +50,7 @@ START_WAIT_POLLS = 100  # x 0.05 s: the launcher writes its pid first thing
 EXIT_NO_SUCH_RUN = 3    # logs command: the run has no entry on this host
 
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-_CONTAINER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+CONTAINER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class RegistryError(ValueError):
@@ -423,7 +423,7 @@ def render_node_launcher(
         validate_node_path(value, what)
     if venv is not None:
         validate_node_path(venv, "venv")
-    if container is not None and not _CONTAINER.fullmatch(container):
+    if container is not None and not CONTAINER_NAME.fullmatch(container):
         raise RegistryError(f"container name {container!r}: letters, digits, '_', '.', '-'")
     if not torchrun_argv:
         raise RegistryError("torchrun_argv is empty")
@@ -576,5 +576,5 @@ __all__ = [
     "ACTIVE_STATES", "FINAL_STATES", "NodeRunRecord", "RegistryError", "StopOutcome",
     "entry_dir", "latest_run_id", "launcher_start_command", "logs_command", "parse_status",
     "parse_stop_output", "render_node_launcher", "status_command", "stop_command",
-    "validate_run_id", "SHELL_LIB", "SCAN_KILL_SH",
+    "validate_run_id", "CONTAINER_NAME", "SHELL_LIB", "SCAN_KILL_SH",
 ]

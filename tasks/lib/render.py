@@ -1,9 +1,7 @@
 """Rendering of what the controller sends to the nodes: the run's env script and the compose file.
 
-Pure: reads only the project's own templates/ and config/nccl/, no network. Templates render with
-StrictUndefined, so a variable missing from the context is an error instead of an empty string.
-Every shell value goes through the `q` filter (tasks.lib.quoting.sh_quote) and every compose value
-through `cq` (YAML double-quoted, `$` doubled), so hostile values arrive literally.
+Pure: reads only the project's own templates/ and config/nccl/, no network. Templates and their
+quoting filters are in tasks.lib.templating.
 """
 from __future__ import annotations
 
@@ -12,63 +10,19 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import jinja2
 import yaml
 
-from tasks.lib.quoting import is_env_name, sh_quote
+from tasks.lib.quoting import is_env_name
+from tasks.lib.registry import CONTAINER_NAME, validate_run_id
 from tasks.lib.settings import DockerSettings
+from tasks.lib.templating import render_template, scalar_text
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TEMPLATES_DIR = REPO_ROOT / "templates"
-NCCL_PRESETS_DIR = REPO_ROOT / "config" / "nccl"
+NCCL_PRESETS_DIR = Path(__file__).resolve().parents[2] / "config" / "nccl"
 
 ENV_TEMPLATE = "env.sh.j2"
 COMPOSE_TEMPLATE = "docker-compose.yaml.j2"
 
 _PROJECT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
-
-
-# -- filters --------------------------------------------------------------------------------------
-
-def compose_quote(value: object) -> str:
-    """One YAML double-quoted scalar for a compose file, `$` doubled.
-
-    Compose interpolates `$VAR`, `${VAR}` (and refuses `$(`) in every string value; `$$` is its
-    escape for a literal dollar. YAML quoting keeps `yes`, `1`, `null`, `:` and newlines strings.
-    """
-    text = _scalar_text(value, "compose value").replace("$", "$$")
-    dumped = yaml.safe_dump(text, default_style='"', allow_unicode=True, width=float("inf"))
-    return dumped.rstrip("\n")
-
-
-def _scalar_text(value: object, what: str) -> str:
-    if value is None or isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        # An unset value is a bug, and YAML booleans would arrive as True/true/1 depending on who
-        # reads them: make the user write the string they mean.
-        raise ValueError(f"{what} {value!r} is not a string or number (quote it in the YAML)")
-    return str(value)
-
-
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    env.filters["q"] = sh_quote
-    env.filters["cq"] = compose_quote
-    return env
-
-
-_ENV = _environment()
-
-
-def render_template(name: str, **context: object) -> str:
-    """Render templates/<name>; a variable the template uses but the context lacks is an error."""
-    return _ENV.get_template(name).render(**context)
 
 
 # -- NCCL presets ---------------------------------------------------------------------------------
@@ -93,7 +47,7 @@ def load_nccl_preset(name: str, presets_dir: Path = NCCL_PRESETS_DIR) -> dict[st
     for key, value in data.items():
         if not isinstance(key, str) or not is_env_name(key):
             raise ValueError(f"{path}: {key!r} is not a valid environment variable name")
-        preset[key] = _scalar_text(value, f"{path}: {key} =")
+        preset[key] = scalar_text(value, f"{path}: {key} =")
     return preset
 
 
@@ -112,9 +66,6 @@ def render_env_script(
     NCCL_SOCKET_IFNAME). An unknown NODE_RANK makes sourcing fail instead of running
     half-configured.
     """
-    # Not at the top: registry imports this module (render_template) while it loads.
-    from tasks.lib.registry import validate_run_id
-
     # Run ids name directories and appear in the env script's comments: keep them plain.
     validate_run_id(run_id)  # a RegistryError, which is a ValueError
     if not node_env:
@@ -138,7 +89,7 @@ def _env_items(env: Mapping[str, object], what: str) -> list[tuple[str, str]]:
     for name, value in env.items():
         if not isinstance(name, str) or not is_env_name(name):
             raise ValueError(f"{what}: {name!r} is not a valid environment variable name")
-        text = _scalar_text(value, f"{what}: {name} =")
+        text = scalar_text(value, f"{what}: {name} =")
         if "\0" in text:
             raise ValueError(f"{what}: {name} contains a NUL byte, which no environment can hold")
         items.append((name, text))
@@ -173,9 +124,7 @@ def render_compose(
     if not docker.image:
         raise ValueError("docker.image is not set: set it in fabric.yaml or the runtime config "
                          "(e.g. docker: {image: rocm/pytorch:latest})")
-    from tasks.lib.registry import _CONTAINER  # not at the top: see render_env_script
-
-    if not _CONTAINER.fullmatch(docker.container):
+    if not CONTAINER_NAME.fullmatch(docker.container):
         raise ValueError(f"docker.container {docker.container!r} is not a valid container name "
                          "(letters, digits, '_', '.', '-'; not starting with a symbol)")
     for what, path in (("workdir", workdir), ("registry_dir", registry_dir)):

@@ -12,14 +12,13 @@ import yaml
 from tasks.lib.render import (
     compose_command,
     compose_project_name,
-    compose_quote,
     load_nccl_preset,
     nccl_preset_names,
     render_compose,
     render_env_script,
-    render_template,
 )
 from tasks.lib.settings import DockerSettings
+from tasks.lib.templating import compose_quote, render_template
 
 HOSTILE = {
     "SUBST": "$(touch {marker})",
