@@ -607,7 +607,8 @@ def finish(session: ClusterSession, plan: Plan, watcher: Watcher, status: str,
     record_collection(record, collected)
     for node, error in sorted(collected.failed.items(), key=lambda item: item[0].index):
         console.out(f"launch: collecting outputs of node {node.index} ({node.label}) failed: "
-                    f"{describe_error(error, node)}", highlight=False)
+                    f"{describe_error(error, node)}; once it answers: "
+                    f"fab collect --run {plan.run_id}", highlight=False)
     clock.mark("collect")
     summary_path = plan.run_dir / plan.spec.output_dir_name / "summary.json"
     if summary_path.is_file():

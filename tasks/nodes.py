@@ -40,6 +40,12 @@ T = TypeVar("T")
 # An archive upload to one host: generous for a slow link, but a stalled host must not hang
 # `fab sync` (and every other host's result with it) forever.
 UPLOAD_TIMEOUT_S = 600.0
+# Paramiko waits up to an hour for a host to answer a channel-open request. A host that went
+# silent (powered off, cable pulled: no RST ever comes) would block every later command, and the
+# heartbeat, stop and collect with it. Channel opens wait at most the connect timeout instead.
+DEFAULT_CHANNEL_OPEN_TIMEOUT_S = 15.0
+# An SFTP transfer that receives nothing for this long is dead, not slow.
+SFTP_STALL_TIMEOUT_S = 120.0
 
 
 class NodeError(Exception):
@@ -147,9 +153,25 @@ class SshNode(Node):
         self.connection = connection
         self.known_hosts = known_hosts  # named in host-key errors: the file the user must fix
 
+    def transport(self) -> paramiko.Transport:
+        """The open connection's transport, its channel opens bounded (see
+        DEFAULT_CHANNEL_OPEN_TIMEOUT_S)."""
+        self.connection.open()
+        transport = self.connection.client.get_transport()
+        transport.channel_timeout = (self.connection.connect_timeout
+                                     or DEFAULT_CHANNEL_OPEN_TIMEOUT_S)
+        return transport
+
+    def sftp(self) -> paramiko.SFTPClient:
+        self.transport()
+        sftp = self.connection.sftp()
+        sftp.get_channel().settimeout(SFTP_STALL_TIMEOUT_S)
+        return sftp
+
     def run(self, command: str, *, warn: bool = False, timeout: float | None = None, **kwargs) -> Result:
         kwargs.setdefault("hide", True)
         kwargs.setdefault("in_stream", False)
+        self.transport()
         return self.connection.run(command, warn=warn, timeout=timeout, **kwargs)
 
     def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o644,
@@ -158,7 +180,7 @@ class SshNode(Node):
         parents = sorted(({os.path.dirname(path) for path in files} | set(dirs)) - {""})
         if parents:
             self.run("mkdir -p -- " + " ".join(sh_quote(p) for p in parents))
-        sftp = self.connection.sftp()
+        sftp = self.sftp()
         for path, content in files.items():
             data = content.encode() if isinstance(content, str) else content
             partial = posixpath.join(posixpath.dirname(path), _partial_name(posixpath.basename(path)))
@@ -168,14 +190,13 @@ class SshNode(Node):
 
     def get_file(self, remote_path: str, local_path: Path) -> None:
         local_path.parent.mkdir(parents=True, exist_ok=True)
+        self.sftp()  # Connection.get uses this client: its channel now has the stall timeout
         self.connection.get(remote_path, str(local_path))
 
     def run_with_input(self, command: str, data: bytes, *, warn: bool = False,
                        timeout: float | None = UPLOAD_TIMEOUT_S) -> Result:
         deadline = None if timeout is None else time.monotonic() + timeout
-        self.connection.open()
-        channel = self.connection.client.get_transport().open_session(
-            timeout=self.connection.connect_timeout)
+        channel = self.transport().open_session()
         output = bytearray()
         # Read while writing: a command that fails early may fill the window and stop reading.
         reader = threading.Thread(target=lambda: _drain(channel, output), daemon=True)

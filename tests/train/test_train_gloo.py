@@ -90,17 +90,15 @@ def checksums(out: Path, rank: int) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def all_reduce_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, float]:
+def all_reduce_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    # The wall time of this run is a speed goal: scripts/bench_* measure it, no test bounds it.
     out = tmp_path_factory.mktemp("ar") / "out"
-    started = time.perf_counter()
-    proc = run_torchrun(out, "training.max_steps=8")
-    return out, proc, time.perf_counter() - started
+    return out, run_torchrun(out, "training.max_steps=8")
 
 
-def test_two_ranks_complete_with_every_field(all_reduce_run: tuple[Path, Any, float]) -> None:
-    out, proc, seconds = all_reduce_run
+def test_two_ranks_complete_with_every_field(all_reduce_run: tuple[Path, Any]) -> None:
+    out, proc = all_reduce_run
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert seconds < 60
     for rank in (0, 1):
         records = lines(out / f"rank_{rank:02d}_metrics.jsonl")
         assert [r["step"] for r in records] == list(range(1, 9))
@@ -120,8 +118,8 @@ def test_two_ranks_complete_with_every_field(all_reduce_run: tuple[Path, Any, fl
     assert "calibration gemm-only" in proc.stdout and "calibration comm-only" in proc.stdout
 
 
-def test_parameters_identical_on_both_ranks(all_reduce_run: tuple[Path, Any, float]) -> None:
-    out, _, _ = all_reduce_run
+def test_parameters_identical_on_both_ranks(all_reduce_run: tuple[Path, Any]) -> None:
+    out, _ = all_reduce_run
     rank0, rank1 = checksums(out, 0), checksums(out, 1)
     assert rank0 == rank1
     # the update really changes the parameters at every step
@@ -174,9 +172,9 @@ def reference_checksums(
 
 
 def test_update_applies_the_rank_averaged_gradient(
-    all_reduce_run: tuple[Path, Any, float],
+    all_reduce_run: tuple[Path, Any],
 ) -> None:
-    out, proc, _ = all_reduce_run
+    out, proc = all_reduce_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((out / "summary.json").read_text())["config"]
     expected = reference_checksums(config, world_size=2, measured_steps=8)
@@ -184,8 +182,8 @@ def test_update_applies_the_rank_averaged_gradient(
     assert checksums(out, 0) == pytest.approx(expected, abs=2e-3)
 
 
-def test_summary(all_reduce_run: tuple[Path, Any, float]) -> None:
-    out, _, _ = all_reduce_run
+def test_summary(all_reduce_run: tuple[Path, Any]) -> None:
+    out, _ = all_reduce_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["partial"] is False
     assert summary["world_size"] == 2 and summary["steps_completed"] == 8
@@ -204,12 +202,13 @@ def test_summary(all_reduce_run: tuple[Path, Any, float]) -> None:
     assert summary["env"]["NCCL_MAX_NCHANNELS"] == "42"
     assert summary["env_differences"] == {}
     assert summary["versions"]["torch"]
+    assert summary["devices"] and all(name.startswith("cpu") for name in summary["devices"])
     assert summary["config"]["model"]["layers"] == 4
     assert summary["backend"] == "gloo"
 
 
-def test_second_run_into_same_dir_is_refused(all_reduce_run: tuple[Path, Any, float]) -> None:
-    out, _, _ = all_reduce_run
+def test_second_run_into_same_dir_is_refused(all_reduce_run: tuple[Path, Any]) -> None:
+    out, _ = all_reduce_run
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     proc = run_torchrun(out, "training.max_steps=2")
     assert proc.returncode != 0
@@ -226,7 +225,7 @@ def test_second_run_into_same_dir_is_refused(all_reduce_run: tuple[Path, Any, fl
     ids=["reduce_scatter-phase-timing-profiler", "all_gather-no-overlap"],
 )
 def test_other_collectives_keep_data_parallel_semantics(
-    tmp_path: Path, all_reduce_run: tuple[Path, Any, float], overrides: tuple[str, ...]
+    tmp_path: Path, all_reduce_run: tuple[Path, Any], overrides: tuple[str, ...]
 ) -> None:
     out = tmp_path / "out"
     no_overlap = "comm.overlap=false" in overrides
@@ -262,7 +261,8 @@ def test_other_collectives_keep_data_parallel_semantics(
         ]  # wait 1 + warmup 1 + active 2
 
 
-def test_sigterm_stops_after_current_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_signal_stops_after_current_step(tmp_path: Path, stop_signal: signal.Signals) -> None:
     out = tmp_path / "out"
     proc = subprocess.Popen(
         torchrun_cmd(out, "training.max_steps=1000000", "training.log_interval=1000"),
@@ -280,7 +280,7 @@ def test_sigterm_stops_after_current_step(tmp_path: Path) -> None:
                 break
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(stop_signal)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

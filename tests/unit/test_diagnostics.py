@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import pytest
 
 from tasks.lib.diagnostics import (
     DiagnosticsSummary,
+    NodeReport,
     Frame,
     build_summary,
     first_stalled,
@@ -157,17 +160,16 @@ def proc_state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
 
 
-def collect(fake_run) -> tuple:
+def collect(fake_run) -> NodeReport:
     command = node_diagnostics_command(fake_run["run_id"], 0, str(fake_run["registry"]),
                                        workdir=str(PROJECT_ROOT), log_lines=50)
-    started = time.monotonic()
     done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    return parse_node_report(done.stdout, 0, "node-a"), time.monotonic() - started
+    return parse_node_report(done.stdout, 0, "node-a")
 
 
 def test_collector_dumps_every_rank_of_the_run_and_leaves_them_as_they_were(fake_run):
-    report, seconds = collect(fake_run)
+    report = collect(fake_run)
     procs = fake_run["procs"]
     by_pid = {p["pid"]: p for p in report.processes}
     assert set(by_pid) == {procs["rank0"].pid, procs["rank1"].pid}, "only this run, only this node"
@@ -185,11 +187,10 @@ def test_collector_dumps_every_rank_of_the_run_and_leaves_them_as_they_were(fake
     # Diagnosing changes nothing: the frozen rank stays frozen, the other keeps running.
     assert proc_state(procs["rank1"].pid) == "T"
     assert proc_state(procs["rank0"].pid) in ("S", "R")
-    assert seconds < 30
 
 
 def test_summary_files_and_markdown_from_a_real_collection(fake_run, tmp_path):
-    report, _ = collect(fake_run)
+    report = collect(fake_run)
     files = node_report_files(report)
     rank1_pid = fake_run["procs"]["rank1"].pid
     assert f"pyspy_rank01_pid{rank1_pid}.txt" in files
@@ -197,7 +198,12 @@ def test_summary_files_and_markdown_from_a_real_collection(fake_run, tmp_path):
     assert "NCCL_DEBUG=INFO" in files["nccl_env.txt"]
     assert "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in files["nccl_env.txt"]
     assert files["log_tail.txt"].rstrip().endswith("step 300/100 | iter 1 ms")
-    assert "GPU" in files["gpu.txt"] or "$ " in files["gpu.txt"]
+    tools = [tool for tool in ("nvidia-smi", "rocm-smi", "amd-smi") if shutil.which(tool)]
+    if tools:  # each tool's command line and its output, rc included
+        for tool in tools:
+            assert re.search(rf"^\$ {tool}\b.*\(rc=-?\d+\)$", files["gpu.txt"], re.M), tool
+    else:
+        assert files["gpu.txt"] == "no GPU tool (nvidia-smi, rocm-smi, amd-smi) on this host\n"
 
     hang = {"timeout_s": 30.0, "stalled_for_s": 30.5, "first_stalled_ranks": [1],
             "rank_steps": {"0": 7, "1": 6}}
@@ -223,7 +229,7 @@ def test_summary_files_and_markdown_from_a_real_collection(fake_run, tmp_path):
 
 
 def test_progress_ties_are_narrowed_by_the_frozen_process(fake_run):
-    report, _ = collect(fake_run)
+    report = collect(fake_run)
     hang = {"timeout_s": 5, "first_stalled_ranks": [0, 1], "rank_steps": {"0": 6, "1": 6}}
     summary = build_summary(fake_run["run_id"], "hang", [report], 1.0, hang=hang)
     assert summary.first_stalled_ranks == [1]

@@ -54,6 +54,9 @@ def test_real_run_row_matches_the_train_summary(real_run: Path) -> None:
     assert row.iter_ms_p90 == summary["iter_ms"]["p90"]
     assert row.busbw_gbps_median == summary["busbw_gbps"]["median"]
     assert row.contention_slowdown_median == summary["contention_slowdown"]["median"]
+    assert row.gemm_tflops_median == summary["gemm_tflops"]["median"]
+    assert row.exposed_comm_fraction_median == summary["exposed_comm_fraction"]["median"]
+    assert row.algbw_gbps_median == summary["algbw_gbps"]["median"]
     # The report's own aggregation of the jsonl lines agrees with the train package's.
     lines = data.steps
     assert rep.quantile([line["iter_ms"] for line in lines], 50) == pytest.approx(summary["iter_ms"]["median"], abs=1e-4)
@@ -64,6 +67,10 @@ def test_real_run_report_files(real_run: Path, tmp_path: Path) -> None:
 
     rows = list(csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text())))
     assert len(rows) == 1 and rows[0]["status"] == "completed" and rows[0]["channels"] == "42"
+    summary = json.loads((real_run / "512thread_42channels" / "summary.json").read_text())
+    for column, key in (("gemm_tflops_median", "gemm_tflops"), ("busbw_gbps_median", "busbw_gbps"),
+                        ("exposed_comm_fraction_median", "exposed_comm_fraction")):
+        assert float(rows[0][column]) == pytest.approx(summary[key]["median"], rel=1e-6), column
     markdown = (tmp_path / "report.md").read_text()
     assert "**Best point: 42ch × 512th**" in markdown
     assert "## Per rank" in markdown
@@ -360,3 +367,40 @@ def test_failed_run_names_the_ranks_own_error(tmp_path: Path) -> None:
     (done / "logs").mkdir()
     (done / "logs" / "node_0_x.txt").write_text("train: error: not this one\n")
     assert rep.summarize_run(rep.read_run(done)).problems == []
+
+
+def test_sweep_figures_have_labelled_axes_and_readable_values(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a reader sees: each figure's axis labels, colorbar label and cell values, read from
+    the real matplotlib figures just before they are written."""
+    from matplotlib.figure import Figure
+
+    seen: dict[str, Figure] = {}
+    original = Figure.savefig
+
+    def spy(fig: Figure, path: object, *args: object, **kwargs: object) -> object:
+        seen[Path(str(path)).name] = fig
+        return original(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    write_report(grid_2x2(tmp_path))
+    assert set(seen) == {ITERATION_HEATMAP, CONTENTION_HEATMAP, BUSBW_LINES, PER_RANK_STEPS}
+
+    for name, colorbar_words in ((ITERATION_HEATMAP, "iteration time"),
+                                 (CONTENTION_HEATMAP, "GEMM time")):
+        heatmap, colorbar = seen[name].axes
+        assert heatmap.get_xlabel().startswith("NCCL channels"), name
+        assert heatmap.get_ylabel() == "threads per block", name
+        assert [t.get_text() for t in heatmap.get_xticklabels()] == ["28", "42"], name
+        assert [t.get_text() for t in heatmap.get_yticklabels()] == ["256", "512"], name
+        assert colorbar_words in colorbar.get_ylabel(), name
+        cells = [text.get_text() for text in heatmap.texts if "red box" not in text.get_text()]
+        assert len(cells) == 4 and all(cell.strip() for cell in cells), (name, cells)
+
+    busbw = seen[BUSBW_LINES].axes[0]
+    assert busbw.get_xlabel() == "NCCL channels" and "bus bandwidth" in busbw.get_ylabel()
+    assert [text.get_text() for text in busbw.get_legend().get_texts()] == [
+        "256 threads", "512 threads"]  # one line per thread count
+    per_rank = seen[PER_RANK_STEPS].axes
+    assert any(ax.get_xlabel() == "step" for ax in per_rank)
+    assert any(ax.get_ylabel() == "iteration time (ms)" for ax in per_rank)

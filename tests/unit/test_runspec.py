@@ -222,6 +222,20 @@ def test_validation_imports_no_torch():
     assert result.returncode == 0, result.stderr
 
 
+
+def test_fab_list_path_imports_neither_torch_nor_matplotlib():
+    """`fab --list` imports the fabfile and every task module: keep the heavy libraries off it."""
+    code = (
+        "import sys\n"
+        "import fabfile\n"
+        "assert len(fabfile.ns.task_names) >= 12, fabfile.ns.task_names\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'matplotlib'))\n"
+        "assert not heavy, heavy[:10]\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+
 # -- profiling flags -------------------------------------------------------------------------------
 
 def test_profiler_rules(tmp_path):
@@ -301,6 +315,20 @@ def test_run_ids_and_dirs():
         "multinode_28ch_256th_20251211_143052_2"]
     assert output_dir_name(28, 256) == "256thread_28channels"
     assert node_run_dir("/srv/gemm", "r1") == "/srv/gemm/experiments/r1"
+
+
+def test_two_launches_in_the_same_second_get_their_own_directories(tmp_path):
+    from tasks.launch import pick_run_id
+
+    spec = resolve(LaunchFlags())
+    when = datetime(2025, 12, 11, 14, 30, 52)
+    first = pick_run_id(spec, tmp_path, when, create=True)
+    second = pick_run_id(spec, tmp_path, when, create=True)
+    assert first == "multinode_28ch_256th_20251211_143052"
+    assert second == first + "_1"
+    assert (tmp_path / first).is_dir() and (tmp_path / second).is_dir()
+    assert pick_run_id(spec, tmp_path, when, create=False) == first + "_2"
+    assert not (tmp_path / (first + "_2")).exists()  # without create, nothing is made
 
 
 def test_torchrun_argv():

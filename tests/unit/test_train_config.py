@@ -65,6 +65,18 @@ def test_overrides_apply_in_order_and_parse_yaml_scalars(tmp_path: Path) -> None
     assert config.overrides[-1] == "training.output_dir=/tmp/x y"
 
 
+@pytest.mark.parametrize(("override", "parsed"), [
+    ("model.layers=null", "got None"),                # YAML null, not the string 'null'
+    ("training.lr=[0.9,0.98]", "got [0.9, 0.98]"),    # a YAML list, not a string
+    ("model.hidden=1.5", "got 1.5"),                  # a float, not a string
+])
+def test_override_values_are_yaml_scalars_even_when_refused(override: str, parsed: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        build_config({}, [override])
+    message = str(raised.value)
+    assert f"(--override {override})" in message and message.endswith(parsed), message
+
+
 def test_split_overrides_keeps_spaces_inside_values() -> None:
     assert split_overrides(["a.b=1 c.d=[0.9, 0.98]", "e.f=x"]) == [
         "a.b=1",

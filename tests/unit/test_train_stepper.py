@@ -87,6 +87,43 @@ def test_comm_interval_spans_the_collective_and_follows_its_dw_gemm() -> None:
     assert m["comm_ms"] <= m["iter_ms"]
 
 
+@pytest.fixture
+def slow_gemms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real torch.mm, then a sleep: backward GEMMs long enough for a collective to overlap."""
+    real = torch.mm
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        time.sleep(SLOW_GEMM_MS / 1e3)
+        return result
+
+    monkeypatch.setattr(torch, "mm", slow)
+
+
+SLOW_GEMM_MS = 5.0
+
+
+@pytest.mark.usefixtures("one_rank_group", "slow_all_reduce", "slow_gemms")
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "no-overlap"])
+def test_buckets_overlap_the_remaining_backward_only_when_overlap_is_on(overlap: bool) -> None:
+    stepper = make_stepper("gemm", overlap=overlap)
+    try:
+        times = stepper.resolve(stepper.run(TRAIN, 1)).times
+    finally:
+        stepper.close()
+    assert times.gemm is not None and times.comm is not None
+    last_gemm_end = times.gemm[-1][1]
+    m = step_metrics(times, gemm_flops=stepper.stack.gemm_flops, world_size=1)
+    if overlap:
+        # The last layer's bucket goes out while the earlier layers' dX/dW GEMMs still run.
+        assert times.comm[0].start_ms < last_gemm_end - SLOW_GEMM_MS
+        assert m["overlap_ms"] >= SLOW_GEMM_MS
+    else:
+        assert all(c.start_ms >= last_gemm_end for c in times.comm)
+        assert m["overlap_ms"] == 0
+        assert m["exposed_comm_ms"] == pytest.approx(m["comm_ms"])
+
+
 @pytest.mark.usefixtures("one_rank_group", "slow_all_reduce")
 def test_comm_only_step_times_every_collective() -> None:
     stepper = make_stepper("phase")
