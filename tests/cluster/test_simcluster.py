@@ -216,6 +216,10 @@ def test_container_with_host_network_sees_its_nodes_address(cluster_docker: SimC
         # Node 0's engine is another engine: it has no such container.
         others = cluster_docker.exec(0, "docker ps -a --format '{{.Names}}'").stdout.split()
         assert name not in others
+        # Each engine as the issue asks: vfs storage, no bridge network (so no iptables rules).
+        engine = connection.run("docker info -f '{{.Driver}}' && docker network ls "
+                                "--format '{{.Name}}'", hide=True).stdout.split()
+        assert engine[0] == "vfs" and "bridge" not in engine[1:], engine
     finally:
         connection.run(f"docker rm -f {name}", hide=True, warn=True)
         connection.close()

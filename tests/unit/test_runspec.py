@@ -205,36 +205,32 @@ def test_config_validated_by_the_train_package(tmp_path):
                          docker_default=False, project_root=ROOT)
 
 
+def assert_imports_none_of(heavy: tuple[str, ...], code: str) -> None:
+    """Run `code` in a fresh interpreter, then fail if it imported any of the `heavy` packages."""
+    check = (f"{code}\nimport sys\n"
+             f"found = sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r})\n"
+             "assert not found, found[:10]\n")
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 def test_validation_imports_no_torch():
     """The controller never imports torch, even to validate a train config."""
-    code = (
-        "import sys\n"
+    assert_imports_none_of(("torch",), (
         "from pathlib import Path\n"
         "from tasks.lib.runspec import LaunchFlags, resolve_run_spec\n"
         "import tasks.launch\n"
         f"resolve_run_spec(LaunchFlags(config={CPU_CONFIG!r}), {{}}, {{}}, accelerator='cpu',"
-        " docker_default=False, project_root=Path('.'))\n"
-        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
-        "assert not bad, bad\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, result.stderr
-
+        " docker_default=False, project_root=Path('.'))"))
 
 
 def test_fab_list_path_imports_neither_torch_nor_matplotlib():
     """`fab --list` imports the fabfile and every task module: keep the heavy libraries off it."""
-    code = (
-        "import sys\n"
+    assert_imports_none_of(("torch", "matplotlib"), (
         "import fabfile\n"
-        "assert len(fabfile.ns.task_names) >= 12, fabfile.ns.task_names\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'matplotlib'))\n"
-        "assert not heavy, heavy[:10]\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, result.stderr
+        "assert len(fabfile.ns.task_names) >= 12, fabfile.ns.task_names"))
+
 
 # -- profiling flags -------------------------------------------------------------------------------
 
