@@ -512,8 +512,8 @@ def stop_after_failed_start(session: ClusterSession, plan: Plan) -> str:
 
 # -- collection ------------------------------------------------------------------------------------
 
-def collect_outputs(session: ClusterSession, remote_output_dir: str,
-                    target: Path) -> NodeResults[dict[str, int]]:
+def collect_outputs(session: ClusterSession, remote_output_dir: str, target: Path,
+                    nodes: Sequence[Node] | None = None) -> NodeResults[dict[str, int]]:
     """Copy every node's <T>thread_<C>channels/ into the controller's run dir, unless the same file
     (same size at the same place) is already there: local runs and shared filesystems copy nothing.
     A name another node already delivered with different content goes under node_<rank>/.
@@ -541,7 +541,7 @@ def collect_outputs(session: ClusterSession, remote_output_dir: str,
             stats["bytes"] += size
         return stats
 
-    return on_each(session.nodes, collect)
+    return on_each(session.nodes if nodes is None else nodes, collect)
 
 
 def record_collection(record: RunRecord, results: NodeResults[dict[str, int]]) -> None:
@@ -601,14 +601,20 @@ def finish(session: ClusterSession, plan: Plan, watcher: Watcher, status: str,
         node.steps_done, node.steps_total = watch.steps_done, watch.steps_total
         record.mark_node_ended(watch.rank, state=watch.state or "lost", exit_code=watch.exit_code,
                                at=now_iso())
-    collected = collect_outputs(session, plan.output_dir, plan.run_dir / plan.spec.output_dir_name)
+    # A lost node does not answer: asking it again would only add a timeout per node.
+    lost = [node for node in session.nodes if record.node(node.index).state == "lost"]
+    collected = collect_outputs(session, plan.output_dir, plan.run_dir / plan.spec.output_dir_name,
+                                nodes=[node for node in session.nodes if node not in lost])
     # A node that failed early may never have made its output directory: run.json says so, and
     # the launch ends as the run did.
     record_collection(record, collected)
     for node, error in sorted(collected.failed.items(), key=lambda item: item[0].index):
         console.out(f"launch: collecting outputs of node {node.index} ({node.label}) failed: "
-                    f"{describe_error(error, node)}; once it answers: "
-                    f"fab collect --run {plan.run_id}", highlight=False)
+                    f"{describe_error(error, node)}", highlight=False)
+    for node in lost:
+        record.node(node.index).collect_error = "not collected: the node was lost"
+        console.out(f"launch: node {node.index} ({node.label}) was lost: its outputs stay there; "
+                    f"once it answers: fab collect --run {plan.run_id}", highlight=False)
     clock.mark("collect")
     summary_path = plan.run_dir / plan.spec.output_dir_name / "summary.json"
     if summary_path.is_file():

@@ -42,8 +42,9 @@ T = TypeVar("T")
 UPLOAD_TIMEOUT_S = 600.0
 # Paramiko waits up to an hour for a host to answer a channel-open request. A host that went
 # silent (powered off, cable pulled: no RST ever comes) would block every later command, and the
-# heartbeat, stop and collect with it. Channel opens wait at most the connect timeout instead.
-DEFAULT_CHANNEL_OPEN_TIMEOUT_S = 15.0
+# heartbeat, stop and collect with it. Channel opens wait this long (or the connect timeout when
+# that is longer): long enough for a loaded sshd, far shorter than any NCCL timeout.
+CHANNEL_OPEN_TIMEOUT_S = 15.0
 # An SFTP transfer that receives nothing for this long is dead, not slow.
 SFTP_STALL_TIMEOUT_S = 120.0
 
@@ -154,12 +155,11 @@ class SshNode(Node):
         self.known_hosts = known_hosts  # named in host-key errors: the file the user must fix
 
     def transport(self) -> paramiko.Transport:
-        """The open connection's transport, its channel opens bounded (see
-        DEFAULT_CHANNEL_OPEN_TIMEOUT_S)."""
+        """The open connection's transport, its channel opens bounded (CHANNEL_OPEN_TIMEOUT_S)."""
         self.connection.open()
         transport = self.connection.client.get_transport()
-        transport.channel_timeout = (self.connection.connect_timeout
-                                     or DEFAULT_CHANNEL_OPEN_TIMEOUT_S)
+        transport.channel_timeout = max(self.connection.connect_timeout or 0,
+                                        CHANNEL_OPEN_TIMEOUT_S)
         return transport
 
     def sftp(self) -> paramiko.SFTPClient:

@@ -82,7 +82,7 @@ _skipped_tests: list[str] = []
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.skipped:
+    if report.skipped and not hasattr(report, "wasxfail"):  # an xfail is no skipped capability
         _skipped_tests.append(report.nodeid)
 
 

@@ -14,6 +14,8 @@ from invoke.exceptions import CommandTimedOut
 from tasks.lib.inventory import Inventory, parse_host_entry
 from tasks.lib.settings import ClusterSettings
 from tasks.nodes import (
+    CHANNEL_OPEN_TIMEOUT_S,
+    SFTP_STALL_TIMEOUT_S,
     LocalNode,
     RecordNewHostKeyPolicy,
     SshNode,
@@ -136,5 +138,23 @@ def test_ssh_run_with_input_times_out_on_a_stalled_host(cluster3, tmp_path, comm
         assert time.monotonic() - started < 6
         assert raised.value.timeout == 1.5
         assert describe_error(raised.value, node) == "command timed out after 1.5s"
+    finally:
+        node.close()
+
+
+@pytest.mark.cluster
+def test_ssh_channel_opens_and_sftp_stalls_are_bounded(cluster3):
+    """Paramiko's defaults (an hour per channel open, no SFTP timeout) would let one silent host
+    block the controller; the end-to-end case is test_launch's silent-node test."""
+    from tests.unit.test_hostkeys import cluster_config
+
+    node = open_one(cluster_config(cluster3), cluster3.hosts[0],
+                    Path(cluster3.known_hosts_path), "reject")
+    try:
+        assert node.run("echo ok").stdout == "ok\n"
+        transport = node.connection.client.get_transport()
+        assert transport.channel_timeout == max(node.connection.connect_timeout or 0,
+                                                CHANNEL_OPEN_TIMEOUT_S) < 60
+        assert node.sftp().get_channel().gettimeout() == SFTP_STALL_TIMEOUT_S
     finally:
         node.close()

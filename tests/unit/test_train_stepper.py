@@ -100,7 +100,7 @@ def slow_gemms(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch, "mm", slow)
 
 
-SLOW_GEMM_MS = 5.0
+SLOW_GEMM_MS = 25.0  # 4 GEMMs after the first bucket: 75 ms for the comm thread to wake
 
 
 @pytest.mark.usefixtures("one_rank_group", "slow_all_reduce", "slow_gemms")
