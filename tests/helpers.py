@@ -46,6 +46,17 @@ def run_fab(config: str | Path, *args: str, cwd: str | Path = REPO,
 
 # -- polling -----------------------------------------------------------------------------------
 
+def assert_imports_none_of(heavy: tuple[str, ...], code: str) -> None:
+    """Run `code` in a fresh interpreter, then fail if it imported any of the `heavy` packages
+    (the controller never imports torch; `fab --list` must stay light)."""
+    check = (f"{code}\nimport sys\n"
+             f"found = sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r})\n"
+             "assert not found, found[:10]\n")
+    result = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 def wait_until(condition: Callable[[], T], timeout: float, what: str,
                interval: float = 0.05) -> T:
     """Polls until `condition()` is truthy and returns it; AssertionError naming `what` after

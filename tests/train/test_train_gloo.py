@@ -46,6 +46,12 @@ def env() -> dict[str, str]:
     }
 
 
+def train_cmd(out: Path, *overrides: str) -> list[str]:
+    """`-m train` on the tiny config writing into `out` (what follows the interpreter)."""
+    return ["-m", "train", "--config", str(TINY), "--override", f"training.output_dir={out}",
+            *overrides]
+
+
 def torchrun_cmd(out: Path, *overrides: str, nproc: int = 2) -> list[str]:
     return [
         sys.executable,
@@ -57,14 +63,7 @@ def torchrun_cmd(out: Path, *overrides: str, nproc: int = 2) -> list[str]:
         "127.0.0.1",
         "--master_port",
         str(free_port()),
-        "-m",
-        "train",
-        "--config",
-        str(TINY),
-        "--override",
-        f"training.output_dir={out}",
-        "debug.param_checksum=true",
-        *overrides,
+        *train_cmd(out, "debug.param_checksum=true", *overrides),
     ]
 
 
@@ -308,17 +307,8 @@ def start_ranks_without_torchrun(out: Path, timeout_s: float) -> list[subprocess
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": port,
         }
-        cmd = [
-            sys.executable,
-            "-m",
-            "train",
-            "--config",
-            str(TINY),
-            "--override",
-            f"training.output_dir={out}",
-            "training.max_steps=1000000",
-            f"distributed.timeout_s={timeout_s}",
-        ]
+        cmd = [sys.executable, *train_cmd(out, "training.max_steps=1000000",
+                                          f"distributed.timeout_s={timeout_s}")]
         procs.append(
             subprocess.Popen(
                 cmd,

@@ -33,6 +33,7 @@ from tasks.lib.runspec import (
     thread_warnings,
     torchrun_argv,
 )
+from tests.helpers import assert_imports_none_of
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU_CONFIG = "config/multi_node/cpu_tiny.yaml"
@@ -203,16 +204,6 @@ def test_config_validated_by_the_train_package(tmp_path):
     with pytest.raises(RunSpecError, match="unknown key 'model.layerz'"):
         resolve_run_spec(LaunchFlags(config=str(bad)), {}, {}, accelerator="cpu",
                          docker_default=False, project_root=ROOT)
-
-
-def assert_imports_none_of(heavy: tuple[str, ...], code: str) -> None:
-    """Run `code` in a fresh interpreter, then fail if it imported any of the `heavy` packages."""
-    check = (f"{code}\nimport sys\n"
-             f"found = sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r})\n"
-             "assert not found, found[:10]\n")
-    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
 
 
 def test_validation_imports_no_torch():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import assert_imports_none_of
 from train.config import ConfigError, build_config, known_keys, load_config, split_overrides
 
 REPO = Path(__file__).resolve().parents[2]
@@ -166,9 +167,8 @@ def test_known_keys_cover_the_contract() -> None:
 
 
 def test_config_module_does_not_import_torch() -> None:
-    code = "import train.config, train.intervals, train.metrics, train.outputs, train.cli, sys; "
-    code += "assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    assert_imports_none_of(
+        ("torch",), "import train.config, train.intervals, train.metrics, train.outputs, train.cli")
 
 
 def run_cli(
