@@ -4,7 +4,7 @@ The tasks are flat (`fab launch`, not `fab launch.launch`) to keep the original 
 """
 from invoke import Collection
 
-from tasks import cluster, diagnose, docker, launch, report, runs, sweep
+from tasks import cluster, diagnose, docker, fab_hooks, launch, report, runs, sweep
 from tasks.lib.settings import default_config
 
 ns = Collection()
@@ -12,3 +12,6 @@ for module in (cluster, docker, launch, runs, sweep, report, diagnose):
     for name, task in module.ns.tasks.items():
         ns.add_task(task, name)
 ns.configure(default_config())
+# Config files and a closed stdout are handled where Invoke handles them, before and after any
+# task runs: see tasks/fab_hooks.py for why.
+fab_hooks.install(ns.configuration())

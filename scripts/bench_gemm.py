@@ -9,11 +9,17 @@ In one process, on one GPU (world size 1, NCCL):
      calibration step (same GEMMs through train.stepper, CUDA events around each), in
      alternating rounds, and prints both and their ratio;
   3. runs the full training step loop (forward, bucketed all_reduce on the comm stream,
-     update) with per-GEMM events plus metrics/jsonl logging, against the same loop with only
-     the step's start/end events and no logging: the difference is the measurement cost.
+     update) with every record on (per-GEMM and per-collective events, the control
+     all-reduce's events, each collective's enqueue time and run-timeline record, NVML clock,
+     power and temperature every step, metrics and a jsonl line) against the same loop with
+     only the step's start/end events, no telemetry and no logging: the difference is the
+     measurement cost;
+  4. times NVML's three readings, and the launch-delay sampling (train steps under
+     torch.profiler) the trainer runs after the measured steps.
 Then, unless --no-cli, it runs ``torchrun --nproc_per_node 1 -m train`` on the config (and a
 few short variants: reduce_scatter, all_gather without overlap, phase timing with the
-profiler) and reports their summaries.
+profiler, a debug delay with the comm stream at default priority) and reports their
+summaries.
 
 Usage (from the repo root, on a GPU machine):
     python3 scripts/bench_gemm.py [--config config/multi_node/distributed_multinode.yaml]
@@ -72,6 +78,7 @@ def bench_in_process(args: argparse.Namespace, out: Path, work: Path) -> dict[st
     from train.runtime import device_name, plan_runtime, versions
     from train.signals import StopSignals
     from train.stepper import COMPUTE, TRAIN, Stepper
+    from train.telemetry import unavailable
     from train.trainer import Trainer
 
     config = load_config(
@@ -85,6 +92,8 @@ def bench_in_process(args: argparse.Namespace, out: Path, work: Path) -> dict[st
     trainer.setup()
     stack = trainer.stack
     assert stack is not None and trainer.stepper is not None
+    # The run timeline: from here on every collective is recorded for the cross-rank analysis.
+    trainer.stepper.set_anchor()
     L, T, H = stack.layers, stack.tokens, stack.hidden
     dtype, device = stack.dtype, stack.device
     flops_gemm = 2.0 * T * H * H
@@ -152,7 +161,7 @@ def bench_in_process(args: argparse.Namespace, out: Path, work: Path) -> dict[st
         return times
 
     def make_stepper(granularity: str) -> Stepper:
-        return Stepper(
+        st = Stepper(
             stack,
             collective=config.comm.collective,
             overlap=config.comm.overlap,
@@ -160,7 +169,10 @@ def bench_in_process(args: argparse.Namespace, out: Path, work: Path) -> dict[st
             world_size=plan.world_size,
             granularity=granularity,
             checksum=False,
+            stream_priority=config.comm.stream_priority,
         )
+        st.set_anchor()
+        return st
 
     def loop_compute(st: Stepper, reps: int) -> tuple[list[float], list[float]]:
         compute, iters = [], []
@@ -220,7 +232,20 @@ def bench_in_process(args: argparse.Namespace, out: Path, work: Path) -> dict[st
         "iter_ms_minmax": {k: [min(v), max(v)] for k, v in iter_ms.items()},
     }
 
-    # 3. the full loop: measured (per-GEMM events, metrics, jsonl) vs bare (step events only)
+    # 4a. NVML: what one step's three readings cost on the host
+    telemetry = trainer.telemetry
+    samples = []
+    t0 = time.perf_counter()
+    for _ in range(300):
+        samples.append(telemetry.sample())
+    sample_us = (time.perf_counter() - t0) / 300 * 1e6
+    result["telemetry"] = {
+        **telemetry.describe(),
+        "sample_cost_us": sample_us,
+        "first_sample": samples[0],
+    }
+
+    # 3. the full loop: every record on vs bare (step events only, no telemetry, no logging)
     trainer.calibrate()
     trainer.run_phase(TRAIN, 5, lambda r: None)
     bookkeeping: list[float] = []
@@ -238,6 +263,7 @@ def bench_in_process(args: argparse.Namespace, out: Path, work: Path) -> dict[st
     for _ in range(args.rounds):
         for granularity, logs in loop_variants:
             trainer.stepper = steppers[granularity]
+            trainer.telemetry = telemetry if logs else unavailable("bench: the bare loop")
             first = len(trainer.step_records)
             if logs:
                 collect = record
@@ -268,6 +294,42 @@ def bench_in_process(args: argparse.Namespace, out: Path, work: Path) -> dict[st
             torch.cuda.max_memory_allocated(device) / 2**30 if plan.is_cuda else 0.0
         ),
     }
+    trainer.telemetry = telemetry
+    measured = [r for r in trainer.step_records if r.get("sm_clock_mhz") is not None]
+    result["loop"]["records"] = {
+        "collective_records": len(trainer.op_records),
+        "steps_with_telemetry": len(measured),
+        "steps_logged": len(trainer.step_records),
+        "sm_clock_mhz_median": med([r["sm_clock_mhz"] for r in measured]) if measured else None,
+        "power_w_median": med([r["power_w"] for r in measured if r["power_w"] is not None])
+        if measured else None,
+        "temperature_c_median": med(
+            [r["temperature_c"] for r in measured if r["temperature_c"] is not None])
+        if measured else None,
+        "control_ms_median": med([r["control_ms"] for r in trainer.step_records
+                                  if r.get("control_ms") is not None] or [float("nan")]),
+        "comm_stream": trainer._comm_stream(),
+    }
+
+    # 4b. launch delay: extra train steps under torch.profiler, as the trainer runs them
+    trainer.stepper = stepper
+    t0 = time.perf_counter()
+    launch = trainer._sample_launch_delay()
+    result["launch_delay"] = {**launch, "wall_s": time.perf_counter() - t0}
+    if plan.is_cuda:
+        # One more, its trace kept with the step's own event times: the parser can be checked
+        # against a real trace off the GPU machine.
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            r = stepper.resolve(stepper.run(TRAIN, 10**6, stop_requested=False))
+        sample = Trainer._launch_delay_of(prof, r, out / "launch_delay_trace.json")
+        ops = ([r.times.control] if r.times.control else []) + list(r.times.comm or [])
+        (out / "launch_delay_events.json").write_text(json.dumps({
+            "gemm_ms": r.times.gemm,
+            "ops": [[op.collective, op.bucket, op.start_ms, op.end_ms] for op in ops],
+            "parsed": sample,
+        }))
+
     trainer.stepper = stepper
     for st in steppers.values():
         st.close()
@@ -329,6 +391,22 @@ def run_cli(name: str, out_dir: Path, config: str, overrides: list[str]) -> dict
             contention_slowdown=pick("contention_slowdown"),
             steps_per_s=s.get("steps_per_s"),
             solo_tflops=((s.get("solo") or {}).get("gemm_tflops") or {}).get("median"),
+            gemm_contention_slowdown=pick("gemm_contention_slowdown"),
+            overlapped_gemm_fraction=pick("overlapped_gemm_fraction"),
+            collective_ms=pick("collective_ms"),
+            busbw_gbps=pick("busbw_gbps"),
+            wait_ms=pick("wait_ms"),
+            control_ms=pick("control_ms"),
+            reduce_local_ms=pick("reduce_local_ms"),
+            sm_clock_mhz=pick("sm_clock_mhz"),
+            power_w=pick("power_w"),
+            temperature_c=pick("temperature_c"),
+            telemetry_source=(s.get("telemetry") or {}).get("source"),
+            clock_drift=(s.get("telemetry") or {}).get("clock_drift"),
+            launch_delay=s.get("launch_delay_ms"),
+            comm_stream=s.get("comm_stream"),
+            null_reasons=s.get("null_reasons"),
+            calibration_blocks=len((s.get("calibration_blocks") or {}).get("blocks", [])),
         )
     traces = list((out_dir / "torch_profiler").glob("*.json"))
     if traces:
@@ -380,6 +458,17 @@ def main() -> int:
                     "profiling.wait=2",
                     "profiling.warmup=1",
                     "profiling.active=2",
+                    "calibration.compute_steps=3",
+                    "calibration.comm_steps=3",
+                ],
+            ),
+            (
+                "delay_5ms_priority_default",
+                [
+                    "training.max_steps=20",
+                    "debug.delay_rank=0",
+                    "debug.delay_ms=5",
+                    "comm.stream_priority=default",
                     "calibration.compute_steps=3",
                     "calibration.comm_steps=3",
                 ],
@@ -440,6 +529,23 @@ def main() -> int:
         f"{loop['host_bookkeeping_ms_per_step_median']:.3f} ms/step (overlapped with the GPU); "
         f"peak mem {loop['peak_memory_gib']:.1f} GiB"
     )
+    tel, rec = result["telemetry"], loop["records"]
+    print(
+        f"telemetry {tel['source']} ({tel['reason']}): 3 readings {tel['sample_cost_us']:.1f} us "
+        f"per step; first {tel['first_sample']}; measured steps: SM {rec['sm_clock_mhz_median']} "
+        f"MHz, {rec['power_w_median']} W, {rec['temperature_c_median']} C "
+        f"({rec['steps_with_telemetry']}/{rec['steps_logged']} steps)"
+    )
+    print(
+        f"records: {rec['collective_records']} collectives kept; control all-reduce "
+        f"{rec['control_ms_median']:.4f} ms; comm stream {rec['comm_stream']}"
+    )
+    ld = result["launch_delay"]
+    print(
+        f"launch delay sampling: {len(ld['samples'])} steps in {ld['wall_s']:.2f} s: "
+        + "; ".join(f"{x['kernels']} kernels, {x['collective_kernels']} collective, "
+                    f"delays {x['delays'][:3]} {x['reason'] or ''}" for x in ld["samples"])
+    )
     for entry in result.get("cli", []):
         print(
             f"cli {entry['name']:24s} rc={entry['rc']} {entry.get('status')} "
@@ -447,6 +553,18 @@ def main() -> int:
             f"tflops={entry.get('gemm_tflops')} solo={entry.get('solo_tflops')} "
             f"comm={entry.get('comm_ms')} exposed={entry.get('exposed_comm_ms')} "
             f"wall={entry['wall_s']}s {entry.get('profiler_traces', '')}"
+        )
+        print(
+            f"    gemm_contention={entry.get('gemm_contention_slowdown')} "
+            f"overlapped={entry.get('overlapped_gemm_fraction')} "
+            f"collective={entry.get('collective_ms')} busbw={entry.get('busbw_gbps')} "
+            f"wait={entry.get('wait_ms')} control={entry.get('control_ms')} "
+            f"reduce_local={entry.get('reduce_local_ms')} SM={entry.get('sm_clock_mhz')} "
+            f"P={entry.get('power_w')} T={entry.get('temperature_c')} "
+            f"src={entry.get('telemetry_source')} drift={entry.get('clock_drift')} "
+            f"blocks={entry.get('calibration_blocks')}\n"
+            f"    launch_delay={entry.get('launch_delay')}\n    comm_stream="
+            f"{entry.get('comm_stream')} null={entry.get('null_reasons')}"
         )
     shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -27,9 +27,12 @@ from rich.table import Table
 
 from tasks.lib import sync as syncing
 from tasks.lib.configedit import ConfigEditError, set_yaml_key
+from tasks.lib.console import make_console
 from tasks.lib.diagnostics import node_venv
 from tasks.lib.inventory import HostSpec, Inventory, render_hosts_file
 from tasks.lib.probe import (
+    GIT_DIFF_OPTIONS,
+    GIT_SAFE_OPTIONS,
     CheckoutState,
     Finding,
     HostFacts,
@@ -83,7 +86,7 @@ def sync_excludes(settings: Settings | None = None) -> tuple[str, ...]:
 def _git(root: Path, *args: str) -> str | None:
     try:
         completed = subprocess.run(
-            ["git", "-C", str(root), *args], capture_output=True, check=False
+            ["git", *GIT_SAFE_OPTIONS, "-C", str(root), *args], capture_output=True, check=False
         )
     except FileNotFoundError:
         return None
@@ -113,7 +116,7 @@ def local_checkout_state(
     status = _git(root, "status", "--porcelain", "--untracked-files=no")
     files = checkout_files(root, excluded_dirs)
     diff = subprocess.run(
-        ["git", "-C", str(root), "diff", "HEAD", "--binary", "--full-index"],
+        ["git", *GIT_SAFE_OPTIONS, "-C", str(root), *GIT_DIFF_OPTIONS],
         capture_output=True,
         check=False,
     ).stdout
@@ -182,13 +185,13 @@ def probe_all(
     """Probe every host at once, one SSH round trip each; failures are collected per host.
 
     master_port: checked on the master (default launch.master_port; None: not checked).
-    docker: ask for the engine and container (default docker.enabled).
+    docker: ask for the engine and container (default: whether a launch would use Docker).
     """
     settings = session.settings
     if master_port is None:
         master_port = settings.launch.master_port
     if docker is None:
-        docker = settings.docker.enabled
+        docker = launch_context(session).docker_default
     master = master_address(session)
     container = settings.docker.container if docker else None
     venv = node_venv(settings.cluster.venv, session.workdir)
@@ -220,6 +223,7 @@ def findings_for(
 ) -> list[Finding]:
     """Every error and warning: unreachable hosts first, then per host, then cluster-wide."""
     settings = session.settings
+    docker = launch_context(session).docker_default  # judged as a launch without --docker runs
     found = [
         Finding("error", node.index, node.label, describe_error(error, node))
         for node, error in sorted(results.failed.items(), key=lambda item: item[0].index)
@@ -231,7 +235,7 @@ def findings_for(
             local=local,
             workdir=session.workdir,
             nproc=settings.launch.nproc if nproc is None else nproc,
-            docker_enabled=settings.docker.enabled,
+            docker_enabled=docker,
             socket_ifname=settings.cluster.socket_ifname,
         )
     found += judge_cluster(facts)
@@ -284,11 +288,6 @@ def describe_checkout(state: CheckoutState) -> str:
 # -- presentation ---------------------------------------------------------------------------------
 
 
-def make_console() -> Console:
-    # Not a terminal (CI, logs, tests): wide enough that rows do not wrap mid-word.
-    return Console(width=None if sys.stdout.isatty() else 220, highlight=False)
-
-
 def _yes_no(value: bool | None, yes: str = "yes", no: str = "no") -> str:
     return "-" if value is None else (yes if value else no)
 
@@ -303,6 +302,7 @@ def facts_table(
     settings = session.settings
     nproc = settings.launch.nproc if launch is None else launch.nproc
     master_port = settings.launch.master_port if launch is None else launch.master_port
+    docker = launch_context(session).docker_default
     table = Table(title=title, title_justify="left")
     for column in (
         "node",
@@ -336,7 +336,7 @@ def facts_table(
             settings.cluster.socket_ifname or fact.ifname or "[red]?[/]",
             _gpu_cell(fact, nproc),
             _checkout_cell(fact, local),
-            _docker_cell(fact) if settings.docker.enabled else "off",
+            _docker_cell(fact) if docker else "off",
             ""
             if index != 0
             else (
@@ -403,8 +403,9 @@ def check(c, hosts=None):
 
     Exits non-zero when anything would block a launch (unreachable host, host key, checkout
     different from this one, too few GPUs for the launch's nproc, busy master port, no Docker
-    engine while docker.enabled); warnings do not. nproc and the master port are what `fab
-    launch` would use: launch.* config, else $NPROC_PER_NODE / $MASTER_PORT, else built-ins.
+    engine where launch would use it); warnings do not. nproc, the master port and Docker are
+    what `fab launch` would use: launch.* config, else $NPROC_PER_NODE / $MASTER_PORT, else
+    built-ins; Docker per docker.enabled, except on this machine alone, which runs bare.
     """
     started = time.monotonic()
     with ClusterSession(c, hosts=hosts) as session:
@@ -708,14 +709,19 @@ def sync_nodes(session: ClusterSession) -> SyncOutcome:
             files=len(files),
             source=f"{socket.gethostname()}:{PROJECT_ROOT}",
         )
-        tarball = syncing.build_tarball(
-            PROJECT_ROOT,
-            files,
-            {
-                syncing.SYNC_FILES: syncing.files_list_bytes(files),
-                syncing.SYNC_RECORD: record,
-            },
-        )
+        try:
+            tarball = syncing.build_tarball(
+                PROJECT_ROOT,
+                files,
+                {
+                    syncing.SYNC_FILES: syncing.files_list_bytes(files),
+                    syncing.SYNC_RECORD: record,
+                },
+            )
+        except FileNotFoundError as err:  # deleted (or renamed by an editor) since the listing
+            raise Exit(f"sync: {err.filename} vanished while it was being packed (an editor "
+                       "saving?): no file of the checkout was written on the nodes; run "
+                       "`fab sync` again", code=1) from None
 
         def send(node: Node) -> str:
             stale = syncing.stale_files(previous.get(node.index, []), files)

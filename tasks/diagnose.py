@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from tasks.lib import diagnostics as diag
+from tasks.lib.console import make_console
 from tasks.lib.registry import RegistryError, validate_run_id
 from tasks.lib.runrecord import RUN_JSON
 from tasks.lib.settings import Settings
@@ -207,7 +208,7 @@ def diagnose(c, run=None, native=True, hosts=None):
     lines of each node's log and the ranks' NCCL/TORCH_NCCL environment, written to
     <run dir>/diagnose_<timestamp>/, with a per-rank summary (step, innermost frames) printed.
     """
-    console = Console(highlight=False)
+    console = make_console()
     if run is not None:
         checked_run_id(run)  # before any connection: a bad flag touches nothing
     with ClusterSession(c, hosts) as session:

@@ -1,21 +1,24 @@
 """The experiment container on every node: docker-up, docker-down, docker-status.
 
-The compose file is rendered once on the controller (tasks.lib.render), pushed to each node at
-<cluster.registry_dir>/docker/docker-compose.yaml (node-local) and driven with `docker compose`
+The compose file is rendered on the controller (tasks.lib.render), pushed to each node at
+<registry>/docker/docker-compose.yaml (node-local; the registry is cluster.registry_dir or our
+per-user /tmp/gemm-runs-<uid>, ours alone), checked again right before `docker compose -f` reads
+it (tasks/lib/nodefs.py: compose runs what the file says, as root) and driven with `docker compose`
 or, where the v2 plugin is missing, `docker-compose` v1, detected per host. The compose project
 is named after the container, so up, down and launch agree on it from any controller.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
-from rich.console import Console
 from rich.table import Table
 
 from tasks.cluster import probe_all, require_matching_checkout
+from tasks.lib.console import make_console
 from tasks.lib.containers import (
     TERMINAL_STATES,
     ContainerState,
@@ -31,8 +34,9 @@ from tasks.lib.containers import (
     probe_script,
     up_outcome,
 )
+from tasks.lib.nodefs import checked_file_command, registry_for_uid, with_safe_fs
 from tasks.lib.probe import HostFacts
-from tasks.lib.quoting import sh_command, sh_join, sh_quote
+from tasks.lib.quoting import sh_command, sh_quote
 from tasks.lib.render import compose_command, compose_project_name, render_compose
 from tasks.nodes import Node, NodeError, NodeResults, on_each
 from tasks.session import EXIT_USAGE, HOSTS_HELP, ClusterSession
@@ -100,7 +104,7 @@ def _facts_of(results: NodeResults[HostFacts], node: Node) -> HostFacts:
     return results.ok[node]
 
 
-def _up_on(node: Node, facts: HostFacts, *, compose_text: str, compose_file: str, project: str,
+def _up_on(node: Node, facts: HostFacts, *, registry: str, compose_text: str, project: str,
            container: str, image: str, workdir: str, wait_s: float) -> UpResult:
     if facts.docker_engine is None:
         raise DockerError("Docker engine not usable: "
@@ -112,9 +116,12 @@ def _up_on(node: Node, facts: HostFacts, *, compose_text: str, compose_file: str
     compose_variant = facts.docker_compose or "none"
     compose = _compose_argv(compose_variant)
     before = ContainerState(facts.container_state or "unknown", id=facts.container_id or "")
-    node.put_files({compose_file: compose_text})
+    compose_file = compose_file_path(registry)
+    # The registry and its docker/ made (0700) and checked ours alone before the file goes in.
+    node.put_files({compose_file: compose_text}, dirs=[registry])
     argv = [*compose, "-p", project, "-f", compose_file, "up", "-d"]
-    result = node.run(sh_join(argv) + " 2>&1", warn=True)
+    result = node.run(checked_file_command(compose_file, "the compose file", argv) + " 2>&1",
+                      warn=True)
     if result.failed:
         message = compose_up_failure(result.stdout, image)
         if "already in use" in message:
@@ -129,13 +136,17 @@ def _down_on(node: Node, *, compose_file: str, project: str, container: str) -> 
     probe = _probe(node, container, compose_file)
     # Without compose (uninstalled since docker-up) the container still goes, by name.
     compose = compose_command(probe.compose) if probe.compose in ("v1", "v2") else None
-    result = node.run(sh_command(down_script(compose, compose_file, project, container)), warn=True)
+    result = node.run(with_safe_fs(down_script(compose, compose_file, project, container)),
+                      warn=True)
     if result.failed:
         raise DockerError(f"compose down: {docker_message(result.stdout + result.stderr)}")
     after = _inspect(node, container)
     if after.status != "absent":
         raise DockerError(f"container {container} is still {after.status} after down")
-    return DownResult("removed" if probe.container.status != "absent" else "not present")
+    outcome = "removed" if probe.container.status != "absent" else "not present"
+    notes = [line.removeprefix("note: ") for line in result.stdout.splitlines()
+             if line.startswith("note: ")]
+    return DownResult(outcome + (f" ({'; '.join(notes)})" if notes else ""))
 
 
 # The reason follows the table, one line per host (NodeResults.raise_if_failed).
@@ -150,7 +161,7 @@ def _status_table(columns: list[str]) -> Table:
 
 
 def _print(title: str, table: Table) -> None:
-    console = Console(width=max(Console().width, 140))
+    console = make_console()
     console.print(title, highlight=False, markup=False)
     console.print(table)
 
@@ -175,19 +186,31 @@ def docker_up(c, hosts=None, wait=60):
             raise Exit(f"--wait must be positive seconds, got {wait}", code=EXIT_USAGE)
         project = compose_project_name(docker.container)
         registry_dir = session.settings.cluster.registry_dir
+
+        def compose_for(registry: str) -> str:
+            return render_compose(docker=docker, workdir=session.workdir, registry_dir=registry,
+                                  project_name=project)
+
         try:
-            compose_text = render_compose(docker=docker, workdir=session.workdir,
-                                          registry_dir=registry_dir, project_name=project)
+            compose_for(registry_for_uid(registry_dir, os.getuid()))  # bad config: no host touched
         except ValueError as err:
             raise Exit(f"config error: {err}", code=EXIT_USAGE) from None
         # One probe per host answers both: does its checkout match, and what does its Docker run.
         facts = probe_all(session, docker=True)
         require_matching_checkout(session, facts)
-        compose_file = compose_file_path(registry_dir)
-        results: NodeResults[UpResult] = on_each(session.nodes, lambda node: _up_on(
-            node, _facts_of(facts, node), compose_text=compose_text, compose_file=compose_file,
-            project=project, container=docker.container, image=docker.image,
-            workdir=session.workdir, wait_s=float(wait)))
+        registries: dict[int, str] = {}
+
+        def up(node: Node) -> UpResult:
+            host = _facts_of(facts, node)
+            # Our uid there names our registry (the container mounts it at the same path).
+            registry = registries[node.index] = (
+                registry_for_uid(registry_dir, host.uid) if host.uid is not None
+                else node.registry(registry_dir))
+            return _up_on(node, host, registry=registry, compose_text=compose_for(registry),
+                          project=project, container=docker.container, image=docker.image,
+                          workdir=session.workdir, wait_s=float(wait))
+
+        results: NodeResults[UpResult] = on_each(session.nodes, up)
         title = f"docker-up: container {docker.container} ({docker.image})"
         table = _status_table(["node", "host", "compose", "container", "result"])
         for node in session.nodes:
@@ -200,8 +223,9 @@ def docker_up(c, hosts=None, wait=60):
         _print(title, table)
         results.raise_if_failed("docker-up", hint="fix the host(s) above and run `fab docker-up` "
                                 "again: hosts already up are left as they are")
+        files = sorted({compose_file_path(registries[node.index]) for node in results.ok})
         print(f"container {docker.container} running on {len(results.ok)} of "
-              f"{len(session.nodes)} host(s); compose file: {compose_file}")
+              f"{len(session.nodes)} host(s); compose file: {', '.join(files)}")
 
 
 @task(help={"hosts": HOSTS_HELP})
@@ -214,9 +238,10 @@ def docker_down(c, hosts=None):
     with ClusterSession(c, hosts) as session:
         docker = session.settings.docker
         project = compose_project_name(docker.container)
-        compose_file = compose_file_path(session.settings.cluster.registry_dir)
+        registry_dir = session.settings.cluster.registry_dir
         results: NodeResults[DownResult] = on_each(session.nodes, lambda node: _down_on(
-            node, compose_file=compose_file, project=project, container=docker.container))
+            node, compose_file=compose_file_path(node.registry(registry_dir)), project=project,
+            container=docker.container))
         title = f"docker-down: container {docker.container}"
         table = _status_table(["node", "host", "result"])
         for node in session.nodes:
@@ -237,9 +262,9 @@ def docker_status(c, hosts=None):
     """
     with ClusterSession(c, hosts) as session:
         docker = session.settings.docker
-        compose_file = compose_file_path(session.settings.cluster.registry_dir)
-        results: NodeResults[DockerProbe] = on_each(
-            session.nodes, lambda node: _probe(node, docker.container, compose_file))
+        registry_dir = session.settings.cluster.registry_dir
+        results: NodeResults[DockerProbe] = on_each(session.nodes, lambda node: _probe(
+            node, docker.container, compose_file_path(node.registry(registry_dir))))
         title = f"docker-status: container {docker.container}"
         table = _status_table(["node", "host", "engine", "compose", "container", "state", "image",
                                "uptime"])

@@ -19,13 +19,14 @@ import os
 import posixpath
 import random
 import re
+import secrets
 import shlex
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -37,8 +38,19 @@ from rich.console import Console
 from rich.table import Table
 
 from tasks.cluster import launch_context, probe_all, require_matching_checkout
+from tasks.lib.console import make_console
 from tasks.lib.diagnostics import node_venv
-from tasks.lib.probe import CheckoutState, HostFacts, judge_cluster, judge_host
+from tasks.lib.localfs import RefusedName, regular_file_size, write_beneath
+from tasks.lib.masking import DEFAULT_SECRET_ENV_PATTERNS, mask_assignments, mask_env
+from tasks.lib.nodefs import registry_for_uid
+from tasks.lib.probe import (
+    GIT_SAFE_OPTIONS,
+    CheckoutState,
+    HostFacts,
+    gpu_busy_message,
+    judge_cluster,
+    judge_host,
+)
 from tasks.lib.profiling import (
     ProfilerChoice,
     missing_tools_message,
@@ -61,6 +73,7 @@ from tasks.lib.runrecord import (
     new_record,
     now_iso,
     parse_file_list,
+    refusal_line,
     write_json_atomic,
 )
 from tasks.lib.runspec import (
@@ -134,8 +147,10 @@ def resolve_spec(session: ClusterSession, flags: LaunchFlags, c_config: Any,
                 raise RunSpecError(f"--nccl-preset: {err}") from None
         if spec.docker:
             try:
+                # Validation only (the nodes' registry is known after the probe).
                 render_compose(docker=settings.docker, workdir=session.workdir,
-                               registry_dir=settings.cluster.registry_dir)
+                               registry_dir=registry_for_uid(settings.cluster.registry_dir,
+                                                             os.getuid()))
             except ValueError as err:
                 raise RunSpecError(f"docker: {err}") from None
     except RunSpecError as err:
@@ -159,32 +174,43 @@ class Plan:
     launcher: str
     record: RunRecord
     started_wall: datetime = field(default_factory=datetime.now)
+    # What the controller shows and keeps of `files` where it differs: env.sh with *** for the
+    # values of secret-looking variables (the nodes get the real ones).
+    shown_files: dict[str, str] = field(default_factory=dict)
+
+    def shown(self, name: str) -> str:
+        return self.shown_files.get(name, str(self.files[name]))
 
 
-def controller_info() -> dict[str, Any]:
+def controller_info(secret_patterns: Sequence[str] = DEFAULT_SECRET_ENV_PATTERNS) -> dict[str, Any]:
+    """Where the launch came from, for run.json and sweep.json; `--env NAME=VALUE` items of the
+    command line whose name looks secret are masked."""
     commit = None
     try:
-        result = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"],
+        result = subprocess.run(["git", *GIT_SAFE_OPTIONS, "-C", str(PROJECT_ROOT), "rev-parse",
+                                 "HEAD"],
                                 capture_output=True, text=True, timeout=5)
         if result.returncode == 0:
             commit = result.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         pass
     return {"host": socket.gethostname(), "user": getpass.getuser(), "cwd": os.getcwd(),
-            "commit": commit, "argv": sys.argv[1:]}
+            "commit": commit, "argv": mask_assignments(sys.argv[1:], secret_patterns)}
 
 
-def pick_run_id(spec: RunSpec, experiments_dir: Path, when: datetime, create: bool) -> str:
-    """The first free run id; with create, its directory is made atomically (two launches in the
-    same second get _1, _2 ...)."""
-    for candidate in run_id_candidates(spec.channels, spec.threads, when):
+def pick_run_id(spec: RunSpec, experiments_dir: Path, when: datetime, create: bool,
+                token: Callable[[int], str] = secrets.token_hex) -> str:
+    """A free run id (timestamp + random suffix); with create, its directory is made
+    exclusively: one already there, whoever made it, is never taken over."""
+    for candidate in run_id_candidates(spec.channels, spec.threads, when, token=token):
         path = experiments_dir / candidate
         if not create:
             if not path.exists():
                 return candidate
             continue
         try:
-            path.mkdir(parents=True, exist_ok=False)
+            # Not world-readable: run.json, logs and outputs are the user's alone.
+            path.mkdir(mode=0o700, parents=True, exist_ok=False)
             return candidate
         except FileExistsError:
             continue
@@ -212,10 +238,18 @@ def build_plan(session: ClusterSession, spec: RunSpec, *, run_id: str, run_dir: 
         node_input = rocprof_input_node_path(remote_run_dir, str(spec.rocprof_input))
         files[posixpath.basename(node_input)] = spec.rocprof_input.read_bytes()
         profilers = replace(profilers, rocprof_input=node_input)
-    files[ENV_SCRIPT] = render_env_script(run_id=run_id, common_env=common_env, node_env=node_env)
+    secret_patterns = settings.launch.secret_env_patterns
+    files[ENV_SCRIPT] = render_env_script(run_id=run_id, common_env=common_env, node_env=node_env,
+                                          secret_patterns=secret_patterns)
+    shown_files = {ENV_SCRIPT: render_env_script(
+        run_id=run_id, common_env=common_env, node_env=node_env, secret_patterns=secret_patterns,
+        masked=True)}
     if spec.docker:
-        files[COMPOSE_FILE] = render_compose(docker=settings.docker, workdir=workdir,
-                                             registry_dir=settings.cluster.registry_dir)
+        # A record of the container's shape (docker-up started it): the master's registry.
+        uid = facts[0].uid if facts and facts[0].uid is not None else os.getuid()
+        files[COMPOSE_FILE] = render_compose(
+            docker=settings.docker, workdir=workdir,
+            registry_dir=registry_for_uid(settings.cluster.registry_dir, uid))
     argv = torchrun_argv(nnodes=len(session.nodes), nproc=nproc, master_addr=master_addr,
                          master_port=master_port,
                          config_path=posixpath.join(remote_run_dir, CONFIG_NAME_ON_NODE),
@@ -231,8 +265,10 @@ def build_plan(session: ClusterSession, spec: RunSpec, *, run_id: str, run_dir: 
         venv_required=bool(settings.cluster.venv))
 
     record = new_record(run_id=run_id, run_dir=str(run_dir), node_run_dir=remote_run_dir,
-                        output_dir=spec.output_dir_name, controller=controller_info(),
-                        flags=spec.flags_record(), created_at=now_iso())
+                        output_dir=spec.output_dir_name,
+                        controller=controller_info(secret_patterns),
+                        flags=masked_flags(spec.flags_record(), secret_patterns),
+                        created_at=now_iso())
     hosts = []
     for index, node in enumerate(session.nodes):
         host: dict[str, Any] = {"host": node.label, "ifname": ifnames[index]}
@@ -243,12 +279,18 @@ def build_plan(session: ClusterSession, spec: RunSpec, *, run_id: str, run_dir: 
         hosts.append(host)
     record.plan(master_addr=master_addr, master_port=master_port,
                 nproc_per_node=nproc if isinstance(nproc, int) else 0, hosts=hosts,
-                common_env=common_env, per_node_env=node_env, torchrun_argv=[str(a) for a in argv],
-                wrapper_argv=wrapper)
+                common_env=mask_env(common_env, secret_patterns),
+                per_node_env=[mask_env(env, secret_patterns) for env in node_env],
+                torchrun_argv=[str(a) for a in argv], wrapper_argv=wrapper)
     return Plan(spec=spec, run_id=run_id, run_dir=run_dir, node_run_dir=remote_run_dir,
                 output_dir=output_dir, nproc=nproc, torchrun=[str(a) for a in argv],
                 profilers=profilers, files=files,
-                launcher=launcher, record=record)
+                launcher=launcher, record=record, shown_files=shown_files)
+
+
+def masked_flags(flags: Mapping[str, Any], secret_patterns: Sequence[str]) -> dict[str, Any]:
+    """RunSpec.flags_record with the values of secret-looking --env variables masked."""
+    return {**flags, "env": mask_env(flags.get("env") or {}, secret_patterns)}
 
 
 def ranks_venv(session: ClusterSession) -> str | None:
@@ -311,6 +353,8 @@ def print_dry_run(session: ClusterSession, spec: RunSpec, console: Console) -> N
     out(f"  socket interface per host: {socket_ifname or 'the one routing to the master'}")
     out(f"  ranks per node: {nproc}; master port: {port}; accelerator: {spec.accelerator}; "
         f"docker: {'on' if spec.docker else 'off'}")
+    registry = settings.cluster.registry_dir or "/tmp/gemm-runs-<uid> of the user on each host"
+    out(f"  run registry: {registry}")
     for warning in spec.warnings:
         out(f"warning: {warning}")
     out(f"controller run dir: {plan.run_dir}")
@@ -324,14 +368,15 @@ def print_dry_run(session: ClusterSession, spec: RunSpec, console: Console) -> N
         out("  run:")
         out("    probe: sh -c <tasks/lib/probe.py probe_script> (GPUs, interface, checkout)")
         start = launcher_start_command(launcher_path(plan), node.index,
-                                       settings.cluster.registry_dir, run_id)
+                                       settings.cluster.registry_dir, run_id,
+                                       workdir=session.workdir)
         out(f"    start: {abbreviate_script(start)}")
         out(f"    watch: {tail_command(node_log_path(plan, node.index), '<launcher pid>')}")
         wrapper = profiler_wrapper_argv(plan.profilers, plan.output_dir, node_rank=node.index)
         argv = [*(wrapper or []), plan.torchrun[0], f"--node-rank={node.index}", *plan.torchrun[1:]]
         out(f"    ranks: {sh_join(argv)}")
-    out(f"\n{ENV_SCRIPT}:")
-    out(str(plan.files[ENV_SCRIPT]).rstrip("\n"))
+    out(f"\n{ENV_SCRIPT}:")  # secret-looking values as *** (GEMM_MASKED_VARS names them)
+    out(plan.shown(ENV_SCRIPT).rstrip("\n"))
 
 
 # -- probe, checks, start --------------------------------------------------------------------------
@@ -451,7 +496,7 @@ def push_bundle(session: ClusterSession, plan: Plan) -> None:
     dirs = profiler_output_dirs(plan.profilers, plan.output_dir)
 
     def push(node: Node) -> None:
-        node.put_files(files, mode=0o644, dirs=dirs)
+        node.put_files(files, mode=0o600, dirs=dirs)
 
     results = on_each(session.nodes, push)
     record_host_failures(plan, "push", results)
@@ -474,7 +519,8 @@ def start_launchers(session: ClusterSession, plan: Plan) -> dict[int, int]:
     registry_dir = session.settings.cluster.registry_dir
 
     def start(node: Node) -> int:
-        command = launcher_start_command(launcher_path(plan), node.index, registry_dir, plan.run_id)
+        command = launcher_start_command(launcher_path(plan), node.index, registry_dir, plan.run_id,
+                                         workdir=session.workdir)
         result = node.run(command, timeout=30)
         match = _PID.search(result.stdout.strip())
         if not match:
@@ -512,43 +558,83 @@ def stop_after_failed_start(session: ClusterSession, plan: Plan) -> str:
 
 # -- collection ------------------------------------------------------------------------------------
 
+@dataclass
+class NodeCollection:
+    """What one node's collection did; `refused`: (name as shown, why) of every entry of its
+    output directory that was not copied."""
+
+    files: int = 0
+    bytes: int = 0
+    skipped: int = 0
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {"files": self.files, "bytes": self.bytes, "skipped": self.skipped,
+                "refused": len(self.refused)}
+
+
+# run.json keeps this many refused names per node (a hostile node may list millions).
+RECORDED_REFUSALS = 50
+
+
 def collect_outputs(session: ClusterSession, remote_output_dir: str, target: Path,
-                    nodes: Sequence[Node] | None = None) -> NodeResults[dict[str, int]]:
+                    nodes: Sequence[Node] | None = None) -> NodeResults[NodeCollection]:
     """Copy every node's <T>thread_<C>channels/ into the controller's run dir, unless the same file
     (same size at the same place) is already there: local runs and shared filesystems copy nothing.
     A name another node already delivered with different content goes under node_<rank>/.
-    A host without the output directory, or whose files cannot be listed or copied, fails."""
-    claimed: dict[Path, int] = {}
+    A host without the output directory, or whose files cannot be listed or copied, fails.
+
+    A node is not trusted: only regular files with plain relative names are copied, each written
+    beneath `target` without following a symlink (tasks.lib.localfs); the rest is refused and
+    the node's other files still arrive."""
+    claimed: dict[str, int] = {}
     lock = threading.Lock()
 
-    def collect(node: Node) -> dict[str, int]:
+    def collect(node: Node) -> NodeCollection:
         listed = node.run(list_files_command(remote_output_dir), timeout=60).stdout
         listing = parse_file_list(listed)
-        stats = {"files": 0, "bytes": 0, "skipped": 0}
-        for size, relative in listing:
-            local = target / relative
+        done = NodeCollection(refused=listing.refused)
+        if node.is_local and os.path.realpath(remote_output_dir) == os.path.realpath(target):
+            done.skipped = len(listing.files)  # the outputs were written where they belong
+            return done
+        for size, relative in listing.files:
+            local = relative
             with lock:
-                same = local.exists() and local.stat().st_size == size
+                same = regular_file_size(target, relative) == size
                 if same and claimed.get(local) in (None, node.index):
-                    stats["skipped"] += 1
+                    done.skipped += 1
                     claimed.setdefault(local, node.index)
                     continue
                 if claimed.get(local, node.index) != node.index:
-                    local = target / f"node_{node.index}" / relative
+                    local = f"node_{node.index}/{relative}"
                 claimed[local] = node.index
-            node.get_file(posixpath.join(remote_output_dir, relative), local)
-            stats["files"] += 1
-            stats["bytes"] += size
-        return stats
+            try:
+                with write_beneath(target, local) as handle:
+                    node.get_file(posixpath.join(remote_output_dir, relative), handle)
+            except RefusedName as refused:  # on this side: a file or symlink where a dir goes
+                done.refused.append((refused.shown, refused.why))
+                continue
+            done.files += 1
+            done.bytes += size
+        return done
 
     return on_each(session.nodes if nodes is None else nodes, collect)
 
 
-def record_collection(record: RunRecord, results: NodeResults[dict[str, int]]) -> None:
-    for node, stats in results.ok.items():
-        record.node(node.index).collected = stats
+def record_collection(record: RunRecord, results: NodeResults[NodeCollection]) -> None:
+    for node, done in results.ok.items():
+        entry = record.node(node.index)
+        entry.collected = done.counts()
+        entry.collect_refused = [f"{name} ({why})" for name, why in done.refused[:RECORDED_REFUSALS]]
     for node, error in results.failed.items():
         record.node(node.index).collect_error = describe_error(error, node)
+
+
+def refusal_lines(results: NodeResults[NodeCollection]) -> list[str]:
+    """One line per node whose listing had entries that were not copied."""
+    return [f"node {node.index} ({node.label}): {refusal_line(done.refused)}"
+            for node, done in sorted(results.ok.items(), key=lambda item: item[0].index)
+            if done.refused]
 
 
 # -- ending ----------------------------------------------------------------------------------------
@@ -611,6 +697,8 @@ def finish(session: ClusterSession, plan: Plan, watcher: Watcher, status: str,
     for node, error in sorted(collected.failed.items(), key=lambda item: item[0].index):
         console.out(f"launch: collecting outputs of node {node.index} ({node.label}) failed: "
                     f"{describe_error(error, node)}", highlight=False)
+    for line in refusal_lines(collected):
+        console.out(f"launch: collecting outputs of {line}", highlight=False)
     for node in lost:
         record.node(node.index).collect_error = "not collected: the node was lost"
         console.out(f"launch: node {node.index} ({node.label}) was lost: its outputs stay there; "
@@ -704,7 +792,7 @@ def launch(c, channels=None, threads=None, nproc=None, config=None, rocprof=Fals
     if docker and no_docker:
         raise Exit("launch: --docker and --no-docker contradict each other; give one",
                    code=EXIT_USAGE)
-    console = Console(highlight=False, soft_wrap=True)
+    console = make_console(soft_wrap=True)
     flags = LaunchFlags(
         channels=channels, threads=threads, nproc=nproc, config=config, master_port=master_port,
         nccl_preset=nccl_preset, overrides=tuple(override or ()), env=tuple(env or ()),
@@ -766,6 +854,10 @@ def _run_launch(session: ClusterSession, spec: RunSpec, console: Console, outcom
     facts, port = probe_cluster(session, spec)
     check_profiler(session, spec)  # before the GPU checks: a missing profiler is named per host
     nproc, ifnames, master_addr = check_facts(session, spec, facts)
+    for f in facts:  # another user's job on our GPUs is theirs: named, never counted as ours
+        busy = gpu_busy_message(f)
+        if busy:
+            console.out(f"warning: node {f.node_index} ({f.label}): {busy}", highlight=False)
     clock.mark("probe")
     refuse_if_busy(session, spec.force, console)
     clock.mark("busy_check")
@@ -781,7 +873,7 @@ def _run_launch(session: ClusterSession, spec: RunSpec, console: Console, outcom
     plan.record.timings = clock.phases
     for name in (ENV_SCRIPT, COMPOSE_FILE):
         if name in plan.files:
-            (run_dir / name).write_text(str(plan.files[name]))
+            (run_dir / name).write_text(plan.shown(name))
     write_record(plan)
     clock.mark("render")
     phase = "push"
@@ -872,13 +964,19 @@ def collect(c, run=None, hosts=None):
         collected = collect_outputs(session, posixpath.join(record.node_run_dir, record.output_dir),
                                     run_dir / record.output_dir)
     record_collection(record, collected)
-    for node, stats in sorted(collected.ok.items(), key=lambda item: item[0].index):
-        print(f"node {node.index}: {stats['files']} file(s), {stats['bytes']} bytes copied, "
-              f"{stats['skipped']} already there")
+    for node, done in sorted(collected.ok.items(), key=lambda item: item[0].index):
+        print(f"node {node.index}: {done.files} file(s), {done.bytes} bytes copied, "
+              f"{done.skipped} already there")
     write_json_atomic(run_dir / RUN_JSON, record.to_dict())
+    refused = refusal_lines(collected)
+    not_copied = "\n  ".join(["some outputs were not copied:", *refused]) if refused else ""
     collected.raise_if_failed("collecting outputs", code=EXIT_FAILED,
-                              hint=f"the files stay on those hosts; `fab collect --run "
-                                   f"{record.run_id}` retries")
+                              hint="\n".join(filter(None, [
+                                  f"the files stay on those hosts; `fab collect --run "
+                                  f"{record.run_id}` retries", not_copied])))
+    if refused:
+        # Everything else was collected: the exit status says the outputs are not all here.
+        raise Exit(f"collect: {not_copied}", code=EXIT_FAILED)
 
 
 ns = Collection(launch, collect)

@@ -6,8 +6,6 @@ errors, and never lets one dead host stall the others (connect timeouts come fro
 """
 from __future__ import annotations
 
-import base64
-import hashlib
 import io
 import os
 import posixpath
@@ -23,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import BinaryIO, Generic, TypeVar
 
 import paramiko
 from fabric import Config, Connection
@@ -31,7 +29,17 @@ from invoke import Context
 from invoke.exceptions import CommandTimedOut, Exit, UnexpectedExit
 from invoke.runners import Result
 
+from tasks.hostkeys import (  # re-exported: other modules and tests import them from here
+    HostKeyChanged,
+    HostKeyRevoked,
+    RecordNewHostKeyPolicy,
+    apply_host_key_policy,
+    known_hosts_path,
+    load_known_hosts,
+)
+from tasks.hostkeys import fingerprint as _fingerprint
 from tasks.lib.inventory import HostSpec, Inventory
+from tasks.lib.nodefs import registry_for_uid, safe_dirs_command
 from tasks.lib.quoting import sh_quote
 from tasks.lib.settings import ClusterSettings
 
@@ -59,6 +67,20 @@ class Node:
     def __init__(self, index: int, spec: HostSpec):
         self.index = index
         self.spec = spec
+        self._uid: int | None = None
+
+    def uid(self) -> int:
+        """Our uid on this host (asked once): where our per-user run registry is."""
+        if self._uid is None:
+            text = self.run("id -u", timeout=30).stdout.strip()
+            if not text.isdigit():
+                raise NodeError(f"`id -u` printed {text[:80]!r}, not a uid")
+            self._uid = int(text)
+        return self._uid
+
+    def registry(self, registry_dir: str | None) -> str:
+        """This host's run registry: cluster.registry_dir, or our per-user default there."""
+        return registry_dir or registry_for_uid(None, self.uid())
 
     @property
     def label(self) -> str:
@@ -71,17 +93,26 @@ class Node:
     def run(self, command: str, *, warn: bool = False, timeout: float | None = None, **kwargs) -> Result:
         raise NotImplementedError
 
-    def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o644,
+    def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o600,
                   dirs: Iterable[str] = ()) -> None:
-        """Write each remote path with its content, creating parent directories.
+        """Write each remote path with its content (mode: only us, by default).
 
-        `dirs` are created too (in the same round trip). Each file is written beside its target
-        and renamed over it: on a shared filesystem every
-        node writes the same paths at once, and a reader never sees a half-written file.
+        Parent directories and `dirs` are created 0700 and checked beyond other users' reach in
+        one round trip first (tasks/lib/nodefs.py: a directory someone else can change is
+        refused, never written into). Each file is written beside its target and renamed over
+        it: on a shared filesystem every node writes the same paths at once, and a reader never
+        sees a half-written file.
         """
         raise NotImplementedError
 
-    def get_file(self, remote_path: str, local_path: Path) -> None:
+    def prepare_dirs(self, files: Mapping[str, str | bytes], dirs: Iterable[str]) -> None:
+        parents = sorted(({posixpath.dirname(path) for path in files} | set(dirs)) - {""})
+        if parents:
+            self.run(safe_dirs_command(parents, private=True))
+
+    def get_file(self, remote_path: str, into: BinaryIO) -> None:
+        """Copy the file at `remote_path` into the open binary handle `into`. Where the copy
+        lands is the caller's (tasks.lib.localfs.write_beneath): a path is never opened here."""
         raise NotImplementedError
 
     def run_with_input(self, command: str, data: bytes, *, warn: bool = False,
@@ -113,22 +144,21 @@ class LocalNode(Node):
         kwargs.setdefault("in_stream", False)
         return self._context.run(command, warn=warn, timeout=timeout, **kwargs)
 
-    def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o644,
+    def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o600,
                   dirs: Iterable[str] = ()) -> None:
-        for directory in dirs:
-            Path(directory).mkdir(parents=True, exist_ok=True)
+        self.prepare_dirs(files, dirs)
         for path, content in files.items():
             target = Path(path)
-            target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(_partial_name(target.name))
             partial.write_bytes(content.encode() if isinstance(content, str) else content)
             partial.chmod(mode)
             partial.replace(target)
 
-    def get_file(self, remote_path: str, local_path: Path) -> None:
-        local_path.parent.mkdir(parents=True, exist_ok=True)
-        if Path(remote_path).resolve() != local_path.resolve():
-            shutil.copyfile(remote_path, local_path)
+    def get_file(self, remote_path: str, into: BinaryIO) -> None:
+        # O_NOFOLLOW: a symlink swapped in after the listing is not read through.
+        fd = os.open(remote_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as source:
+            shutil.copyfileobj(source, into)
 
     def run_with_input(self, command: str, data: bytes, *, warn: bool = False,
                        timeout: float | None = UPLOAD_TIMEOUT_S) -> Result:
@@ -174,12 +204,10 @@ class SshNode(Node):
         self.transport()
         return self.connection.run(command, warn=warn, timeout=timeout, **kwargs)
 
-    def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o644,
+    def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o600,
                   dirs: Iterable[str] = ()) -> None:
-        # Connection.put neither creates directories nor expands "~": make them in one round trip.
-        parents = sorted(({os.path.dirname(path) for path in files} | set(dirs)) - {""})
-        if parents:
-            self.run("mkdir -p -- " + " ".join(sh_quote(p) for p in parents))
+        # Connection.put neither creates directories nor expands "~": one round trip first.
+        self.prepare_dirs(files, dirs)
         sftp = self.sftp()
         for path, content in files.items():
             data = content.encode() if isinstance(content, str) else content
@@ -188,10 +216,8 @@ class SshNode(Node):
             sftp.chmod(partial, mode)
             sftp.posix_rename(partial, path)
 
-    def get_file(self, remote_path: str, local_path: Path) -> None:
-        local_path.parent.mkdir(parents=True, exist_ok=True)
-        self.sftp()  # Connection.get uses this client: its channel now has the stall timeout
-        self.connection.get(remote_path, str(local_path))
+    def get_file(self, remote_path: str, into: BinaryIO) -> None:
+        self.sftp().getfo(remote_path, into)
 
     def run_with_input(self, command: str, data: bytes, *, warn: bool = False,
                        timeout: float | None = UPLOAD_TIMEOUT_S) -> Result:
@@ -232,38 +258,11 @@ class SshNode(Node):
             hop.close()
 
 
-# -- host keys ------------------------------------------------------------------------------------
-
-_known_hosts_lock = threading.Lock()
-
-
-class RecordNewHostKeyPolicy(paramiko.MissingHostKeyPolicy):
-    """OpenSSH's StrictHostKeyChecking=accept-new: record unknown keys, refuse changed ones.
-
-    Changed keys never reach a policy (paramiko raises BadHostKeyException first), so this only
-    appends. Appending, rather than paramiko's save_host_keys, keeps the user's file as it was
-    (comments, hashed names) and is safe with many threads.
-    """
-
-    def __init__(self, known_hosts: Path):
-        self.known_hosts = known_hosts
-
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        with _known_hosts_lock:
-            self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
-            with self.known_hosts.open("a") as handle:
-                handle.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
-            client.get_host_keys().add(hostname, key.get_name(), key)
+# -- helpers (host keys are checked in tasks/hostkeys.py) -----------------------------------------
 
 
 def _partial_name(name: str) -> str:
     return f".{name}.part-{uuid.uuid4().hex[:12]}"
-
-
-def _fingerprint(key: paramiko.PKey) -> str:
-    """OpenSSH's fingerprint format (what `ssh-keygen -lf` prints), to compare by eye."""
-    digest = hashlib.sha256(key.asbytes()).digest()
-    return base64.b64encode(digest).decode().rstrip("=")
 
 
 def _drain(channel: paramiko.Channel, into: bytearray) -> None:
@@ -300,20 +299,6 @@ def _finish(command: str, output: bytes, status: int, warn: bool) -> Result:
     return result
 
 
-def apply_host_key_policy(client: paramiko.SSHClient, policy: str, known_hosts: Path) -> None:
-    """Replace Fabric's accept-everything default with the configured policy."""
-    if policy == "auto-add":
-        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-        return
-    if known_hosts.exists():
-        # HostKeys.load, not client.load_host_keys: the latter makes paramiko rewrite the file.
-        client.get_host_keys().load(str(known_hosts))
-    if policy == "reject":
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    else:
-        client.set_missing_host_key_policy(RecordNewHostKeyPolicy(known_hosts))
-
-
 def _known_hosts_name(connection: Connection) -> str:
     host, port = connection.host, connection.port
     return host if port == 22 else f"[{host}]:{port}"
@@ -333,10 +318,6 @@ def connection_chain(connection: Connection) -> list[Connection]:
     return chain
 
 
-def known_hosts_path(cluster: ClusterSettings) -> Path:
-    return Path(os.path.expanduser(cluster.known_hosts))
-
-
 # -- opening and fanning out ----------------------------------------------------------------------
 
 def open_nodes(config: Config, inventory: Inventory, cluster: ClusterSettings) -> list[Node]:
@@ -344,13 +325,15 @@ def open_nodes(config: Config, inventory: Inventory, cluster: ClusterSettings) -
     if inventory.is_local:
         return [LocalNode(0, inventory.master, config)]
     known_hosts = known_hosts_path(cluster)
+    # Read once for all clients: a key one of them records, the others find.
+    known = None if cluster.host_key_policy == "auto-add" else load_known_hosts(known_hosts)
     nodes: list[Node] = []
     for index, spec in enumerate(inventory.hosts):
         connection = Connection(spec.host, user=spec.user, port=spec.port, config=config)
         # Fabric gives every ProxyJump hop a client of its own that accepts any key: a spoofed
         # jump host would see the traffic of every node behind it.
         for hop in connection_chain(connection):
-            apply_host_key_policy(hop.client, cluster.host_key_policy, known_hosts)
+            apply_host_key_policy(hop.client, cluster.host_key_policy, known_hosts, known)
         nodes.append(SshNode(index, spec, connection, known_hosts))
     return nodes
 
@@ -434,9 +417,18 @@ def describe_error(error: BaseException, node: Node | None = None) -> str:
         return str(error)
     known_hosts = getattr(node, "known_hosts", None)
     file_text = str(known_hosts) if known_hosts else "<known_hosts>"
+    if isinstance(error, HostKeyRevoked):
+        hop = _hop_named(node, error.hostname)
+        name = _known_hosts_name(hop) if hop else error.hostname
+        return (f"host key REVOKED for {_hop_role(node, hop)}{name}: it offered "
+                f"{error.key.get_name()} SHA256:{_fingerprint(error.key)}, marked @revoked at "
+                f"{error.line.where}; not connecting: the host needs a new host key (ask its "
+                f"admin), then add that key to {file_text}")
     if isinstance(error, paramiko.BadHostKeyException):
         hop = _hop_named(node, error.hostname)
         name = _known_hosts_name(hop) if hop else error.hostname
+        if isinstance(error, HostKeyChanged) and error.line.lineno:
+            file_text = error.line.source  # the other key may be in the global file
         return (f"host key CHANGED for {_hop_role(node, hop)}{name} (offered "
                 f"{error.key.get_name()} SHA256:{_fingerprint(error.key)}, {file_text} has "
                 f"another); if the host was reinstalled, remove the old key with: ssh-keygen -R "

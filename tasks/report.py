@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tasks.lib import report as rep
+from tasks.lib.console import make_console
 from tasks.session import EXIT_USAGE, cli_path
 
 
@@ -39,12 +40,19 @@ def write_report(path: Path, out_dir: Path | None = None, plots: bool = True) ->
         from tasks.lib import plots as figures_lib  # matplotlib only when a report is drawn
 
         figures += figures_lib.write_sweep_figures(rows, out_dir)
-        panels = [(row.label + ("" if row.status == rep.COMPLETED else f" ({row.status})"),
-                   rep.per_rank_step_times(runs[row.run_dir]))
-                  for row in rows if row.run_dir in runs]
+        panels, notes = [], {}
+        for row in rows:
+            if row.run_dir not in runs:
+                continue
+            name = row.label + ("" if row.status == rep.COMPLETED else f" ({row.status})")
+            panels.append((name, rep.per_rank_step_times(runs[row.run_dir])))
+            if row.slowest_by == "caused_wait":
+                notes[name] = (f"slowest: rank {row.slowest_rank} (others waited "
+                               f"{row.caused_wait_ms_median or 0:.3g} ms/step for it)")
         title = (f"Per-rank iteration time: {single_run.run_dir.name}" if single_run is not None
                  else "Per-rank iteration time per point (stragglers)")
-        figure = figures_lib.plot_per_rank_step_time(panels, title, out_dir / figures_lib.PER_RANK_STEPS)
+        figure = figures_lib.plot_per_rank_step_time(panels, title, out_dir / figures_lib.PER_RANK_STEPS,
+                                                     notes)
         if figure is not None:
             figures.append(figure)
     csv_path = out_dir / rep.RESULTS_CSV
@@ -66,7 +74,7 @@ def results_table(result: ReportResult) -> Table:
         table.add_column(header, justify="left" if header == "status" else "right", no_wrap=True)
     for row in result.rows:
         style = "bold green" if row is result.best else ("red" if row.status != rep.COMPLETED else None)
-        ch, th, nodes, ranks, *rest = rep.table_cells(row)
+        ch, th, nodes, ranks, *rest = rep.table_cells(row, rep.TERMINAL_MD_COLUMNS)
         table.add_row(ch, th, f"{nodes}/{ranks}", *rest, style=style)
     return table
 
@@ -76,6 +84,13 @@ def print_report(console: Console, result: ReportResult) -> None:
     for row in result.rows:
         if row.problems:
             console.print(f"[yellow]{row.label}[/]: " + "; ".join(row.problems), highlight=False)
+        if row.slowest_by == "caused_wait" and (row.world_size or 0) > 1:
+            console.print(f"{row.label}: slowest rank {row.slowest_rank} ({row.slowest_host}): the "
+                          f"others waited {row.caused_wait_ms_median or 0:.3g} ms per step for it",
+                          highlight=False)
+        if row.clock_flag:
+            console.print(f"[yellow]{row.label}[/]: clocks differed from the calibration "
+                          f"({(row.clock_drift or 0) * 100:+.1f} % SM clock)", highlight=False)
     if result.best is not None:
         console.print(f"best point: [bold]{result.best.label}[/] "
                       f"(median iteration {result.best.iter_ms_median:.2f} ms, run {result.best.run_id})")
@@ -100,7 +115,7 @@ def report(c, path, out=None, no_plots=False):
     except OSError as err:
         raise Exit(f"report: cannot write into {out or target}: {err.strerror or err}; "
                    "choose another directory with --out", code=1) from None
-    print_report(Console(), result)
+    print_report(make_console(), result)
 
 
 ns = Collection(report)

@@ -21,6 +21,7 @@ from invoke.exceptions import Exit, UnexpectedExit
 from rich.console import Console
 from rich.table import Table
 
+from tasks.lib.console import make_console
 from tasks.lib.registry import (
     EXIT_NO_SUCH_RUN,
     KILL_CONFIRM_POLLS,
@@ -70,14 +71,16 @@ def active_runs(session: ClusterSession) -> dict[Node, list[NodeRunRecord]]:
 
 
 def stop_run(session: ClusterSession, run_id: str | None, grace: float,
-             kill: bool = False) -> NodeResults[list[StopOutcome]]:
+             kill: bool = False, all_users: bool = False) -> NodeResults[list[StopOutcome]]:
     """Stop a run (None: every active run of ours) on every host at once.
 
     kill=False: SIGTERM through each launcher, `grace` seconds, then SIGKILL. kill=True: SIGKILL
-    at once, inside containers too. A host where processes survived SIGKILL, or that could not be
+    at once, inside containers too. all_users: every user's runs (root on the nodes only; the
+    nodes refuse it otherwise). A host where processes survived SIGKILL, or that could not be
     reached, is in `.failed`; the caller decides whether that is fatal.
     """
-    command = stop_command(session.settings.cluster.registry_dir, run_id, grace, kill)
+    command = stop_command(session.settings.cluster.registry_dir, run_id, grace, kill,
+                           all_users=all_users)
     timeout = grace + STOP_MARGIN_S
     return on_each(session.nodes, lambda node: parse_stop_output(
         node.run(command, timeout=timeout).stdout))
@@ -242,14 +245,15 @@ def _grace_arg(grace: str | float | None, default: float) -> float:
 
 
 def _print_stop_results(console: Console, results: NodeResults[list[StopOutcome]],
-                        verb: str) -> None:
+                        verb: str, show_user: bool = False) -> None:
     for node in sorted(results.ok, key=lambda n: n.index):
         outcomes = results.ok[node]
         if not outcomes:
             console.out(f"node {node.index} ({node.label}): nothing to stop", highlight=False)
         for outcome in outcomes:
             code = "-" if outcome.exit_code is None else outcome.exit_code
-            console.out(f"node {node.index} ({node.label}): run {outcome.run_id} node "
+            whose = f" of user {outcome.user}" if show_user and outcome.user else ""
+            console.out(f"node {node.index} ({node.label}): run {outcome.run_id}{whose} node "
                         f"{outcome.node_rank} {verb}: {outcome.state}, exit code {code}",
                         highlight=False)
 
@@ -270,7 +274,7 @@ def status(c, run=None, recent=DEFAULT_RECENT, hosts=None):
         recent = int(recent)
     except ValueError:
         raise Exit(f"--recent: {recent!r} is not a number", code=EXIT_USAGE) from None
-    console = Console()
+    console = make_console()
     with ClusterSession(c, hosts) as session:
         results = node_statuses(session, run_id, recent)
         table = Table(title="runs (from the nodes' registries)")
@@ -340,7 +344,7 @@ def stop(c, run=None, grace=None, hosts=None):
     """Stop a run gracefully: SIGTERM to torchrun (ranks finish their step and write their
     summary), wait up to --grace seconds, then SIGKILL what is left, in containers too."""
     run_id = _run_id_arg(run)
-    console = Console()
+    console = make_console()
     with ClusterSession(c, hosts) as session:
         grace_s = _grace_arg(grace, session.settings.launch.stop_grace)
         started = time.monotonic()
@@ -350,15 +354,20 @@ def stop(c, run=None, grace=None, hosts=None):
         results.raise_if_failed("stop")
 
 
-@task(help={"hosts": HOSTS_HELP})
-def emergency_stop(c, hosts=None):
-    """SIGKILL every process of every active run of ours on every host at once, inside containers
-    too. Only processes marked as our runs' are touched, never others by their name."""
-    console = Console()
+@task(help={
+    "hosts": HOSTS_HELP,
+    "all-users": "also kill other users' runs (needs root on the nodes; default: only yours, "
+                 "even as root)",
+})
+def emergency_stop(c, hosts=None, all_users=False):
+    """SIGKILL every process of every active run of yours on every host at once, inside
+    containers too. Only processes marked as your runs' and owned by you are touched, never
+    others by their name; root too kills only its own unless --all-users."""
+    console = make_console()
     with ClusterSession(c, hosts) as session:
         started = time.monotonic()
-        results = stop_run(session, None, 0.0, kill=True)
-        _print_stop_results(console, results, "killed")
+        results = stop_run(session, None, 0.0, kill=True, all_users=all_users)
+        _print_stop_results(console, results, "killed", show_user=all_users)
         console.out(f"emergency stop took {time.monotonic() - started:.1f} s", highlight=False)
         results.raise_if_failed("emergency stop")
 

@@ -2,7 +2,13 @@
 from __future__ import annotations
 
 import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from fabric import Connection
 from invoke import Context
@@ -17,6 +23,7 @@ from tasks.nodes import Node, close_all, open_nodes
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 EXIT_USAGE = 2  # bad flags or config: nothing was touched
+RESOLVE_TIMEOUT_S = 2.0  # for all the inventory's names together (/etc/hosts answers at once)
 HOSTS_HELP = "comma-separated hosts to use instead of the configured inventory (master first)"
 
 
@@ -38,17 +45,75 @@ def load_settings(c: Context) -> Settings:
         raise Exit(f"config error: {err}", code=EXIT_USAGE) from None
 
 
-def load_inventory(settings: Settings, hosts: list[str] | None = None) -> Inventory:
-    """Hosts from a flag (comma-separated) win over the config's resolution order."""
+def load_inventory(settings: Settings, hosts: list[str] | None = None,
+                   config: Any = None) -> Inventory:
+    """Hosts from a flag (comma-separated) win over the config's resolution order.
+
+    config: the Fabric config, for the port a host without one gets (as Connection decides it);
+    without it, 22.
+    """
+    same_node = {"default_port": ssh_port_for(config), "resolve": resolve_names}
     try:
         if hosts:
             entries = [h for item in hosts for h in item.split(",") if h.strip()]
-            return resolve_inventory(entries, None, {}) if entries else _empty_flag()
+            return resolve_inventory(entries, None, {}, **same_node) if entries else _empty_flag()
         return resolve_inventory(
-            settings.cluster.hosts, project_path(settings.cluster.hosts_file), os.environ
+            settings.cluster.hosts, project_path(settings.cluster.hosts_file), os.environ,
+            **same_node,
         )
     except InventoryError as err:
         raise Exit(f"inventory error: {err}", code=EXIT_USAGE) from None
+
+
+def ssh_port_for(config: Any) -> Callable[[str], int]:
+    """The port Fabric's Connection uses for a host named without one: ~/.ssh/config's Port for
+    it, else the config's `port` (22)."""
+    base = (config.get("port") if config is not None else None) or 22
+    ssh_config = getattr(config, "base_ssh_config", None) if config is not None else None
+
+    def port(host: str) -> int:
+        try:
+            value = ssh_config.lookup(host).get("port") if ssh_config is not None else None
+            return int(value) if value is not None else int(base)
+        except Exception:  # noqa: BLE001 - a broken ~/.ssh/config is Connection's to report
+            return int(base)
+    return port
+
+
+def resolve_names(names: Sequence[str],
+                  timeout: float = RESOLVE_TIMEOUT_S) -> dict[str, frozenset[str]]:
+    """Each name's addresses as this machine resolves them, so that a name and its address count
+    as one node. Names that do not resolve within `timeout` (all together) are left out: the
+    probe reports an unreachable host later, and a slow DNS must not stall every task."""
+    found: dict[str, frozenset[str]] = {}
+    lock = threading.Lock()
+    pending: queue.SimpleQueue[str] = queue.SimpleQueue()
+    for name in names:
+        pending.put(name)
+
+    def work() -> None:
+        while True:
+            try:
+                name = pending.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError):
+                continue
+            with lock:
+                found[name] = frozenset(str(info[4][0]) for info in infos)
+
+    # Daemon threads: a lookup stuck past the deadline must not keep fab from exiting.
+    workers = [threading.Thread(target=work, daemon=True, name="resolve")
+               for _ in range(min(16, len(names)))]
+    for worker in workers:
+        worker.start()
+    deadline = time.monotonic() + timeout
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+    with lock:
+        return dict(found)
 
 
 def _empty_flag() -> Inventory:
@@ -68,7 +133,7 @@ class ClusterSession:
         self.settings = load_settings(c)
         if isinstance(hosts, str):
             hosts = [hosts] if hosts else None
-        self.inventory = load_inventory(self.settings, hosts)
+        self.inventory = load_inventory(self.settings, hosts, c.config)
         self.nodes: list[Node] = open_nodes(c.config, self.inventory, self.settings.cluster)
 
     @property

@@ -27,6 +27,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tasks.lib import report as rep
 from tasks.lib import sweep as sw
+from tasks.lib.console import make_console
+from tasks.lib.masking import DEFAULT_SECRET_ENV_PATTERNS, mask_assignments
 from tasks.lib.runrecord import now_iso, write_json_atomic
 from tasks.lib.runspec import LaunchFlags
 from tasks.launch import (
@@ -39,7 +41,7 @@ from tasks.launch import (
 )
 from tasks.launch import launch as launch_task
 from tasks.nodes import describe_error, on_each
-from tasks.session import EXIT_USAGE, ClusterSession, cli_path, project_path
+from tasks.session import EXIT_USAGE, ClusterSession, cli_path, load_settings, project_path
 
 EXIT_FAILED = 1
 EXIT_BUSY = 3            # tasks.launch: another run is active on a host
@@ -69,6 +71,12 @@ def launch_flags_record(**flags: Any) -> dict[str, Any]:
     for key in ("override", "env", "hosts", "point_override"):
         record[key] = list(record.get(key) or [])
     return record
+
+
+def masked_launch_flags(record: Mapping[str, Any], secret_patterns: Sequence[str]) -> dict[str, Any]:
+    """The record as sweep.json keeps it: --env values of secret-looking variables as ***
+    (a resume asks for them again)."""
+    return {**record, "env": mask_assignments(record.get("env") or [], secret_patterns)}
 
 
 def _flag_defaults() -> dict[str, Any]:
@@ -120,7 +128,7 @@ def create_sweep_dir(experiments_dir: Path, when: datetime) -> Path:
     while True:
         name = sw.unique_name(base, lambda n: (experiments_dir / n).exists())
         try:
-            (experiments_dir / name).mkdir()
+            (experiments_dir / name).mkdir(mode=0o700)  # sweep.json is the user's alone
             return experiments_dir / name
         except FileExistsError:
             continue  # another sweep took it between the check and the mkdir
@@ -406,7 +414,7 @@ SWEEP_ONLY_HELP = {
     "channels": "channel values, comma-separated or repeated: --channels 28,42,56,70",
     "threads": "thread values, comma-separated or repeated: --threads 256,512",
     "resume": "sweep directory to finish: skips points whose run completed (grid and launch flags "
-              "come from its sweep.json)",
+              "come from its sweep.json; --env values it records as *** must be given again)",
     "fail_fast": "stop the sweep at the first point that does not complete (resumable)",
     "point_timeout": "seconds one point may take before it is stopped and recorded as hung "
                      "(default: no limit beyond the launch's own watchdog)",
@@ -438,9 +446,11 @@ class SweepPlan:
     sweep_dir: Path | None = None
 
 
-def plan_sweep(given: dict[str, Any], channels: Any, threads: Any, resume: str | None) -> SweepPlan:
+def plan_sweep(given: dict[str, Any], channels: Any, threads: Any, resume: str | None,
+               secret_patterns: Sequence[str] = DEFAULT_SECRET_ENV_PATTERNS) -> SweepPlan:
     """The grid and flags of a new sweep, or those recorded in the resumed one's sweep.json (with
-    the operational flags given now); SweepError for anything that does not fit."""
+    the operational flags given now, and the secret --env values it masked given again);
+    SweepError for anything that does not fit."""
     channel_values = sw.parse_grid_values(channels, "--channels")
     thread_values = sw.parse_grid_values(threads, "--threads")
     if not resume:
@@ -451,9 +461,12 @@ def plan_sweep(given: dict[str, Any], channels: Any, threads: Any, resume: str |
     document = load_sweep(sweep_dir)
     sw.check_resume_grid(document, channel_values, thread_values)
     recorded = document["launch_flags"]
-    sw.check_resume_flags(recorded, {k: v for k, v in given.items() if v != FLAG_DEFAULTS.get(k)},
+    env = sw.restore_masked_env(recorded.get("env") or [], given.get("env") or [], secret_patterns)
+    sw.check_resume_flags(recorded, {k: v for k, v in given.items()
+                                     if k != "env" and v != FLAG_DEFAULTS.get(k)},
                           may_change=OPERATIONAL_FLAGS)
-    flags_record = {**recorded, **{k: given[k] for k in OPERATIONAL_FLAGS if given.get(k)}}
+    flags_record = {**recorded, **{k: given[k] for k in OPERATIONAL_FLAGS if given.get(k)},
+                    "env": env}
     if not given.get("force"):
         flags_record["force"] = False  # --force is for this invocation, not remembered
     points = [sw.GridPoint(p["channels"], p["threads"]) for p in document["points"]]
@@ -488,7 +501,7 @@ def sweep(c, channels=None, threads=None, resume=None, fail_fast=False, point_ti
     fab sweep --channels 28,42,56,70 --threads 256,512 [launch flags]
     fab sweep --resume experiments/sweep_<ts>
     """
-    console = Console(highlight=False, soft_wrap=True)
+    console = make_console(soft_wrap=True)
     if docker and no_docker:
         raise Exit("sweep: --docker and --no-docker contradict each other; give one", code=EXIT_USAGE)
     limit = parse_point_timeout(point_timeout)
@@ -498,8 +511,9 @@ def sweep(c, channels=None, threads=None, resume=None, fail_fast=False, point_ti
         override=override, env=env, docker=True if docker else (False if no_docker else None),
         force=force, pin_channels=pin_channels, hang_timeout=hang_timeout, hosts=hosts,
         point_override=point_override)
+    secrets = load_settings(c).launch.secret_env_patterns
     try:
-        plan = plan_sweep(given, channels, threads, resume)
+        plan = plan_sweep(given, channels, threads, resume, secrets)
     except sw.SweepError as err:
         raise Exit(f"sweep: {err}", code=EXIT_USAGE) from None
     flags_record, points, extra = plan.flags_record, plan.points, plan.extra_overrides
@@ -514,8 +528,9 @@ def sweep(c, channels=None, threads=None, resume=None, fail_fast=False, point_ti
             sweep_dir = create_sweep_dir(project_path(session.settings.cluster.experiments_dir), datetime.now())
             document = sw.new_sweep(
                 sweep_id=sweep_dir.name, channels=plan.channels, threads=plan.threads,
-                launch_flags=flags_record, hosts=[n.label for n in session.nodes],
-                fail_fast=fail_fast, controller=controller_info(), created_at=now_iso())
+                launch_flags=masked_launch_flags(flags_record, secrets),
+                hosts=[n.label for n in session.nodes], fail_fast=fail_fast,
+                controller=controller_info(secrets), created_at=now_iso())
             document["point_timeout"] = limit
             for point in document["points"]:
                 point["overrides"] = extra[points[point["index"]]]

@@ -3,6 +3,9 @@
 - cluster3: session-wide, 3 nodes, separate /srv per node, interfaces eth0/ens5/eth1, no docker.
 - cluster_docker: session-wide, 2 nodes, each with its own dockerd and the gemm-sim image;
   `image` is that image's tag.
+- cluster_slurm: session-wide, 2 nodes sharing one /srv, with a real Slurm (slurmctld on the
+  controller's side, a slurmd per node; docs/SLURM.md). Client tools need `cluster_slurm.slurm_env`
+  (SLURM_CONF) or `cluster_slurm.slurm_run([...])`. Opt-in: only tests asking for it start it.
 - sim_cluster: a factory for one test: `c = sim_cluster(nodes=2, shared_fs=True)`; torn down
   when the test ends.
 - make_sim_cluster(**kw): context manager for anything else (tests.simcluster.testing).
@@ -34,9 +37,9 @@ __all__ = ["make_sim_cluster"]
 _stale_reaped = False
 
 
-def _prepare(docker: bool = False) -> None:
+def _prepare(docker: bool = False, slurm: bool = False) -> None:
     global _stale_reaped
-    require_cluster(docker=docker)
+    require_cluster(docker=docker, slurm=slurm)
     if not _stale_reaped:
         _stale_reaped = True
         reap_stale_clusters()
@@ -56,6 +59,13 @@ def cluster_docker() -> Iterator[SimCluster]:
         yield cluster
 
 
+@pytest.fixture(scope="session")
+def cluster_slurm() -> Iterator[SimCluster]:
+    _prepare(slurm=True)
+    with make_sim_cluster(prefix="cs", nodes=2, shared_fs=True, slurm=True) as cluster:
+        yield cluster
+
+
 @pytest.fixture
 def image(cluster_docker: SimCluster) -> str:
     """The image on cluster_docker's nodes (one docker-up can start with `init: true`)."""
@@ -68,7 +78,7 @@ def sim_cluster() -> Iterator[Callable[..., SimCluster]]:
     made: list[SimCluster] = []
 
     def factory(**kwargs) -> SimCluster:
-        _prepare(docker=kwargs.get("docker", False))
+        _prepare(docker=kwargs.get("docker", False), slurm=kwargs.get("slurm", False))
         cluster = SimCluster(name=kwargs.pop("name", None) or unique_name("f"), **kwargs)
         made.append(cluster)
         return cluster.up()

@@ -26,6 +26,7 @@ Dtype = Literal["bf16", "fp16", "fp32"]
 Collective = Literal["all_reduce", "reduce_scatter", "all_gather"]
 Backend = Literal["auto", "nccl", "gloo"]
 TimingGranularity = Literal["gemm", "phase", "step"]
+StreamPriority = Literal["high", "default"]
 
 
 class ConfigError(Exception):
@@ -63,13 +64,24 @@ class CommConfig:
     collective: Collective = "all_reduce"
     bucket_mb: float = field(default=128.0, metadata=_gt(0))
     overlap: bool = True
+    # high: the comm stream (and NCCL's own stream) get the device's highest priority, so a
+    # collective kernel is scheduled ahead of queued GEMM blocks; default: priority 0, like
+    # the compute stream. No effect on CPU (gloo runs in a worker thread).
+    stream_priority: StreamPriority = "high"
 
 
 @dataclass
 class CalibrationConfig:
     warmup_steps: int = field(default=2, metadata=_min(0))
+    # The first block, before the measured steps.
     compute_steps: int = field(default=5, metadata=_min(0))
     comm_steps: int = field(default=5, metadata=_min(0))
+    # Every interval_steps measured steps another block of interval_compute_steps GEMM-only
+    # and interval_comm_steps comm-only steps runs (0: calibrate once, before the loop), so the
+    # baselines follow the clocks and power state of the run.
+    interval_steps: int = field(default=0, metadata=_min(0))
+    interval_compute_steps: int = field(default=1, metadata=_min(0))
+    interval_comm_steps: int = field(default=1, metadata=_min(0))
 
 
 @dataclass
@@ -85,6 +97,17 @@ class ProfilingConfig:
     warmup: int = field(default=1, metadata=_min(0))
     active: int = field(default=2, metadata=_min(1))
     repeat: int = field(default=1, metadata=_min(0))
+    # Extra train steps after the measured ones, each under torch.profiler on GPU, to read
+    # how long a collective kernel waited to start (launch_delay_ms). 0: not measured.
+    launch_delay_steps: int = field(default=3, metadata=_min(0))
+
+
+@dataclass
+class TelemetryConfig:
+    # SM clock, power and temperature per step through NVML (CUDA) or amdsmi (ROCm); null
+    # on CPU. Sampled on the host while the step runs: no device synchronisation.
+    enabled: bool = True
+    sample_every: int = field(default=1, metadata=_min(1))
 
 
 @dataclass
@@ -99,6 +122,14 @@ class DebugConfig:
     # Adds param_checksum (float64 sum of all parameters after the update) to every metrics
     # line, so tests can check that data-parallel ranks stay identical.
     param_checksum: bool = False
+    # A straggler on purpose: rank delay_rank sleeps delay_ms before the backward pass of
+    # every delay_every-th train step (host sleep on CPU, a GPU spin kernel on the compute
+    # stream on GPU), so its gradient buckets reach the collectives late. -1: nobody is
+    # delayed. delay_every 2 delays the even steps only: the odd ones are the same run's
+    # undelayed reference, under the same load.
+    delay_rank: int = field(default=-1, metadata=_min(-1))
+    delay_ms: float = field(default=0.0, metadata=_min(0))
+    delay_every: int = field(default=1, metadata=_min(1))
 
 
 @dataclass
@@ -109,6 +140,7 @@ class TrainConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     # Where the values came from, for messages and the summary's config echo.
@@ -305,6 +337,12 @@ def _check_cross_field(config: TrainConfig, where: Any) -> None:
             f"{where('profiling.active')}: profiling.wait+warmup+active "
             f"({p.wait + p.warmup + p.active}) exceeds training.max_steps "
             f"({config.training.max_steps}); no trace would be written"
+        )
+    d = config.debug
+    if d.delay_ms > 0 and d.delay_rank < 0:
+        raise ConfigError(
+            f"{where('debug.delay_ms')}: debug.delay_ms {d.delay_ms} needs debug.delay_rank "
+            "(the rank to delay, 0..world_size-1)"
         )
 
 

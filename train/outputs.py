@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
 from train.config import ConfigError
 
 SUMMARY_NAME = "summary.json"
+COLLECTIVES_NAME = "collectives.jsonl"  # rank 0, at the end: every collective across ranks
 PROFILER_DIR = "torch_profiler"
 
 
@@ -65,15 +67,30 @@ class MetricsWriter:
             self._file = None
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Writes JSON through a temporary file and a rename: readers never see half a file."""
+def _write_atomic(path: Path, write: Any) -> None:
+    """Writes through a temporary file and a rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    def write(f: TextIO) -> None:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+    _write_atomic(path, write)
+
+
+def write_jsonl_atomic(path: Path, lines: Iterable[Any]) -> None:
+    def write(f: TextIO) -> None:
+        for line in lines:
+            f.write(json.dumps(line, separators=(",", ":")) + "\n")
+
+    _write_atomic(path, write)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from train.config import ConfigError, TrainConfig
+from train.telemetry import DeviceIdentity
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -101,6 +102,13 @@ def plan_runtime(config: TrainConfig) -> RuntimePlan:
     else:
         device = torch.device("cpu")
 
+    delay_rank = config.debug.delay_rank
+    if delay_rank >= world_size:
+        raise ConfigError(
+            f"{source}: debug.delay_rank {delay_rank} is not a rank of this run (world size "
+            f"{world_size}); use 0..{world_size - 1} or -1"
+        )
+
     dtype_name = config.training.dtype
     if device.type == "cuda":
         if dtype_name == "bf16" and not torch.cuda.is_bf16_supported():
@@ -130,7 +138,20 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def init_distributed(plan: RuntimePlan, timeout_s: float) -> None:
+def nccl_options(high_priority: bool, timeout: datetime.timedelta) -> object | None:
+    """ProcessGroupNCCL options asking for high-priority streams: PyTorch may run a collective
+    on NCCL's own stream rather than the caller's, and that stream's priority is set here."""
+    options_cls = getattr(getattr(dist, "ProcessGroupNCCL", None), "Options", None)
+    if options_cls is None:
+        return None
+    options = options_cls()
+    options.is_high_priority_stream = high_priority
+    # The same timeout as the group's, or init_process_group warns that one overrides the other.
+    options._timeout = timeout
+    return options
+
+
+def init_distributed(plan: RuntimePlan, timeout_s: float, high_priority: bool = True) -> None:
     """Starts the default process group (env:// rendezvous, as torchrun sets it up).
 
     Run without torchrun (``python -m train``), this makes a one-rank group on loopback.
@@ -148,7 +169,12 @@ def init_distributed(plan: RuntimePlan, timeout_s: float) -> None:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(plan.device)
     # device_id binds the NCCL communicator to this rank's GPU at init (eager, no guessing).
-    device = {"device_id": plan.device} if plan.backend == "nccl" else {}
+    device: dict[str, object] = {}
+    if plan.backend == "nccl":
+        device["device_id"] = plan.device
+        options = nccl_options(high_priority, timeout)
+        if options is not None:
+            device["pg_options"] = options
     dist.init_process_group(backend=plan.backend, init_method="env://", timeout=timeout,
                             rank=plan.rank, world_size=plan.world_size, **device)
 
@@ -194,6 +220,23 @@ def versions() -> dict[str, str | None]:
         # torch reports RCCL's version through the same call on ROCm builds.
         "nccl" if not getattr(torch.version, "hip", None) else "rccl": nccl,
     }
+
+
+def device_identity(device: torch.device) -> DeviceIdentity | None:
+    """How a management library (NVML, amdsmi) can find this rank's GPU; None on CPU."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    uuid = getattr(props, "uuid", None)
+    bus = None
+    if all(hasattr(props, name) for name in ("pci_domain_id", "pci_bus_id", "pci_device_id")):
+        bus = f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
+    return DeviceIdentity(
+        index=device.index or 0,
+        uuid=str(uuid) if uuid else None,
+        pci_bus_id=bus,
+        is_hip=bool(getattr(torch.version, "hip", None)),
+    )
 
 
 def device_name(device: torch.device) -> str:

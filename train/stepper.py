@@ -7,6 +7,11 @@ every collective (the end event after the collective completes on the comm strea
 step is read back with a single synchronize on its end event. The trainer reads step N after
 it has queued step N+1, so reading the events and writing metrics never leaves the GPU idle.
 
+Each collective also carries the host time it was issued (enqueue), and every step its start
+on the rank's run timeline (ms since the anchor the trainer sets after a start-of-run barrier),
+so the trainer can line up every rank's collectives at the end of the run (train.collectives).
+The per-step stop-flag all-reduce (control) and the all_gather mode's local sum are timed too.
+
 CPU (gloo): a worker thread plays the communication stream: it runs each bucket's collectives
 in order, stamping perf_counter before and after each (completion, not enqueue).
 """
@@ -32,6 +37,10 @@ TRAIN, COMPUTE, COMM = "train", "compute", "comm"
 
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _host_ms(seconds: float) -> float:
+    return seconds * 1e3
 
 
 class CudaClock:
@@ -122,6 +131,18 @@ class CommWorker:
 
 
 @dataclass
+class CommMark:
+    """One collective as issued: its start/end marks, what it moved, when the host issued it."""
+
+    start: Any
+    end: Any
+    name: str
+    size_bytes: int
+    bucket: int
+    enqueue_s: float  # host perf_counter when issued (submitted to the worker, on CPU)
+
+
+@dataclass
 class PendingStep:
     """A step queued on the device whose timestamps are not read yet."""
 
@@ -129,7 +150,9 @@ class PendingStep:
     index: int
     clock: Any
     gemm_marks: list[tuple[Any, Any]] | None = None
-    comm_marks: list[tuple[Any, Any, str, int]] = field(default_factory=list)
+    comm_marks: list[CommMark] = field(default_factory=list)
+    control_mark: CommMark | None = None
+    reduce_marks: list[tuple[Any, Any]] | None = None
     stop_flag: torch.Tensor | None = None
     checksum: torch.Tensor | None = None
 
@@ -141,6 +164,7 @@ class StepResult:
     times: StepTimes
     stop_requested: bool
     checksum: float | None
+    telemetry: dict[str, float | None] | None = None  # filled by the trainer
 
 
 @dataclass(frozen=True)
@@ -163,6 +187,9 @@ class Stepper:
         world_size: int,
         granularity: str,
         checksum: bool,
+        stream_priority: str = "high",
+        delay_ms: float = 0.0,
+        delay_every: int = 1,
     ) -> None:
         self.stack = stack
         self.collective = collective
@@ -190,13 +217,77 @@ class Stepper:
         self._checksums_host = [
             torch.zeros(1, dtype=torch.float64, pin_memory=pin) for _ in range(2)
         ]
+        self.stream_priority = stream_priority
+        self.priority: int | None = None
+        self.priority_range: tuple[int, int] | None = None
+        self._anchor_event: Any = None
+        self._anchor_host: float | None = None
         if self.is_cuda:
             self.compute_stream = torch.cuda.current_stream(device)
-            self.comm_stream = torch.cuda.Stream(device=device)
+            try:
+                least, greatest = torch.cuda.Stream.priority_range()
+            except TypeError:  # bound to an instance in some torch builds
+                least, greatest = self.compute_stream.priority_range()
+            self.priority_range = (int(least), int(greatest))
+            # Lower numbers run first; "high" takes the highest the device offers.
+            wanted = int(greatest) if stream_priority == "high" else 0
+            self.comm_stream = torch.cuda.Stream(device=device, priority=wanted)
+            self.priority = int(self.comm_stream.priority)
             self._ready_events = [torch.cuda.Event() for _ in stack.buckets]
             self.worker: CommWorker | None = None
         else:
             self.worker = CommWorker()
+        self.delay_ms = delay_ms
+        self.delay_every = delay_every
+        self._sleep_cycles_per_ms: float | None = None
+        if delay_ms > 0 and self.is_cuda:
+            self._sleep_cycles_per_ms = self._measure_sleep_rate()
+
+    # ---- run timeline --------------------------------------------------------------------
+    def set_anchor(self) -> None:
+        """Starts the run timeline (call right after a barrier): every later step's start and
+        every collective's enqueue are read as ms since this point, on each rank."""
+        if self.is_cuda:
+            torch.cuda.synchronize(self.stack.device)
+            self._anchor_event = torch.cuda.Event(enable_timing=True)
+            self._anchor_event.record(self.compute_stream)
+            self._anchor_event.synchronize()
+        # Taken once the anchor event has completed: host and device anchors agree within
+        # the synchronize's latency (microseconds).
+        self._anchor_host = time.perf_counter()
+
+    def _start_run_ms(self, clock: Any) -> float | None:
+        if self._anchor_host is None:
+            return None
+        if self.is_cuda:
+            return float(self._anchor_event.elapsed_time(clock.start))
+        return _host_ms(clock.start - self._anchor_host)
+
+    def _enqueue_ms(self, enqueue_s: float, start_run_ms: float | None) -> float | None:
+        if self._anchor_host is None or start_run_ms is None:
+            return None
+        return _host_ms(enqueue_s - self._anchor_host) - start_run_ms
+
+    # ---- the debug delay -----------------------------------------------------------------
+    def _measure_sleep_rate(self) -> float:
+        """Cycles of torch.cuda._sleep per millisecond on this GPU (its clock under a spin)."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cycles = 20_000_000
+        torch.cuda._sleep(cycles // 10)  # wake the clocks
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        return cycles / max(start.elapsed_time(end), 1e-3)
+
+    def _delay(self, index: int) -> None:
+        if self.delay_ms <= 0 or index % self.delay_every:
+            return
+        if self.is_cuda:
+            assert self._sleep_cycles_per_ms is not None
+            torch.cuda._sleep(int(self.delay_ms * self._sleep_cycles_per_ms))
+        else:
+            time.sleep(self.delay_ms / 1e3)
 
     # ---- collectives -------------------------------------------------------------------
     def _build_ops(self) -> tuple[list[list[CollectiveOp]], list[Callable[[], Any] | None]]:
@@ -245,19 +336,35 @@ class Stepper:
             posts.append(post)
         return ops, posts
 
-    def _run_bucket(self, bucket: Bucket, pending: PendingStep) -> None:
-        """Runs a bucket's collectives in the current (comm) context, marking each."""
+    def _run_bucket(
+        self, bucket: Bucket, pending: PendingStep, enqueue_s: float | None = None
+    ) -> None:
+        """Runs a bucket's collectives in the current (comm) context, marking each.
+
+        enqueue_s: when the main thread submitted the bucket (CPU worker); on GPU each
+        collective's own issue time.
+        """
         clock = pending.clock
         for op in self._ops[bucket.index]:
             if self.time_comm:
+                issued = enqueue_s if enqueue_s is not None else time.perf_counter()
                 start = clock.mark()
                 op.run()
-                pending.comm_marks.append((start, clock.mark(), op.name, op.size_bytes))
+                pending.comm_marks.append(
+                    CommMark(start, clock.mark(), op.name, op.size_bytes, bucket.index, issued)
+                )
             else:
                 op.run()
         post = self._post[bucket.index]
         if post is not None:
-            post()
+            if self.time_comm:
+                start = clock.mark()
+                post()
+                if pending.reduce_marks is None:
+                    pending.reduce_marks = []
+                pending.reduce_marks.append((start, clock.mark()))
+            else:
+                post()
 
     def _submit_bucket(self, bucket: Bucket, pending: PendingStep) -> None:
         if self.is_cuda:
@@ -273,7 +380,8 @@ class Stepper:
                 self._run_bucket(bucket, pending)
         else:
             assert self.worker is not None
-            self.worker.submit(lambda: self._run_bucket(bucket, pending))
+            submitted = time.perf_counter()
+            self.worker.submit(lambda: self._run_bucket(bucket, pending, submitted))
 
     def _join_comm(self) -> None:
         if self.is_cuda:
@@ -285,13 +393,21 @@ class Stepper:
     def _submit_stop_flag(self, pending: PendingStep, slot: int, stop: bool) -> None:
         """Queues a one-element MAX all-reduce of the local stop request on the comm stream,
         before this step's buckets: every rank then reads the same decision for this step.
-        On GPU it runs alongside the forward GEMMs and is not timed."""
+        On GPU it runs alongside the forward GEMMs; it is timed as the step's control_ms (and
+        recorded as a collective, so a rank late at the step's start shows as wait)."""
         flag, host = self._flags[slot], self._flags_host[slot]
+        clock = pending.clock
+        issued = time.perf_counter()
 
         def agree() -> None:
+            start = clock.mark() if self.time_comm else None
             flag.fill_(1.0 if stop else 0.0)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             host.copy_(flag, non_blocking=self.is_cuda)
+            if start is not None:
+                pending.control_mark = CommMark(
+                    start, clock.mark(), "control", flag.numel() * flag.element_size(), -1, issued
+                )
 
         if self.is_cuda:
             with torch.cuda.stream(self.comm_stream):
@@ -360,6 +476,7 @@ class Stepper:
             if stop_requested is not None:
                 self._submit_stop_flag(pending, slot, stop_requested)
             self._forward(pending)
+            self._delay(index)
             on_ready = (lambda b: self._submit_bucket(b, pending)) if self.overlap else None
             self.train_steps += 1
             self._backward(pending, on_ready, negate=self.train_steps % 2 == 0)
@@ -384,7 +501,10 @@ class Stepper:
                         self._run_bucket(bucket, pending)
                 else:
                     assert self.worker is not None
-                    self.worker.submit(lambda b=bucket: self._run_bucket(b, pending))
+                    submitted = time.perf_counter()
+                    self.worker.submit(
+                        lambda b=bucket, t=submitted: self._run_bucket(b, pending, t)
+                    )
             self._join_comm()
         else:
             raise ValueError(f"unknown step kind {kind!r}")
@@ -395,18 +515,33 @@ class Stepper:
         """Waits for the step (the one synchronize) and converts its marks to milliseconds."""
         clock = pending.clock
         clock.synchronize()
+        start_run = self._start_run_ms(clock)
         gemm = None
         if pending.gemm_marks is not None:
             gemm = [(clock.ms(s), clock.ms(e)) for s, e in pending.gemm_marks]
-        comm: list[CollectiveTiming] | None = [
-            CollectiveTiming(clock.ms(s), clock.ms(e), name, size)
-            for s, e, name, size in pending.comm_marks
-        ]
+
+        def timing(mark: CommMark) -> CollectiveTiming:
+            return CollectiveTiming(clock.ms(mark.start), clock.ms(mark.end), mark.name,
+                                    mark.size_bytes, mark.bucket,
+                                    self._enqueue_ms(mark.enqueue_s, start_run))
+
+        comm: list[CollectiveTiming] | None = [timing(m) for m in pending.comm_marks]
         if not self.time_comm and pending.kind != COMPUTE:
             comm = None  # collectives ran untimed: unknown, not zero
         if pending.kind == COMM and pending.gemm_marks is None and self.time_comm:
             gemm = []  # communication-only: no GEMMs by construction, comm_ms still wanted
-        times = StepTimes(iter_ms=clock.ms(clock.end), gemm=gemm, comm=comm)
+        reduce_local = None
+        if pending.reduce_marks is not None:
+            reduce_local = [(clock.ms(s), clock.ms(e)) for s, e in pending.reduce_marks]
+        times = StepTimes(
+            iter_ms=clock.ms(clock.end),
+            gemm=gemm,
+            comm=comm,
+            control=timing(pending.control_mark) if pending.control_mark else None,
+            reduce_local=reduce_local,
+            per_gemm=self.time_gemms,
+            start_run_ms=start_run,
+        )
         stop = bool(pending.stop_flag[0].item() > 0) if pending.stop_flag is not None else False
         checksum = float(pending.checksum[0].item()) if pending.checksum is not None else None
         return StepResult(pending.kind, pending.index, times, stop, checksum)

@@ -1,10 +1,20 @@
-"""The trainer: process group, calibration, measured loop, outputs, signals (imports torch)."""
+"""The trainer: process group, calibration, measured loop, outputs, signals (imports torch).
+
+Timeline of a run: warm-up train steps; a start-of-run barrier and the run-timeline anchor;
+calibration block 0 (GEMM-only, then comm-only steps); the measured train steps, with another
+calibration block every ``calibration.interval_steps`` of them; on GPU a few extra train steps
+under torch.profiler for the collectives' launch delay; then one gather of every rank's report
+to rank 0, which analyses the collectives across ranks and writes summary.json and
+collectives.jsonl.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
+import tempfile
 import time
 import traceback
 from collections import deque
@@ -16,13 +26,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from train.collectives import COMM_PHASE, TRAIN_PHASE, OpRecord, pack, timeline_lines
 from train.config import TrainConfig
-from train.metrics import AGGREGATED, aggregate_ranks, collect_env, median, step_metrics
+from train.launchdelay import launch_delays
+from train.metrics import AGGREGATED, TELEMETRY_FIELDS, Baseline, collect_env, median, step_metrics
 from train.model import GemmStack
-from train.outputs import PROFILER_DIR, SUMMARY_NAME, MetricsWriter, write_json_atomic
+from train.outputs import (
+    COLLECTIVES_NAME,
+    PROFILER_DIR,
+    SUMMARY_NAME,
+    MetricsWriter,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 from train.runtime import (
     RuntimePlan,
     blocking_wait_warning,
+    device_identity,
     device_name,
     init_distributed,
     shutdown_distributed,
@@ -30,6 +50,8 @@ from train.runtime import (
 )
 from train.signals import StopSignals
 from train.stepper import COMM, COMPUTE, TRAIN, Stepper, StepResult
+from train.summary import aggregate, cross_rank_analysis
+from train.telemetry import Telemetry, open_telemetry, unavailable
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -56,10 +78,19 @@ class Trainer:
         self.writer: MetricsWriter | None = None
         self.step_records: list[dict[str, Any]] = []
         self.calibration: dict[str, list[dict[str, Any]]] = {COMPUTE: [], COMM: []}
+        self.baseline: Baseline | None = None
         self.solo_compute_ms: float | None = None
-        self.solo_comm_ms: float | None = None
+        self.block = -1  # calibration blocks run so far, minus one
+        self.measured_done = 0
+        self.comm_index = 0  # comm-only calibration steps run, over every block
+        self.op_records: list[OpRecord] = []
+        self.step_intervals: dict[int, tuple[float | None, list[tuple[float, float]] | None]] = {}
+        self.launch_delay: dict[str, Any] = {"samples": [], "reason": "not measured"}
+        self.telemetry: Telemetry = unavailable("not opened")
+        self._samples_taken = 0
         self.started_at = _now_iso()
         self.measured_wall_s: float | None = None
+        self.calibration_wall_s = 0.0
         self.status = "failed"
         self.error: str | None = None
 
@@ -70,13 +101,44 @@ class Trainer:
 
     def _metrics(self, result: StepResult) -> dict[str, Any]:
         assert self.stack is not None
-        return step_metrics(
+        metrics = step_metrics(
             result.times,
             gemm_flops=self.stack.gemm_flops,
             world_size=self.world_size,
-            solo_compute_ms=self.solo_compute_ms if result.kind == TRAIN else None,
-            solo_comm_ms=self.solo_comm_ms if result.kind == TRAIN else None,
+            baseline=self.baseline if result.kind == TRAIN else None,
         )
+        telemetry = result.telemetry or {}
+        for name in TELEMETRY_FIELDS:
+            metrics[name] = telemetry.get(name)
+        metrics["calibration_block"] = self.block if self.block >= 0 else None
+        return metrics
+
+    def _sample(self, kind: str) -> dict[str, float | None] | None:
+        """Device counters, read on the host while the step runs (before its synchronize).
+        Calibration steps are always sampled: they are the clocks the train steps are
+        compared with."""
+        if self.telemetry.source is None:
+            return None
+        if kind == TRAIN:
+            self._samples_taken += 1
+            if (self._samples_taken - 1) % self.config.telemetry.sample_every:
+                return None
+        return self.telemetry.sample()
+
+    def _keep_collectives(self, phase: str, step: int, result: StepResult) -> None:
+        """This rank's collectives of one step on its run timeline, for the end-of-run
+        analysis (memory only: gathered once, at the end)."""
+        times = result.times
+        if times.comm is None or times.start_run_ms is None:
+            return
+        base = times.start_run_ms
+        ops = ([times.control] if times.control is not None else []) + list(times.comm)
+        for seq, op in enumerate(ops):
+            enqueue = base + op.enqueue_ms if op.enqueue_ms is not None else None
+            self.op_records.append(OpRecord(
+                phase, step, seq, op.collective, op.bucket, op.size_bytes, enqueue,
+                base + op.start_ms, base + op.end_ms,
+            ))
 
     # ---- phases ---------------------------------------------------------------------------
     def _agree_to_stop(self) -> bool:
@@ -92,6 +154,7 @@ class Trainer:
         count: int,
         on_result: Callable[[StepResult], None],
         profiler: Any = None,
+        first_index: int = 1,
     ) -> bool:
         """Runs count steps of a kind; returns True when the ranks agreed to stop.
 
@@ -103,13 +166,20 @@ class Trainer:
         lag = 1 if (kind == TRAIN and self.plan.is_cuda) else 0
         pending: deque[Any] = deque()
         stop = False
-        for index in range(1, count + 1):
+
+        def resolve() -> StepResult:
+            sample = self._sample(kind)
+            result = self.stepper.resolve(pending.popleft())
+            result.telemetry = sample
+            return result
+
+        for index in range(first_index, first_index + count):
             carry_flag = self.signals.requested if kind == TRAIN else None
             pending.append(self.stepper.run(kind, index, stop_requested=carry_flag))
             if profiler is not None:
                 profiler.step()
             while len(pending) > lag:
-                result = self.stepper.resolve(pending.popleft())
+                result = resolve()
                 on_result(result)
                 if kind == TRAIN:
                     stop = stop or result.stop_requested
@@ -118,27 +188,58 @@ class Trainer:
             if stop:
                 break
         while pending:
-            on_result(self.stepper.resolve(pending.popleft()))
+            on_result(resolve())
         return stop
 
-    def calibrate(self) -> bool:
+    def calibrate(self, initial: bool = True) -> bool:
+        """Runs one calibration block (GEMM-only steps, then comm-only steps) and makes its
+        medians the baseline of the train steps that follow. Returns True on an agreed stop."""
         cal = self.config.calibration
-        phases = ((COMPUTE, cal.compute_steps), (COMM, cal.comm_steps))
-        for kind, steps in phases:
+        self.block += 1
+        block = self.block
+        compute_steps = cal.compute_steps if initial else cal.interval_compute_steps
+        comm_steps = cal.comm_steps if initial else cal.interval_comm_steps
+        per_gemm: list[list[float]] = []
+        compute: list[dict[str, Any]] = []
+        comm: list[dict[str, Any]] = []
+
+        def on_compute(result: StepResult) -> None:
+            record = {**self._metrics(result), "after_step": self.measured_done}
+            compute.append(record)
+            if result.times.per_gemm and result.times.gemm:
+                per_gemm.append([e - s for s, e in result.times.gemm])
+
+        def on_comm(result: StepResult) -> None:
+            self.comm_index += 1
+            record = {**self._metrics(result), "step": self.comm_index,
+                      "after_step": self.measured_done}
+            comm.append(record)
+            self._keep_collectives(COMM_PHASE, self.comm_index, result)
+
+        for kind, steps, on_result in ((COMPUTE, compute_steps, on_compute),
+                                       (COMM, comm_steps, on_comm)):
             if steps == 0:
                 continue
-            if cal.warmup_steps and self.run_phase(kind, cal.warmup_steps, lambda r: None):
+            if initial and cal.warmup_steps and self.run_phase(kind, cal.warmup_steps,
+                                                               lambda r: None):
                 return True
-            records = self.calibration[kind]
-            if self.run_phase(
-                kind, steps, lambda r, records=records: records.append(self._metrics(r))
-            ):
+            if self.run_phase(kind, steps, on_result):
                 return True
+        self.calibration[COMPUTE] += compute
+        self.calibration[COMM] += comm
+        if compute:
+            solo = median(r["compute_ms"] for r in compute)
+            gemms = None
+            if per_gemm and all(len(p) == len(per_gemm[0]) for p in per_gemm):
+                gemms = tuple(median(column) or 0.0 for column in zip(*per_gemm, strict=True))
+            self.baseline = Baseline(block, solo, gemms)
+            self.solo_compute_ms = solo
+        if initial:
+            self._log_calibration(compute, comm)
+        return False
+
+    def _log_calibration(self, compute: list[dict[str, Any]], comm: list[dict[str, Any]]) -> None:
         assert self.stack is not None
-        compute = self.calibration[COMPUTE]
-        comm = self.calibration[COMM]
-        self.solo_compute_ms = median(r["compute_ms"] for r in compute)
-        self.solo_comm_ms = median(r["comm_ms"] for r in comm)
         if compute:
             self.log(
                 f"calibration gemm-only: compute {_fmt(self.solo_compute_ms, '.3f', ' ms')}, "
@@ -150,12 +251,10 @@ class Trainer:
             mib = self.stack.bucket_bytes(self.stack.buckets[0]) / 2**20
             self.log(
                 f"calibration comm-only: {self.config.comm.collective} {n_buckets} buckets x "
-                f"{mib:.2f} MiB: comm {_fmt(self.solo_comm_ms, '.3f', ' ms')}, "
-                f"algbw {_fmt(median(r['algbw_gbps'] for r in comm), '.2f', ' GB/s')}, "
-                f"busbw {_fmt(median(r['busbw_gbps'] for r in comm), '.2f', ' GB/s')} "
-                f"(median of {len(comm)} steps)"
+                f"{mib:.2f} MiB: comm {_fmt(median(r['comm_ms'] for r in comm), '.3f', ' ms')}, "
+                f"local busbw {_fmt(median(r['local_busbw_gbps'] for r in comm), '.2f', ' GB/s')} "
+                f"(median of {len(comm)} steps; the summary's busbw leaves rank skew out)"
             )
-        return False
 
     def record_step(self, result: StepResult) -> None:
         assert self.writer is not None
@@ -172,6 +271,9 @@ class Trainer:
             record["param_checksum"] = result.checksum
         self.writer.write(record)
         self.step_records.append(record)
+        self.measured_done = result.index
+        self._keep_collectives(TRAIN_PHASE, result.index, result)
+        self.step_intervals[result.index] = (result.times.start_run_ms, result.times.gemm)
         max_steps = self.config.training.max_steps
         if result.index % self.config.training.log_interval == 0 or result.index == max_steps:
             slowdown = metrics["contention_slowdown"]
@@ -181,7 +283,7 @@ class Trainer:
                 f" | comm {_fmt(metrics['comm_ms'], '.3f')} ms"
                 f" | exposed {_fmt(metrics['exposed_comm_ms'], '.3f')} ms"
                 f" | gemm {_fmt(metrics['gemm_tflops'], '.1f')} TFLOP/s"
-                f" | busbw {_fmt(metrics['busbw_gbps'], '.2f')} GB/s"
+                f" | busbw(local) {_fmt(metrics['local_busbw_gbps'], '.2f')} GB/s"
                 f" | slowdown {_fmt(None if slowdown is None else slowdown * 100, '+.1f', '%')}"
             )
 
@@ -213,7 +315,8 @@ class Trainer:
         warning = blocking_wait_warning(os.environ) if plan.rank == 0 else None
         if warning is not None:
             print(warning, file=sys.stderr, flush=True)
-        init_distributed(plan, cfg.distributed.timeout_s)
+        init_distributed(plan, cfg.distributed.timeout_s,
+                         high_priority=cfg.comm.stream_priority == "high")
         self.stack = GemmStack(
             cfg.model,
             device=plan.device,
@@ -232,7 +335,11 @@ class Trainer:
             world_size=plan.world_size,
             granularity=cfg.timing.granularity,
             checksum=cfg.debug.param_checksum,
+            stream_priority=cfg.comm.stream_priority,
+            delay_ms=cfg.debug.delay_ms if cfg.debug.delay_rank == plan.rank else 0.0,
+            delay_every=cfg.debug.delay_every,
         )
+        self.telemetry = open_telemetry(device_identity(plan.device), cfg.telemetry.enabled)
         self.writer = MetricsWriter(self.output_dir, plan.rank)
         b = self.stack.buckets
         self.log(
@@ -241,8 +348,15 @@ class Trainer:
             f"{cfg.model.layers} layers of [{cfg.model.tokens}x{cfg.model.hidden}]x"
             f"[{cfg.model.hidden}x{cfg.model.hidden}], {len(b)} buckets of "
             f"{self.stack.bucket_bytes(b[0]) / 2**20:.2f} MiB, {cfg.comm.collective}, "
-            f"overlap={'on' if cfg.comm.overlap else 'off'}, timing={cfg.timing.granularity}"
+            f"overlap={'on' if cfg.comm.overlap else 'off'}, timing={cfg.timing.granularity}, "
+            f"comm stream priority {cfg.comm.stream_priority}, telemetry "
+            f"{self.telemetry.source or 'none (' + str(self.telemetry.reason) + ')'}"
         )
+        if cfg.debug.delay_rank >= 0 and cfg.debug.delay_ms > 0:
+            n = cfg.debug.delay_every
+            which = "every train step" if n == 1 else f"train steps {n}, {2 * n}, {3 * n}, ..."
+            self.log(f"train: debug: rank {cfg.debug.delay_rank} sleeps {cfg.debug.delay_ms:g} ms "
+                     f"before the backward pass of {which}")
 
     def _train(self) -> bool:
         cfg = self.config.training
@@ -252,18 +366,88 @@ class Trainer:
         # taken, so calibration and measured steps run in the same power state.
         if cfg.warmup_steps and self.run_phase(TRAIN, cfg.warmup_steps, lambda r: None):
             return True
-        if self.calibrate():
+        # The all-reduce of the stop flag is the start-of-run barrier the anchor needs.
+        if self._agree_to_stop():
+            return True
+        assert self.stepper is not None
+        self.stepper.set_anchor()
+        if self.calibrate(initial=True):
             return True
         profiler = self._profiler()
+        interval = self.config.calibration.interval_steps
         started = time.perf_counter()
         try:
             if profiler is not None:
                 profiler.__enter__()
-            return self.run_phase(TRAIN, cfg.max_steps, self.record_step, profiler)
+            while self.measured_done < cfg.max_steps:
+                chunk = cfg.max_steps - self.measured_done
+                if interval:
+                    chunk = min(chunk, interval)
+                if self.run_phase(TRAIN, chunk, self.record_step, profiler,
+                                  first_index=self.measured_done + 1):
+                    return True
+                if interval and self.measured_done < cfg.max_steps:
+                    block_started = time.perf_counter()
+                    stopped = self.calibrate(initial=False)
+                    self.calibration_wall_s += time.perf_counter() - block_started
+                    if stopped:
+                        return True
         finally:
             if profiler is not None:
                 profiler.__exit__(None, None, None)
-            self.measured_wall_s = time.perf_counter() - started
+            self.measured_wall_s = time.perf_counter() - started - self.calibration_wall_s
+        try:
+            self.launch_delay = self._sample_launch_delay()
+        except Exception as exc:  # noqa: BLE001 - an auxiliary figure must not fail the run
+            reason = f"launch-delay sampling failed: {type(exc).__name__}: {exc}"
+            self.launch_delay = {"samples": [], "reason": reason.splitlines()[0][:300]}
+        return False
+
+    def _sample_launch_delay(self) -> dict[str, Any]:
+        """A few extra train steps, each under torch.profiler (GPU only), after the measured
+        ones so the profiler's cost touches no measured step: when did each collective kernel
+        start, against the moment its stream reached it (train.launchdelay)."""
+        steps = self.config.profiling.launch_delay_steps
+        if not self.plan.is_cuda:
+            return {"samples": [], "reason": "CPU run: no kernels to profile"}
+        if steps == 0:
+            return {"samples": [], "reason": "profiling.launch_delay_steps is 0"}
+        if self.config.timing.granularity == "step":
+            return {"samples": [], "reason": "timing.granularity=step: collectives not timed"}
+        assert self.stepper is not None
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        samples = []
+        with tempfile.TemporaryDirectory(prefix="launch_delay_") as tmp:
+            for i in range(steps):
+                index = self.config.training.max_steps + i + 1
+                with torch.profiler.profile(activities=activities) as prof:
+                    result = self.stepper.resolve(
+                        self.stepper.run(TRAIN, index, stop_requested=False))
+                # Every rank runs every sampled step whatever its own parsing gives: a rank
+                # that stopped early would leave the others in the next step's collectives.
+                try:
+                    samples.append(self._launch_delay_of(prof, result, Path(tmp) / f"{i}.json"))
+                except Exception as exc:  # noqa: BLE001 - one unreadable trace, one sample lost
+                    samples.append({"delays": [], "reason": f"trace unreadable: {exc}"[:300],
+                                    "kernels": 0, "collective_kernels": 0})
+        return {"samples": samples, "reason": None}
+
+    @staticmethod
+    def _launch_delay_of(prof: Any, result: StepResult, path: Path) -> dict[str, Any]:
+        prof.export_chrome_trace(str(path))
+        trace = json.loads(path.read_text())
+        times = result.times
+        ops = ([times.control] if times.control else []) + list(times.comm or [])
+        found = launch_delays(trace, times.gemm or [],
+                              [(op.collective, op.bucket, op.start_ms) for op in ops])
+        return {
+            "delays": [list(d) for d in found.delays],
+            "reason": found.reason,
+            "kernels": found.kernels_seen,
+            "collective_kernels": found.collective_kernels_seen,
+            "alignment": found.alignment,
+            "alignment_residual_ms": found.alignment_residual_ms,
+        }
 
     def run(self) -> int:
         try:
@@ -284,6 +468,7 @@ class Trainer:
                     self.stepper.close()
                 if self.writer is not None:
                     self.writer.close()
+                self.telemetry.close()
                 try:
                     shutdown_distributed()
                 except Exception as exc:  # noqa: BLE001 - the group may already be broken
@@ -303,11 +488,33 @@ class Trainer:
             "device": device_name(self.plan.device),
             "env": collect_env(os.environ),
             # Only what the aggregates need: this crosses the network to rank 0.
-            "steps": [{k: r.get(k) for k in AGGREGATED} for r in self.step_records],
+            "steps": [
+                {k: r.get(k) for k in ("step", "calibration_block", *AGGREGATED)}
+                for r in self.step_records
+            ],
             "calibration_compute": self.calibration[COMPUTE],
             "calibration_comm": self.calibration[COMM],
+            "collectives": pack(self.op_records) if self.stepper and self.stepper.time_comm
+            else None,
+            "step_intervals": self.step_intervals,
+            "launch_delay": self.launch_delay,
+            "telemetry": self.telemetry.describe(),
+            "comm_stream": self._comm_stream(),
             "status": self.status,
             "measured_wall_s": self.measured_wall_s,
+        }
+
+    def _comm_stream(self) -> dict[str, Any]:
+        setting = self.config.comm.stream_priority
+        if self.stepper is None or not self.stepper.is_cuda:
+            return {"setting": setting, "priority": None, "priority_range": None,
+                    "reason": "CPU run: collectives run in a worker thread (no streams)"}
+        return {
+            "setting": setting,
+            "priority": self.stepper.priority,
+            "priority_range": list(self.stepper.priority_range or ()),
+            "nccl_high_priority_stream": setting == "high",
+            "reason": None,
         }
 
     def _finish(self) -> None:
@@ -328,16 +535,31 @@ class Trainer:
             return
         statuses = {r["status"] for r in reports}
         status = "failed" if "failed" in statuses else self.status
-        write_json_atomic(self.output_dir / SUMMARY_NAME, self._summary(reports, status, partial))
+        analysis = cross_rank_analysis(reports, self.world_size)
+        summary = self._summary(reports, status, partial, analysis)
+        if analysis.ok:
+            write_jsonl_atomic(self.output_dir / COLLECTIVES_NAME, timeline_lines(analysis))
+        write_json_atomic(self.output_dir / SUMMARY_NAME, summary)
         steps = len(self.step_records)
         self.log(
             f"train: {status} after {steps}/{self.config.training.max_steps} measured steps; "
             f"summary in {self.output_dir / SUMMARY_NAME}"
         )
+        slowest = summary.get("slowest_rank")
+        if slowest and self.world_size > 1:
+            waited = slowest.get("caused_wait_ms_median")
+            self.log(
+                f"train: slowest rank {slowest['rank']} ({slowest.get('host')}), by "
+                f"{slowest['by']}: the others waited {_fmt(waited, '.3f', ' ms')} per step for "
+                f"it; busbw {_fmt((summary.get('busbw_gbps') or {}).get('median'), '.2f', ' GB/s')}"
+                f" (rank skew left out)"
+            )
 
-    def _summary(self, reports: list[dict[str, Any]], status: str, partial: bool) -> dict[str, Any]:
+    def _summary(self, reports: list[dict[str, Any]], status: str, partial: bool,
+                 analysis: Any) -> dict[str, Any]:
         cfg, stack = self.config, self.stack
-        aggregates = aggregate_ranks(reports)
+        aggregates = aggregate(reports, world_size=self.world_size,
+                               sample_every=cfg.telemetry.sample_every, analysis=analysis)
         steps_done = len(self.step_records)
         model: dict[str, Any] = {}
         if stack is not None:
@@ -361,9 +583,12 @@ class Trainer:
             "collective": cfg.comm.collective,
             "overlap": cfg.comm.overlap,
             "timing_granularity": cfg.timing.granularity,
+            "comm_stream_priority": cfg.comm.stream_priority,
+            "calibration_interval_steps": cfg.calibration.interval_steps,
             "max_steps": cfg.training.max_steps,
             "steps_completed": steps_done,
             "measured_wall_s": self.measured_wall_s,
+            "calibration_wall_s": round(self.calibration_wall_s, 6),
             "steps_per_s": (
                 steps_done / self.measured_wall_s if steps_done and self.measured_wall_s else None
             ),

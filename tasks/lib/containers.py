@@ -29,7 +29,8 @@ def compose_file_path(registry_dir: str) -> str:
     """Where docker-up leaves the compose file on each node.
 
     Node-local (the registry dir, like the run registry) rather than in the workdir: on a shared
-    filesystem all nodes would rewrite one file while others read it.
+    filesystem all nodes would rewrite one file while others read it. The registry is ours alone
+    (mode 0700, tasks/lib/nodefs.py): nobody else can rewrite what `docker compose` runs as root.
     """
     return posixpath.join(registry_dir, "docker", COMPOSE_FILE)
 
@@ -100,18 +101,25 @@ def inspect_script(container: str) -> str:
 
 def down_script(compose_argv: list[str] | None, compose_file: str, project: str,
                 container: str) -> str:
-    """Compose down when the file is there, then remove a container of that name left outside it.
+    """bash (run through nodefs.with_safe_fs): compose down when the file is there and still
+    beyond other users' reach, then remove a container of that name left outside it.
 
     The leftover case: the file went with /tmp on a reboot, or the container came from elsewhere.
+    A compose file someone else could have changed is never handed to docker compose (it would
+    run what they wrote, as root): the container goes by name instead, with a note why.
     """
     lines = ["set -e"]
     if compose_argv:
+        file = sh_quote(compose_file)
         down = sh_join([*compose_argv, "-p", project, "-f", compose_file, "down",
                         "--remove-orphans"])
-        lines.append(f"if [ -f {sh_quote(compose_file)} ]; then {down} 2>&1; fi")
+        lines += [f"if [ -e {file} ] || [ -L {file} ]; then",
+                  f"  if why=$(gemm_safe_file {file} 'the compose file' 2>&1); then {down} 2>&1",
+                  '  else echo "note: $why; removing the container by name instead"; fi',
+                  "fi"]
     lines.append(f"if docker inspect --type container -- {sh_quote(container)} >/dev/null 2>&1; "
                  f"then docker rm -f -- {sh_quote(container)} >/dev/null 2>&1; fi")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 

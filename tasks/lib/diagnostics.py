@@ -43,7 +43,7 @@ def node_venv(configured: str | None, workdir: str) -> str:
 def node_diagnostics_command(
     run_id: str,
     node_rank: int | None,
-    registry_dir: str,
+    registry_dir: str | None,
     *,
     workdir: str | None = None,
     venv: str | None = None,
@@ -224,9 +224,17 @@ def parse_node_report(stdout: str, node_rank: int | None, host: str) -> NodeRepo
 # -- files written per node --------------------------------------------------------------------
 
 def dump_file_name(proc: Mapping[str, Any]) -> str:
-    if proc.get("rank") is not None:
-        return f"pyspy_rank{int(proc['rank']):02d}_pid{proc['pid']}.txt"
-    return f"pyspy_{proc.get('role', 'proc')}_pid{proc['pid']}.txt"
+    """A plain file name whatever the node reported: its rank, role and pid are its own word,
+    and a name with '/' or '..' must not reach a path on the controller."""
+    pid = _name_part(proc.get("pid"))
+    rank = proc.get("rank")
+    if isinstance(rank, int) or (isinstance(rank, str) and rank.isdigit()):
+        return f"pyspy_rank{int(rank):02d}_pid{pid}.txt"
+    return f"pyspy_{_name_part(proc.get('role', 'proc'))}_pid{pid}.txt"
+
+
+def _name_part(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", str(value))[:40] or "_"
 
 
 def node_report_files(report: NodeReport) -> dict[str, str]:

@@ -72,7 +72,10 @@ def ns_pid(status_text: str | None) -> int | None:
 
 
 def keep_env(env: dict[str, str]) -> dict[str, str]:
-    return {k: env[k] for k in sorted(env) if k.startswith(ENV_PREFIXES) or k in ENV_NAMES}
+    # The launch's env.sh names the variables whose values are secrets: kept as *** only.
+    masked = set(env.get("GEMM_MASKED_VARS", "").split())
+    return {k: "***" if k in masked else env[k] for k in sorted(env)
+            if k.startswith(ENV_PREFIXES) or k in ENV_NAMES}
 
 
 def role_of(info: dict[str, Any]) -> str:
@@ -107,16 +110,26 @@ def registry_entries(registry_dir: str, run_id: str, node_rank: int | None) -> l
             meta = {}
         ids = {}
         for name in ("launcher.pid", "container.pid"):
-            text = (read_text(os.path.join(path, name)) or "").strip()
-            if text.isdigit():
-                ids[name] = int(text)
+            # "pid start-time" (older launchers wrote the pid alone)
+            fields = (read_text(os.path.join(path, name)) or "").split()
+            if fields and fields[0].isdigit():
+                ids[name] = int(fields[0])
         entries.append({"dir": path, "meta": meta, "ids": ids,
                         "state": (read_text(os.path.join(path, "state")) or "").strip() or None})
     return entries
 
 
-def scan_processes(run_id: str, node_rank: int | None, sessions: set[int]) -> tuple[list[dict], int]:
-    """The run's processes on this machine, and how many environments could not be read."""
+def owner_uid(proc: str) -> int | None:
+    try:
+        return os.stat(proc).st_uid
+    except OSError:
+        return None
+
+
+def scan_processes(run_id: str, node_rank: int | None, sessions: set[int],
+                   inside_container: bool = False) -> tuple[list[dict], int]:
+    """The run's processes on this machine (ours: our uid, or the container's), and how many
+    environments could not be read."""
     found, unreadable = [], 0
     me = os.getpid()
     for proc in glob.glob("/proc/[0-9]*"):
@@ -134,6 +147,10 @@ def scan_processes(run_id: str, node_rank: int | None, sessions: set[int]) -> tu
         env = parse_environ(environ) if environ is not None else {}
         if environ is None:
             unreadable += 1
+        # Another user can copy our markers into their environment, not our uid: theirs are not
+        # ours to dump (inside the container everything runs as the container's user).
+        if not inside_container and owner_uid(proc) != os.getuid():
+            continue
         marked = env.get("GEMM_RUN_ID") == run_id and (
             node_rank is None or env.get("GEMM_NODE_RANK") in (None, str(node_rank)))
         by_registry = environ is None and (stat["session"] in sessions or stat["pgrp"] in sessions)
@@ -284,7 +301,9 @@ def collect(args: dict[str, Any]) -> dict[str, Any]:
     run_id = args["run_id"]
     node_rank = args.get("node_rank")
     timeout = float(args.get("timeout", 20))
-    entries = registry_entries(args.get("registry_dir") or "/tmp/gemm-runs", run_id, node_rank)
+    # The registry's default is per user (tasks/lib/nodefs.py DEFAULT_REGISTRY_PREFIX).
+    registry_dir = args.get("registry_dir") or f"/tmp/gemm-runs-{os.getuid()}"
+    entries = registry_entries(registry_dir, run_id, node_rank)
     meta = entries[0]["meta"] if entries else {}
     # The registry says whether this node's run is dockerized (null: bare); the argument is only
     # a fallback for a node without a registry entry.
@@ -295,7 +314,8 @@ def collect(args: dict[str, Any]) -> dict[str, Any]:
     sessions = {i for e in entries for name, i in e["ids"].items() if name == "launcher.pid"}
     if args.get("inside_container"):
         sessions |= {i for e in entries for name, i in e["ids"].items() if name == "container.pid"}
-    processes, unreadable = scan_processes(run_id, node_rank, sessions)
+    processes, unreadable = scan_processes(run_id, node_rank, sessions,
+                                           inside_container=bool(args.get("inside_container")))
     pyspy = find_pyspy(list(args.get("pyspy") or []) + ["py-spy"])
     for proc in processes:
         if proc["python"]:

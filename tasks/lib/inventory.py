@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import hostlist
 
-# Hostnames, IPv4 and bracketed IPv6; a ProxyJump alias from ~/.ssh/config is a hostname too.
-_HOST = r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)"
+# Hostnames and IPv4; a ProxyJump alias from ~/.ssh/config is a hostname too. IPv6 is recognised
+# only to be refused (see _refuse_ipv6).
+_HOST = r"(?P<host>\[[^\]]*\]|[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)"
 _ENTRY = re.compile(rf"^(?:(?P<user>[A-Za-z_][A-Za-z0-9_.-]*)@)?{_HOST}(?::(?P<port>[0-9]+))?$")
 LOCAL_HOST = "localhost"
+DEFAULT_SSH_PORT = 22
 
 
 class InventoryError(ValueError):
@@ -82,23 +84,35 @@ def parse_host_entry(entry: object, where: str = "cluster.hosts") -> HostSpec:
     text = entry.strip()
     if not text:
         raise InventoryError(f"{where}: empty host entry")
+    _refuse_ipv6(text, where)
     match = _ENTRY.match(text)
-    if not match:
+    if not match or match.group("host").startswith("["):
         raise InventoryError(f"{where}: malformed host {text!r}; expected host, user@host or user@host:port")
     port = match.group("port")
     host = match.group("host")
-    if host.startswith("["):
-        # Paramiko and getaddrinfo want the bare address; the brackets only separate the port.
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise InventoryError(f"{where}: {text!r} is not a valid bracketed IPv6 address") from None
     return HostSpec(
         host=host,
         user=match.group("user"),
         port=_check_port(int(port), text, where) if port else None,
     )
+
+
+def _refuse_ipv6(text: str, where: str) -> None:
+    """IPv6 addresses reach the nodes over SSH, but `fab check` and `fab launch` find each node's
+    route and NCCL/gloo interface to the master over IPv4 only: refuse them here, clearly, rather
+    than as a puzzling "no route to the master" later."""
+    host = text.rsplit("@", 1)[-1]
+    if host.startswith("[") and "]" in host:
+        host = host[1:host.index("]")]
+    elif host.count(":") < 2:
+        return
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return
+    raise InventoryError(f"{where}: {text!r} is an IPv6 address: not supported, as "
+                         "check and launch reach the master over IPv4; give the node's IPv4 "
+                         "address or a hostname")
 
 
 def _check_port(port: object, host: str, where: str) -> int:
@@ -126,12 +140,23 @@ def expand_slurm_nodelist(nodelist: str) -> list[HostSpec]:
     return [parse_host_entry(name, "SLURM_JOB_NODELIST") for name in names]
 
 
+Resolver = Callable[[Sequence[str]], Mapping[str, Collection[str]]]
+
+
 def resolve_inventory(
     hosts: Sequence[object],
     hosts_file: Path | None,
     environ: Mapping[str, str],
+    *,
+    default_port: Callable[[str], int] | None = None,
+    resolve: Resolver | None = None,
 ) -> Inventory:
-    """Apply the resolution order and reject empty or duplicate inventories."""
+    """Apply the resolution order and reject empty or duplicate inventories.
+
+    default_port: the SSH port of a host given without one (None: 22). resolve: names to their
+    addresses, so that a name and its address count as one node (None: names are not resolved;
+    a name missing from the answer is compared as written).
+    """
     if hosts:
         inventory = Inventory(tuple(parse_host_entry(h) for h in hosts), "cluster.hosts")
     elif hosts_file is not None and hosts_file.exists():
@@ -148,18 +173,42 @@ def resolve_inventory(
         inventory = Inventory(tuple(expand_slurm_nodelist(environ["SLURM_JOB_NODELIST"])), "slurm")
     else:
         return Inventory((HostSpec(LOCAL_HOST, local=True),), "local")
-    _reject_duplicates(inventory)
+    _reject_duplicates(inventory, default_port or (lambda host: DEFAULT_SSH_PORT), resolve)
     return inventory
 
 
-def _reject_duplicates(inventory: Inventory) -> None:
-    seen: dict[tuple[str, int | None], HostSpec] = {}
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _reject_duplicates(inventory: Inventory, default_port: Callable[[str], int],
+                       resolve: Resolver | None) -> None:
+    """One sshd (address and port, whoever logs in) is one node: user@h and h, h and h:22, a name
+    and its address are the same node listed twice."""
+    names = sorted({spec.host for spec in inventory.hosts if not _is_address(spec.host)})
+    addresses = dict(resolve(names)) if resolve and names else {}
+    seen: dict[tuple[str, int], HostSpec] = {}
     for spec in inventory.hosts:
-        key = (spec.host.lower(), spec.port)
-        if key in seen:
-            raise InventoryError(f"{inventory.source}: host {spec.label!r} is listed twice; "
+        port = spec.port if spec.port is not None else default_port(spec.host)
+        targets = {spec.host.lower(), *(str(a).lower() for a in addresses.get(spec.host, ()))}
+        for target in sorted(targets):
+            other = seen.get((target, port))
+            if other is None:
+                continue
+            if other.label.lower() == spec.label.lower():
+                why = ""
+            elif spec.host.lower() == other.host.lower():
+                why = f" (as {other.label!r}: same host, port {port})"
+            else:
+                why = f" (as {other.label!r}: both are {target}, port {port})"
+            raise InventoryError(f"{inventory.source}: host {spec.label!r} is listed twice{why}; "
                                  "each node must appear once")
-        seen[key] = spec
+        for target in targets:
+            seen[(target, port)] = spec
 
 
 def render_hosts_file(hosts: Sequence[HostSpec], comment: str = "") -> str:

@@ -138,10 +138,13 @@ def plot_busbw_vs_channels(rows: Sequence[PointRow], path: Path) -> Path | None:
 
 
 def plot_per_rank_step_time(panels: Sequence[tuple[str, Mapping[int, Sequence[tuple[int, float]]]]],
-                            title: str, path: Path) -> Path | None:
+                            title: str, path: Path,
+                            notes: Mapping[str, str] | None = None) -> Path | None:
     """Iteration time per step, one line per rank, one panel per run (a sweep gets a grid of
-    panels on a shared y axis). Each panel names its slowest rank and how much slower its median
-    is than the fastest rank's, so a straggler stands out even when the lines overlap."""
+    panels on a shared y axis). Each panel names its slowest rank: from `notes` (panel name ->
+    text: the train summary's rank the others waited for) when given, since a late rank's peers
+    wait for it and their lines rise with its own; else the rank with the slowest median."""
+    notes = notes or {}
     panels = [(name, series) for name, series in panels if series]
     if not panels:
         return None
@@ -169,7 +172,9 @@ def plot_per_rank_step_time(panels: Sequence[tuple[str, Mapping[int, Sequence[tu
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, top * 1.12)
         ax.grid(True, alpha=0.3)
-        if len(medians) > 1:
+        if notes.get(name):
+            ax.text(0.02, 0.04, notes[name], transform=ax.transAxes, fontsize=8, color="#b00020")
+        elif len(medians) > 1:
             slowest = max(medians, key=lambda r: medians[r])
             fastest = min(medians.values())
             spread = (medians[slowest] / fastest - 1) * 100 if fastest > 0 else 0.0

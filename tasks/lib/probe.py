@@ -34,6 +34,11 @@ TOOLS = (
     "nvidia-smi",
 )
 MIN_SHM_BYTES = 1 << 30  # NCCL/RCCL shared-memory transport and DataLoader workers want more
+# Before every git command we run, in a node's checkout or the controller's: no fsmonitor and no
+# hooks, whatever a config file says (an empty core.fsmonitor is "off" for every git version).
+GIT_SAFE_OPTIONS = ("-c", "core.fsmonitor=", "-c", "core.hooksPath=/dev/null")
+# The uncommitted-changes hash, the same on both sides; no external diff or textconv program.
+GIT_DIFF_OPTIONS = ("diff", "--no-ext-diff", "--no-textconv", "HEAD", "--binary", "--full-index")
 
 _NVIDIA_LINE = re.compile(r"^GPU (\d+): (.+?)(?: \(UUID: [^)]*\))?$")
 
@@ -70,6 +75,21 @@ class HostFacts:
     docker_compose: str | None = None  # "v2" | "v1" | "none"; None: Docker not asked or missing
     container_id: str | None = None  # the container's full id; None when absent or not asked
     notes: tuple[str, ...] = ()  # parse-time oddities, shown as warnings
+    # Another user owns the workdir, its .git or .git/config: git was not run there.
+    checkout_owner: str | None = None
+    uid: int | None = None  # who we are on this host: its per-user run registry
+    user: str | None = None
+    gpu_processes: tuple[GpuProcess, ...] = ()  # compute processes on this host's GPUs, anyone's
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    """A process holding a GPU of the host, as the driver lists it (nvidia-smi or AMD's KFD)."""
+
+    pid: int
+    user: str            # its owner's name ("?" when the process is already gone)
+    memory_mib: int | None
+    name: str
 
 
 @dataclass(frozen=True)
@@ -147,18 +167,43 @@ def probe_script(
         "s rocm; command -v rocm-smi >/dev/null 2>&1 && rocm-smi --showproductname --csv 2>&1",
         # Without rocm-smi the kernel still lists AMD GPUs: topology nodes with a non-zero gpu_id.
         "s kfd; cat /sys/class/kfd/kfd/topology/nodes/*/gpu_id 2>/dev/null",
+        "s user; id -u; id -un",
+        # Who holds the GPUs: "pid owner MiB name" per compute process, every user's (the driver
+        # lists them all). AMD: the KFD's per-process directories, memory unknown.
+        "s gpu_procs",
+        "if command -v nvidia-smi >/dev/null 2>&1; then",
+        "  nvidia-smi --query-compute-apps=pid,used_memory,process_name --format=csv,noheader,"
+        "nounits 2>/dev/null | while IFS=', ' read -r GP GM GN; do",
+        '    case $GP in *[!0-9]*|"") continue;; esac',
+        '    echo "$GP $(stat -c %U "/proc/$GP" 2>/dev/null || echo "?") $GM $GN"',
+        "  done",
+        "fi",
+        "for GD in /sys/class/kfd/kfd/proc/[0-9]*; do",
+        '  [ -d "$GD" ] || continue; GP=${GD##*/}',
+        '  echo "$GP $(stat -c %U "/proc/$GP" 2>/dev/null || echo "?") - $(cat "/proc/$GP/comm" 2>/dev/null)"',
+        "done",
         's workdir; [ -d "$W" ] && echo yes || echo no',
         "s git",
         'if [ -e "$W/.git" ]; then',
-        "  if command -v git >/dev/null 2>&1; then",
-        # safe.directory: the checkout may belong to another user (shared home, NFS).
-        '    G() { git -c safe.directory="$W" -C "$W" "$@"; }',
+        # Git runs what a repository's config names (core.fsmonitor, filters, ...): in another
+        # user's checkout that is their command, run as us. Such a checkout is reported, and git
+        # is not run there (nor told to trust it with safe.directory).
+        "  O=",
+        '  for F in "$W" "$W/.git" "$W/.git/config"; do',
+        '    [ -z "$O" ] && { [ -e "$F" ] || [ -L "$F" ]; } && [ ! -O "$F" ] && O=$F',
+        "  done",
+        '  if [ -n "$O" ]; then',
+        '    echo "foreign=$O"',
+        '    echo "owner=$(stat -L -c %U "$O" 2>/dev/null)"',
+        '    echo "owner_uid=$(stat -L -c %u "$O" 2>/dev/null)"',
+        "  elif command -v git >/dev/null 2>&1; then",
+        f'    G() {{ git {" ".join(GIT_SAFE_OPTIONS)} -C "$W" "$@"; }}',
         '    echo "branch=$(G rev-parse --abbrev-ref HEAD 2>&1 | head -1)"',
         '    echo "commit=$(G rev-parse HEAD 2>&1 | head -1)"',
         '    echo "dirty=$(G status --porcelain --untracked-files=no 2>/dev/null'
         ' | head -1 | wc -l)"',
         # Same commit but uncommitted changes: equal diffs mean equal tracked content.
-        '    echo "diff=$(G diff HEAD --binary --full-index 2>/dev/null'
+        f'    echo "diff=$(G {" ".join(GIT_DIFF_OPTIONS)} 2>/dev/null'
         " | sha256sum | awk '{print $1}')\"",
         "  else echo 'git=missing'; fi",
         "fi",
@@ -355,7 +400,12 @@ def parse_probe_output(node_index: int, label: str, text: str) -> HostFacts:
     dirty: bool | None = None
     diff_hash: str | None = None
     has_git = False
-    if git.get("git") == "missing":
+    checkout_owner = None
+    if git.get("foreign"):
+        uid = git.get("owner_uid") or "?"
+        name = git.get("owner", "")
+        checkout_owner = name if name and name != "UNKNOWN" else f"uid {uid}"
+    elif git.get("git") == "missing":
         notes.append("the workdir is a git checkout but git is not installed")
     elif git:
         commit_text = git.get("commit", "")
@@ -382,6 +432,7 @@ def parse_probe_output(node_index: int, label: str, text: str) -> HostFacts:
     docker_values = parse_key_values(docker_section)
     port_text = sections.get("port", "")
     shm_text = sections.get("shm", "")
+    uid, user = parse_user(sections.get("user", ""))
     return HostFacts(
         node_index=node_index,
         label=label,
@@ -410,7 +461,47 @@ def parse_probe_output(node_index: int, label: str, text: str) -> HostFacts:
         docker_compose=docker_values.get("compose") or None,
         container_id=docker_values.get("id") or None,
         notes=tuple(notes),
+        checkout_owner=checkout_owner,
+        uid=uid,
+        user=user,
+        gpu_processes=parse_gpu_processes(sections.get("gpu_procs", "")),
     )
+
+
+def parse_user(text: str) -> tuple[int | None, str | None]:
+    lines = text.split()
+    uid = int(lines[0]) if lines and lines[0].isdigit() else None
+    return uid, (lines[1] if len(lines) > 1 else None)
+
+
+def parse_gpu_processes(text: str) -> tuple[GpuProcess, ...]:
+    """The probe's `gpu_procs` lines: "pid owner MiB|- name"; malformed lines are skipped."""
+    found = []
+    for line in text.splitlines():
+        parts = line.split(maxsplit=3)
+        if len(parts) < 3 or not parts[0].isdigit():
+            continue
+        memory = int(parts[2]) if parts[2].isdigit() else None
+        found.append(GpuProcess(pid=int(parts[0]), user=parts[1], memory_mib=memory,
+                                name=parts[3].strip() if len(parts) > 3 else ""))
+    return tuple(found)
+
+
+def gpu_busy_message(facts: HostFacts) -> str | None:
+    """One line naming who holds this host's GPUs (owner, pid, memory), or None when nobody.
+
+    Another user's process is theirs: it is reported, never counted as one of our runs or
+    touched; our own may be a run of ours or a leftover (`fab status` tells which).
+    """
+    if not facts.gpu_processes:
+        return None
+    holders = []
+    for proc in facts.gpu_processes:
+        whose = "yours" if facts.user is not None and proc.user == facts.user else proc.user
+        memory = f", {proc.memory_mib} MiB" if proc.memory_mib is not None else ""
+        holders.append(f"pid {proc.pid} ({whose}{', ' + proc.name if proc.name else ''}{memory})")
+    return ("GPU(s) in use by " + "; ".join(holders)
+            + ": a run here shares them (slower GEMMs, less memory)")
 
 
 def _str_or_none(value: object) -> str | None:
@@ -461,6 +552,9 @@ def checkout_mismatch(facts: HostFacts, local: CheckoutState) -> str | None:
     Same content (the hash sync recorded, recomputed on the host) is a match whatever git says;
     otherwise branch and commit must be equal (branch ignored when either side is detached).
     """
+    if facts.checkout_owner is not None:
+        return (f"checkout owned by {facts.checkout_owner}: git is not run in another user's "
+                "checkout (its config could run their commands as you)")
     if local.tree_hash is not None and facts.tree_hash == local.tree_hash:
         return None
     if facts.commit is None:
@@ -493,6 +587,9 @@ def uncommitted_differ(facts: HostFacts, local: CheckoutState) -> bool:
 
 
 def mismatch_hint(facts: HostFacts, local: CheckoutState, workdir: str) -> str:
+    if facts.checkout_owner is not None:
+        return ("use a workdir of your own (set cluster.workdir, then `fab sync`), or have "
+                f"{sh_quote(workdir)} chown-ed to the user fab connects as")
     if facts.has_git and not facts.synced:
         git = f"git -C {sh_quote(workdir)}"
         if is_detached(local.branch):
@@ -526,6 +623,8 @@ def judge_host(
         warning(note)
     if not facts.workdir_exists:
         error(f"workdir {workdir} does not exist: run `fab sync` or set cluster.workdir")
+    elif facts.checkout_owner is not None:
+        error(f"{checkout_mismatch(facts, local)}; {mismatch_hint(facts, local, workdir)}")
     else:
         why = checkout_mismatch(facts, local)
         if why:
@@ -558,6 +657,9 @@ def judge_host(
             )
         elif facts.container_state != "running":
             warning(f"container is {facts.container_state or 'unknown'}: run `fab docker-up`")
+    busy = gpu_busy_message(facts)
+    if busy:
+        warning(busy)
     if facts.port_free is False:
         error("the master port is in use: pick another with --master-port (launch.master_port)")
     if facts.shm_bytes is not None and facts.shm_bytes < MIN_SHM_BYTES and not docker_enabled:
@@ -622,6 +724,9 @@ def format_bytes(count: int) -> str:
 
 __all__ = [
     "HostFacts",
+    "GpuProcess",
+    "gpu_busy_message",
+    "parse_gpu_processes",
     "CheckoutState",
     "Finding",
     "probe_script",
@@ -635,4 +740,6 @@ __all__ = [
     "SYNC_RECORD",
     "SYNC_FILES",
     "TOOLS",
+    "GIT_SAFE_OPTIONS",
+    "GIT_DIFF_OPTIONS",
 ]

@@ -1,22 +1,24 @@
 """The run registry on every node, and the shell commands that read and act on it.
 
-The registry is node-local (cluster.registry_dir, default /tmp/gemm-runs) and is the truth about
-runs: status and stop work from any controller because they read it, not the controller's memory.
+The registry is node-local (cluster.registry_dir, default /tmp/gemm-runs-<uid>: each user's own,
+mode 0700, checked before every use -- tasks/lib/nodefs.py) and is the truth about runs: status
+and stop work from any controller because they read it, not the controller's memory.
 One entry per node of a run, one value per file so plain shell reads it without a JSON parser:
 
     <registry_dir>/<run_id>/node_<rank>/
         meta.json          run_id, node_rank, host, user, controller, run_dir, output_dir,
                            output_log, container (or null), started_at, launcher_pid, command
-        launcher.pid       the node launcher: session leader and process-group leader of its own
-        child.pid          torchrun (bare) or the `docker exec` client, leader of its own group
-        container.pid      torchrun's pid (= its process group) inside the container
+        launcher.pid       "pid start-time" of the node launcher: session and group leader
+        child.pid          "pid start-time" of torchrun (bare) or the `docker exec` client
+        container.pid      "pid start-time" of torchrun (= its process group) in the container
         state              starting | running | exited | stopped | killed
         exit_code, started_at, ended_at, stop_requested (stop | kill)
         run_id, node_rank, host, user, container, output_dir, output_log, run_dir  (same as meta)
         launcher.log       the launcher's own output before it switches to output_log
 
-Which processes belong to a run: every process whose initial environment (/proc/PID/environ)
-carries GEMM_RUN_ID=<run id> and GEMM_NODE_RANK=<rank>. The launcher exports both, so every
+Which processes belong to a run: every process of ours (its owner's uid; another user can copy
+our markers, not our uid) whose initial environment (/proc/PID/environ) carries
+GEMM_RUN_ID=<run id> and GEMM_NODE_RANK=<rank>. The launcher exports both, so every
 descendant carries them -- torchrun's workers, which torch starts in sessions of their own, and the
 processes `docker exec` starts inside the container (passed with -e). Nothing is ever matched by
 its name or command line, so someone else's `python train.py` is never touched.
@@ -34,6 +36,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tasks.lib.nodefs import SAFE_FS_SH
 from tasks.lib.quoting import sh_join, sh_quote
 from tasks.lib.templating import render_template
 
@@ -94,46 +97,80 @@ echo "$n"
 """
 
 # bash functions shared by the node launcher and the one-shot commands below.
-SHELL_LIB = r"""# --- run-registry helpers (tasks/lib/registry.py) ---
+SHELL_LIB = SAFE_FS_SH + r"""# --- run-registry helpers (tasks/lib/registry.py) ---
 GEMM_SCAN_KILL='""" + SCAN_KILL_SH.replace("'", "'\\''") + r"""'
 gemm_now() { date -u +%Y-%m-%dT%H:%M:%S.%3NZ; }
-# Atomic write: readers never see a half-written value.
-gemm_put() { printf '%s\n' "$2" >"$1.tmp.$$" && mv -f "$1.tmp.$$" "$1"; }
+# Atomic write: readers never see a half-written value (mktemp: a fresh name nobody chose).
+gemm_put() { local t; t=$(mktemp -- "$1.XXXXXX") && printf '%s\n' "$2" >"$t" && mv -f -- "$t" "$1"; }
 gemm_get() { local v=; [ -r "$1" ] && IFS= read -r v <"$1"; printf '%s' "$v"; }
 gemm_json() {
   local s=$1; s=${s//\\/\\\\}; s=${s//\"/\\\"}; s=${s//$'\n'/\\n}; s=${s//$'\r'/\\r}
   s=${s//$'\t'/\\t}; printf '"%s"' "$s"
 }
-gemm_make_registry() {
-  # Shared by every user of the node, like /tmp (the sticky bit keeps entries their owner's).
-  [ -d "$1" ] || { mkdir -p "$1" && chmod 1777 "$1" 2>/dev/null; }
-  [ -d "$1" ] && [ -w "$1" ]
+# The registry is this user's alone (mode 0700, see tasks/lib/nodefs.py): nobody else can plant
+# entries, symlinks or a fake "running" run in it.
+gemm_make_registry() { gemm_safe_dir "$1" "the run registry (cluster.registry_dir)" private; }
+# For readers: a registry that does not exist yet holds no runs; one we cannot trust is refused.
+gemm_open_registry() { [ -e "$1" ] || [ -L "$1" ] || return 0; gemm_make_registry "$1"; }
+# A process's start time (clock ticks since boot, /proc/PID/stat field 22): with the pid it names
+# one process for good, so a pid the kernel reused for something else is never signalled.
+gemm_start_time() {
+  local s; { IFS= read -r s <"/proc/$1/stat"; } 2>/dev/null || return 1
+  s=${s##*) }; set -- $s; printf '%s' "${20}"
 }
-# "pid run_id node_rank" for every process of this pid namespace carrying both markers.
+# "pid uid start run_id node_rank" for every process of this pid namespace carrying both markers.
 gemm_scan() {
-  grep -zsH -e '^GEMM_RUN_ID=' -e '^GEMM_NODE_RANK=' /proc/[0-9]*/environ 2>/dev/null \
-    | tr '\0' '\n' | awk -v self="$$" '
-      { i = index($0, ":"); split(substr($0, 1, i - 1), parts, "/"); pid = parts[3]
-        kv = substr($0, i + 1)
-        if (kv ~ /^GEMM_RUN_ID=/) run[pid] = substr(kv, 13); else rank[pid] = substr(kv, 16) }
-      END { for (p in run) if ((p in rank) && p != self) print p, run[p], rank[p] }'
+  local pid run rank pids=() rows=() i=0 uid st name
+  local -A uid_of=()
+  while read -r pid run rank; do pids+=("$pid"); rows+=("$run $rank"); done < <(
+    grep -zsH -e '^GEMM_RUN_ID=' -e '^GEMM_NODE_RANK=' /proc/[0-9]*/environ 2>/dev/null \
+      | tr '\0' '\n' | awk -v self="$$" '
+        { i = index($0, ":"); split(substr($0, 1, i - 1), parts, "/"); pid = parts[3]
+          kv = substr($0, i + 1)
+          if (kv ~ /^GEMM_RUN_ID=/) run[pid] = substr(kv, 13); else rank[pid] = substr(kv, 16) }
+        END { for (p in run) if ((p in rank) && p != self) print p, run[p], rank[p] }')
+  [ "${#pids[@]}" -gt 0 ] || return 0
+  # Whose process it is: another user can put our markers in their environment, not our uid.
+  while read -r name uid; do uid_of[${name#/proc/}]=$uid; done < <(
+    stat -c '%n %u' -- "${pids[@]/#//proc/}" 2>/dev/null)
+  for pid in "${pids[@]}"; do
+    uid=${uid_of[$pid]-}; st=$(gemm_start_time "$pid")
+    [ -n "$uid" ] && [ -n "$st" ] && printf '%s %s %s %s\n' "$pid" "$uid" "$st" "${rows[$i]}"
+    i=$((i+1))
+  done
 }
-# Pids of one entry's processes, from a scan ($1: scan text, $2: run, $3: rank).
-gemm_pids_of() { printf '%s\n' "$1" | awk -v r="$2" -v k="$3" '$2 == r && $3 == k { print $1 }'; }
+# "pid start" of one entry's processes owned by uid $4 (default: ours), from a scan ($1: scan
+# text, $2: run, $3: rank). gemm_pids_of: the pids alone.
+gemm_procs_of() {
+  printf '%s\n' "$1" | awk -v r="$2" -v k="$3" -v u="${4:-$GEMM_UID}" \
+    '$2 == u && $4 == r && $5 == k { print $1, $3 }'
+}
+gemm_pids_of() { gemm_procs_of "$@" | cut -d' ' -f1; }
+# Signal $2 with $1 only while it is still the process that started at $3.
+gemm_kill() { [ "$(gemm_start_time "$2")" = "$3" ] && kill -s "$1" "$2" 2>/dev/null; }
 # Entries of this host (a registry on a filesystem shared by several nodes holds theirs too).
 gemm_entries() {
   local reg=$1 run=${2:-} host e h
   host=$(uname -n)
   for e in "$reg"/${run:-*}/node_*; do
-    [ -d "$e" ] && [ -f "$e/run_id" ] || continue
+    [ -d "$e" ] && [ ! -L "$e" ] && [ -f "$e/run_id" ] || continue
     h=$(gemm_get "$e/host"); [ -z "$h" ] || [ "$h" = "$host" ] || continue
     printf '%s\n' "$e"
   done
 }
-# Is the entry's launcher alive? $2: scan text (the launcher carries the markers, pids get reused).
+# A pid file ($1: "pid start", or a bare pid from an older launcher) as "pid start" when that
+# process is alive and one of the entry's ($2: scan, $3 run, $4 rank, $5 uid); else nothing.
+gemm_recorded_proc() {
+  local pid start line
+  read -r pid start <<<"$(gemm_get "$1")"; [ -n "$pid" ] || return 1
+  line=$(gemm_procs_of "$2" "$3" "$4" "${5-}" | awk -v p="$pid" '$1 == p' | head -n 1)
+  [ -n "$line" ] || return 1
+  [ -z "$start" ] || [ "${line#* }" = "$start" ] || return 1
+  printf '%s\n' "$line"
+}
+# Is the entry's launcher alive? $2: scan text, $3: the entry's owner (default: us).
 gemm_launcher_alive() {
-  local pid; pid=$(gemm_get "$1/launcher.pid"); [ -n "$pid" ] || return 1
-  gemm_pids_of "$2" "$(gemm_get "$1/run_id")" "$(gemm_get "$1/node_rank")" | grep -qx -- "$pid"
+  gemm_recorded_proc "$1/launcher.pid" "$2" "$(gemm_get "$1/run_id")" "$(gemm_get "$1/node_rank")" "${3-}" >/dev/null
 }
 gemm_is_final() { case $(gemm_get "$1/state") in exited|stopped|killed) return 0;; esac; return 1; }
 # Record the end for a launcher that cannot any more (killed, or vanished): $1 entry, $2 state, $3 code.
@@ -145,13 +182,14 @@ gemm_finalize() {
 }
 # Signal one entry's processes: host pids from the scan (container processes included when this
 # user may see them) and, for a dockerized run, the same scan inside the container, because a
-# killed `docker exec` client leaves its process running there. $3: a pid to spare (the launcher).
+# killed `docker exec` client leaves its process running there. $3: a pid to spare (the launcher),
+# $5: the entry's owner (default: us).
 gemm_signal_entry() {
-  local e=$1 sig=$2 spare=${3:-} scan=$4 run rank c p
+  local e=$1 sig=$2 spare=${3:-} scan=$4 owner=${5-} run rank c p st
   run=$(gemm_get "$e/run_id"); rank=$(gemm_get "$e/node_rank"); c=$(gemm_get "$e/container")
-  for p in $(gemm_pids_of "$scan" "$run" "$rank"); do
-    [ "$p" = "$spare" ] || kill -s "$sig" "$p" 2>/dev/null
-  done
+  while read -r p st; do
+    [ -n "$p" ] && [ "$p" != "$spare" ] && gemm_kill "$sig" "$p" "$st"
+  done < <(gemm_procs_of "$scan" "$run" "$rank" "$owner")
   if [ -n "$c" ]; then
     docker exec "$c" sh -c "$GEMM_SCAN_KILL" gemm-kill "$sig" "$run" "$rank" >/dev/null 2>&1 &
   fi
@@ -169,29 +207,39 @@ gemm_steps() {
 # --- end of run-registry helpers ---
 """
 
-_START_SH = r"""reg=$1 run=$2 rank=$3 launcher=$4 polls=$5
+_START_SH = r"""reg=$(gemm_registry "$1") run=$2 rank=$3 launcher=$4 polls=$5 workdir=$6
+gemm_make_registry "$reg" || exit 1
 e=$reg/$run/node_$rank
-gemm_make_registry "$reg" && mkdir -p "$e" || { echo "cannot create the registry entry $e" >&2; exit 1; }
-[ -r "$launcher" ] || { echo "node launcher $launcher is missing on $(uname -n)" >&2; exit 1; }
-if gemm_launcher_alive "$e" "$(gemm_scan)"; then
-  echo "run $run already has a live launcher for node $rank (pid $(gemm_get "$e/launcher.pid"))" >&2
+# Right before anything runs: the run dir, the launcher in it and the checkout the ranks import
+# from must be beyond other users' reach.
+gemm_safe_dir "$(dirname -- "$launcher")" "the run directory" private || exit 1
+gemm_safe_file "$launcher" "the node launcher" || exit 1
+gemm_safe_dir "$workdir" "the workdir (cluster.workdir)" || exit 1
+{ [ -d "$reg/$run" ] && [ ! -L "$reg/$run" ]; } || mkdir -m 700 -- "$reg/$run" 2>/dev/null \
+  || [ -d "$reg/$run" ] || { echo "cannot create the registry entry $reg/$run" >&2; exit 1; }
+if ! mkdir -m 700 -- "$e" 2>/dev/null; then
+  if gemm_launcher_alive "$e" "$(gemm_scan)"; then
+    echo "run $run already has a live launcher for node $rank (pid $(gemm_get "$e/launcher.pid" | cut -d' ' -f1))" >&2
+  else
+    echo "run $run already has a registry entry for node $rank ($e); run ids are never reused: start a new run" >&2
+  fi
   exit 1
 fi
-rm -f "$e/launcher.pid"
 # Own session (setsid), stdin/stdout/stderr off the SSH channel: sshd does not wait for the
 # launcher, and the launcher neither gets SIGHUP nor dies of a broken pipe when the channel goes.
 ( export GEMM_RUN_ID=$run GEMM_NODE_RANK=$rank
   exec setsid bash "$launcher" "$rank" </dev/null >>"$e/launcher.log" 2>&1 ) &
 i=0
 while [ "$i" -lt "$polls" ]; do
-  if [ -s "$e/launcher.pid" ]; then gemm_get "$e/launcher.pid"; echo; exit 0; fi
+  if [ -s "$e/launcher.pid" ]; then gemm_get "$e/launcher.pid" | cut -d' ' -f1; exit 0; fi
   sleep 0.05; i=$((i+1))
 done
 echo "node launcher did not start: $(tail -n 3 "$e/launcher.log" 2>/dev/null | tr '\n' ' ')" >&2
 exit 1
 """
 
-_STATUS_SH = r"""reg=$1 run=$2 recent=$3
+_STATUS_SH = r"""reg=$(gemm_registry "$1") run=$2 recent=$3
+gemm_open_registry "$reg" || exit 1
 scan=$(gemm_scan)
 rows=
 while IFS= read -r e; do
@@ -217,30 +265,45 @@ while read -r active started e; do
   alive=0; gemm_launcher_alive "$e" "$scan" && alive=1
   printf '@@ entry\n'
   for key in run_id node_rank state exit_code started_at ended_at host user container output_dir \
-             output_log run_dir launcher.pid; do
+             output_log run_dir; do
     printf '%s=%s\n' "$key" "$(gemm_get "$e/$key")"
   done
+  printf 'launcher.pid=%s\n' "$(gemm_get "$e/launcher.pid" | cut -d' ' -f1)"
   printf 'entry=%s\npid_alive=%s\nprocs=%s\nsteps_done=%s\n' "$e" "$alive" \
     "$(printf '%s' "$pids" | grep -c .)" "$(gemm_steps "$(gemm_get "$e/output_dir")")"
 done < <(printf '%s' "$rows" | sort -k1,1r -k2,2r)
 """
 
-_STOP_SH = r"""reg=$1 run=$2 mode=$3 grace_polls=$4
+_STOP_SH = r"""reg=$(gemm_registry "$1") run=$2 mode=$3 grace_polls=$4 scope=$5
 scan=$(gemm_scan)
-me=$(id -un); uid=$(id -u)
 targets=()
-declare -A vanished=()
-while IFS= read -r e; do
-  [ -n "$e" ] || continue
-  # Only what this user may stop (root: every run); the kernel would refuse the rest anyway.
-  [ "$uid" = 0 ] || [ "$(gemm_get "$e/user")" = "$me" ] || continue
-  r=$(gemm_get "$e/run_id"); k=$(gemm_get "$e/node_rank")
-  if [ -n "$run" ] || ! gemm_is_final "$e" || [ -n "$(gemm_pids_of "$scan" "$r" "$k")" ]; then
-    targets+=("$e")
-    # Nothing of it left (its launcher died unrecorded): record it killed, exit code unknown.
-    [ -n "$(gemm_pids_of "$scan" "$r" "$k")" ] || vanished[$e]=1
+declare -A vanished=() owner_of=()
+registries=("$reg")
+if [ "$scope" = all ]; then
+  if [ "$GEMM_UID" != 0 ]; then
+    echo "--all-users needs root on $(uname -n) (you are $(gemm_user_of "$GEMM_UID")): only root may stop other users' runs" >&2
+    exit 2
   fi
-done < <(gemm_entries "$reg" "$run")
+  # Every user's registry in its default place (and the configured one); each entry's processes
+  # are matched with the uid of the registry's owner, so a registry planted by one user cannot
+  # name another user's processes.
+  for r in /tmp/gemm-runs-[0-9]*; do [ "$r" = "$reg" ] || registries+=("$r"); done
+else
+  gemm_open_registry "$reg" || exit 1
+fi
+for r in "${registries[@]}"; do
+  [ -d "$r" ] && [ ! -L "$r" ] || continue
+  owner=$(stat -c %u -- "$r")
+  while IFS= read -r e; do
+    [ -n "$e" ] || continue
+    k=$(gemm_get "$e/node_rank"); rr=$(gemm_get "$e/run_id")
+    if [ -n "$run" ] || ! gemm_is_final "$e" || [ -n "$(gemm_pids_of "$scan" "$rr" "$k" "$owner")" ]; then
+      targets+=("$e"); owner_of[$e]=$owner
+      # Nothing of it left (its launcher died unrecorded): record it killed, exit code unknown.
+      [ -n "$(gemm_pids_of "$scan" "$rr" "$k" "$owner")" ] || vanished[$e]=1
+    fi
+  done < <(gemm_entries "$r" "$run")
+done
 if [ "${#targets[@]}" = 0 ]; then
   echo "nothing to stop on $(uname -n)${run:+ for run $run}"; exit 0
 fi
@@ -249,15 +312,15 @@ any_alive() {
   local e
   scan=$(gemm_scan)
   for e in "${targets[@]}"; do
-    [ -n "$(gemm_pids_of "$scan" "$(gemm_get "$e/run_id")" "$(gemm_get "$e/node_rank")")" ] && return 0
+    [ -n "$(gemm_pids_of "$scan" "$(gemm_get "$e/run_id")" "$(gemm_get "$e/node_rank")" "${owner_of[$e]}")" ] && return 0
   done
   return 1
 }
 kill_all() {  # $1: also the launchers (1) or spare them so they record the end (0)
   local e spare
   for e in "${targets[@]}"; do
-    spare=; [ "$1" = 1 ] || spare=$(gemm_get "$e/launcher.pid")
-    gemm_signal_entry "$e" KILL "$spare" "$scan"
+    spare=; [ "$1" = 1 ] || spare=$(gemm_get "$e/launcher.pid" | cut -d' ' -f1)
+    gemm_signal_entry "$e" KILL "$spare" "$scan" "${owner_of[$e]}"
   done
   wait
 }
@@ -268,18 +331,16 @@ if [ "$mode" = kill ]; then
 else
   for e in "${targets[@]}"; do
     gemm_is_final "$e" || gemm_put "$e/stop_requested" stop
-    if gemm_launcher_alive "$e" "$scan"; then
+    r=$(gemm_get "$e/run_id"); k=$(gemm_get "$e/node_rank"); o=${owner_of[$e]}
+    if proc=$(gemm_recorded_proc "$e/launcher.pid" "$scan" "$r" "$k" "$o"); then
       # The launcher forwards SIGTERM to torchrun's process group (in the container too) and
       # records how it ended; torchrun passes it to its workers once.
-      kill -s TERM "$(gemm_get "$e/launcher.pid")" 2>/dev/null
+      gemm_kill TERM $proc
+    elif proc=$(gemm_recorded_proc "$e/child.pid" "$scan" "$r" "$k" "$o"); then
+      # No launcher to forward it: torchrun's group, while its leader is still the one recorded.
+      [ "$(gemm_start_time "${proc% *}")" = "${proc#* }" ] && kill -s TERM -- "-${proc% *}" 2>/dev/null
     else
-      # No launcher to forward it: torchrun's group, if it is still the one recorded.
-      c=$(gemm_get "$e/child.pid")
-      if [ -n "$c" ] && [ -n "$(gemm_pids_of "$scan" "$(gemm_get "$e/run_id")" "$(gemm_get "$e/node_rank")" | grep -x -- "$c")" ]; then
-        kill -s TERM -- "-$c" 2>/dev/null
-      else
-        gemm_signal_entry "$e" TERM "" "$scan"
-      fi
+      gemm_signal_entry "$e" TERM "" "$scan" "$o"
     fi
   done
   wait
@@ -303,18 +364,19 @@ for e in "${targets[@]}"; do
   elif [ "$escalated" = 1 ]; then gemm_finalize "$e" killed 137
   else gemm_finalize "$e" stopped 143
   fi
-  left=$(gemm_pids_of "$scan" "$r" "$k" | tr '\n' ',' | sed 's/,$//')
+  left=$(gemm_pids_of "$scan" "$r" "$k" "${owner_of[$e]}" | tr '\n' ',' | sed 's/,$//')
   if [ -n "$left" ]; then
     status=1
     echo "run $r node $k: pid(s) $left survived SIGKILL (uninterruptible sleep? see ps -o stat)" >&2
   fi
-  printf 'stopped run=%s node=%s state=%s exit_code=%s survivors=%s\n' "$r" "$k" \
-    "$(gemm_get "$e/state")" "$(gemm_get "$e/exit_code")" "${left:--}"
+  printf 'stopped run=%s node=%s state=%s exit_code=%s survivors=%s user=%s\n' "$r" "$k" \
+    "$(gemm_get "$e/state")" "$(gemm_get "$e/exit_code")" "${left:--}" "$(gemm_get "$e/user")"
 done
 exit "$status"
 """
 
-_LOGS_SH = r"""reg=$1 run=$2 follow=$3 lines=$4
+_LOGS_SH = r"""reg=$(gemm_registry "$1") run=$2 follow=$3 lines=$4
+gemm_open_registry "$reg" || exit 1
 e=$(gemm_entries "$reg" "$run" | head -n 1)
 if [ -z "$e" ]; then
   echo "run $run has no entry in $reg on $(uname -n)" >&2; exit EXIT_NO_SUCH_RUN
@@ -324,7 +386,7 @@ printf '@@ node_rank %s\n' "$(gemm_get "$e/node_rank")"
 if [ "$lines" = all ]; then start=+1; else start=$lines; fi
 if [ "$follow" = 1 ] && gemm_launcher_alive "$e" "$(gemm_scan)"; then
   # Ends by itself once the launcher has exited (and the last lines are out).
-  exec tail -n "$start" -s 0.5 -F --pid="$(gemm_get "$e/launcher.pid")" -- "$log" 2>/dev/null
+  exec tail -n "$start" -s 0.5 -F --pid="$(gemm_get "$e/launcher.pid" | cut -d' ' -f1)" -- "$log" 2>/dev/null
 fi
 [ -f "$log" ] || { echo "run $run: no output log at $log yet" >&2; exit 0; }
 exec tail -n "$start" -- "$log"
@@ -337,29 +399,43 @@ def _one_shot(script: str, name: str, args: Sequence[object]) -> str:
     return f"bash -c {sh_quote(body)} {sh_quote(name)} {sh_join(args)}"
 
 
-def launcher_start_command(launcher_path: str, node_rank: int, registry_dir: str, run_id: str) -> str:
+def _registry_arg(registry_dir: str | None) -> str:
+    """The configured registry, or "" for the per-user default the node resolves itself."""
+    if registry_dir is None:
+        return ""
+    return validate_node_path(registry_dir, "registry_dir")
+
+
+def launcher_start_command(launcher_path: str, node_rank: int, registry_dir: str | None,
+                           run_id: str, workdir: str | None = None) -> str:
     """Start the node launcher detached and print its pid; exits 1 (stderr says why) otherwise.
 
-    Returns as soon as the launcher has registered itself (its pid file), not when torchrun ends.
+    Right before the start, the run directory, the launcher and the workdir (default: the
+    launcher's directory) are checked beyond other users' reach (tasks/lib/nodefs.py). Returns
+    as soon as the launcher has registered itself (its pid file), not when torchrun ends.
     """
     validate_node_path(launcher_path, "launcher path")
-    validate_node_path(registry_dir, "registry_dir")
+    registry = _registry_arg(registry_dir)
+    workdir = validate_node_path(workdir or posixpath.dirname(launcher_path), "workdir")
     validate_run_id(run_id)
     if isinstance(node_rank, bool) or not isinstance(node_rank, int) or node_rank < 0:
         raise RegistryError(f"node rank {node_rank!r} must be a non-negative integer")
     return _one_shot(_START_SH, "gemm-start",
-                     [registry_dir, run_id, node_rank, launcher_path, START_WAIT_POLLS])
+                     [registry, run_id, node_rank, launcher_path, START_WAIT_POLLS, workdir])
 
 
-def stop_command(registry_dir: str, run_id: str | None, grace: float, kill: bool) -> str:
+def stop_command(registry_dir: str | None, run_id: str | None, grace: float, kill: bool,
+                 all_users: bool = False) -> str:
     """Stop one run's processes on a node (run_id None: every active run of ours there).
 
     kill: SIGKILL at once (emergency). Otherwise SIGTERM to each launcher (which forwards it to
     torchrun's group and records the end), wait up to `grace` seconds, then SIGKILL what is left.
-    Prints one `stopped run=... node=... state=... exit_code=... survivors=...` line per entry
-    (see parse_stop_output); exits 1 when some process survived SIGKILL.
+    all_users (root only, refused on the node otherwise): every user's registry in its default
+    place, each entry's processes matched with its registry owner's uid.
+    Prints one `stopped run=... node=... state=... exit_code=... survivors=... user=...` line per
+    entry (see parse_stop_output); exits 1 when some process survived SIGKILL.
     """
-    validate_node_path(registry_dir, "registry_dir")
+    registry = _registry_arg(registry_dir)
     if run_id is not None:
         validate_run_id(run_id)
     if not (grace >= 0 and math.isfinite(grace)):
@@ -367,38 +443,40 @@ def stop_command(registry_dir: str, run_id: str | None, grace: float, kill: bool
     polls = math.ceil(grace / STOP_POLL_SECONDS)
     script = (_STOP_SH.replace("LAUNCHER_RECORD_POLLS", str(LAUNCHER_RECORD_POLLS))
               .replace("KILL_CONFIRM_POLLS", str(KILL_CONFIRM_POLLS)))
-    return _one_shot(script, "gemm-stop",
-                     [registry_dir, run_id or "", "kill" if kill else "stop", polls])
+    return _one_shot(script, "gemm-stop", [registry, run_id or "", "kill" if kill else "stop",
+                                           polls, "all" if all_users else "mine"])
 
 
-def status_command(registry_dir: str, run_id: str | None = None, recent: int = 10) -> str:
+def status_command(registry_dir: str | None, run_id: str | None = None, recent: int = 10) -> str:
     """Print this host's registry entries: every active one, plus the `recent` latest finished.
 
-    Output is for parse_status (blocks of key=value lines).
+    Output is for parse_status (blocks of key=value lines). A registry another user could have
+    tampered with is refused (exit 1, the reason on stderr), never read.
     """
-    validate_node_path(registry_dir, "registry_dir")
+    registry = _registry_arg(registry_dir)
     if run_id is not None:
         validate_run_id(run_id)
-    return _one_shot(_STATUS_SH, "gemm-status", [registry_dir, run_id or "", max(0, int(recent))])
+    return _one_shot(_STATUS_SH, "gemm-status", [registry, run_id or "", max(0, int(recent))])
 
 
-def logs_command(registry_dir: str, run_id: str, follow: bool, lines: int | None = None) -> str:
+def logs_command(registry_dir: str | None, run_id: str, follow: bool,
+                 lines: int | None = None) -> str:
     """Print `@@ node_rank N`, then the node's output log of the run (the last `lines`, or all).
 
     follow: keep printing new lines until the run's launcher exits. Exits 3 when this host has no
     entry for the run.
     """
-    validate_node_path(registry_dir, "registry_dir")
+    registry = _registry_arg(registry_dir)
     validate_run_id(run_id)
     count = "all" if lines is None else str(max(0, int(lines)))
     script = _LOGS_SH.replace("EXIT_NO_SUCH_RUN", str(EXIT_NO_SUCH_RUN))
-    return _one_shot(script, "gemm-logs", [registry_dir, run_id, "1" if follow else "0", count])
+    return _one_shot(script, "gemm-logs", [registry, run_id, "1" if follow else "0", count])
 
 
 def render_node_launcher(
     *,
     run_id: str,
-    registry_dir: str,
+    registry_dir: str | None,
     run_dir: str,
     output_dir: str,
     env_script: str,
@@ -417,7 +495,8 @@ def render_node_launcher(
     not `venv_required` (the <workdir>/.venv default) is activated only where it exists.
     """
     validate_run_id(run_id)
-    for value, what in ((registry_dir, "registry_dir"), (run_dir, "run_dir"),
+    _registry_arg(registry_dir)
+    for value, what in ((run_dir, "run_dir"),
                         (output_dir, "output_dir"), (env_script, "env_script"),
                         (workdir, "workdir")):
         validate_node_path(value, what)
@@ -433,7 +512,7 @@ def render_node_launcher(
     return render_template(
         LAUNCHER_TEMPLATE,
         run_id=run_id,
-        registry_dir=registry_dir,
+        registry_dir=registry_dir or "",
         run_dir=run_dir,
         output_dir=output_dir,
         env_script=env_script,
@@ -542,6 +621,7 @@ class StopOutcome:
     state: str
     exit_code: int | None
     survivors: tuple[int, ...]
+    user: str | None = None      # whose run it was (emergency-stop --all-users reaches others')
 
 
 def parse_stop_output(text: str) -> list[StopOutcome]:
@@ -560,6 +640,7 @@ def parse_stop_output(text: str) -> list[StopOutcome]:
             state=fields.get("state", ""),
             exit_code=_int_or_none(fields.get("exit_code")),
             survivors=tuple(int(p) for p in survivors.split(",") if p.isdigit()),
+            user=fields.get("user") or None,
         ))
     return outcomes
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from tasks.lib.masking import DEFAULT_SECRET_ENV_PATTERNS, MASK, secret_names
 from tasks.lib.quoting import is_env_name
 from tasks.lib.registry import CONTAINER_NAME, validate_run_id
 from tasks.lib.settings import DockerSettings
@@ -58,6 +59,8 @@ def render_env_script(
     run_id: str,
     common_env: Mapping[str, object],
     node_env: Sequence[Mapping[str, object]],
+    secret_patterns: Sequence[str] = DEFAULT_SECRET_ENV_PATTERNS,
+    masked: bool = False,
 ) -> str:
     """The run's env.sh: identical on every node, sourced by the node launcher with NODE_RANK set.
 
@@ -65,6 +68,10 @@ def render_env_script(
     per-node value (the socket interface resolved on that host) wins over a common one (a preset's
     NCCL_SOCKET_IFNAME). An unknown NODE_RANK makes sourcing fail instead of running
     half-configured.
+
+    Variables whose name matches `secret_patterns` (tasks.lib.masking) are listed in
+    GEMM_MASKED_VARS, so the ranks record them as "***"; `masked` renders the controller's copy,
+    with those values replaced by "***" too (the nodes get the real ones).
     """
     # Run ids name directories and appear in the env script's comments: keep them plain.
     validate_run_id(run_id)  # a RegistryError, which is a ValueError
@@ -75,12 +82,18 @@ def render_env_script(
     # The ranks record every variable named here in summary.json, whatever its prefix, so a
     # run shows that each setting of its env.sh arrived (--env extras included).
     names = dict.fromkeys(name for items in (common_items, *node_items) for name, _ in items)
+    secrets = secret_names(names, secret_patterns)
+    if masked:
+        common_items = [(name, MASK if name in secrets else value) for name, value in common_items]
+        node_items = [[(name, MASK if name in secrets else value) for name, value in items]
+                      for items in node_items]
     return render_template(
         ENV_TEMPLATE,
         run_id=run_id,
         common_env=common_items,
         node_env=node_items,
         env_var_names=" ".join(names),
+        masked_var_names=" ".join(secrets),
     )
 
 

@@ -199,7 +199,7 @@ class PointSpec:
 
 @dataclass
 class PointRow:
-    """One line of results.csv: a grid point and what its run measured."""
+    """One line of results.csv: a grid point and what its run measured (docs/METRICS.md)."""
 
     run_id: str | None
     run_dir: str | None
@@ -218,6 +218,27 @@ class PointRow:
     algbw_gbps_median: float | None = None
     slowest_rank: int | None = None
     rank_spread: float | None = None     # slowest rank's median iter_ms over the fastest's
+    iter_ms_p95: float | None = None
+    slowest_step_ms_p95: float | None = None  # p95 over steps of the slowest rank's iter_ms
+    slowest_host: str | None = None
+    slowest_by: str | None = None        # caused_wait | iter_ms
+    caused_wait_ms_median: float | None = None
+    wait_ms_median: float | None = None
+    wait_ms_p95: float | None = None
+    collective_ms_median: float | None = None
+    local_busbw_gbps_median: float | None = None
+    gemm_contention_slowdown_median: float | None = None
+    overlapped_gemm_fraction_median: float | None = None
+    launch_delay_ms_median: float | None = None
+    control_ms_median: float | None = None
+    reduce_local_ms_median: float | None = None
+    sm_clock_mhz_median: float | None = None
+    clock_drift: float | None = None     # measured steps' SM clock / calibration's - 1
+    clock_flag: bool | None = None
+    comm_stream_priority: str | None = None
+    outlier_steps: str | None = None     # "12,40" (step indices)
+    launch_delay_reason: str | None = None  # why launch_delay_ms_median is null (not in the CSV)
+    notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -233,19 +254,39 @@ CSV_FIELDS = (
     "channels", "threads", "nodes", "world_size", "status", "steps",
     "iter_ms_median", "iter_ms_p90", "gemm_tflops_median", "contention_slowdown_median",
     "exposed_comm_fraction_median", "busbw_gbps_median", "algbw_gbps_median",
-    "slowest_rank", "rank_spread", "run_id", "run_dir", "problems",
+    "slowest_rank", "rank_spread",
+    "iter_ms_p95", "slowest_step_ms_p95", "slowest_host", "slowest_by", "caused_wait_ms_median",
+    "wait_ms_median", "wait_ms_p95", "collective_ms_median", "local_busbw_gbps_median",
+    "gemm_contention_slowdown_median", "overlapped_gemm_fraction_median",
+    "launch_delay_ms_median", "control_ms_median", "reduce_local_ms_median",
+    "sm_clock_mhz_median", "clock_drift", "clock_flag", "comm_stream_priority", "outlier_steps",
+    "notes", "run_id", "run_dir", "problems",
 )
 
-# Aggregated metric -> (summary.json key, statistic) and the PointRow attribute it fills.
+# Aggregated metric -> (summary.json key, statistic) and the PointRow attribute it fills. The
+# metrics lines stand in when summary.json is missing, for the keys they carry.
 AGGREGATE_COLUMNS = {
     "iter_ms_median": ("iter_ms", "median"),
     "iter_ms_p90": ("iter_ms", "p90"),
+    "iter_ms_p95": ("iter_ms", "p95"),
     "gemm_tflops_median": ("gemm_tflops", "median"),
     "contention_slowdown_median": ("contention_slowdown", "median"),
     "exposed_comm_fraction_median": ("exposed_comm_fraction", "median"),
     "busbw_gbps_median": ("busbw_gbps", "median"),
     "algbw_gbps_median": ("algbw_gbps", "median"),
+    "wait_ms_median": ("wait_ms", "median"),
+    "wait_ms_p95": ("wait_ms", "p95"),
+    "collective_ms_median": ("collective_ms", "median"),
+    "local_busbw_gbps_median": ("local_busbw_gbps", "median"),
+    "gemm_contention_slowdown_median": ("gemm_contention_slowdown", "median"),
+    "overlapped_gemm_fraction_median": ("overlapped_gemm_fraction", "median"),
+    "control_ms_median": ("control_ms", "median"),
+    "reduce_local_ms_median": ("reduce_local_ms", "median"),
+    "sm_clock_mhz_median": ("sm_clock_mhz", "median"),
 }
+STATISTIC_PERCENT = {"median": 50, "p90": 90, "p95": 95}
+# Summary fields that are null for a stated reason: the reason goes into the row's notes.
+NULL_REASON_FIELDS = ("busbw_gbps", "wait_ms")
 
 
 def summarize_run(data: RunData, spec: PointSpec | None = None, sweep_status: str | None = None) -> PointRow:
@@ -270,11 +311,40 @@ def summarize_run(data: RunData, spec: PointSpec | None = None, sweep_status: st
     aggregates = _summary_aggregates(data.summary)
     for attribute, (key, statistic) in AGGREGATE_COLUMNS.items():
         value = _number(_get(aggregates, key, statistic))
-        if value is None and steps:
-            value = quantile([line.get(key) for line in steps], 50 if statistic == "median" else 90)
+        if value is None and steps and not isinstance(_get(aggregates, "null_reasons", key), str):
+            value = quantile([line.get(key) for line in steps], STATISTIC_PERCENT[statistic])
         setattr(row, attribute, value)
     row.slowest_rank, row.rank_spread = _rank_spread(data)
+    _fill_cross_rank(row, aggregates)
     return row
+
+
+def _fill_cross_rank(row: PointRow, aggregates: Mapping[str, Any]) -> None:
+    """The train summary's cross-rank findings: who held the others up, clocks, launch delay."""
+    slowest = _get(aggregates, "slowest_rank")
+    if isinstance(slowest, Mapping) and _integer(slowest.get("rank")) is not None:
+        row.slowest_rank = _integer(slowest.get("rank"))
+        row.slowest_host = _string(slowest.get("host"))
+        row.slowest_by = _string(slowest.get("by"))
+        row.caused_wait_ms_median = _number(slowest.get("caused_wait_ms_median"))
+    row.slowest_step_ms_p95 = _number(_get(aggregates, "step_max", "iter_ms", "p95"))
+    row.launch_delay_ms_median = _number(
+        _get(aggregates, "launch_delay_ms", "first_collective", "median"))
+    row.launch_delay_reason = _string(_get(aggregates, "launch_delay_ms", "reason"))
+    row.clock_drift = _number(_get(aggregates, "telemetry", "clock_drift"))
+    flag = _get(aggregates, "telemetry", "clock_drift_flag")
+    row.clock_flag = flag if isinstance(flag, bool) else None
+    row.comm_stream_priority = _string(_get(aggregates, "comm_stream_priority"))
+    outliers = _get(aggregates, "outlier_steps", "steps")
+    if isinstance(outliers, list) and outliers:
+        listed = [str(o.get("step")) for o in outliers if isinstance(o, Mapping)]
+        count = _integer(_get(aggregates, "outlier_steps", "count")) or len(listed)
+        row.outlier_steps = ",".join(listed) + (",..." if count > len(listed) else "")
+    reasons = _get(aggregates, "null_reasons")
+    if isinstance(reasons, Mapping):
+        for key in NULL_REASON_FIELDS:
+            if isinstance(reasons.get(key), str):
+                row.notes.append(f"{key} null: {reasons[key]}")
 
 
 def missing_row(spec: PointSpec | None, status: str, run_dir: str | None = None,
@@ -601,9 +671,10 @@ def results_csv(rows: Iterable[PointRow], base: Path | None = None) -> str:
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        record = {name: getattr(row, name) for name in CSV_FIELDS if name != "problems"}
+        record = {name: getattr(row, name) for name in CSV_FIELDS if name not in ("problems", "notes")}
         if row.run_dir and base is not None:
             record["run_dir"] = os.path.relpath(row.run_dir, base)
+        record["notes"] = "; ".join(row.notes)
         record["problems"] = "; ".join(row.problems)
         writer.writerow({k: _csv_value(v) for k, v in record.items()})
     return buffer.getvalue()
@@ -635,8 +706,10 @@ def report_markdown(report_input: ReportInput, rows: Sequence[PointRow], figures
         lines.append(f"**Best point: {best.label}** (channels={best.channels}, threads={best.threads}): "
                      f"median iteration {_fmt(best.iter_ms_median, '.2f')} ms "
                      f"(p90 {_fmt(best.iter_ms_p90, '.2f')} ms), GEMM {_fmt(best.gemm_tflops_median, '.3g')} TFLOP/s, "
-                     f"contention slowdown {_pct(best.contention_slowdown_median)}, "
-                     f"busbw {_fmt(best.busbw_gbps_median, '.3g')} GB/s. Run: `{best.run_id}`.")
+                     f"contention slowdown {_pct(best.contention_slowdown_median)} "
+                     f"(overlapped GEMMs {_pct(best.gemm_contention_slowdown_median)}), "
+                     f"busbw {_fmt(best.busbw_gbps_median, '.3g')} GB/s, "
+                     f"wait p95 {_fmt(best.wait_ms_p95, '.3g')} ms. Run: `{best.run_id}`.")
         others = sorted((r for r in rows if r is not best and r.status == COMPLETED and r.iter_ms_median),
                         key=lambda r: r.iter_ms_median)
         if others and best.iter_ms_median:
@@ -661,6 +734,9 @@ def report_markdown(report_input: ReportInput, rows: Sequence[PointRow], figures
             detail = "; ".join(row.problems) or (
                 "not run yet (fab sweep --resume finishes it)" if row.status == NOT_RUN else "no detail recorded")
             lines.append(f"- {row.label} (`{row.run_id or '-'}`): status {row.status}; {detail}")
+    lines.extend(_straggler_lines(rows))
+    lines.extend(_clock_lines(rows))
+    lines.extend(_communication_lines(rows))
     for row in rows:
         if row.run_dir and (section := _hang_section(Path(row.run_dir))):
             lines.extend(["", section.rstrip("\n")])
@@ -679,10 +755,78 @@ def report_markdown(report_input: ReportInput, rows: Sequence[PointRow], figures
     return "\n".join(lines)
 
 
+def _straggler_lines(rows: Sequence[PointRow]) -> list[str]:
+    """Who held each point back: the rank the others waited for, not an average."""
+    named = [r for r in rows if r.slowest_rank is not None and (r.world_size or 0) > 1]
+    if not named:
+        return []
+    lines = ["", "## Stragglers", ""]
+    for row in named:
+        who = f"rank {row.slowest_rank}" + (f" ({row.slowest_host})" if row.slowest_host else "")
+        if row.slowest_by == "caused_wait":
+            text = (f"- {row.label}: slowest {who}: the others waited "
+                    f"{_fmt(row.caused_wait_ms_median, '.3g')} ms per step for it (median); "
+                    f"wait per rank and step p50 {_fmt(row.wait_ms_median, '.3g')} ms, "
+                    f"p95 {_fmt(row.wait_ms_p95, '.3g')} ms")
+        else:
+            text = (f"- {row.label}: slowest {who} by median iteration time "
+                    f"({_fmt(None if row.rank_spread is None else (row.rank_spread - 1) * 100, '.1f')} % "
+                    f"above the fastest rank)")
+        text += (f"; iteration p50 {_fmt(row.iter_ms_median, '.2f')} ms, p95 "
+                 f"{_fmt(row.iter_ms_p95, '.2f')} ms, slowest rank per step p95 "
+                 f"{_fmt(row.slowest_step_ms_p95, '.2f')} ms")
+        if row.outlier_steps:
+            text += f"; outlier steps {row.outlier_steps}"
+        lines.append(text + ".")
+    return lines
+
+
+def _clock_lines(rows: Sequence[PointRow]) -> list[str]:
+    """Points whose measured steps ran at another SM clock than their GEMM-only calibration."""
+    read = [r for r in rows if r.clock_drift is not None]
+    if not read:
+        return []
+    lines = ["", "## Clocks", ""]
+    flagged = [r for r in read if r.clock_flag]
+    for row in flagged:
+        lines.append(f"- **{row.label}: clocks differed from the calibration**: measured steps ran "
+                     f"at {_signed(row.clock_drift * 100 if row.clock_drift is not None else None, ' %')} "
+                     f"SM clock against the GEMM-only steps (median "
+                     f"{_fmt(row.sm_clock_mhz_median, '.0f')} MHz): its contention figures compare two "
+                     "power states.")
+    if not flagged:
+        lines.append(f"Every point's measured steps ran within tolerance of their calibration's SM "
+                     f"clock ({len(read)} point(s) read).")
+    return lines
+
+
+def _communication_lines(rows: Sequence[PointRow]) -> list[str]:
+    """Collective time against what the ranks saw, the launch delay, and why figures are null."""
+    shown = [r for r in rows if r.collective_ms_median is not None or r.notes
+             or r.launch_delay_ms_median is not None]
+    if not shown:
+        return []
+    lines = ["", "## Communication", ""]
+    for row in shown:
+        parts = [f"collective {_fmt(row.collective_ms_median, '.3g')} ms per step (p50, rank skew "
+                 f"left out; local busbw with waits {_fmt(row.local_busbw_gbps_median, '.3g')} GB/s)",
+                 (f"launch delay of the first collective {_fmt(row.launch_delay_ms_median, '.3g')} ms"
+                  if row.launch_delay_ms_median is not None or not row.launch_delay_reason
+                  else f"launch delay not measured ({row.launch_delay_reason})"),
+                 f"control all-reduce {_fmt(row.control_ms_median, '.3g')} ms"]
+        if row.reduce_local_ms_median is not None:
+            parts.append(f"local sum {_fmt(row.reduce_local_ms_median, '.3g')} ms")
+        if row.comm_stream_priority:
+            parts.append(f"comm stream priority {row.comm_stream_priority}")
+        parts += row.notes
+        lines.append(f"- {row.label}: " + "; ".join(parts) + ".")
+    return lines
+
+
 def _trade_off_lines(result: TradeOff | None) -> list[str]:
     if result is None:
         return ["Not enough completed points with busbw and contention figures for a trade-off "
-                "(busbw is 0 at world size 1: no data crosses ranks)."]
+                "(busbw is null at world size 1: no data crosses ranks)."]
     high, low = result.highest_busbw, result.lowest_contention
     lines = [
         f"- Highest busbw: **{high.label}**: {_fmt(high.busbw_gbps_median, '.3g')} GB/s, "
@@ -708,13 +852,17 @@ MD_COLUMNS = (
     ("iter ms p50", "iter_ms_median", ".2f"), ("iter ms p90", "iter_ms_p90", ".2f"),
     ("GEMM TFLOP/s", "gemm_tflops_median", ".3g"), ("contention", "contention_slowdown_median", "pct"),
     ("exposed comm", "exposed_comm_fraction_median", "pct"), ("busbw GB/s", "busbw_gbps_median", ".3g"),
+    ("wait ms p95", "wait_ms_p95", ".3g"), ("slowest rank", "slowest_rank", None),
 )
+# The terminal table's share of them: it must fit an 80-column terminal (the stragglers are
+# printed below it).
+TERMINAL_MD_COLUMNS = MD_COLUMNS[:12]
 
 
-def table_cells(row: PointRow) -> list[str]:
+def table_cells(row: PointRow, columns: Sequence[tuple[str, str, str | None]] = MD_COLUMNS) -> list[str]:
     """The row formatted for people (shared by report.md and the terminal table)."""
     cells = []
-    for _, attribute, spec in MD_COLUMNS:
+    for _, attribute, spec in columns:
         value = getattr(row, attribute)
         if spec == "pct":
             cells.append(_pct(value))
@@ -741,13 +889,37 @@ def _markdown_table(rows: Sequence[PointRow]) -> list[str]:
     return lines
 
 
+PER_RANK_SUMMARY = (
+    ("wait ms p50", "wait_ms_median", ".3g"), ("wait ms p95", "wait_ms_p95", ".3g"),
+    ("others waited ms/step", "caused_wait_ms_median", ".3g"),
+    ("arrived last", "last_arrival_fraction", "pct"), ("compute ms", "compute_ms_median", ".3g"),
+    ("exposed comm ms", "exposed_comm_ms_median", ".3g"),
+    ("contention", "contention_slowdown_median", "pct"),
+)
+
+
 def _per_rank_lines(data: RunData) -> list[str]:
-    lines = ["## Per rank", "", "| rank | steps | iter ms p50 | iter ms max |", "|---:|---:|---:|---:|"]
+    """Every rank's own figures: the summary's per-rank entries where it has them."""
+    per_rank = {}
+    for entry in _get(_summary_aggregates(data.summary), "per_rank") or []:
+        if isinstance(entry, Mapping) and _integer(entry.get("rank")) is not None:
+            per_rank[_integer(entry.get("rank"))] = entry
+    extra = PER_RANK_SUMMARY if per_rank else ()
+    headers = ["rank", "host", "steps", "iter ms p50", "iter ms p95", "iter ms max",
+               *(h for h, _, _ in extra)]
+    lines = ["## Per rank", "", "| " + " | ".join(headers) + " |",
+             "|" + "|".join("---" if h == "host" else "---:" for h in headers) + "|"]
     for rank, steps in sorted(data.steps_by_rank.items()):
         values = [line.get("iter_ms") for line in steps]
         numbers = [v for v in (_number(x) for x in values) if v is not None]
-        lines.append(f"| {rank} | {len(steps)} | {_fmt(quantile(values, 50), '.2f')} | "
-                     f"{_fmt(max(numbers) if numbers else None, '.2f')} |")
+        entry = per_rank.get(rank, {})
+        cells = [str(rank), str(entry.get("host") or "-"), str(len(steps)),
+                 _fmt(quantile(values, 50), ".2f"), _fmt(quantile(values, 95), ".2f"),
+                 _fmt(max(numbers) if numbers else None, ".2f")]
+        for _, key, spec in extra:
+            value = _number(entry.get(key))
+            cells.append(_pct(value) if spec == "pct" else _fmt(value, spec))
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 

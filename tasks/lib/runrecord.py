@@ -13,7 +13,7 @@ Schema (version 1), top level:
   env {common: {...}, per_node: [{...} per node rank]}, torchrun_argv, wrapper_argv,
   nodes [{node_rank, host, hostname, address, ifname, gpus, gpu_names, commit, branch, ranks,
           launcher_pid, state, exit_code, started_at, ended_at, steps_done, steps_total, log,
-          collected, collect_error}],
+          collected, collect_error, collect_refused}],
   first_failure {node_rank, host, ranks, exit_code, reason, at, last_lines} | null (a push or
     start failure: reason "<phase> failed on node N (host)", last_lines one line per host),
   headline {metric: value} (from summary.json, when there is one),
@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tasks.lib.localfs import name_problem, shown_name
 from tasks.lib.quoting import sh_quote
 from tasks.lib.watchdog import STEP_LINE
 
@@ -74,8 +75,11 @@ class NodeRecord:
     steps_done: int | None = None
     steps_total: int | None = None
     log: str | None = None        # controller log file, relative to the run dir
-    collected: dict[str, int] | None = None  # {"files", "bytes", "skipped"} after collection
+    collected: dict[str, int] | None = None  # {"files", "bytes", "skipped", "refused"}
     collect_error: str | None = None  # why this node's outputs could not be collected
+    # Entries of its output directory not copied ("'name' (why)"): not regular files, or names
+    # that are no plain relative path.
+    collect_refused: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -367,21 +371,59 @@ def failure_reason(culprit: Evidence) -> str:
 
 # -- collection -----------------------------------------------------------------------------------
 
+# Entries "<type> <size> <path>" separated by NUL, the one byte no file name can hold: a name
+# with a newline or a tab cannot pose as another entry. Directories are left out (their files
+# are listed); anything else that is not a regular file is listed so that it can be refused.
+_LIST_FORMAT = "%y %s %P\\0"
+
+
 def list_files_command(directory: str) -> str:
-    """Size and relative path of every file under `directory`; a missing directory (or one that
-    cannot be read) exits non-zero saying so, never "no files"."""
+    """Type, size and relative path of everything but directories under `directory` (not
+    following symlinks); a missing directory (or one that cannot be read) exits non-zero
+    saying so, never "no files"."""
     quoted = sh_quote(directory)
-    return (f"if [ -d {quoted} ]; then find {quoted} -type f -printf '%s\\t%P\\n'; "
+    return (f"if [ -d {quoted} ]; then find {quoted} -mindepth 1 ! -type d "
+            f"-printf '{_LIST_FORMAT}'; "
             f"else echo {sh_quote(f'no output directory {directory}')} >&2; exit 3; fi")
 
 
-def parse_file_list(text: str) -> list[tuple[int, str]]:
-    files = []
-    for line in text.splitlines():
-        size, sep, path = line.partition("\t")
-        if sep and size.isdigit() and path:
-            files.append((int(size), path))
-    return files
+@dataclass
+class FileListing:
+    """What a node listed: the regular files to copy (size, relative path), and every entry
+    refused, as (name as it may be shown, why)."""
+
+    files: list[tuple[int, str]] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+
+def parse_file_list(text: str) -> FileListing:
+    """The node's listing (list_files_command's output, or whatever a hostile node sent):
+    only regular files whose names are plain relative paths are kept."""
+    listing = FileListing()
+    for entry in text.split("\0"):
+        if not entry.strip():
+            continue
+        kind, _, rest = entry.partition(" ")
+        size, _, path = rest.partition(" ")
+        if len(kind) != 1 or not size.isdigit() or not path:
+            listing.refused.append((shown_name(entry), "not a listing entry"))
+            continue
+        problem = name_problem(path)
+        if problem is None and kind != "f":
+            problem = "a symlink" if kind == "l" else f"not a regular file (type {kind})"
+        if problem:
+            listing.refused.append((shown_name(path), problem))
+        else:
+            listing.files.append((int(size), path))
+    return listing
+
+
+def refusal_line(refused: Sequence[tuple[str, str]], shown: int = 5) -> str:
+    """One line naming what a node's listing had that was not copied."""
+    names = ", ".join(f"{name} ({why})" for name, why in refused[:shown])
+    more = f", and {len(refused) - shown} more" if len(refused) > shown else ""
+    return (f"refused {len(refused)} entr{'y' if len(refused) == 1 else 'ies'} of its output "
+            f"directory (only regular files with plain relative names are copied): {names}{more}")
 
 
 __all__ = [
@@ -389,5 +431,5 @@ __all__ = [
     "now_iso", "parse_progress", "exit_reason", "headline_metrics", "HEADLINE_METRICS",
     "SCHEMA_VERSION", "RUN_JSON", "FINAL_NODE_STATES", "Evidence", "classify_line",
     "choose_first_failure", "failure_reason", "AGENT_DEATH_SIGNAL", "list_files_command",
-    "parse_file_list", "write_json_atomic",
+    "parse_file_list", "FileListing", "refusal_line", "write_json_atomic",
 ]

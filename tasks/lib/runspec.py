@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -508,14 +509,19 @@ def run_id_base(channels: int, threads: int, when: datetime) -> str:
     return f"multinode_{channels}ch_{threads}th_{when:%Y%m%d_%H%M%S}"
 
 
-def run_id_candidates(channels: int, threads: int, when: datetime) -> Iterator[str]:
-    """The run id, then _1, _2 ... for launches in the same second (the first free one wins)."""
+RUN_ID_SUFFIX_BYTES = 3  # 6 hex digits after the timestamp
+
+
+def run_id_candidates(channels: int, threads: int, when: datetime,
+                      token: Callable[[int], str] = secrets.token_hex) -> Iterator[str]:
+    """Run ids `<base>_<6 random hex>`, fresh each; the first free one wins.
+
+    Random, not a counter: on a shared node nobody can guess (and pre-create or squat) the
+    directory or registry entry of a run before it starts. The timestamp keeps them sorted.
+    """
     base = run_id_base(channels, threads, when)
-    yield base
-    suffix = 1
     while True:
-        yield f"{base}_{suffix}"
-        suffix += 1
+        yield f"{base}_{token(RUN_ID_SUFFIX_BYTES)}"
 
 
 def output_dir_name(channels: int, threads: int) -> str:

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from tasks.lib.masking import DEFAULT_SECRET_ENV_PATTERNS
+
 HOST_KEY_POLICIES = ("reject", "accept-new", "auto-add")
 PLATFORMS = ("rocm", "cuda", "cpu")
 
@@ -30,7 +32,9 @@ class ClusterSettings:
     known_hosts: str = "~/.ssh/known_hosts"
     host_key_policy: str = "accept-new"
     experiments_dir: str = "experiments"    # on the controller
-    registry_dir: str = "/tmp/gemm-runs"    # node-local run registry ($HOME is often shared)
+    # Node-local run registry ($HOME is often shared). None: /tmp/gemm-runs-<uid>, one per user,
+    # so no other user of a shared node can pre-create it or plant entries (tasks/lib/nodefs.py).
+    registry_dir: str | None = None
     socket_ifname: str | None = None        # None: resolved per host by the route to the master
 
     def __post_init__(self) -> None:
@@ -56,6 +60,9 @@ def check_node_path(key: str, path: str) -> None:
                             "(starting with '/', no newline)")
 
 
+BUILTIN_ULIMITS: Mapping[str, object] = {"memlock": -1, "stack": 67108864}
+
+
 @dataclass(frozen=True)
 class DockerSettings:
     enabled: bool = True
@@ -67,9 +74,11 @@ class DockerSettings:
     shm_size: str = "17G"
     # Container rlimits: a number (-1: unlimited) or {soft, hard}; null drops one (daemon default).
     # memlock unlimited is what RDMA (IB/RoCE) needs; raising it needs CAP_SYS_RESOURCE.
-    ulimits: Mapping[str, object] = field(default_factory=lambda: {"memlock": -1, "stack": 67108864})
+    # Given ones are merged over BUILTIN_ULIMITS here, not in the config tree: see default_config.
+    ulimits: Mapping[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "ulimits", {**BUILTIN_ULIMITS, **self.ulimits})
         if self.platform not in PLATFORMS:
             raise SettingsError(f"docker.platform: {self.platform!r} is not one of {', '.join(PLATFORMS)}")
         for volume in self.volumes:
@@ -87,10 +96,16 @@ class LaunchSettings:
     nccl_preset: str | None = None          # ib | ethernet | debug (config/nccl/<name>.yaml)
     hang_timeout: float = 600.0             # seconds without progress before the watchdog acts
     stop_grace: float = 15.0                # SIGTERM to SIGKILL, seconds
+    # --env variables whose name contains one of these (any case) are shown and recorded as ***
+    secret_env_patterns: tuple = DEFAULT_SECRET_ENV_PATTERNS
 
     def __post_init__(self) -> None:
         if isinstance(self.nproc, str) and self.nproc != "auto":
             raise SettingsError(f"launch.nproc: {self.nproc!r} is neither a number nor 'auto'")
+        for pattern in self.secret_env_patterns:
+            if not isinstance(pattern, str) or not pattern.strip():
+                raise SettingsError(f"launch.secret_env_patterns: {pattern!r} is not a non-empty "
+                                    "string (e.g. [TOKEN, SECRET, PASSWORD, KEY, CREDENTIAL])")
 
 
 @dataclass(frozen=True)
@@ -102,10 +117,32 @@ class Settings:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Settings:
         """Build from a config tree (an Invoke Config or a plain mapping); missing keys take defaults."""
+        check_connection_keys(config)
         return cls(**{
             name: _build(section_cls, plain(config[name]) if name in config else {}, name)
             for name, section_cls in SECTIONS.items()
         })
+
+
+def check_connection_keys(config: Mapping[str, Any]) -> None:
+    """Fabric's own keys every connection uses: Fabric would raise a TypeError or ValueError for
+    a wrong type deep inside the first Connection instead of naming the key."""
+    user, port = config.get("user"), config.get("port")
+    if user is not None and not isinstance(user, str):
+        raise SettingsError(f"user: expected a string (the SSH login name), got {user!r}")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int)
+                             or not 1 <= port <= 65535):
+        raise SettingsError(f"port: expected an SSH port number (1-65535), got {port!r}")
+    connect = plain(config.get("timeouts") or {}).get("connect")
+    if connect is not None and (isinstance(connect, bool) or not isinstance(connect, (int, float))
+                                or connect <= 0):
+        raise SettingsError(f"timeouts.connect: expected seconds (a number above 0), "
+                            f"got {connect!r}")
+    keys = plain(config.get("connect_kwargs") or {}).get("key_filename")
+    if keys is not None and not isinstance(keys, str) and not (
+            isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+        raise SettingsError(f"connect_kwargs.key_filename: expected a path or a list of paths, "
+                            f"got {keys!r}")
 
 
 SECTIONS: dict[str, type] = {
@@ -117,8 +154,12 @@ SECTIONS: dict[str, type] = {
 
 def default_config() -> dict[str, Any]:
     """The built-in defaults as a config tree, for `Collection.configure`."""
+    tree = {name: _as_config(section_cls()) for name, section_cls in SECTIONS.items()}
+    # Invoke merges config files key by key and refuses a mapping ({soft, hard}) where the tree
+    # holds a number (memlock: -1): the built-in limits are DockerSettings', not the tree's.
+    tree["docker"]["ulimits"] = {}
     return {
-        **{name: _as_config(section_cls()) for name, section_cls in SECTIONS.items()},
+        **tree,
         # Fabric has no connect timeout by default: one dead host would stall every task for
         # minutes of TCP retries.
         "timeouts": {"connect": 10},
@@ -173,5 +214,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return tuple(value)
         if base is Mapping and isinstance(value, Mapping):
             return {str(k): v for k, v in value.items()}
-    expected = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+    expected = " or ".join(_TYPE_WORDS.get(get_origin(o) or o, getattr(o, "__name__", str(o)))
+                           for o in options if o is not type(None))
     raise SettingsError(f"{key}: expected {expected}, got {value!r}")
+
+
+# How the config file spells what _coerce expects.
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               tuple: "a list", Mapping: "a mapping"}

@@ -6,7 +6,8 @@ sweep.json (schema 1):
   schema, sweep_id, status (running|completed|partial|interrupted|aborted), created_at,
   updated_at, ended_at, controller {host, user, cwd}, hosts [labels], fail_fast, point_timeout,
   grid {channels [..], threads [..], order "channels-major"},
-  launch_flags {the launch flags the sweep was given, channels/threads excluded},
+  launch_flags {the launch flags the sweep was given, channels/threads excluded; --env values
+    of secret-looking variables as ***},
   sessions [{started_at, ended_at, resumed, ran [point indexes]}],
   points [{index, channels, threads, status (pending|running|completed|failed|stopped|hung|
            interrupted|error), run_id, run_dir (relative to the sweep directory), attempts,
@@ -30,6 +31,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.lib.masking import MASK, assignment_name, is_masked_assignment, mask_assignments
 from tasks.lib.quoting import sh_quote
 from tasks.lib.registry import SCAN_KILL_SH
 
@@ -196,6 +198,36 @@ def check_resume_flags(recorded: Mapping[str, Any], given: Mapping[str, Any],
         if _normalise(recorded.get(name)) != _normalise(value):
             raise SweepError(f"--{name.replace('_', '-')} {value!r} differs from the resumed sweep's "
                              f"{recorded.get(name)!r}; drop it or start a new sweep")
+
+
+def restore_masked_env(recorded: Sequence[str], given: Sequence[str],
+                       secret_patterns: Iterable[str]) -> list[str]:
+    """The --env list a resumed sweep runs with.
+
+    sweep.json records *** for the values of secret-looking variables (tasks.lib.masking), so
+    those must come again with --resume: `--env NAME=VALUE` for just them, or the whole --env
+    list as first given (it must then mask to what was recorded). SweepError otherwise; no
+    message names a secret value."""
+    recorded, given = list(recorded), list(given)
+    masked = [assignment_name(item) for item in recorded if is_masked_assignment(item)]
+    if not given:
+        if masked:
+            raise SweepError(f"sweep.json records the value of {', '.join(masked)} as {MASK}: give "
+                             "it again with --resume, e.g. --env " + f"{masked[0]}=VALUE")
+        return recorded
+    values = {assignment_name(item): item for item in given}
+    if set(values) <= set(masked):
+        missing = [name for name in masked if name not in values]
+        if missing:
+            raise SweepError(f"sweep.json records the value of {', '.join(missing)} as {MASK}: "
+                             "give it again with --resume too (--env NAME=VALUE)")
+        return [values[assignment_name(item)] if is_masked_assignment(item) else item
+                for item in recorded]
+    shown = mask_assignments(given, secret_patterns)
+    if shown != recorded:
+        raise SweepError(f"--env {shown!r} differs from the resumed sweep's {recorded!r}; give "
+                         f"only the values recorded as {MASK}, or drop --env, or start a new sweep")
+    return given
 
 
 def _normalise(value: Any) -> Any:

@@ -23,6 +23,7 @@ import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from tasks.lib.nodefs import with_safe_fs
 from tasks.lib.probe import SYNC_FILES, SYNC_RECORD
 from tasks.lib.quoting import sh_quote
 
@@ -149,12 +150,16 @@ def marker_name(token: str, who: str) -> str:
     return f"{MARKER_PREFIX}{token}-{who}"
 
 
+# The workdir holds the code every rank imports: a directory another user could change (or
+# planted on the way to it) is refused before anything is written there (tasks/lib/nodefs.py).
+def _workdir_check(workdir: str) -> str:
+    return f"gemm_safe_dir {sh_quote(workdir)} 'the workdir (cluster.workdir)' || exit 1\n"
+
+
 def mark_script(workdir: str, token: str, index: int) -> str:
-    """Round 1: create the workdir and drop this node's marker in it."""
-    return (
-        f"mkdir -p -- {sh_quote(workdir)} && "
-        f": > {sh_quote(posixpath.join(workdir, marker_name(token, str(index))))}"
-    )
+    """Round 1: create the workdir and drop this node's marker in it (a command line)."""
+    marker = sh_quote(posixpath.join(workdir, marker_name(token, str(index))))
+    return with_safe_fs(_workdir_check(workdir) + f": > {marker}\n")
 
 
 def seen_script(workdir: str, token: str, node_count: int) -> str:
@@ -198,11 +203,12 @@ def filesystem_groups(seen: Mapping[int, set[str]]) -> tuple[set[int], dict[int,
 
 
 def extract_script(workdir: str, token: str, stale: Sequence[str]) -> str:
-    """Round 3 on a group leader: drop the markers, delete stale files, unpack stdin."""
+    """Round 3 on a group leader: drop the markers, delete stale files, unpack stdin (a command
+    line; stdin reaches tar)."""
     w = sh_quote(workdir)
     lines = [
+        _workdir_check(workdir).rstrip("\n"),
         "set -e",
-        f"mkdir -p -- {w}",
         f"cd -- {w}",
         f"rm -f -- {sh_quote(MARKER_PREFIX + token)}-*",
     ]
@@ -216,7 +222,7 @@ def extract_script(workdir: str, token: str, stale: Sequence[str]) -> str:
                 + " 2>/dev/null || true"
             )
     lines.append("tar -xzf - --no-same-owner")
-    return "\n".join(lines) + "\n"
+    return with_safe_fs("\n".join(lines) + "\n")
 
 
 __all__ = [

@@ -136,7 +136,9 @@ def test_dry_run_touches_nothing(listeners, tmp_path):
     for index, listener in enumerate(hosts):
         assert f"node {index} (" in out and f":{listener.port})" in out
     assert out.count("node_launcher.sh (") == 2 and out.count("env.sh (") == 2
-    assert out.count("gemm-start /tmp/gemm-runs multinode_42ch_512th_") == 2
+    # No cluster.registry_dir: '' lets each node use its user's /tmp/gemm-runs-<uid>.
+    assert out.count("gemm-start '' multinode_42ch_512th_") == 2
+    assert "run registry: /tmp/gemm-runs-<uid> of the user on each host" in out
     assert "export NCCL_MIN_NCHANNELS=42" in out and "export RCCL_THREADS_PER_BLOCK=512" in out
     assert "export NCCL_X='$(touch /tmp/gemm-dry) '\"'\"'q'\"'\"''" in out
     assert "--nnodes=2" in out and "--nproc-per-node=2" in out
@@ -327,7 +329,7 @@ def only_run_dir(experiments: Path, run_id: str | None = None) -> Path:
 
 
 def run_id_of(output: str) -> str:
-    match = re.search(r"(multinode_\d+ch_\d+th_\d{8}_\d{6}(?:_\d+)?)", output)
+    match = re.search(r"(multinode_\d+ch_\d+th_\d{8}_\d{6}(?:_[0-9a-f]+)?)", output)
     assert match, output[-2000:]
     return match.group(1)
 
@@ -471,7 +473,7 @@ def launched_run_id(output: str) -> str:
 
 
 def registry_entries(cluster: LaunchCluster) -> dict[int, set[str]]:
-    return {node.index: set(cluster.sim.exec(node.index, "ls /tmp/gemm-runs 2>/dev/null || true")
+    return {node.index: set(cluster.sim.exec(node.index, "ls /tmp/gemm-runs-0 2>/dev/null || true")
                             .stdout.split()) for node in cluster.sim.nodes}
 
 
@@ -597,8 +599,8 @@ def test_controller_killed_while_attached_run_completes(cluster):
     deadline = time.monotonic() + 150
     states = []
     while time.monotonic() < deadline:
-        states = [cluster.sim.exec(n.index, f"cat /tmp/gemm-runs/{run_id}/node_{n.index}/state "
-                                            f"/tmp/gemm-runs/{run_id}/node_{n.index}/exit_code "
+        states = [cluster.sim.exec(n.index, f"cat /tmp/gemm-runs-0/{run_id}/node_{n.index}/state "
+                                            f"/tmp/gemm-runs-0/{run_id}/node_{n.index}/exit_code "
                                             "2>/dev/null || true").stdout.split()
                   for n in cluster.sim.nodes]
         if all(s and s[0] != "running" and s[0] != "starting" for s in states):

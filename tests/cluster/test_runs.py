@@ -78,7 +78,8 @@ class Run:
 
     def push(self, index: int) -> None:
         # Replaced, not rewritten in place: on a shared filesystem another node's launcher runs it.
-        self.cluster.exec(index, f"mkdir -p {sh_quote(self.run_dir)} && "
+        # Private (0700), as fab launch makes it: the start refuses a run dir others can read.
+        self.cluster.exec(index, f"mkdir -p -m 700 {sh_quote(self.run_dir)} && "
                           f"cat > {sh_quote(self.launcher_path)}.{index} && "
                           f"mv -f {sh_quote(self.launcher_path)}.{index} {sh_quote(self.launcher_path)} && "
                           f"printf 'export FAKE_ENV=%s\\n' node{index} > "
@@ -100,6 +101,11 @@ class Run:
     def entry_value(self, index: int, name: str) -> str:
         path = f"{self.registry}/{self.run_id}/node_{index}/{name}"
         return self.cluster.exec(index, f"cat {sh_quote(path)} 2>/dev/null", check=False).stdout.strip()
+
+    def recorded_pid(self, index: int, name: str) -> tuple[str, str]:
+        """A pid file's "pid start-time" (the start time tells a reused pid apart)."""
+        pid, _, start = self.entry_value(index, name).partition(" ")
+        return pid, start
 
     def steps(self, index: int) -> int:
         """Steps of the node's first rank (the output dir may be shared by every node)."""
@@ -203,7 +209,8 @@ def test_status_logs_and_graceful_stop(cluster3: SimCluster, registry: str, tmp_
             assert run.entry_value(index, "state") == "stopped"
             # the workers finished their step on SIGTERM (143 from each), torchrun passed it on
             assert run.entry_value(index, "exit_code") == "143"
-            assert run.entry_value(index, "launcher.pid") == str(pid)
+            recorded, start = run.recorded_pid(index, "launcher.pid")
+            assert recorded == str(pid) and start.isdigit()
             log = cluster3.exec(index, f"cat {run.output_dir}/node_{index}_output.log").stdout
             assert "stopping after step" in log and "ended with exit code 143 (stopped)" in log
 
@@ -261,11 +268,12 @@ def test_launcher_outlives_the_ssh_connection_that_started_it(
         steps = run.steps(1)
         wait_until(lambda: run.steps(1) > steps, timeout=15,
                    what="training stopped with the SSH connection", interval=0.2)
-        assert alive_in_node(cluster3, 1, int(run.entry_value(1, "launcher.pid")))
+        launcher_pid = run.recorded_pid(1, "launcher.pid")[0]
+        assert alive_in_node(cluster3, 1, int(launcher_pid))
         assert run.entry_value(1, "state") == "running" and pid > 0
         # its own session: not the sshd session that started it
-        sid = cluster3.exec(1, f"ps -o sid= -p {run.entry_value(1, 'launcher.pid')}").stdout.strip()
-        assert sid == run.entry_value(1, "launcher.pid")
+        sid = cluster3.exec(1, f"ps -o sid= -p {launcher_pid}").stdout.strip()
+        assert sid == launcher_pid
     finally:
         run.kill_all()
 
@@ -311,8 +319,8 @@ def test_stop_and_emergency_stop_reach_into_the_container(
             graceful.start(i)
         graceful.wait_steps(nodes)
         for i in nodes:
-            inner = graceful.entry_value(i, "container.pid")
-            assert inner.isdigit(), "the in-container pid was not recorded"
+            inner, start = graceful.recorded_pid(i, "container.pid")
+            assert inner.isdigit() and start.isdigit(), "the in-container pid was not recorded"
         stop = run_fab(config, "stop", "--run", graceful.run_id, "--grace", "10")
         assert stop.returncode == 0, stop.stdout + stop.stderr
         wait_gone(graceful.run_id, 5)

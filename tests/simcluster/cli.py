@@ -21,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("nodes", type=int, help="number of nodes (1..64)")
     up.add_argument("--docker", action="store_true", help="a dockerd per node, image gemm-sim")
     up.add_argument("--shared", action="store_true", help="all nodes share one /srv (like NFS)")
+    up.add_argument("--slurm", action="store_true",
+                    help="a real Slurm: slurmctld here, a slurmd per node (docs/SLURM.md)")
     up.add_argument("--ifnames", default=None,
                     help="interface name per node, comma-separated; the last one repeats "
                          "(default eth0)")
@@ -46,13 +48,15 @@ def _up(args: argparse.Namespace) -> int:
         raise ValueError(f"--config {args.config}: fab reads the format from the suffix; "
                          "use a name ending in .yaml")
     cluster = SimCluster(name=args.name, nodes=args.nodes, docker=args.docker,
-                         shared_fs=args.shared, ifnames=args.ifnames, workdir=args.workdir)
+                         shared_fs=args.shared, ifnames=args.ifnames, workdir=args.workdir,
+                         slurm=args.slurm)
     cluster.up()
     cluster.detach()
     config = cluster.fabric_config_path
     if args.config:
         config = cluster.write_fabric_config(args.config)
-    mode = ("docker, " if args.docker else "") + ("shared /srv" if args.shared else "separate /srv")
+    mode = ("docker, " if args.docker else "") + ("slurm, " if args.slurm else "") + (
+        "shared /srv" if args.shared else "separate /srv")
     print(f"sim-cluster {cluster.name!r}: {len(cluster.nodes)} nodes up in "
           f"{cluster.up_seconds:.2f} s ({mode})")
     for node in cluster.nodes:
@@ -61,6 +65,8 @@ def _up(args: argparse.Namespace) -> int:
     print(f"ssh:         ssh -i {cluster.key_path} -o UserKnownHostsFile={cluster.known_hosts_path}"
           f" root@{cluster.nodes[0].address}")
     print(f"try:         fab -f {config} check")
+    if args.slurm:
+        print(f"slurm:       export SLURM_CONF={cluster.slurm_layout.conf}; sinfo")
     print(f"tear down:   scripts/sim-cluster down --name {cluster.name}")
     return 0
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import yaml
 
 from . import image, naming, procs
+from . import slurm as slurm_module
 from .procs import ProcessId
 
 STATE_ROOT_DEFAULT = "/var/lib/sim-cluster"
@@ -199,10 +200,14 @@ class SimCluster:
         self, name: str = "sim", nodes: int = 3, docker: bool = False, shared_fs: bool = False,
         ifnames: str | Sequence[str] | None = None, workdir: str = "/srv/gemm",
         state_root: str | Path | None = None, venv: str | Path | None = None,
+        slurm: bool = False, slurm_accounting: bool = True,
     ) -> None:
         self.name = naming.validate_name(name)
         self.node_count = naming.validate_node_count(nodes)
         self.docker = docker
+        self.slurm = slurm
+        # slurmdbd + MariaDB, so that sacct answers (a few seconds more bring-up).
+        self.slurm_accounting = slurm and slurm_accounting
         self.shared_fs = shared_fs
         self.ifnames = naming.parse_ifnames(ifnames, nodes)
         self.workdir = workdir
@@ -221,6 +226,8 @@ class SimCluster:
         self._detached = False
         self._owns_state_dir = False
         self.forward_rule: list[str] | None = None
+        # Daemons of the controller's side (Slurm mode: munged, slurmctld), killed at tear-down.
+        self.host_pids: dict[str, ProcessId] = {}
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -245,6 +252,16 @@ class SimCluster:
         return [node.address for node in self.nodes]
 
     @property
+    def slurm_layout(self) -> slurm_module.SlurmLayout:
+        """Paths of this cluster's Slurm (slurm.conf, munge socket, logs); see docs/SLURM.md."""
+        return slurm_module.SlurmLayout(self.state_dir / "slurm")
+
+    @property
+    def slurm_env(self) -> dict[str, str]:
+        """What a Slurm client tool needs to talk to this cluster: SLURM_CONF."""
+        return {"SLURM_CONF": str(self.slurm_layout.conf)}
+
+    @property
     def up_seconds(self) -> float | None:
         return self.timings.get("total")
 
@@ -261,6 +278,8 @@ class SimCluster:
         if self._is_up:
             return self
         reason = missing_capability(docker=self.docker)
+        if reason is None and self.slurm:
+            reason = slurm_module.missing_capability(accounting=self.slurm_accounting)
         if reason:
             raise SimClusterError(f"cannot start cluster {self.name!r}: {reason}")
         started = time.monotonic()
@@ -275,6 +294,9 @@ class SimCluster:
             if self.docker:
                 self._start_docker_images()
                 self.timings["docker"] = time.monotonic() - started
+            if self.slurm:
+                slurm_module.start(self)
+                self.timings["slurm"] = time.monotonic() - started
             self.write_fabric_config()
         except BaseException:
             self.down()
@@ -311,12 +333,15 @@ class SimCluster:
                                   "(see `scripts/sim-cluster status`)")
         state = json.loads(state_file.read_text())
         cluster = cls(name=name, nodes=state["nodes"], docker=state["docker"],
-                      shared_fs=state["shared_fs"],
+                      shared_fs=state["shared_fs"], slurm=state.get("slurm", False),
+                      slurm_accounting=state.get("slurm_accounting", False),
                       ifnames=[node["ifname"] for node in state["node"]] or None,
                       workdir=state["workdir"], state_root=root)
         cluster.subnet = ipaddress.ip_network(state["subnet"])
         cluster.bridge = state["bridge"]
         cluster.nodes = [SimNode.from_json(node) for node in state["node"]]
+        cluster.host_pids = {role: ProcessId.from_json(value)
+                             for role, value in (state.get("host_pids") or {}).items()}
         cluster._detached = state.get("owner") is None
         cluster._is_up = True
         return cluster
@@ -564,6 +589,20 @@ class SimCluster:
                 raise SimClusterError(f"{node.name}: {role} wrote no usable pid file {pidfile}")
             time.sleep(0.02)
 
+    def _start_host_daemon(self, role: str, argv: Sequence[str], log: Path,
+                           env: dict[str, str] | None = None) -> ProcessId:
+        """Starts a foreground daemon on the controller's side, recorded for tear-down."""
+        with open(log, "ab") as out:
+            popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
+                                     stderr=subprocess.STDOUT, env=env or NODE_ENV, cwd="/",
+                                     start_new_session=True)
+        self._popens.append(popen)
+        pid = procs.process_id(popen.pid)
+        with self._state_lock:
+            self.host_pids[role] = pid
+        self._save_state()
+        return pid
+
     def _record_pid(self, node: SimNode, role: str, pid: ProcessId) -> None:
         with self._state_lock:
             node.pids[role] = pid
@@ -574,6 +613,8 @@ class SimCluster:
         return {
             "version": STATE_VERSION, "name": self.name, "nodes": self.node_count,
             "docker": self.docker, "shared_fs": self.shared_fs, "workdir": self.workdir,
+            "slurm": self.slurm, "slurm_accounting": self.slurm_accounting,
+            "host_pids": {role: pid.to_json() for role, pid in self.host_pids.items()},
             "subnet": str(self.subnet), "bridge": self.bridge, "forward_rule": self.forward_rule,
             "owner": None if self._detached else procs.process_id(os.getpid()).to_json(),
             "created": time.time(), "key_path": str(self.key_path),
@@ -634,6 +675,22 @@ class SimCluster:
                                    stdout, stderr)
         return result
 
+    def slurm_run(self, argv: Sequence[str], *, user: str | None = None, check: bool = True,
+                  timeout: float = 60, cwd: str = "/tmp",
+                  ) -> subprocess.CompletedProcess[str]:
+        """Runs a Slurm client tool (srun, sbatch, squeue, ...) on the controller's side, as
+        root or as `user` (e.g. slurm.OTHER_USER). `cwd` is also the tasks' working directory
+        on the nodes (srun's default --chdir), so it must exist there: /tmp does."""
+        if not self.slurm:
+            raise SimClusterError(f"cluster {self.name!r} runs no Slurm (SimCluster(slurm=True))")
+        argv = slurm_module.client_argv(self.slurm_layout, argv, user=user)
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                                env=NODE_ENV, cwd=cwd)
+        if check and result.returncode != 0:
+            raise NodeCommandError("controller", result.returncode, " ".join(argv),
+                                   result.stdout, result.stderr)
+        return result
+
     def write_fabric_config(self, path: str | Path | None = None) -> Path:
         """Writes the runtime config for `fab -f FILE task`; returns its path."""
         target = Path(path) if path else self.fabric_config_path
@@ -648,7 +705,8 @@ class SimCluster:
         return target
 
     def recorded_pids(self) -> list[ProcessId]:
-        return [pid for node in self.nodes for pid in node.pids.values()]
+        return [pid for node in self.nodes for pid in node.pids.values()] + \
+            list(self.host_pids.values())
 
     def __repr__(self) -> str:
         state = "up" if self._is_up else "down"
@@ -787,6 +845,8 @@ def teardown(state_dir: Path, popens: Sequence[subprocess.Popen] = ()) -> None:
     # init a zombie of whoever adopts it.
     holders = [node.pids["holder"] for node in nodes if "holder" in node.pids]
     procs.wait_gone(holders, timeout=5)
+    # Controller-side daemons (Slurm mode) after the nodes, so no slurmd sees its controller go.
+    recorded += slurm_module.kill_host_daemons(state)
     for pid in recorded:
         procs.kill(pid)
     for popen in popens:

@@ -160,11 +160,12 @@ def render_ssh_client_config(*, key_path: str, known_hosts_path: str) -> str:
 def fabric_config(
     *, key_path: str, known_hosts_path: str, hosts: Sequence[str], workdir: str, venv: str | None,
     docker: bool, image: str, container_volumes: Sequence[str],
-    registry_dir: str = "/tmp/gemm-runs",
+    registry_dir: str | None = None,
 ) -> dict:
     """The runtime config for `fab -f FILE task` (Fabric's keys plus the project's).
 
     venv None leaves cluster.venv out: the task library then looks for <workdir>/.venv.
+    registry_dir None leaves cluster.registry_dir out: the per-user default, as for a user.
     """
     config = {
         "user": "root",
@@ -192,8 +193,9 @@ def fabric_config(
             "ulimits": {"memlock": None},
         },
     }
-    if venv is None:
-        del config["cluster"]["venv"]
+    for key, value in (("venv", venv), ("registry_dir", registry_dir)):
+        if value is None:
+            del config["cluster"][key]
     return config
 
 

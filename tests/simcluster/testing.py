@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import pytest
 
 from . import cluster as cluster_module
+from . import slurm as slurm_module
 from .cluster import SimCluster
 
 _counter = itertools.count()
@@ -31,9 +32,11 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() == "true"
 
 
-def require_cluster(docker: bool = False) -> None:
+def require_cluster(docker: bool = False, slurm: bool = False) -> None:
     """Skips (fails under CI) the calling test when this machine cannot run a cluster."""
     reason = cluster_module.missing_capability(docker=docker)
+    if reason is None and slurm:
+        reason = slurm_module.missing_capability(accounting=True)
     if reason is None:
         return
     if in_ci():
@@ -74,7 +77,7 @@ def make_sim_cluster(
     *, name: str | None = None, prefix: str = "t", **kwargs
 ) -> Iterator[SimCluster]:
     """A cluster that is up inside the block and torn down after it, also on failure."""
-    require_cluster(docker=kwargs.get("docker", False))
+    require_cluster(docker=kwargs.get("docker", False), slurm=kwargs.get("slurm", False))
     install_sigterm_handler()
     cluster = SimCluster(name=name or unique_name(prefix), **kwargs)
     try:

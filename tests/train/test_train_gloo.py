@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -82,6 +83,13 @@ def run_torchrun(
 
 def lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def documented_names() -> set[str]:
+    """Every identifier inside a `code span` of docs/METRICS.md (`telemetry.source` gives
+    telemetry and source; `<name>_median` entries are documented by their name)."""
+    spans = re.findall(r"`([^`]+)`", (REPO / "docs" / "METRICS.md").read_text())
+    return {word for span in spans for word in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", span)}
 
 
 def checksums(out: Path, rank: int) -> list[float]:
@@ -189,14 +197,42 @@ def test_summary(all_reduce_run: tuple[Path, Any]) -> None:
     for key in (
         "iter_ms",
         "gemm_tflops",
-        "busbw_gbps",
+        "local_busbw_gbps",
         "exposed_comm_fraction",
         "contention_slowdown",
+        "overlapped_gemm_fraction",
+        "control_ms",
     ):
-        assert summary[key]["n"] == 16, key
-        assert summary[key]["p10"] <= summary[key]["median"] <= summary[key]["p90"]
-    assert summary["solo"]["compute_ms"]["n"] == 4  # 2 calibration steps x 2 ranks
+        assert summary[key]["n"] == 16, key  # every step of every rank
+        assert summary[key]["p10"] <= summary[key]["median"] <= summary[key]["p95"], key
+    for key in ("busbw_gbps", "algbw_gbps", "collective_ms", "comm_slowdown"):
+        assert summary[key]["n"] == 8, key  # one figure per step, from every rank's records
+    assert summary["wait_ms"]["n"] == 16
+    # Calibration: the first block's 2 GEMM-only steps, then 1 more after measured step 4.
+    assert summary["solo"]["compute_ms"]["n"] == 6  # 3 steps x 2 ranks
+    assert [b["after_step"] for b in summary["calibration_blocks"]["blocks"]] == [0, 4]
     assert summary["solo"]["busbw_gbps"]["median"] > 0
+    # CPU: no clock, power or temperature to read, and none invented.
+    assert summary["telemetry"]["source"] is None
+    assert summary["telemetry"]["train"]["sm_clock_mhz"] is None
+    assert summary["launch_delay_ms"]["first_collective"] is None
+    assert summary["launch_delay_ms"]["reason"].startswith("CPU run")
+    assert summary["comm_stream"]["setting"] == "high"
+    assert summary["comm_stream"]["priority"] is None
+    assert summary["slowest_rank"]["rank"] in (0, 1) and summary["slowest_rank"]["host"]
+    assert [s["step"] for s in summary["per_step"]] == list(range(1, 9))
+    # Every field is documented: a user can trust a number without reading the code.
+    doc = documented_names()
+    names = [*summary, *summary["per_step"][0], *summary["telemetry"], *summary["solo"],
+             *summary["collective_analysis"], *summary["launch_delay_ms"], *summary["model"],
+             *summary["comm_stream"], *lines(out / "rank_00_metrics.jsonl")[0]]
+    names += list(summary["per_rank"][0])  # <name>_median: documented by <name>
+    assert not [n for n in names if n not in doc and n.removesuffix("_median") not in doc]
+    # collectives.jsonl: 8 steps x (control + 4 buckets) + 3 comm-only steps x 4 buckets
+    timeline = lines(out / "collectives.jsonl")
+    assert len(timeline) == 8 * 5 + 3 * 4
+    assert all(len(t["start_ms"]) == 2 and min(t["wait_ms"]) == 0.0 for t in timeline)
+    assert not [k for k in timeline[0] if k not in doc]
     assert [r["rank"] for r in summary["per_rank"]] == [0, 1]
     assert summary["env"]["NCCL_MAX_NCHANNELS"] == "42"
     assert summary["env_differences"] == {}
@@ -240,9 +276,12 @@ def test_other_collectives_keep_data_parallel_semantics(
     record = lines(out / "rank_00_metrics.jsonl")[0]
     records = lines(out / "rank_00_metrics.jsonl")
     # reduce_scatter and all_gather: busbw = algbw * (n-1)/n
-    assert [r["busbw_gbps"] for r in records] == pytest.approx(
-        [r["algbw_gbps"] / 2 for r in records], rel=0.01, abs=1e-3  # rounded to 3 digits
+    assert [r["local_busbw_gbps"] for r in records] == pytest.approx(
+        [r["local_algbw_gbps"] / 2 for r in records], rel=0.01, abs=1e-3  # rounded to 3 digits
     )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["busbw_gbps"]["median"] == pytest.approx(
+        summary["algbw_gbps"]["median"] / 2, rel=1e-3)
     if no_overlap:
         # collectives only start after the last GEMM: nothing can overlap
         assert record["overlap_ms"] == 0.0
@@ -251,6 +290,8 @@ def test_other_collectives_keep_data_parallel_semantics(
         explained = sorted((r["compute_ms"] + r["comm_ms"]) / r["iter_ms"] for r in records)
         assert explained[len(explained) // 2] >= 0.3, explained
         assert record["comm_bytes"] == 2 * 4 * 128 * 128 * 4  # all_gather size = n x bucket
+        # The local sum of the gathered buckets is timed, apart from the communication.
+        assert all(r["reduce_local_ms"] > 0 for r in records)
     else:
         assert record["comm_bytes"] == 2 * 4 * 128 * 128 * 4  # reduce_scatter + all_gather
         traces = sorted(p.name for p in (out / "torch_profiler").iterdir())

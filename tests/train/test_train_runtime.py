@@ -46,6 +46,18 @@ def test_bf16_on_a_cpu_without_it_is_refused_naming_the_key(
     assert plan.backend == "gloo" and plan.device.type == "cpu" and plan.dtype == torch.float32
 
 
+def test_a_delayed_rank_outside_the_run_is_refused(
+        no_gpu: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"debug.delay_rank 2 is not a rank of this run "
+                                          r"\(world size 2\); use 0..1"):
+        runtime.plan_runtime(config(training={"dtype": "fp32"},
+                                    debug={"delay_rank": 2, "delay_ms": 5.0}))
+    plan = runtime.plan_runtime(config(training={"dtype": "fp32"},
+                                       debug={"delay_rank": 1, "delay_ms": 5.0}))
+    assert plan.world_size == 2
+
+
 def test_nccl_without_a_gpu_is_refused(no_gpu: None) -> None:
     with pytest.raises(ConfigError, match=r"distributed.backend nccl needs a GPU"):
         runtime.plan_runtime(config(distributed={"backend": "nccl"}))

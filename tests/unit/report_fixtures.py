@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 STEP_KEYS = ("iter_ms", "compute_ms", "comm_ms", "overlap_ms", "exposed_comm_ms", "exposed_comm_fraction",
-             "gemm_tflops", "comm_bytes", "algbw_gbps", "busbw_gbps", "contention_slowdown")
+             "gemm_tflops", "comm_bytes", "local_algbw_gbps", "local_busbw_gbps", "contention_slowdown",
+             "gemm_contention_slowdown", "control_ms")
+WORLD_SIZE_ONE = "world size 1: no data crosses ranks, so there is no bandwidth to report"
 
 
 def step_line(rank: int, world_size: int, step: int, iter_ms: float, *, busbw: float = 10.0,
@@ -19,8 +21,11 @@ def step_line(rank: int, world_size: int, step: int, iter_ms: float, *, busbw: f
         "iter_ms": iter_ms, "compute_ms": compute, "comm_ms": comm, "overlap_ms": overlap,
         "exposed_comm_ms": comm - overlap, "exposed_comm_fraction": (comm - overlap) / iter_ms,
         "overlap_fraction": 0.75, "gemm_tflops": tflops, "comm_bytes": 1 << 20,
-        "algbw_gbps": busbw / 1.5, "busbw_gbps": busbw, "contention_slowdown": contention,
-        "comm_slowdown": 0.1,
+        "local_algbw_gbps": None if world_size == 1 else busbw / 1.5,
+        "local_busbw_gbps": None if world_size == 1 else busbw,
+        "contention_slowdown": contention, "gemm_contention_slowdown": contention * 2,
+        "overlapped_gemm_fraction": 0.5, "control_ms": 0.05, "reduce_local_ms": None,
+        "sm_clock_mhz": None, "power_w": None, "temperature_c": None, "calibration_block": 0,
     }
 
 
@@ -33,15 +38,19 @@ def distribution(values: list[float]) -> dict[str, float]:
         hi = min(lo + 1, len(ordered) - 1)
         return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
-    return {"median": q(50), "p10": q(10), "p90": q(90), "mean": sum(values) / len(values),
+    return {"median": q(50), "p10": q(10), "p90": q(90), "p95": q(95), "mean": sum(values) / len(values),
             "min": ordered[0], "max": ordered[-1], "n": len(values)}
 
 
 def make_run(parent: Path, channels: int, threads: int, *, iter_ms: float = 100.0, busbw: float = 10.0,
              contention: float = 0.05, world_size: int = 4, nodes: int = 2, steps: int = 6,
              status: str = "completed", summary: bool = True, slow_rank: int | None = None,
-             run_id: str | None = None) -> Path:
-    """A run directory: run.json, <T>thread_<C>channels/ with rank jsonl files and summary.json."""
+             run_id: str | None = None, late_rank: int | None = None, wait_ms: float = 0.5,
+             sm_clock: float | None = None, calibration_clock: float | None = None) -> Path:
+    """A run directory: run.json, <T>thread_<C>channels/ with rank jsonl files and summary.json
+    in the train package's layout. late_rank: the rank the others waited `wait_ms` for (the
+    summary's cross-rank analysis); sm_clock/calibration_clock: telemetry of measured and
+    GEMM-only steps."""
     run_id = run_id or f"multinode_{channels}ch_{threads}th_20250101_120000"
     run_dir = parent / run_id
     out = run_dir / f"{threads}thread_{channels}channels"
@@ -66,9 +75,48 @@ def make_run(parent: Path, channels: int, threads: int, *, iter_ms: float = 100.
         (out / f"rank_{rank:02d}_metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in rank_lines))
     if summary:
         # The train package's layout: aggregates at the top level beside status and env.
-        aggregates = {key: distribution([l[key] for l in lines]) for key in STEP_KEYS}
+        aggregates = {key: distribution([l[key] for l in lines if l[key] is not None]) if any(
+            l[key] is not None for l in lines) else None for key in STEP_KEYS}
+        null_reasons = {}
+        if world_size == 1:
+            bandwidth = {"busbw_gbps": None, "algbw_gbps": None, "comm_slowdown": None}
+            null_reasons = {key: WORLD_SIZE_ONE for key in bandwidth}
+        else:
+            bandwidth = {"busbw_gbps": distribution([busbw] * steps),
+                         "algbw_gbps": distribution([busbw / 1.5] * steps),
+                         "comm_slowdown": distribution([0.02] * steps)}
+        waits = [wait_ms if late_rank is not None and rank != late_rank else 0.0
+                 for rank in range(world_size) for _ in range(steps)]
+        per_step = [max(l["iter_ms"] for l in lines if l["step"] == step) for step in range(steps)]
+        hosts = [f"node{rank * nodes // world_size}" for rank in range(world_size)]
+        if late_rank is not None:
+            slowest = {"rank": late_rank, "host": hosts[late_rank], "by": "caused_wait",
+                       "caused_wait_ms_median": wait_ms * (world_size - 1),
+                       "last_arrival_fraction": 0.9, "iter_ms_median": iter_ms}
+        else:
+            rank = slow_rank if slow_rank is not None else 0
+            slowest = {"rank": rank, "host": hosts[rank], "by": "iter_ms",
+                       "caused_wait_ms_median": None, "last_arrival_fraction": None,
+                       "iter_ms_median": iter_ms}
+        drift = (sm_clock / calibration_clock - 1.0) if sm_clock and calibration_clock else None
         (out / "summary.json").write_text(json.dumps({
-            "status": status, "world_size": world_size, **aggregates,
+            "status": status, "world_size": world_size, **aggregates, **bandwidth,
+            "collective_ms": distribution([iter_ms * 0.3] * steps),
+            "wait_ms": distribution(waits),
+            "step_max": {"iter_ms": distribution(per_step)},
+            "slowest_rank": slowest,
+            "per_rank": [{"rank": rank, "host": hosts[rank], "wait_ms_median": waits[rank * steps],
+                          "wait_ms_p95": waits[rank * steps], "caused_wait_ms_median": 0.0,
+                          "last_arrival_fraction": 0.1, "compute_ms_median": iter_ms * 0.8,
+                          "exposed_comm_ms_median": iter_ms * 0.1,
+                          "contention_slowdown_median": contention} for rank in range(world_size)],
+            "outlier_steps": {"count": 0, "steps": []},
+            "telemetry": {"source": "nvml" if sm_clock else None, "clock_drift": drift,
+                          "clock_drift_flag": None if drift is None else abs(drift) > 0.02,
+                          "train": {"sm_clock_mhz": distribution([sm_clock]) if sm_clock else None}},
+            "launch_delay_ms": {"first_collective": None, "reason": "CPU run: no kernels to profile"},
+            "comm_stream_priority": "high",
+            "null_reasons": null_reasons,
             "measured_steps": {"per_rank_min": steps, "total": steps * world_size},
             "env": {"NCCL_MAX_NCHANNELS": str(channels), "RCCL_THREADS_PER_BLOCK": str(threads)},
             "hosts": [f"node{i}" for i in range(nodes)],

@@ -180,3 +180,27 @@ def test_down_script_quotes_and_skips_compose_when_missing() -> None:
     assert "'c'\"'\"'x'" in with_compose
     without = down_script(None, "/f", "proj", "c")
     assert "down" not in without and "docker rm -f -- c" in without
+
+
+@pytest.mark.parametrize("mode, runs", [(0o600, True), (0o666, False)])
+def test_down_hands_compose_only_a_file_nobody_else_could_have_written(tmp_path, mode, runs):
+    """Run for real with bash: `echo` stands in for the compose binary (its argv is ours); a
+    compose file others can write is never given to it, and the output says why."""
+    import subprocess
+
+    from tasks.lib.nodefs import with_safe_fs
+
+    base = tmp_path / "reg"
+    (base / "docker").mkdir(parents=True, mode=0o700)
+    base.chmod(0o700)
+    compose = base / "docker" / "docker-compose.yaml"
+    compose.write_text("services: {}\n")
+    compose.chmod(mode)
+    script = down_script(["echo", "COMPOSE-RAN"], str(compose), "proj", f"gemm-none-{mode}")
+    result = subprocess.run(with_safe_fs(script), shell=True, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert ("COMPOSE-RAN" in result.stdout) is runs
+    if not runs:
+        assert "note: refusing the compose file" in result.stdout
+        assert "removing the container by name instead" in result.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 from dataclasses import replace
@@ -13,19 +14,22 @@ import pytest
 from tasks.lib.probe import (
     SECTION_MARK,
     CheckoutState,
+    GpuProcess,
     HostFacts,
     checkout_mismatch,
+    gpu_busy_message,
     judge_cluster,
     judge_host,
     mismatch_hint,
     parse_addresses,
+    parse_gpu_processes,
     parse_gpus,
     parse_probe_output,
     parse_route,
-    sh_command,
     probe_script,
     resolve_master_side,
     route_from_proc,
+    sh_command,
 )
 
 COMMIT_A = "a" * 40
@@ -120,6 +124,55 @@ def test_hostile_master_and_workdir_arrive_literally(tmp_path):
     facts = run_probe(hostile, master="$(touch pwned2)")
     assert facts.workdir_exists and facts.ifname is None and facts.master_ip is None
     assert not list(Path.cwd().glob("pwned*")) and not list(tmp_path.glob("pwned*"))
+
+
+def plant_fsmonitor(repo: Path, marker: Path) -> None:
+    """core.fsmonitor names a program that git runs for `git status`: here one leaving a mark."""
+    hook = repo / ".git" / "fsmonitor-hook"
+    hook.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    hook.chmod(0o755)
+    git(repo, "config", "core.fsmonitor", str(hook))
+
+
+def foreign_user() -> tuple[int, str]:
+    """A uid that is not ours, and the name the probe must report for it."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam("gemm-probe-test")
+        return entry.pw_uid, entry.pw_name
+    except KeyError:
+        return 65533, "uid 65533"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+@pytest.mark.parametrize("foreign", ["checkout", ".git"])
+def test_another_users_checkout_is_reported_and_its_config_never_runs(repo, tmp_path, foreign):
+    marker = tmp_path / "fsmonitor-ran"
+    plant_fsmonitor(repo, marker)
+    uid, name = foreign_user()
+    owned = [repo] if foreign == "checkout" else []
+    owned += [p for p in (repo / ".git").rglob("*")] + [repo / ".git"]
+    for path in owned:
+        os.lchown(path, uid, -1)
+    facts = run_probe(repo)
+    assert not marker.exists()
+    assert facts.checkout_owner == name
+    assert facts.commit is None and not facts.has_git
+    found = errors(judge(facts, workdir=str(repo)))
+    assert len(found) == 1 and found[0].startswith(f"checkout owned by {name}: git is not run")
+    assert "set cluster.workdir" in found[0] and "chown" in found[0]
+    # fab launch and the checkout check of other tasks say the same.
+    assert checkout_mismatch(facts, LOCAL).startswith(f"checkout owned by {name}")
+
+
+def test_git_in_our_own_checkout_runs_no_fsmonitor_whatever_its_config(repo, tmp_path):
+    marker = tmp_path / "fsmonitor-ran"
+    plant_fsmonitor(repo, marker)
+    (repo / "a.py").write_text("print(2)\n")
+    facts = run_probe(repo)
+    assert facts.checkout_owner is None and facts.has_git and facts.dirty is True
+    assert not marker.exists()
 
 
 # -- parsers --------------------------------------------------------------------------------------
@@ -477,3 +530,54 @@ def test_probe_output_without_ip_uses_the_kernel_table():
     )
     facts = parse_probe_output(1, "gpu", text)
     assert facts.ifname == "ens5" and facts.address is None and facts.interfaces == ()
+
+
+# -- who holds the GPUs ---------------------------------------------------------------------------
+
+# Recorded on an 8-GPU node: `nvidia-smi --query-compute-apps=pid,used_memory,process_name
+# --format=csv,noheader,nounits` with two users' jobs (the probe adds each pid's owner).
+NVIDIA_COMPUTE_APPS = "4242, 40536, /usr/bin/python3\n4343, 1024, /opt/conda/bin/python train.py\n"
+
+
+def test_the_probe_names_who_holds_the_gpus(repo, tmp_path):
+    """The probe's own shell turns the driver's list into "pid owner MiB name" lines: replayed
+    here from a recorded nvidia-smi answer, with this machine's pids so owners resolve."""
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        recorded = NVIDIA_COMPUTE_APPS.replace("4242", str(holder.pid))
+        tool = bin_dir / "nvidia-smi"
+        tool.write_text("#!/bin/sh\ncase \"$*\" in *query-compute-apps*) printf '%s' "
+                        f"'{recorded}';; *) exit 0;; esac\n")
+        tool.chmod(0o755)
+        env_path = f"{bin_dir}:{os.environ['PATH']}"
+        script = probe_script("localhost", str(repo), master_port=None, container=None, venv=None)
+        result = subprocess.run(["bash", "-c", sh_command(script)], capture_output=True,
+                                text=True, timeout=60, env={**os.environ, "PATH": env_path})
+        found = parse_probe_output(0, "n", result.stdout)
+    finally:
+        holder.kill()
+        holder.wait()
+    import pwd
+
+    me = pwd.getpwuid(os.getuid()).pw_name
+    assert found.uid == os.getuid() and found.user == me
+    assert found.gpu_processes[0] == GpuProcess(holder.pid, me, 40536, "/usr/bin/python3")
+    assert found.gpu_processes[1].pid == 4343 and found.gpu_processes[1].memory_mib == 1024
+
+
+def test_gpus_held_by_another_user_are_a_warning_naming_owner_and_pid():
+    held = replace(facts(), user="alice", gpu_processes=(
+        GpuProcess(4242, "bob", 40536, "python3"), GpuProcess(77, "alice", None, "")))
+    found = judge(held)
+    assert not errors(found)
+    [warning] = [x.message for x in found if not x.is_error and "GPU" in x.message]
+    assert warning == ("GPU(s) in use by pid 4242 (bob, python3, 40536 MiB); pid 77 (yours): "
+                       "a run here shares them (slower GEMMs, less memory)")
+    assert gpu_busy_message(replace(held, gpu_processes=())) is None
+
+
+def test_gpu_process_lines_that_do_not_parse_are_skipped():
+    assert parse_gpu_processes("x y z\n12 ? - \n\n99 carol 12 a b c\n") == (
+        GpuProcess(12, "?", None, ""), GpuProcess(99, "carol", 12, "a b c"))

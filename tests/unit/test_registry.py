@@ -179,7 +179,8 @@ class LocalNode:
         self.tmp = tmp
         self.run_id = run_id
         self.registry = str(tmp / "reg")
-        (tmp / "run").mkdir(parents=True, exist_ok=True)
+        # A run directory is private (0700): the start refuses one other users can read.
+        (tmp / "run").mkdir(mode=0o700, parents=True, exist_ok=True)
         (tmp / "run" / "env.sh").write_text(env_text or "export FAKE_ENV='from env.sh'\n")
         self.output_dir = tmp / "run" / "out"
         argv = [sys.executable, str(FAKE_TORCHRUN), "--output-dir", str(self.output_dir),
@@ -355,7 +356,7 @@ def test_a_second_start_of_a_live_run_is_refused(node: LocalNode) -> None:
 
 def test_hostile_arguments_reach_torchrun_literally(tmp_path: Path, run_id: str) -> None:
     hostile = "$(touch pwned) `id` 'q' \"dq\" ; x"
-    (tmp_path / "run").mkdir()
+    (tmp_path / "run").mkdir(mode=0o700)
     (tmp_path / "run" / "env.sh").write_text("")
     script = tmp_path / "torchrun"
     script.write_text("#!/bin/sh\nprintf '<%s>\\n' \"$@\"\n")
@@ -397,3 +398,63 @@ def test_a_run_whose_processes_all_vanished_is_lost_then_recorded_killed(node: L
     assert outcome.state == "killed" and outcome.exit_code is None
     [record] = node.status()
     assert record.state == "killed" and not record.active and not record.lost
+
+
+# -- shared nodes: pid reuse, a planted registry -----------------------------------------------------
+
+def start_time(pid: int) -> str:
+    script = registry.SHELL_LIB + 'gemm_start_time "$1"'
+    return subprocess.run(["bash", "-c", script, "x", str(pid)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_gemm_kill_signals_a_pid_only_while_it_is_the_process_recorded() -> None:
+    """A pid file outlives its process; the kernel may give the pid to someone else's. The
+    start time (/proc/PID/stat field 22) recorded with it tells them apart."""
+    other = subprocess.Popen(["sleep", "300"])
+    try:
+        started = start_time(other.pid)
+        fields = Path(f"/proc/{other.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        assert started == fields[19]  # field 22 of the whole line
+        stale = str(int(started) - 1)
+        kill = registry.SHELL_LIB + 'gemm_kill TERM "$1" "$2"'
+        result = subprocess.run(["bash", "-c", kill, "x", str(other.pid), stale])
+        assert result.returncode != 0 and other.poll() is None  # a different process: spared
+        result = subprocess.run(["bash", "-c", kill, "x", str(other.pid), started])
+        assert result.returncode == 0 and other.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_stop_never_signals_a_recorded_pid_now_held_by_an_unrelated_process(node: LocalNode) -> None:
+    node.start()
+    node.wait_for(lambda rs: bool(rs) and rs[0].state == "running")
+    node.sh(stop_command(node.registry, node.run_id, 5, False))
+    entry = Path(node.registry) / node.run_id / "node_0"
+    stranger = subprocess.Popen(["sleep", "300"])  # no markers: not ours, whatever its pid
+    try:
+        for name in ("launcher.pid", "child.pid"):
+            (entry / name).write_text(f"{stranger.pid} {start_time(stranger.pid)}\n")
+        node.sh(stop_command(node.registry, node.run_id, 1, False))
+        node.sh(stop_command(node.registry, node.run_id, 0, True))
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_a_registry_that_is_a_symlink_is_refused_and_not_written_through(
+        make_node: Callable[..., LocalNode], tmp_path: Path) -> None:
+    node = make_node()
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    Path(node.registry).symlink_to(target)
+    result = node.sh(launcher_start_command(str(node.launcher), 0, node.registry, node.run_id),
+                     check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"refusing the run registry (cluster.registry_dir) {node.registry}: "
+                                    "it is a symlink or not a directory")
+    assert list(target.iterdir()) == []
+    status = node.sh(status_command(node.registry), check=False)
+    assert status.returncode == 1 and "it is a symlink" in status.stderr

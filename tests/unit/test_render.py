@@ -83,7 +83,7 @@ def test_env_script_reproduces_hostile_values_exactly(tmp_path: Path, shell: str
         assert code == 0, err
         expected = {**common, **node}
         assert {key: env.get(key) for key in expected} == expected
-        assert set(env) - before == set(expected) | {"GEMM_ENV_VARS"}
+        assert set(env) - before == set(expected) | {"GEMM_ENV_VARS", "GEMM_MASKED_VARS"}
         assert set(env["GEMM_ENV_VARS"].split()) == set(common) | {k for n in nodes for k in n}
     assert not marker.exists()
 
@@ -115,7 +115,8 @@ def test_env_script_message_quotes_the_run_id(tmp_path: Path, shell: str) -> Non
     run_id = f'r" $(touch {marker}) `touch {marker}` \'x\' $HOME'
     script = tmp_path / "env.sh"
     script.write_text(render_template("env.sh.j2", run_id=run_id, common_env=[],
-                                      node_env=[[("B", "x")]], env_var_names="B"))
+                                      node_env=[[("B", "x")]], env_var_names="B",
+                                      masked_var_names=""))
     code, env, err = source_and_dump(shell, script, "7")
     assert code != 0 and "B" not in env
     assert f"env.sh: unknown NODE_RANK '7' (run {run_id} has 1 node(s): 0..0)" in err
@@ -137,7 +138,37 @@ def test_run_id_and_container_rules_are_the_registry_ones() -> None:
 def test_env_script_keeps_common_order() -> None:
     text = render_env_script(run_id="r", common_env={"Z": "1", "A": "2", "M": "3"}, node_env=[{}])
     exports = [line.split("=")[0] for line in text.splitlines() if line.startswith("export ")]
-    assert exports == ["export Z", "export A", "export M", "export GEMM_ENV_VARS"]
+    assert exports == ["export Z", "export A", "export M", "export GEMM_ENV_VARS",
+                       "export GEMM_MASKED_VARS"]
+
+
+def test_env_script_names_the_secrets_and_its_masked_copy_holds_none(tmp_path: Path) -> None:
+    """The nodes' env.sh exports the real value and names it in GEMM_MASKED_VARS (the ranks
+    record it as ***); the controller's copy holds *** in its place and differs in nothing else."""
+    secret = "hf_live_$(touch x)_value"
+    common = {"HF_TOKEN": secret, "my_api_key": "k3y", "NCCL_DEBUG": "INFO"}
+    nodes = [{"NCCL_SOCKET_IFNAME": "eth0", "DB_PASSWORD": "pw"}]
+    real = render_env_script(run_id="r", common_env=common, node_env=nodes)
+    script = tmp_path / "env.sh"
+    script.write_text(real)
+    code, env, err = source_and_dump("bash", script, "0")
+    assert code == 0, err
+    assert (env["HF_TOKEN"], env["my_api_key"], env["DB_PASSWORD"]) == (secret, "k3y", "pw")
+    assert env["GEMM_MASKED_VARS"].split() == ["HF_TOKEN", "my_api_key", "DB_PASSWORD"]
+    copy = render_env_script(run_id="r", common_env=common, node_env=nodes, masked=True)
+    for value in (secret, "k3y", "pw"):
+        assert value not in copy
+    script.write_text(copy)
+    code, masked_env, err = source_and_dump("bash", script, "0")
+    assert code == 0, err
+    assert {key: masked_env[key] for key in ("HF_TOKEN", "my_api_key", "DB_PASSWORD")} == \
+        dict.fromkeys(("HF_TOKEN", "my_api_key", "DB_PASSWORD"), "***")
+    assert {k: v for k, v in masked_env.items() if v != "***"} == \
+        {k: v for k, v in env.items() if k not in ("HF_TOKEN", "my_api_key", "DB_PASSWORD")}
+    # The patterns are the setting's: none given, nothing masked.
+    plain = render_env_script(run_id="r", common_env=common, node_env=nodes, secret_patterns=(),
+                              masked=True)
+    assert secret in plain and "export GEMM_MASKED_VARS=''" in plain
 
 
 @pytest.mark.parametrize("common, nodes, message", [

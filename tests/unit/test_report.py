@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,12 @@ import pytest
 from tasks.lib import report as rep
 from tasks.lib.plots import BUSBW_LINES, CONTENTION_HEATMAP, ITERATION_HEATMAP, PER_RANK_STEPS
 from tasks.report import write_report
-from tests.helpers import assert_imports_none_of
+from tests.helpers import FAB, assert_imports_none_of
 from tests.unit.report_fixtures import make_run, make_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
+# The running interpreter's scripts, wherever its virtualenv lives (not <repo>/.venv).
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -28,7 +31,7 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     output_dir = run_dir / "512thread_42channels"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NCCL_MAX_NCHANNELS": "42", "RCCL_THREADS_PER_BLOCK": "512"}
     result = subprocess.run(
-        [str(ROOT / ".venv/bin/torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "train",
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "train",
          "--config", "config/multi_node/cpu_tiny.yaml",
          "--override", "training.max_steps=4", f"training.output_dir={output_dir}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
@@ -110,7 +113,10 @@ def test_missing_summary_uses_the_metrics_and_says_so(tmp_path: Path) -> None:
     assert row.status == "running"
     assert "summary.json missing" in row.problems
     assert row.iter_ms_median == pytest.approx(80.25)
-    assert row.busbw_gbps_median == pytest.approx(10.0)
+    # Each rank's own busbw (waits included) is in its lines; the skew-free busbw needs every
+    # rank's collectives, which only the summary holds.
+    assert row.local_busbw_gbps_median == pytest.approx(10.0)
+    assert row.busbw_gbps_median is None and row.wait_ms_p95 is None
 
 
 def test_a_launch_that_says_succeeded_without_summary_is_incomplete(tmp_path: Path) -> None:
@@ -183,16 +189,22 @@ def test_sweep_best_point_and_trade_off(tmp_path: Path) -> None:
 
 
 def test_world_size_one_has_no_bandwidth_trade_off(tmp_path: Path) -> None:
-    # One rank moves no data between ranks: busbw 0 everywhere (as on a single GPU).
+    # One rank moves no data between ranks: busbw null with the reason (as on a single GPU).
     sweep_dir = make_sweep(tmp_path, [
-        (28, 256, dict(iter_ms=100.0, busbw=0.0, contention=0.02)),
-        (42, 256, dict(iter_ms=90.0, busbw=0.0, contention=0.04)),
+        (28, 256, dict(iter_ms=100.0, contention=0.02, world_size=1, nodes=1)),
+        (42, 256, dict(iter_ms=90.0, contention=0.04, world_size=1, nodes=1)),
     ])
     result = write_report(sweep_dir)
-    assert rep.trade_off(rep.collect_rows(rep.discover(sweep_dir))[0]) is None
-    assert "busbw is 0 at world size 1" in (sweep_dir / "report.md").read_text()
+    rows = rep.collect_rows(rep.discover(sweep_dir))[0]
+    assert rep.trade_off(rows) is None
+    assert all(r.busbw_gbps_median is None and r.local_busbw_gbps_median is None for r in rows)
+    markdown = (sweep_dir / "report.md").read_text()
+    assert "busbw is null at world size 1" in markdown
+    assert "busbw_gbps null: world size 1: no data crosses ranks" in markdown
+    csv_rows = list(csv.DictReader(io.StringIO((sweep_dir / "results.csv").read_text())))
+    assert csv_rows[0]["busbw_gbps_median"] == "" and "world size 1" in csv_rows[0]["notes"]
     assert result.best is not None and result.best.channels == 42
-    assert is_png(sweep_dir / BUSBW_LINES)
+    assert not (sweep_dir / BUSBW_LINES).exists()  # nothing to draw
 
 
 def test_sweep_with_a_failed_point_still_reports_the_others(tmp_path: Path) -> None:
@@ -304,7 +316,7 @@ def test_report_task_import_stays_light() -> None:
 
 def test_fab_report_cli(tmp_path: Path) -> None:
     sweep_dir = grid_2x2(tmp_path)
-    fab = str(ROOT / ".venv/bin/fab")
+    fab = FAB
     ok = subprocess.run([fab, "report", str(sweep_dir), "--no-plots"], cwd=ROOT, capture_output=True,
                         text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
@@ -403,3 +415,66 @@ def test_sweep_figures_have_labelled_axes_and_readable_values(
     per_rank = seen[PER_RANK_STEPS].axes
     assert any(ax.get_xlabel() == "step" for ax in per_rank)
     assert any(ax.get_ylabel() == "iteration time (ms)" for ax in per_rank)
+
+
+# -- cross-rank findings of the train summary ---------------------------------------------------
+
+def test_the_late_rank_and_its_host_are_named(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path, 42, 512, world_size=4, nodes=2, late_rank=2, wait_ms=30.0)
+    result = write_report(run_dir, tmp_path / "out", plots=False)
+
+    row = result.rows[0]
+    assert (row.slowest_rank, row.slowest_host, row.slowest_by) == (2, "node1", "caused_wait")
+    assert row.wait_ms_p95 == pytest.approx(30.0)
+    record = next(csv.DictReader(io.StringIO((tmp_path / "out" / "results.csv").read_text())))
+    assert (record["slowest_rank"], record["slowest_host"], record["slowest_by"]) == (
+        "2", "node1", "caused_wait")
+    assert float(record["caused_wait_ms_median"]) == pytest.approx(90.0)
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    stragglers = markdown.split("## Stragglers", 1)[1]
+    assert "slowest rank 2 (node1): the others waited 90 ms per step for it" in stragglers
+    assert "p95 30 ms" in stragglers
+    # The per-rank table carries each rank's wait from the summary.
+    per_rank = markdown.split("## Per rank", 1)[1]
+    assert "wait ms p95" in per_rank and "| 0 | node0 | 6 |" in per_rank
+
+
+def test_a_point_whose_clocks_moved_is_flagged(tmp_path: Path) -> None:
+    sweep_dir = make_sweep(tmp_path, [
+        (28, 256, dict(iter_ms=100.0, sm_clock=1700.0, calibration_clock=1980.0)),
+        (42, 256, dict(iter_ms=95.0, sm_clock=1975.0, calibration_clock=1980.0)),
+    ])
+    write_report(sweep_dir, plots=False)
+    records = list(csv.DictReader(io.StringIO((sweep_dir / "results.csv").read_text())))
+    assert [r["clock_flag"] for r in records] == ["True", "False"]
+    assert float(records[0]["clock_drift"]) == pytest.approx(1700 / 1980 - 1, rel=1e-4)
+    clocks = (sweep_dir / "report.md").read_text().split("## Clocks", 1)[1]
+    assert "**28ch × 256th: clocks differed from the calibration**" in clocks
+    assert "-14.1 %" in clocks and "42ch" not in clocks.split("##", 1)[0]
+
+
+def test_the_per_rank_figure_names_the_rank_the_others_waited_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib.figure import Figure
+
+    seen: dict[str, Figure] = {}
+    original = Figure.savefig
+
+    def spy(fig: Figure, path: object, *args: object, **kwargs: object) -> object:
+        seen[Path(str(path)).name] = fig
+        return original(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    # Rank 3's lines look no slower than the others (they wait for it): the figure must
+    # still name it.
+    run_dir = make_run(tmp_path, 28, 256, world_size=4, nodes=2, late_rank=3, wait_ms=5.0)
+    write_report(run_dir, tmp_path / "out")
+    texts = [t.get_text() for ax in seen[PER_RANK_STEPS].axes for t in ax.texts]
+    assert any(t.startswith("slowest: rank 3 (others waited 15 ms/step") for t in texts), texts
+
+
+def test_every_results_column_is_documented() -> None:
+    doc = (ROOT / "docs" / "METRICS.md").read_text().split("## `results.csv`", 1)[1]
+    spans = {word for span in re.findall(r"`([^`]+)`", doc)
+             for word in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", span)}
+    assert not [name for name in rep.CSV_FIELDS if name not in spans]

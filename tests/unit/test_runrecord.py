@@ -22,6 +22,7 @@ from tasks.lib.runrecord import (
     new_record,
     parse_file_list,
     parse_progress,
+    refusal_line,
     write_json_atomic,
 )
 
@@ -150,9 +151,47 @@ def test_failure_reason_names_the_rank_when_known():
                                                              None, "Sending process"))
 
 
-def test_parse_file_list():
-    text = "12\tnode_1_output.log\n3\ttorch_profiler/a b.json\nbogus\n\t\n"
-    assert parse_file_list(text) == [(12, "node_1_output.log"), (3, "torch_profiler/a b.json")]
+def test_parse_file_list_keeps_regular_files_with_plain_relative_names():
+    text = "f 12 node_1_output.log\0f 3 torch_profiler/a b.json\0f 0  lead space\0"
+    listing = parse_file_list(text)
+    assert listing.files == [(12, "node_1_output.log"), (3, "torch_profiler/a b.json"),
+                             (0, " lead space")]
+    assert listing.refused == []
+
+
+@pytest.mark.parametrize(("entry", "why"), [
+    ("f 5 ../../escape", "'..' component"),
+    ("f 5 sub/../../escape", "'..' component"),
+    ("f 5 /etc/cron.d/evil", "absolute path"),
+    ("f 5 a\nf 9 ../x", "control character in the name"),
+    ("f 5 tab\there", "control character in the name"),
+    ("f 5 esc\x1b[2Jx", "control character in the name"),
+    ("f 5 c1\x9bx", "control character in the name"),
+    ("f 5 bad\ufffdutf8", "not valid UTF-8"),
+    ("f 5 a//b", "not a plain relative path (empty or '.' component)"),
+    ("f 5 ./a", "not a plain relative path (empty or '.' component)"),
+    ("f 5 dir/", "not a plain relative path (empty or '.' component)"),
+    ("l 11 passwd", "a symlink"),
+    ("p 0 fifo", "not a regular file (type p)"),
+    ("f x name", "not a listing entry"),
+    ("f 12", "not a listing entry"),
+    ("garbage from a login script", "not a listing entry"),
+])
+def test_parse_file_list_refuses_what_a_hostile_node_may_send(entry, why):
+    listing = parse_file_list(f"f 1 good\0{entry}\0f 2 also/good\0")
+    assert listing.files == [(1, "good"), (2, "also/good")]
+    assert len(listing.refused) == 1 and listing.refused[0][1] == why
+    shown = listing.refused[0][0]
+    assert shown.isprintable() and "\n" not in shown and "\t" not in shown
+
+
+def test_refusal_line_is_one_line_and_bounded():
+    refused = parse_file_list("".join(f"l 1 link{i}\0" for i in range(8))
+                              + "f 1 a\nb\0").refused
+    line = refusal_line(refused)
+    assert "\n" not in line and line.startswith("refused 9 entries")
+    assert "'link0' (a symlink)" in line and "and 4 more" in line
+    assert refusal_line(refused[:1]).startswith("refused 1 entry of")
 
 
 def test_list_files_fails_on_a_missing_directory(tmp_path):
@@ -167,12 +206,36 @@ def test_list_files_fails_on_a_missing_directory(tmp_path):
     result = subprocess.run(["bash", "-c", list_files_command(str(tmp_path / "out dir"))],
                             capture_output=True, text=True, timeout=10)
     assert result.returncode == 0, result.stderr
-    assert parse_file_list(result.stdout) == [(5, "sub/a b.json")]
+    assert parse_file_list(result.stdout).files == [(5, "sub/a b.json")]
     empty = tmp_path / "empty"
     empty.mkdir()
     result = subprocess.run(["bash", "-c", list_files_command(str(empty))],
                             capture_output=True, text=True, timeout=10)
     assert (result.returncode, result.stdout) == (0, "")
+
+
+def test_list_files_of_planted_names_lists_them_as_entries_to_refuse(tmp_path):
+    """Real find output for the names a hostile node plants: each is one entry, none can pose
+    as another, and only the plain regular file is kept."""
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "ok.txt").write_text("fine")
+    (out / "sub" / "f").write_text("deep")
+    # Under the old "size<TAB>path<NEWLINE>" listing these read as "../escape" and "/abs".
+    (out / "q\n7\t..").mkdir()
+    (out / "q\n7\t.." / "escape").write_text("escaped")
+    (out / "q\n4 \t").mkdir()
+    (out / "q\n4 \t" / "abs").write_text("abs!")
+    (out / "tab\tname").write_text("tab")
+    (out / "passwd").symlink_to("/etc/passwd")
+    (out / "etc").symlink_to("/etc")
+    result = subprocess.run(["bash", "-c", list_files_command(str(out))], capture_output=True,
+                            text=True, timeout=10)
+    listing = parse_file_list(result.stdout)
+    assert sorted(listing.files) == [(4, "ok.txt"), (4, "sub/f")]
+    assert sorted(why for _, why in listing.refused) == [
+        "a symlink", "a symlink", "control character in the name",
+        "control character in the name", "control character in the name"]
 
 
 def test_phase_failure_names_the_phase_and_every_failing_host():

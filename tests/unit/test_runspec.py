@@ -1,6 +1,7 @@
 """tasks/lib/runspec.py: resolution order, validation, env mapping, naming, argv building."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from datetime import datetime
@@ -297,9 +298,12 @@ def test_socket_env():
 def test_run_ids_and_dirs():
     when = datetime(2025, 12, 11, 14, 30, 52)
     assert run_id_base(28, 256, when) == "multinode_28ch_256th_20251211_143052"
-    assert list(islice(run_id_candidates(28, 256, when), 3)) == [
-        "multinode_28ch_256th_20251211_143052", "multinode_28ch_256th_20251211_143052_1",
-        "multinode_28ch_256th_20251211_143052_2"]
+    ids = list(islice(run_id_candidates(28, 256, when), 50))
+    assert all(re.fullmatch(r"multinode_28ch_256th_20251211_143052_[0-9a-f]{6}", i) for i in ids)
+    assert len(set(ids)) == len(ids)  # random, so another user cannot guess the next one
+    fixed = iter(["aaaaaa", "bbbbbb"])
+    assert list(islice(run_id_candidates(28, 256, when, token=lambda n: next(fixed)), 2)) == [
+        "multinode_28ch_256th_20251211_143052_aaaaaa", "multinode_28ch_256th_20251211_143052_bbbbbb"]
     assert output_dir_name(28, 256) == "256thread_28channels"
     assert node_run_dir("/srv/gemm", "r1") == "/srv/gemm/experiments/r1"
 
@@ -311,11 +315,30 @@ def test_two_launches_in_the_same_second_get_their_own_directories(tmp_path):
     when = datetime(2025, 12, 11, 14, 30, 52)
     first = pick_run_id(spec, tmp_path, when, create=True)
     second = pick_run_id(spec, tmp_path, when, create=True)
-    assert first == "multinode_28ch_256th_20251211_143052"
-    assert second == first + "_1"
-    assert (tmp_path / first).is_dir() and (tmp_path / second).is_dir()
-    assert pick_run_id(spec, tmp_path, when, create=False) == first + "_2"
-    assert not (tmp_path / (first + "_2")).exists()  # without create, nothing is made
+    assert first != second and all(i.startswith("multinode_28ch_256th_20251211_143052_")
+                                   for i in (first, second))
+    for run_id in (first, second):
+        assert (tmp_path / run_id).is_dir()
+        assert (tmp_path / run_id).stat().st_mode & 0o777 == 0o700  # not world-readable
+    unmade = pick_run_id(spec, tmp_path, when, create=False)
+    assert unmade not in (first, second)
+    assert not (tmp_path / unmade).exists()  # without create, nothing is made
+
+
+def test_a_directory_already_there_is_never_taken_over(tmp_path):
+    """Created exclusively: an existing directory of the same name (planted, or a collision of
+    the random suffix) is skipped, never reused."""
+    from tasks.launch import pick_run_id
+
+    spec = resolve(LaunchFlags())
+    when = datetime(2025, 12, 11, 14, 30, 52)
+    planted = tmp_path / "multinode_28ch_256th_20251211_143052_aaaaaa"
+    planted.mkdir()
+    (planted / "run.json").write_text("theirs")
+    tokens = iter(["aaaaaa", "bbbbbb"])
+    run_id = pick_run_id(spec, tmp_path, when, create=True, token=lambda n: next(tokens))
+    assert run_id == "multinode_28ch_256th_20251211_143052_bbbbbb"
+    assert (planted / "run.json").read_text() == "theirs"
 
 
 def test_torchrun_argv():

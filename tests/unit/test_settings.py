@@ -51,15 +51,15 @@ def test_missing_sections_take_defaults():
     [
         ({"cluster": {"hostz": []}}, r"cluster: unknown key\(s\) hostz"),
         ({"cluster": {"host_key_policy": "yolo"}}, "cluster.host_key_policy"),
-        ({"cluster": {"hosts": "a,b"}}, "cluster.hosts: expected tuple"),
+        ({"cluster": {"hosts": "a,b"}}, "cluster.hosts: expected a list"),
         ({"cluster": {"known_hosts": None}}, "cluster.known_hosts: must not be null"),
         ({"cluster": "x"}, "cluster: expected a mapping"),
         ({"docker": {"platform": "tpu"}}, "docker.platform"),
-        ({"docker": {"enabled": "yes"}}, "docker.enabled: expected bool"),
+        ({"docker": {"enabled": "yes"}}, "docker.enabled: expected true or false"),
         ({"docker": {"volumes": ["novolume"]}}, "docker.volumes"),
         ({"launch": {"nproc": "eight"}}, "launch.nproc"),
-        ({"launch": {"nproc": True}}, "launch.nproc: expected int or str"),
-        ({"launch": {"channels": 2.5}}, "launch.channels: expected int"),
+        ({"launch": {"nproc": True}}, "launch.nproc: expected an integer or a string"),
+        ({"launch": {"channels": 2.5}}, "launch.channels: expected an integer"),
         ({"launch": {"master_port": "x"}}, "launch.master_port"),
     ],
 )
@@ -90,8 +90,11 @@ def test_node_paths_accept_absolute_paths_and_null_where_the_default_is_null():
         "workdir": "/srv/o'k $(x)/~tilde-inside", "registry_dir": "/tmp/r", "venv": None}}).cluster
     assert (cluster.workdir, cluster.registry_dir, cluster.venv) == (
         "/srv/o'k $(x)/~tilde-inside", "/tmp/r", None)
-    with pytest.raises(SettingsError, match="cluster.registry_dir: must not be null"):
-        Settings.from_config({"cluster": {"registry_dir": None}})
+    # null (the default): each user's own /tmp/gemm-runs-<uid>, resolved on the node.
+    assert Settings.from_config({"cluster": {"registry_dir": None}}).cluster.registry_dir is None
+    assert Settings.from_config({}).cluster.registry_dir is None
+    with pytest.raises(SettingsError, match="cluster.experiments_dir: must not be null"):
+        Settings.from_config({"cluster": {"experiments_dir": None}})
 
 
 # -- set_yaml_key (what `fab setup` writes) -------------------------------------------------------

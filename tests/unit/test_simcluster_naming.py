@@ -110,7 +110,7 @@ def test_fabric_config_has_the_contract_keys():
     assert config["timeouts"] == {"connect": 5}
     assert config["cluster"] == {
         "hosts": ["10.0.0.10", "10.0.0.11"], "known_hosts": "/kh", "host_key_policy": "reject",
-        "workdir": "/srv/gemm", "venv": "/work/main/.venv", "registry_dir": "/tmp/gemm-runs"}
+        "workdir": "/srv/gemm", "venv": "/work/main/.venv"}
     assert config["docker"] == {"enabled": True, "image": "gemm-sim:latest", "platform": "cpu",
                                 "volumes": ["/usr:/usr:ro"], "ulimits": {"memlock": None}}
 

@@ -110,6 +110,13 @@ def test_split_overrides_keeps_spaces_inside_values() -> None:
             [],
             "profiling.wait+warmup+active",
         ),
+        ({"comm": {"stream_priority": "urgent"}}, [],
+         "comm.stream_priority must be one of high, default"),
+        ({}, ["calibration.interval_steps=-1"], "calibration.interval_steps must be >= 0"),
+        ({}, ["telemetry.sample_every=0"], "telemetry.sample_every must be >= 1"),
+        ({}, ["debug.delay_rank=-2"], "debug.delay_rank must be >= -1"),
+        ({}, ["debug.delay_every=0"], "debug.delay_every must be >= 1"),
+        ({}, ["debug.delay_ms=20"], "debug.delay_ms 20.0 needs debug.delay_rank"),
     ],
 )
 def test_invalid_values_name_key_and_source(
@@ -162,6 +169,16 @@ def test_known_keys_cover_the_contract() -> None:
         "profiling.warmup",
         "profiling.active",
         "profiling.repeat",
+        "profiling.launch_delay_steps",
+        "comm.stream_priority",
+        "calibration.interval_steps",
+        "calibration.interval_compute_steps",
+        "calibration.interval_comm_steps",
+        "telemetry.enabled",
+        "telemetry.sample_every",
+        "debug.delay_rank",
+        "debug.delay_ms",
+        "debug.delay_every",
     ):
         assert key in keys, key
 

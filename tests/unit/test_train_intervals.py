@@ -14,12 +14,13 @@ from train.intervals import (
     union_length,
 )
 from train.metrics import (
+    Baseline,
     CollectiveTiming,
     StepTimes,
-    aggregate_ranks,
     collect_env,
     distribution,
     env_differences,
+    gemm_contention,
     step_metrics,
 )
 
@@ -109,7 +110,7 @@ def test_step_metrics_on_crafted_step() -> None:
             CollectiveTiming(8.0, 11.0, "all_reduce", 200_000_000),
         ],
     )
-    m = step_metrics(times, gemm_flops=8e12, world_size=4, solo_compute_ms=7.0, solo_comm_ms=5.0)
+    m = step_metrics(times, gemm_flops=8e12, world_size=4, baseline=Baseline(0, 7.0))
     assert m["compute_ms"] == pytest.approx(8.0)
     assert m["comm_ms"] == pytest.approx(6.0)
     assert m["overlap_ms"] == pytest.approx(1.0 + 1.0 + 1.0)  # 3-4, 5-6, 8-9
@@ -118,10 +119,11 @@ def test_step_metrics_on_crafted_step() -> None:
     assert m["overlap_fraction"] == pytest.approx(0.5)
     assert m["gemm_tflops"] == pytest.approx(1000.0)  # 8e12 flop in 8 ms
     assert m["comm_bytes"] == 300_000_000
-    assert m["algbw_gbps"] == pytest.approx(50.0)  # 3e8 B / 6 ms
-    assert m["busbw_gbps"] == pytest.approx(50.0 * 1.5)  # all_reduce, n=4
+    assert m["local_algbw_gbps"] == pytest.approx(50.0)  # 3e8 B / 6 ms
+    assert m["local_busbw_gbps"] == pytest.approx(50.0 * 1.5)  # all_reduce, n=4
     assert m["contention_slowdown"] == pytest.approx(8.0 / 7.0 - 1)
-    assert m["comm_slowdown"] == pytest.approx(6.0 / 5.0 - 1)
+    # phase-style intervals (per_gemm False): no per-GEMM comparison
+    assert m["gemm_contention_slowdown"] is None and m["overlapped_gemm_fraction"] is None
 
 
 def test_step_metrics_mixed_collectives_use_own_factor() -> None:
@@ -134,15 +136,15 @@ def test_step_metrics_mixed_collectives_use_own_factor() -> None:
         ],
     )
     m = step_metrics(times, gemm_flops=1.0, world_size=2)
-    assert m["algbw_gbps"] == pytest.approx(1.0)  # 2e6 B in 2 ms
-    assert m["busbw_gbps"] == pytest.approx(0.5)  # both (n-1)/n = 0.5
+    assert m["local_algbw_gbps"] == pytest.approx(1.0)  # 2e6 B in 2 ms
+    assert m["local_busbw_gbps"] == pytest.approx(0.5)  # both (n-1)/n = 0.5
     assert m["gemm_tflops"] is None and m["contention_slowdown"] is None
 
 
 def test_step_metrics_without_gemm_timing() -> None:
     m = step_metrics(StepTimes(iter_ms=5.0, gemm=None), gemm_flops=1.0, world_size=2)
     assert m["iter_ms"] == 5.0
-    for key in ("compute_ms", "comm_ms", "overlap_ms", "gemm_tflops", "busbw_gbps"):
+    for key in ("compute_ms", "comm_ms", "overlap_ms", "gemm_tflops", "local_busbw_gbps"):
         assert m[key] is None
 
 
@@ -178,45 +180,6 @@ def test_env_collection_and_differences() -> None:
     }
 
 
-def _steps(iters: list[float], tflops_value: float) -> list[dict]:
-    return [{"iter_ms": i, "gemm_tflops": tflops_value, "busbw_gbps": 10.0} for i in iters]
-
-
-def test_aggregate_ranks_pools_steps_and_reports_spread() -> None:
-    reports = [
-        {
-            "rank": 1,
-            "host": "b",
-            "device": "gpu",
-            "env": {"NCCL_X": "2"},
-            "steps": _steps([20.0, 22.0], 500.0),
-            "calibration_compute": [{"compute_ms": 9.0, "gemm_tflops": 700.0}],
-            "calibration_comm": [{"comm_ms": 3.0, "algbw_gbps": 40.0, "busbw_gbps": 60.0}],
-        },
-        {
-            "rank": 0,
-            "host": "a",
-            "device": "gpu",
-            "env": {"NCCL_X": "1"},
-            "steps": _steps([10.0, 12.0], 800.0),
-            "calibration_compute": [{"compute_ms": 8.0, "gemm_tflops": 750.0}],
-            "calibration_comm": [{"comm_ms": 2.0, "algbw_gbps": 50.0, "busbw_gbps": 75.0}],
-        },
-    ]
-    s = aggregate_ranks(reports)
-    assert s["iter_ms"]["n"] == 4 and s["iter_ms"]["median"] == pytest.approx(16.0)
-    assert s["measured_steps"] == {"per_rank_min": 2, "total": 4}
-    assert s["solo"]["compute_ms"]["median"] == pytest.approx(8.5)
-    assert s["solo"]["busbw_gbps"]["max"] == pytest.approx(75.0)
-    assert [r["rank"] for r in s["per_rank"]] == [0, 1]
-    spread = s["rank_spread"]["iter_ms"]
-    assert (spread["min_rank"], spread["max_rank"]) == (0, 1)
-    assert spread["max_over_min"] == pytest.approx(21.0 / 11.0)
-    assert s["env"] == {"NCCL_X": "1"}  # rank 0's
-    assert s["env_differences"] == {"NCCL_X": {"0": "1", "1": "2"}}
-    assert s["hosts"] == ["a", "b"]
-
-
 def test_step_metrics_untimed_collectives_are_unknown_not_zero() -> None:
     # timing.granularity=step: data moved but nothing timed the collectives.
     m = step_metrics(StepTimes(iter_ms=5.0, gemm=None, comm=None), gemm_flops=1.0, world_size=2)
@@ -226,5 +189,55 @@ def test_step_metrics_untimed_collectives_are_unknown_not_zero() -> None:
     m = step_metrics(StepTimes(iter_ms=5.0, gemm=[(0.0, 2.0)], comm=None), gemm_flops=1.0,
                      world_size=2)
     assert m["compute_ms"] == pytest.approx(2.0)
-    for key in ("comm_ms", "comm_bytes", "overlap_ms", "exposed_comm_ms", "busbw_gbps"):
+    for key in ("comm_ms", "comm_bytes", "overlap_ms", "exposed_comm_ms", "local_busbw_gbps"):
         assert m[key] is None, key
+
+
+def test_world_size_one_reports_no_bandwidth() -> None:
+    # A one-rank all_reduce moves nothing between ranks: no bandwidth, not 0 and not size/time.
+    times = StepTimes(iter_ms=4.0, gemm=[(0.0, 3.0)],
+                      comm=[CollectiveTiming(1.0, 1.5, "all_reduce", 1_000_000, 0)])
+    m = step_metrics(times, gemm_flops=1.0, world_size=1)
+    assert m["comm_ms"] == pytest.approx(0.5) and m["comm_bytes"] == 1_000_000
+    assert m["local_algbw_gbps"] is None and m["local_busbw_gbps"] is None
+
+
+def test_per_gemm_contention_compares_only_the_overlapped_gemms() -> None:
+    # Four GEMMs; a collective runs 2.5-5.5 ms, over GEMMs 1 and 2 only. Those two ran 1.5x
+    # their solo time; GEMMs 0 and 3 ran at their solo time.
+    gemm = [(0.0, 1.0), (1.0, 2.5), (2.5, 4.0), (4.0, 5.0)]
+    solo = (1.0, 1.0, 1.0, 1.0)
+    slowdown, fraction = gemm_contention(gemm, [(2.0, 3.0)], solo)
+    assert fraction == pytest.approx(0.5)
+    assert slowdown == pytest.approx(3.0 / 2.0 - 1)  # 3 ms measured against 2 ms solo
+    # The whole-step figure, diluted by the untouched GEMMs: 5 ms against 4 ms.
+    times = StepTimes(iter_ms=6.0, gemm=gemm, per_gemm=True,
+                      comm=[CollectiveTiming(2.0, 3.0, "all_reduce", 10, 0)])
+    m = step_metrics(times, gemm_flops=1.0, world_size=2, baseline=Baseline(0, 4.0, solo))
+    assert m["gemm_contention_slowdown"] == pytest.approx(0.5)
+    assert m["overlapped_gemm_fraction"] == pytest.approx(0.5)
+    assert m["contention_slowdown"] == pytest.approx(0.25)
+    # No collective in flight: nothing overlapped, nothing to compare.
+    assert gemm_contention(gemm, [], solo) == (None, 0.0)
+    # A baseline of another shape (timing granularity changed) is not compared.
+    assert gemm_contention(gemm, [(2.0, 3.0)], (1.0, 1.0))[0] is None
+
+
+def test_control_and_local_reduce_are_timed_apart_from_comm() -> None:
+    times = StepTimes(
+        iter_ms=10.0, gemm=[(0.0, 4.0)], per_gemm=True,
+        comm=[CollectiveTiming(5.0, 7.0, "all_gather", 100, 0)],
+        control=CollectiveTiming(0.5, 1.25, "control", 4, -1),
+        reduce_local=[(7.0, 7.5)],
+    )
+    m = step_metrics(times, gemm_flops=1.0, world_size=2)
+    assert m["control_ms"] == pytest.approx(0.75)
+    assert m["reduce_local_ms"] == pytest.approx(0.5)
+    assert m["comm_ms"] == pytest.approx(2.0)  # neither the control nor the sum
+    # The control all-reduce ran under the GEMM: that GEMM counts as overlapped.
+    assert m["overlapped_gemm_fraction"] == pytest.approx(1.0)
+
+
+def test_distribution_has_p95() -> None:
+    d = distribution([float(v) for v in range(1, 101)])
+    assert d is not None and d["p95"] == pytest.approx(95.05) and d["median"] == pytest.approx(50.5)

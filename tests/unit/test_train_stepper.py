@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from train.config import ModelConfig
-from train.metrics import STEP_FIELDS, step_metrics
+from train.metrics import STEP_FIELDS, TELEMETRY_FIELDS, step_metrics
 from train.model import GemmStack
 from train.runtime import blocking_wait_warning
 from train.stepper import COMM, TRAIN, Stepper
@@ -145,10 +145,13 @@ def test_step_granularity_reports_comm_fields_as_unknown(kind: str) -> None:
     finally:
         stepper.close()
     m = step_metrics(times, gemm_flops=stepper.stack.gemm_flops, world_size=1)
-    assert set(STEP_FIELDS) - {"rank", "world_size", "step", "wall_time"} == set(m)
+    added_by_trainer = {"rank", "world_size", "step", "wall_time", "calibration_block",
+                        *TELEMETRY_FIELDS}
+    assert set(STEP_FIELDS) - added_by_trainer == set(m)
     assert m["iter_ms"] > 0
-    for key in ("comm_ms", "comm_bytes", "algbw_gbps", "busbw_gbps", "overlap_ms",
-                "exposed_comm_ms", "overlap_fraction", "comm_slowdown"):
+    for key in ("comm_ms", "comm_bytes", "local_algbw_gbps", "local_busbw_gbps", "overlap_ms",
+                "exposed_comm_ms", "overlap_fraction", "control_ms", "reduce_local_ms",
+                "overlapped_gemm_fraction", "gemm_contention_slowdown"):
         assert m[key] is None, key
 
 

@@ -1,0 +1,137 @@
+"""How long each collective kernel waited to start once it could run (no torch).
+
+Input: a torch.profiler chrome trace of one train step and that step's own CUDA-event times
+(ms from the step start). A collective can run once two things have happened:
+
+- its stream reached it: the "start" event recorded on the comm stream right before the
+  collective fires then (its bucket's dW GEMM done, the previous collective done);
+- the host launched its kernel: the launch call (cudaLaunchKernel / cuLaunchKernelEx) that
+  the trace pairs with the kernel by correlation id.
+
+launch_delay_ms = kernel start - the later of the two (never below 0: a kernel that began
+before its launch call returned started at once). What is left is time the kernel sat queued
+on the device, typically because GEMM blocks held every SM: "NCCL waited for SMs", which
+comm_ms would otherwise hide.
+
+The trace's clock and the events' clock are put together on the compute stream: first
+coarsely (the first GEMM's start event and the stream's first kernel), then on the GEMMs' end
+events, each matched to the compute-stream kernel that ends nearest it. A GEMM's end event
+fires the moment its kernel ends, while its start can trail the event by the host's launch
+latency (0.2 ms was seen under the profiler on an H100), so the ends give the tight fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from train.intervals import percentile
+
+COLLECTIVE_KERNEL_WORDS = ("nccl", "rccl")
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
+# The refined fit is kept when the matched GEMM ends agree this well (else the coarse one).
+MAX_FIT_SPREAD_US = 20.0
+
+
+@dataclass
+class LaunchDelays:
+    """Per timed collective of one step: (op name, bucket, delay ms); or a reason for none."""
+
+    delays: list[tuple[str, int, float]] = field(default_factory=list)
+    reason: str | None = None
+    kernels_seen: int = 0
+    collective_kernels_seen: int = 0
+    alignment: str | None = None  # "gemm ends" | "first kernel"
+    alignment_residual_ms: float | None = None  # p90 of |kernel end - GEMM end event|
+
+
+def _events(trace: Mapping[str, Any]) -> list[dict[str, Any]]:
+    events = trace.get("traceEvents", []) if isinstance(trace, Mapping) else []
+    return [e for e in events if isinstance(e, dict) and isinstance(e.get("ts"), (int, float))]
+
+
+def is_collective_kernel(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in COLLECTIVE_KERNEL_WORDS)
+
+
+def _args(event: Mapping[str, Any]) -> Mapping[str, Any]:
+    args = event.get("args")
+    return args if isinstance(args, Mapping) else {}
+
+
+def _end(event: Mapping[str, Any]) -> float:
+    return float(event["ts"]) + float(event.get("dur", 0.0))
+
+
+def _fit(compute: Sequence[Mapping[str, Any]], gemm: Sequence[tuple[float, float]],
+         result: LaunchDelays) -> float:
+    """Offset (us) such that trace time = event ms * 1e3 + offset."""
+    coarse = float(compute[0]["ts"]) - gemm[0][0] * 1e3
+    ends = [_end(k) for k in compute]
+    diffs = []
+    for _, event_end in gemm:
+        aligned = event_end * 1e3 + coarse
+        diffs.append(min(ends, key=lambda e: abs(e - aligned)) - aligned)
+    middle = percentile(diffs, 50) or 0.0
+    spread = percentile([abs(d - middle) for d in diffs], 90) or 0.0
+    if spread <= MAX_FIT_SPREAD_US:
+        result.alignment, result.alignment_residual_ms = "gemm ends", round(spread / 1e3, 4)
+        return coarse + middle
+    result.alignment, result.alignment_residual_ms = "first kernel", round(spread / 1e3, 4)
+    return coarse
+
+
+def launch_delays(
+    trace: Mapping[str, Any],
+    gemm: Sequence[tuple[float, float]],
+    ops: Sequence[tuple[str, int, float]],
+) -> LaunchDelays:
+    """gemm: the step's GEMM (or phase) event intervals in ms; ops: the step's timed
+    collectives in issue order, (name, bucket, start-event ms)."""
+    events = _events(trace)
+    kernels = sorted((e for e in events if e.get("cat") == "kernel" and e.get("ph", "X") == "X"),
+                     key=lambda e: float(e["ts"]))
+    collective = [k for k in kernels if is_collective_kernel(str(k.get("name", "")))]
+    result = LaunchDelays(kernels_seen=len(kernels), collective_kernels_seen=len(collective))
+    if not kernels:
+        result.reason = "the profiler recorded no GPU kernels"
+        return result
+    if not gemm:
+        result.reason = "no GEMM events to align the clocks with"
+        return result
+    # The compute stream is the one that ran the most kernel time outside the collectives:
+    # the GEMMs dominate every step.
+    busy: dict[Any, float] = {}
+    for k in kernels:
+        if not is_collective_kernel(str(k.get("name", ""))):
+            stream = _args(k).get("stream")
+            busy[stream] = busy.get(stream, 0.0) + float(k.get("dur", 0.0))
+    if not busy:
+        result.reason = "no compute kernel to align the clocks with"
+        return result
+    compute_stream = max(busy, key=lambda s: busy[s])
+    compute = [k for k in kernels if _args(k).get("stream") == compute_stream
+               and not is_collective_kernel(str(k.get("name", "")))]
+    offset_us = _fit(compute, gemm, result)
+    if not collective:
+        result.reason = ("no collective kernel in the profiled steps (at world size 1 NCCL "
+                         "moves nothing and launches none)")
+        return result
+    if len(collective) != len(ops):
+        result.reason = (f"{len(collective)} collective kernels for {len(ops)} timed collectives: "
+                         "cannot pair them")
+        return result
+    launched = {
+        _args(e).get("correlation"): _end(e) for e in events
+        if e.get("cat") in LAUNCH_CATEGORIES and _args(e).get("correlation") is not None
+    }
+    for kernel, (name, bucket, start_ms) in zip(collective, ops, strict=True):
+        ready = start_ms * 1e3 + offset_us
+        call_end = launched.get(_args(kernel).get("correlation"))
+        if call_end is not None:
+            ready = max(ready, call_end)
+        delay = max(0.0, float(kernel["ts"]) - ready) / 1e3
+        result.delays.append((name, bucket, round(delay, 4)))
+    return result
