@@ -530,8 +530,9 @@ def main() -> int:
         f"peak mem {loop['peak_memory_gib']:.1f} GiB"
     )
     tel, rec = result["telemetry"], loop["records"]
+    why = f" ({tel['reason']})" if tel["reason"] else ""
     print(
-        f"telemetry {tel['source']} ({tel['reason']}): 3 readings {tel['sample_cost_us']:.1f} us "
+        f"telemetry {tel['source']}{why}: 3 readings {tel['sample_cost_us']:.1f} us "
         f"per step; first {tel['first_sample']}; measured steps: SM {rec['sm_clock_mhz_median']} "
         f"MHz, {rec['power_w_median']} W, {rec['temperature_c_median']} C "
         f"({rec['steps_with_telemetry']}/{rec['steps_logged']} steps)"

@@ -137,7 +137,8 @@ def master_address(session: ClusterSession) -> str:
     master = session.master
     if isinstance(master, SshNode):
         return master.connection.host
-    return "localhost"
+    # This machine alone; else a node reached without SSH (srun): its name as Slurm gave it.
+    return "localhost" if master.is_local else master.spec.host
 
 
 def local_accelerator() -> str:

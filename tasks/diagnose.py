@@ -26,6 +26,9 @@ from tasks.lib.watchdog import HangReport, HangWatchdog, parse_progress_poll, pr
 from tasks.nodes import Node, describe_error, on_each
 from tasks.session import EXIT_USAGE, ClusterSession, project_path
 
+# How long the ranks get to write their flight recorder before the stacks are taken.
+FLIGHT_DUMP_SETTLE_S = 2.0
+
 ACTIVE_STATUSES = ("running", "detached", "starting")
 # Per py-spy call; the node command as a whole gets room for a few dumps per rank plus GPU tools.
 DUMP_TIMEOUT_S = 20.0
@@ -97,14 +100,15 @@ class HangMonitor:
 
     def __init__(self, session: ClusterSession, run_id: str, output_dir: str, timeout_s: float, *,
                  world_size: int, started_at: float, startup_timeout_s: float | None = None,
-                 poll_s: float | None = None):
+                 poll_s: float | None = None, step_multiple: float | None = None):
         self.session = session
         self.run_id = run_id
         self.output_dir = output_dir
         self.world_size = world_size
         self.watchdog = HangWatchdog(timeout_s=timeout_s, started_at=started_at,
                                      expected_ranks=range(world_size),
-                                     startup_timeout_s=startup_timeout_s)
+                                     startup_timeout_s=startup_timeout_s,
+                                     step_multiple=step_multiple)
         # Often enough that detection lands within a few seconds of the timeout, rarely enough
         # that a 600 s timeout costs no SSH traffic to speak of.
         self.poll_s = poll_s if poll_s is not None else min(10.0, max(1.0, timeout_s / 10))
@@ -126,6 +130,14 @@ class HangMonitor:
             self.next_poll = now + self.poll_s
         return self.watchdog.check(now, alive=alive and bool(open_nodes))
 
+    def request_flight_dumps(self, settle_s: float = FLIGHT_DUMP_SETTLE_S) -> None:
+        """Every rank writes PyTorch's flight recorder next to its outputs (train.flight polls a
+        trigger file): the collective each rank last issued, taken while the hang is live. The
+        dumps come back with the outputs; the report names the rank out of step."""
+        on_each(list(self.session.nodes), lambda node: node.run(
+            diag.flight_dump_command(self.output_dir), warn=True, timeout=15))
+        time.sleep(settle_s)  # the ranks poll every 0.5 s
+
     def diagnose(self, report: HangReport, run_dir: Path, *, container: str | None,
                  console: Console) -> dict[str, Any]:
         """Collect `<run dir>/hang/`, print the summary; returns run.json's `hang` record."""
@@ -133,6 +145,7 @@ class HangMonitor:
         console.print(f"[bold red]launch: no rank advanced for {report.stalled_for_s:.0f} s "
                       f"(hang timeout {report.timeout_s:.0f} s): collecting diagnostics from "
                       f"{len(self.session.nodes)} host(s) before stopping[/bold red]")
+        self.request_flight_dumps()
         summary = collect_diagnostics(self.session, self.run_id, dest, kind="hang",
                                       hang=report.as_dict(), expected_ranks=range(self.world_size),
                                       container=container)

@@ -13,21 +13,13 @@ first) or a host could not be reached; 2 bad flags, config or cluster state (not
 """
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import posixpath
-import random
-import re
-import secrets
-import shlex
-import socket
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from time import monotonic  # launch() has a --time flag
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,75 +29,42 @@ from invoke.exceptions import Exit
 from rich.console import Console
 from rich.table import Table
 
-from tasks.cluster import launch_context, probe_all, require_matching_checkout
+from tasks.collect import collect_outputs, record_collection, refusal_lines
 from tasks.lib.console import make_console
-from tasks.lib.diagnostics import node_venv
-from tasks.lib.localfs import RefusedName, regular_file_size, write_beneath
-from tasks.lib.masking import DEFAULT_SECRET_ENV_PATTERNS, mask_assignments, mask_env
-from tasks.lib.nodefs import registry_for_uid
-from tasks.lib.probe import (
-    GIT_SAFE_OPTIONS,
-    CheckoutState,
-    HostFacts,
-    gpu_busy_message,
-    judge_cluster,
-    judge_host,
-)
-from tasks.lib.profiling import (
-    ProfilerChoice,
-    missing_tools_message,
-    parse_tool_check,
-    profiler_output_dirs,
-    profiler_wrapper_argv,
-    required_tools,
-    rocprof_input_node_path,
-    tool_check_command,
-)
+from tasks.lib.probe import gpu_busy_message
+from tasks.lib.profiling import profiler_wrapper_argv
 from tasks.lib.quoting import sh_join
-from tasks.lib.registry import launcher_start_command, render_node_launcher
-from tasks.lib.render import load_nccl_preset, render_compose, render_env_script
-from tasks.lib.runrecord import (
-    HEADLINE_METRICS,
-    RUN_JSON,
-    RunRecord,
-    headline_metrics,
-    list_files_command,
-    new_record,
-    now_iso,
-    parse_file_list,
-    refusal_line,
-    write_json_atomic,
+from tasks.lib.runrecord import HEADLINE_METRICS, headline_metrics, now_iso
+from tasks.lib.runspec import LaunchFlags, RunSpec
+from tasks.nodes import describe_error
+from tasks.plan import (
+    COMPOSE_FILE,
+    ENV_SCRIPT,
+    NODE_LAUNCHER,
+    Plan,
+    abbreviate_script,
+    build_plan,
+    bundle_for,
+    launcher_start,
+    pick_run_id,
+    resolve_spec,
+    write_record,
 )
-from tasks.lib.runspec import (
-    CONFIG_NAME_ON_NODE,
-    LaunchFlags,
-    RunSpec,
-    RunSpecError,
-    explicit_launch_config,
-    nccl_env,
-    node_run_dir,
-    resolve_nproc,
-    resolve_run_spec,
-    run_id_candidates,
-    socket_env,
-    torchrun_argv,
-)
-from tasks.nodes import Node, NodeResults, describe_error, on_each
 from tasks.report import write_report
-from tasks.runs import active_runs, stop_run
-from tasks.session import EXIT_USAGE, PROJECT_ROOT, ClusterSession, load_settings, project_path
-from tasks.watch import FAIL_FAST_GRACE_S, Watcher, node_log_path, tail_command
-
-EXIT_FAILED = 1
-EXIT_BUSY = 3
-EXIT_HUNG = 4
-EXIT_DETACHED = 130
-
-ENV_SCRIPT = "env.sh"
-COMPOSE_FILE = "docker-compose.yaml"
-NODE_LAUNCHER = "node_launcher.sh"
-AUTO_PORT_RANGE = (29500, 29999)
-AUTO_PORT_TRIES = 5
+from tasks.session import EXIT_USAGE, ClusterSession, project_path
+from tasks.startup import (
+    EXIT_DETACHED,
+    EXIT_FAILED,
+    EXIT_HUNG,
+    check_facts,
+    check_profiler,
+    probe_cluster,
+    push_bundle,
+    refuse_if_busy,
+    start_launchers,
+)
+from tasks.submit import submit_and_follow
+from tasks.watch import Watcher, node_log_path, tail_command
 
 SHORT_FLAGS = {"channels": "c", "threads": "t", "nproc": "p", "config": "C", "rocprof": "r",
                "stats": "m"}
@@ -126,208 +85,6 @@ class LaunchTask(Task):
         if short and short not in taken_names:
             opts["names"] = [*opts["names"], short]
         return opts
-
-
-# -- resolution before any host --------------------------------------------------------------------
-
-def resolve_spec(session: ClusterSession, flags: LaunchFlags, c_config: Any,
-                 environ: Mapping[str, str]) -> RunSpec:
-    settings = session.settings
-    context = launch_context(session)  # the same situation `fab check` judges
-    try:
-        spec = resolve_run_spec(flags, explicit_launch_config(c_config), environ,
-                                accelerator=context.accelerator,
-                                docker_default=context.docker_default,
-                                project_root=PROJECT_ROOT,
-                                builtin_overrides=context.builtin_overrides)
-        if spec.nccl_preset:
-            try:
-                load_nccl_preset(spec.nccl_preset)
-            except ValueError as err:
-                raise RunSpecError(f"--nccl-preset: {err}") from None
-        if spec.docker:
-            try:
-                # Validation only (the nodes' registry is known after the probe).
-                render_compose(docker=settings.docker, workdir=session.workdir,
-                               registry_dir=registry_for_uid(settings.cluster.registry_dir,
-                                                             os.getuid()))
-            except ValueError as err:
-                raise RunSpecError(f"docker: {err}") from None
-    except RunSpecError as err:
-        raise Exit(f"launch: {err}", code=EXIT_USAGE) from None
-    return spec
-
-
-# -- the run's plan: what every node gets ----------------------------------------------------------
-
-@dataclass
-class Plan:
-    spec: RunSpec
-    run_id: str
-    run_dir: Path                    # on the controller
-    node_run_dir: str                # on every node
-    output_dir: str                  # on every node
-    nproc: int | str
-    torchrun: list[str]
-    profilers: ProfilerChoice        # rocprof_input there: the path on the nodes
-    files: dict[str, str | bytes]    # node run dir file name -> content (launcher excluded)
-    launcher: str
-    record: RunRecord
-    started_wall: datetime = field(default_factory=datetime.now)
-    # What the controller shows and keeps of `files` where it differs: env.sh with *** for the
-    # values of secret-looking variables (the nodes get the real ones).
-    shown_files: dict[str, str] = field(default_factory=dict)
-
-    def shown(self, name: str) -> str:
-        return self.shown_files.get(name, str(self.files[name]))
-
-
-def controller_info(secret_patterns: Sequence[str] = DEFAULT_SECRET_ENV_PATTERNS) -> dict[str, Any]:
-    """Where the launch came from, for run.json and sweep.json; `--env NAME=VALUE` items of the
-    command line whose name looks secret are masked."""
-    commit = None
-    try:
-        result = subprocess.run(["git", *GIT_SAFE_OPTIONS, "-C", str(PROJECT_ROOT), "rev-parse",
-                                 "HEAD"],
-                                capture_output=True, text=True, timeout=5)
-        if result.returncode == 0:
-            commit = result.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"host": socket.gethostname(), "user": getpass.getuser(), "cwd": os.getcwd(),
-            "commit": commit, "argv": mask_assignments(sys.argv[1:], secret_patterns)}
-
-
-def pick_run_id(spec: RunSpec, experiments_dir: Path, when: datetime, create: bool,
-                token: Callable[[int], str] = secrets.token_hex) -> str:
-    """A free run id (timestamp + random suffix); with create, its directory is made
-    exclusively: one already there, whoever made it, is never taken over."""
-    for candidate in run_id_candidates(spec.channels, spec.threads, when, token=token):
-        path = experiments_dir / candidate
-        if not create:
-            if not path.exists():
-                return candidate
-            continue
-        try:
-            # Not world-readable: run.json, logs and outputs are the user's alone.
-            path.mkdir(mode=0o700, parents=True, exist_ok=False)
-            return candidate
-        except FileExistsError:
-            continue
-    raise AssertionError("unreachable")
-
-
-def build_plan(session: ClusterSession, spec: RunSpec, *, run_id: str, run_dir: Path,
-               nproc: int | str, master_addr: str, master_port: int | str, ifnames: list[str],
-               facts: Sequence[HostFacts] | None) -> Plan:
-    settings = session.settings
-    workdir = session.workdir
-    remote_run_dir = node_run_dir(workdir, run_id)
-    output_dir = posixpath.join(remote_run_dir, spec.output_dir_name)
-    common_env: dict[str, str] = {}
-    if spec.nccl_preset:
-        common_env.update(load_nccl_preset(spec.nccl_preset))
-    common_env.update(nccl_env(spec.channels, spec.threads, pin_channels=spec.pin_channels,
-                               accelerator=spec.accelerator))
-    common_env.update(dict(spec.env))
-    node_env = [socket_env(ifname) for ifname in ifnames]
-
-    files: dict[str, str | bytes] = {CONFIG_NAME_ON_NODE: spec.config_path.read_bytes()}
-    profilers = spec.profilers
-    if spec.rocprof_input is not None:
-        node_input = rocprof_input_node_path(remote_run_dir, str(spec.rocprof_input))
-        files[posixpath.basename(node_input)] = spec.rocprof_input.read_bytes()
-        profilers = replace(profilers, rocprof_input=node_input)
-    secret_patterns = settings.launch.secret_env_patterns
-    files[ENV_SCRIPT] = render_env_script(run_id=run_id, common_env=common_env, node_env=node_env,
-                                          secret_patterns=secret_patterns)
-    shown_files = {ENV_SCRIPT: render_env_script(
-        run_id=run_id, common_env=common_env, node_env=node_env, secret_patterns=secret_patterns,
-        masked=True)}
-    if spec.docker:
-        # A record of the container's shape (docker-up started it): the master's registry.
-        uid = facts[0].uid if facts and facts[0].uid is not None else os.getuid()
-        files[COMPOSE_FILE] = render_compose(
-            docker=settings.docker, workdir=workdir,
-            registry_dir=registry_for_uid(settings.cluster.registry_dir, uid))
-    argv = torchrun_argv(nnodes=len(session.nodes), nproc=nproc, master_addr=master_addr,
-                         master_port=master_port,
-                         config_path=posixpath.join(remote_run_dir, CONFIG_NAME_ON_NODE),
-                         output_dir=output_dir, overrides=spec.train_overrides)
-    wrapper = profiler_wrapper_argv(profilers, output_dir)
-    venv = ranks_venv(session)
-    launcher = render_node_launcher(
-        run_id=run_id, registry_dir=settings.cluster.registry_dir, run_dir=remote_run_dir,
-        output_dir=output_dir, env_script=posixpath.join(remote_run_dir, ENV_SCRIPT),
-        workdir=workdir, torchrun_argv=[str(a) for a in argv], wrapper_argv=wrapper,
-        container=settings.docker.container if spec.docker else None,
-        venv=None if spec.docker else venv,
-        venv_required=bool(settings.cluster.venv))
-
-    record = new_record(run_id=run_id, run_dir=str(run_dir), node_run_dir=remote_run_dir,
-                        output_dir=spec.output_dir_name,
-                        controller=controller_info(secret_patterns),
-                        flags=masked_flags(spec.flags_record(), secret_patterns),
-                        created_at=now_iso())
-    hosts = []
-    for index, node in enumerate(session.nodes):
-        host: dict[str, Any] = {"host": node.label, "ifname": ifnames[index]}
-        if facts is not None:
-            f = facts[index]
-            host.update(hostname=f.hostname, address=f.address, gpus=f.gpu_count,
-                        gpu_names=list(f.gpu_names), commit=f.commit, branch=f.branch)
-        hosts.append(host)
-    record.plan(master_addr=master_addr, master_port=master_port,
-                nproc_per_node=nproc if isinstance(nproc, int) else 0, hosts=hosts,
-                common_env=mask_env(common_env, secret_patterns),
-                per_node_env=[mask_env(env, secret_patterns) for env in node_env],
-                torchrun_argv=[str(a) for a in argv], wrapper_argv=wrapper)
-    return Plan(spec=spec, run_id=run_id, run_dir=run_dir, node_run_dir=remote_run_dir,
-                output_dir=output_dir, nproc=nproc, torchrun=[str(a) for a in argv],
-                profilers=profilers, files=files,
-                launcher=launcher, record=record, shown_files=shown_files)
-
-
-def masked_flags(flags: Mapping[str, Any], secret_patterns: Sequence[str]) -> dict[str, Any]:
-    """RunSpec.flags_record with the values of secret-looking --env variables masked."""
-    return {**flags, "env": mask_env(flags.get("env") or {}, secret_patterns)}
-
-
-def ranks_venv(session: ClusterSession) -> str | None:
-    """The virtualenv the node launcher activates for bare runs.
-
-    cluster.venv when set, else <workdir>/.venv. On this machine alone (no SSH) it is known
-    whether that exists; if not, the environment `fab` itself runs in (None: torchrun from PATH).
-    """
-    chosen = node_venv(session.settings.cluster.venv, session.workdir)
-    if session.settings.cluster.venv or not session.inventory.is_local \
-            or Path(chosen, "bin", "activate").is_file():
-        return chosen
-    if sys.prefix != sys.base_prefix and Path(sys.prefix, "bin", "activate").is_file():
-        return sys.prefix
-    return None
-
-
-def bundle_for(plan: Plan) -> dict[str, str | bytes]:
-    """Every file pushed to a node's run dir, by absolute path (identical on every node)."""
-    files = {posixpath.join(plan.node_run_dir, name): content
-             for name, content in plan.files.items()}
-    files[posixpath.join(plan.node_run_dir, RUN_JSON)] = plan.record.to_json()
-    return files
-
-
-def launcher_path(plan: Plan) -> str:
-    return posixpath.join(plan.node_run_dir, NODE_LAUNCHER)
-
-
-def abbreviate_script(command: str, limit: int = 300) -> str:
-    """`bash -c <long script> name args...` with the script's body elided (it is the registry's
-    shell library, tasks/lib/registry.py); the arguments stay exact."""
-    parts = shlex.split(command)
-    if len(parts) >= 3 and parts[:2] == ["bash", "-c"] and len(parts[2]) > limit:
-        return (f"bash -c <{len(parts[2])}-byte script of tasks/lib/registry.py> "
-                + sh_join(parts[3:]))
-    return command
 
 
 # -- dry run ---------------------------------------------------------------------------------------
@@ -355,6 +112,7 @@ def print_dry_run(session: ClusterSession, spec: RunSpec, console: Console) -> N
         f"docker: {'on' if spec.docker else 'off'}")
     registry = settings.cluster.registry_dir or "/tmp/gemm-runs-<uid> of the user on each host"
     out(f"  run registry: {registry}")
+    out(f"transport: {session.transport.describe()}")
     for warning in spec.warnings:
         out(f"warning: {warning}")
     out(f"controller run dir: {plan.run_dir}")
@@ -367,9 +125,7 @@ def print_dry_run(session: ClusterSession, spec: RunSpec, console: Console) -> N
         out(f"    {NODE_LAUNCHER} ({len(plan.launcher)} bytes)")
         out("  run:")
         out("    probe: sh -c <tasks/lib/probe.py probe_script> (GPUs, interface, checkout)")
-        start = launcher_start_command(launcher_path(plan), node.index,
-                                       settings.cluster.registry_dir, run_id,
-                                       workdir=session.workdir)
+        start = session.transport.start_command(launcher_start(session, plan), node)
         out(f"    start: {abbreviate_script(start)}")
         out(f"    watch: {tail_command(node_log_path(plan, node.index), '<launcher pid>')}")
         wrapper = profiler_wrapper_argv(plan.profilers, plan.output_dir, node_rank=node.index)
@@ -377,270 +133,6 @@ def print_dry_run(session: ClusterSession, spec: RunSpec, console: Console) -> N
         out(f"    ranks: {sh_join(argv)}")
     out(f"\n{ENV_SCRIPT}:")  # secret-looking values as *** (GEMM_MASKED_VARS names them)
     out(plan.shown(ENV_SCRIPT).rstrip("\n"))
-
-
-# -- probe, checks, start --------------------------------------------------------------------------
-
-def probe_cluster(session: ClusterSession, spec: RunSpec) -> tuple[list[HostFacts], int]:
-    """Facts of every host (one round trip each, in parallel) and a master port free on node 0."""
-    tries = 1 if spec.master_port else AUTO_PORT_TRIES
-    port = spec.master_port or random.randint(*AUTO_PORT_RANGE)
-    for _ in range(tries):
-        results: NodeResults[HostFacts] = probe_all(session, master_port=port, docker=spec.docker)
-        results.raise_if_failed("probe", code=EXIT_FAILED)
-        facts = [results.ok[node] for node in session.nodes]
-        if facts[0].port_free is not False:
-            break
-        if spec.master_port:
-            raise Exit(f"launch: master port {port} is in use on {session.master.label}: pick "
-                       "another with --master-port (or auto)", code=EXIT_USAGE)
-        port = random.randint(*AUTO_PORT_RANGE)
-    else:
-        raise Exit(f"launch: no free master port found on {session.master.label} after "
-                   f"{tries} tries in {AUTO_PORT_RANGE}; pass --master-port", code=EXIT_USAGE)
-    require_matching_checkout(session, results)
-    return facts, port
-
-
-def launch_refusals(facts: Sequence[HostFacts], *, workdir: str, socket_ifname: str | None,
-                    docker: bool, container: str) -> list[str]:
-    """What `fab check` calls an error (probe.judge_host per host, judge_cluster across hosts),
-    plus launch's own rule that a dockerized run needs its container running (check only warns).
-
-    The checkout is not judged here: require_matching_checkout did that with the same facts
-    (each host is compared with its own state). nproc is resolve_nproc's to judge.
-    """
-    problems: list[str] = []
-    for f in facts:
-        own_checkout = CheckoutState(f.branch, f.commit, f.dirty, f.tree_hash, f.diff_hash)
-        problems += [finding.line().removeprefix("error: ")
-                     for finding in judge_host(f, local=own_checkout, workdir=workdir, nproc="auto",
-                                               docker_enabled=docker, socket_ifname=socket_ifname)
-                     if finding.is_error]
-        if docker and f.docker_engine is not None and f.container_state != "running":
-            problems.append(f"node {f.node_index} ({f.label}): container {container} is "
-                            f"{f.container_state or 'unknown'}; run `fab docker-up`")
-    problems += [finding.line().removeprefix("error: ")
-                 for finding in judge_cluster(facts) if finding.is_error]
-    return problems
-
-
-def check_facts(session: ClusterSession, spec: RunSpec,
-                facts: Sequence[HostFacts]) -> tuple[int, list[str], str]:
-    """(ranks per node, interface per host, master address), or Exit 2 naming what is wrong."""
-    socket_ifname = session.settings.cluster.socket_ifname
-    problems = launch_refusals(facts, workdir=session.workdir, socket_ifname=socket_ifname,
-                               docker=spec.docker,
-                               container=session.settings.docker.container)
-    ifnames = [socket_ifname or f.ifname or "" for f in facts]
-    try:
-        nproc = resolve_nproc(spec.nproc, {f"node {f.node_index} ({f.label})": f.gpu_count
-                                           for f in facts}, spec.accelerator)
-    except RunSpecError as err:
-        problems.append(str(err))
-        nproc = 0
-    master = facts[0]
-    master_addr = master.address
-    if socket_ifname:
-        master_addr = next((addr for name, addr in master.interfaces if name == socket_ifname),
-                           master_addr)
-    if session.inventory.is_local:
-        master_addr = "127.0.0.1"  # one node: rendezvous never leaves this machine
-    if not master_addr:
-        problems.append(f"node 0 ({master.label}): no address found for the master")
-    if problems:
-        raise Exit("launch: refused before starting anything:\n  " + "\n  ".join(problems),
-                   code=EXIT_USAGE)
-    return nproc, ifnames, str(master_addr)
-
-
-def check_profiler(session: ClusterSession, spec: RunSpec) -> None:
-    """Every profiler the flags ask for must exist where torchrun runs (in the container when
-    dockerized), or nothing starts: one line per host that lacks one."""
-    tools = required_tools(spec.profilers)
-    if not tools:
-        return
-    container = session.settings.docker.container if spec.docker else None
-    command = tool_check_command(tools, container=container)
-    results = on_each(session.nodes, lambda node: node.run(command, timeout=30).stdout)
-    results.raise_if_failed("profiler check", code=EXIT_FAILED)
-    missing = {node.label: parse_tool_check(text, tools)
-               for node, text in sorted(results.ok.items(), key=lambda item: item[0].index)}
-    missing = {host: names for host, names in missing.items() if names}
-    if missing:
-        raise Exit(missing_tools_message(missing, container), code=EXIT_USAGE)
-
-
-def refuse_if_busy(session: ClusterSession, force: bool, console: Console) -> None:
-    active = {node: runs for node, runs in active_runs(session).items() if runs}
-    if not active:
-        return
-    lines = [f"node {node.index} ({node.label}): run {', '.join(sorted({r.run_id for r in runs}))}"
-             for node, runs in sorted(active.items(), key=lambda item: item[0].index)]
-    if force:
-        console.out("warning: --force: launching beside active run(s):\n  " + "\n  ".join(lines))
-        return
-    run_ids = sorted({r.run_id for runs in active.values() for r in runs})
-    raise Exit("launch: a run is active on the cluster (two runs would share the GPUs and "
-               "ports):\n  " + "\n  ".join(lines)
-               + f"\nwait for it, stop it (fab stop --run {run_ids[0]}), or launch anyway with "
-               "--force",
-               code=EXIT_BUSY)
-
-
-def push_bundle(session: ClusterSession, plan: Plan) -> None:
-    """Every file to every node at once (one mkdir round trip and one SFTP session per node).
-    The launcher needs no execute bit: it is started as `bash node_launcher.sh RANK`."""
-    files = {**bundle_for(plan), launcher_path(plan): plan.launcher}
-    # Profilers write where the ranks cannot create the directory first (nsys' report parent).
-    dirs = profiler_output_dirs(plan.profilers, plan.output_dir)
-
-    def push(node: Node) -> None:
-        node.put_files(files, mode=0o600, dirs=dirs)
-
-    results = on_each(session.nodes, push)
-    record_host_failures(plan, "push", results)
-    results.raise_if_failed("pushing the run bundle", code=EXIT_FAILED)
-
-
-def record_host_failures(plan: Plan, phase: str, results: NodeResults[Any]) -> None:
-    """run.json's first_failure for a phase that failed on some hosts (one line per host)."""
-    if results.failed:
-        plan.record.record_phase_failure(
-            phase, {node.index: describe_error(error, node) for node, error in results.failed.items()},
-            at=now_iso())
-
-
-_PID = re.compile(r"(\d+)\s*$")
-
-
-def start_launchers(session: ClusterSession, plan: Plan) -> dict[int, int]:
-    """Start every node's launcher (detached); node rank -> launcher pid."""
-    registry_dir = session.settings.cluster.registry_dir
-
-    def start(node: Node) -> int:
-        command = launcher_start_command(launcher_path(plan), node.index, registry_dir, plan.run_id,
-                                         workdir=session.workdir)
-        result = node.run(command, timeout=30)
-        match = _PID.search(result.stdout.strip())
-        if not match:
-            raise RuntimeError("the launcher start printed no pid: "
-                               f"{result.stdout.strip()[-200:]!r}")
-        return int(match.group(1))
-
-    results = on_each(session.nodes, start)
-    if results.failed:
-        record_host_failures(plan, "start", results)
-        hint = ""
-        if results.ok:  # never leave half a run waiting for peers that will not come
-            hint = stop_after_failed_start(session, plan)
-        results.raise_if_failed("starting the node launchers", code=EXIT_FAILED, hint=hint)
-    return {node.index: pid for node, pid in results.ok.items()}
-
-
-def stop_after_failed_start(session: ClusterSession, plan: Plan) -> str:
-    """Stop the launchers that did start; what happened, for the error message (and run.json)."""
-    try:
-        stopped = stop_run(session, plan.run_id, FAIL_FAST_GRACE_S)
-    except Exception as err:  # noqa: BLE001 - the start's failure is the error to report
-        failed_lines = [f"stopping the started nodes failed: {err}"]
-    else:
-        failed_lines = [f"stopping node {node.index} ({node.label}) failed: "
-                        f"{describe_error(error, node)}"
-                        for node, error in sorted(stopped.failed.items(), key=lambda i: i[0].index)]
-    if plan.record.first_failure is not None:
-        plan.record.first_failure.last_lines.extend(failed_lines)
-    if not failed_lines:
-        return "the nodes that had started were stopped"
-    return ("\n".join(failed_lines)
-            + f"\nprocesses of the run may be left there: fab stop --run {plan.run_id}")
-
-
-# -- collection ------------------------------------------------------------------------------------
-
-@dataclass
-class NodeCollection:
-    """What one node's collection did; `refused`: (name as shown, why) of every entry of its
-    output directory that was not copied."""
-
-    files: int = 0
-    bytes: int = 0
-    skipped: int = 0
-    refused: list[tuple[str, str]] = field(default_factory=list)
-
-    def counts(self) -> dict[str, int]:
-        return {"files": self.files, "bytes": self.bytes, "skipped": self.skipped,
-                "refused": len(self.refused)}
-
-
-# run.json keeps this many refused names per node (a hostile node may list millions).
-RECORDED_REFUSALS = 50
-
-
-def collect_outputs(session: ClusterSession, remote_output_dir: str, target: Path,
-                    nodes: Sequence[Node] | None = None) -> NodeResults[NodeCollection]:
-    """Copy every node's <T>thread_<C>channels/ into the controller's run dir, unless the same file
-    (same size at the same place) is already there: local runs and shared filesystems copy nothing.
-    A name another node already delivered with different content goes under node_<rank>/.
-    A host without the output directory, or whose files cannot be listed or copied, fails.
-
-    A node is not trusted: only regular files with plain relative names are copied, each written
-    beneath `target` without following a symlink (tasks.lib.localfs); the rest is refused and
-    the node's other files still arrive."""
-    claimed: dict[str, int] = {}
-    lock = threading.Lock()
-
-    def collect(node: Node) -> NodeCollection:
-        listed = node.run(list_files_command(remote_output_dir), timeout=60).stdout
-        listing = parse_file_list(listed)
-        done = NodeCollection(refused=listing.refused)
-        if node.is_local and os.path.realpath(remote_output_dir) == os.path.realpath(target):
-            done.skipped = len(listing.files)  # the outputs were written where they belong
-            return done
-        for size, relative in listing.files:
-            local = relative
-            with lock:
-                same = regular_file_size(target, relative) == size
-                if same and claimed.get(local) in (None, node.index):
-                    done.skipped += 1
-                    claimed.setdefault(local, node.index)
-                    continue
-                if claimed.get(local, node.index) != node.index:
-                    local = f"node_{node.index}/{relative}"
-                claimed[local] = node.index
-            try:
-                with write_beneath(target, local) as handle:
-                    node.get_file(posixpath.join(remote_output_dir, relative), handle)
-            except RefusedName as refused:  # on this side: a file or symlink where a dir goes
-                done.refused.append((refused.shown, refused.why))
-                continue
-            done.files += 1
-            done.bytes += size
-        return done
-
-    return on_each(session.nodes if nodes is None else nodes, collect)
-
-
-def record_collection(record: RunRecord, results: NodeResults[NodeCollection]) -> None:
-    for node, done in results.ok.items():
-        entry = record.node(node.index)
-        entry.collected = done.counts()
-        entry.collect_refused = [f"{name} ({why})" for name, why in done.refused[:RECORDED_REFUSALS]]
-    for node, error in results.failed.items():
-        record.node(node.index).collect_error = describe_error(error, node)
-
-
-def refusal_lines(results: NodeResults[NodeCollection]) -> list[str]:
-    """One line per node whose listing had entries that were not copied."""
-    return [f"node {node.index} ({node.label}): {refusal_line(done.refused)}"
-            for node, done in sorted(results.ok.items(), key=lambda item: item[0].index)
-            if done.refused]
-
-
-# -- ending ----------------------------------------------------------------------------------------
-
-def write_record(plan: Plan) -> None:
-    write_json_atomic(plan.run_dir / RUN_JSON, plan.record.to_dict())
 
 
 def print_summary(console: Console, plan: Plan, watcher: Watcher | None) -> None:
@@ -763,7 +255,8 @@ def detach_message(run_id: str) -> str:
         "nsys": "wrap torchrun in Nsight Systems (CUDA nodes; reports into nsys/node_<rank>)",
         "torch_profile": "turn on the train package's torch profiler (traces in torch_profiler/)",
         "hang_timeout": "seconds without progress of any rank before diagnostics and a stop "
-                        "(default: launch.hang_timeout, 600; 0: off)",
+                        "(default: launch.hang_timeout if set, else 0.8 x distributed.timeout_s, "
+                        "at most 600, tightened to 10 x the slowest step once steps arrive; 0: off)",
         "master_port": "rendezvous port on node 0, checked free there; 'auto' (default) picks one",
         "nccl_preset": "NCCL settings from config/nccl/<name>.yaml: ib, ethernet, debug",
         "override": "train config override section.key=value (repeatable), "
@@ -777,13 +270,19 @@ def detach_message(run_id: str) -> str:
         "pin_channels": "pin channels (min = max); --no-pin-channels sets only the maxima",
         "hosts": "hosts for this run, master first (comma-separated or repeated); "
                  "default: the inventory",
+        "slurm": "outside an allocation: submit this launch as a Slurm batch job (sbatch), print "
+                 "its id and follow it (Ctrl-C stops following); inside, it runs as an srun step",
+        "partition": "with --slurm: the partition (sbatch --partition)",
+        "time": "with --slurm: the time limit (sbatch --time, e.g. 30 or 1:00:00)",
+        "account": "with --slurm: the account to charge (sbatch --account)",
+        "nodes": "with --slurm: nodes to allocate (default: the inventory's host count)",
     },
 )
 def launch(c, channels=None, threads=None, nproc=None, config=None, rocprof=False, stats=False,
            rocprof_input=None, nsys=False, torch_profile=False, master_port=None,
            nccl_preset=None, override=None, env=None, docker=False, no_docker=False,
            detach=False, dry_run=False, force=False, pin_channels=True, hang_timeout=None,
-           hosts=None):
+           hosts=None, slurm=False, partition=None, time=None, account=None, nodes=None):
     """Run the GEMM training on every node: validate, probe, push, start, watch, collect.
 
     With no inventory this machine alone runs it, without SSH (GPU if present, else 2 CPU ranks
@@ -800,9 +299,21 @@ def launch(c, channels=None, threads=None, nproc=None, config=None, rocprof=Fals
         rocprof_input=rocprof_input, nsys=nsys, torch_profile=torch_profile,
         hang_timeout=hang_timeout, pin_channels=pin_channels, detach=detach, dry_run=dry_run,
         force=force)
-    started = time.monotonic()
+    started = monotonic()
+    if not slurm and any(v is not None for v in (partition, time, account, nodes)):
+        raise Exit("launch: --partition, --time, --account and --nodes go with --slurm",
+                   code=EXIT_USAGE)
     with ClusterSession(c, hosts) as session:  # no host is contacted until the probe
         spec = resolve_spec(session, flags, c.config, os.environ)
+        if slurm:  # validated above, like any launch; the batch job runs it
+            code = submit_and_follow(
+                nodes=nodes, partition=partition, time_limit=time, account=account,
+                default_nodes=0 if session.inventory.is_local else len(session.nodes),
+                experiments_dir=project_path(session.settings.cluster.experiments_dir),
+                dry_run=spec.dry_run, console=console)
+            if code:
+                raise Exit(code=code)
+            return
         if spec.dry_run:
             print_dry_run(session, spec, console)
             return
@@ -896,7 +407,8 @@ def _run_launch(session: ClusterSession, spec: RunSpec, console: Console, outcom
         plan.record.status = "detached"
     write_record(plan)
     console.out(f"launch: {run_id}: {len(session.nodes)} node(s) x {nproc} rank(s), master "
-                f"{master_addr}:{port}, {'docker' if spec.docker else 'bare'}", highlight=False)
+                f"{master_addr}:{port}, {'docker' if spec.docker else 'bare'}, via "
+                f"{session.transport.describe()}", highlight=False)
     if spec.detach:
         outcome.status = "detached"
         console.out(detach_message(run_id), highlight=False)
@@ -930,53 +442,4 @@ def fail_record(plan: Plan, phase: str, error: BaseException) -> None:
     write_record(plan)
 
 
-def latest_run_dir(experiments_dir: Path) -> Path | None:
-    runs = [p for p in experiments_dir.glob("multinode_*") if (p / RUN_JSON).is_file()]
-    return max(runs, key=lambda p: (p / RUN_JSON).stat().st_mtime) if runs else None
-
-
-@task(iterable=["hosts"], help={
-    "run": "run id (a directory under experiments/); default: the latest run",
-    "hosts": "hosts of that run, master first; default: the inventory (as for the launch)",
-})
-def collect(c, run=None, hosts=None):
-    """Copy a run's outputs from every node into its run directory on this controller.
-
-    For runs started with --detach or left by Ctrl-C: `fab launch` does this itself when it
-    watches a run to its end. Files already here with the same size are skipped.
-    """
-    experiments_dir = project_path(load_settings(c).cluster.experiments_dir)
-    run_dir = experiments_dir / run if run else latest_run_dir(experiments_dir)
-    if run_dir is None or not (run_dir / RUN_JSON).is_file():
-        raise Exit(f"collect: no run.json for {run or 'any run'} under {experiments_dir} "
-                   "(give --run with a directory name from there)", code=EXIT_USAGE)
-    try:
-        record = RunRecord.from_json((run_dir / RUN_JSON).read_text())
-    except ValueError as err:
-        raise Exit(f"collect: {run_dir / RUN_JSON}: {err}", code=EXIT_USAGE) from None
-    with ClusterSession(c, hosts) as session:
-        labels = [node.label for node in session.nodes]
-        recorded = [node.host for node in record.nodes]
-        if recorded and labels != recorded:
-            raise Exit(f"collect: run {record.run_id} ran on {', '.join(recorded)} but the "
-                       f"inventory is {', '.join(labels)}; pass --hosts {','.join(recorded)}",
-                       code=EXIT_USAGE)
-        collected = collect_outputs(session, posixpath.join(record.node_run_dir, record.output_dir),
-                                    run_dir / record.output_dir)
-    record_collection(record, collected)
-    for node, done in sorted(collected.ok.items(), key=lambda item: item[0].index):
-        print(f"node {node.index}: {done.files} file(s), {done.bytes} bytes copied, "
-              f"{done.skipped} already there")
-    write_json_atomic(run_dir / RUN_JSON, record.to_dict())
-    refused = refusal_lines(collected)
-    not_copied = "\n  ".join(["some outputs were not copied:", *refused]) if refused else ""
-    collected.raise_if_failed("collecting outputs", code=EXIT_FAILED,
-                              hint="\n".join(filter(None, [
-                                  f"the files stay on those hosts; `fab collect --run "
-                                  f"{record.run_id}` retries", not_copied])))
-    if refused:
-        # Everything else was collected: the exit status says the outputs are not all here.
-        raise Exit(f"collect: {not_copied}", code=EXIT_FAILED)
-
-
-ns = Collection(launch, collect)
+ns = Collection(launch)

@@ -38,7 +38,7 @@ from tasks.lib.registry import (
     stop_command,
     validate_run_id,
 )
-from tasks.nodes import Node, NodeResults, on_each
+from tasks.nodes import Node, NodeError, NodeResults, on_each
 from tasks.session import EXIT_USAGE, HOSTS_HELP, ClusterSession
 
 DEFAULT_RECENT = 5
@@ -79,6 +79,11 @@ def stop_run(session: ClusterSession, run_id: str | None, grace: float,
     nodes refuse it otherwise). A host where processes survived SIGKILL, or that could not be
     reached, is in `.failed`; the caller decides whether that is fatal.
     """
+    # Under srun the run's own step is signalled first (scancel --signal of our step only): Slurm
+    # delivers it inside the job, to every process of the step. The registry stop below then
+    # waits, escalates and records the end exactly as over SSH.
+    for note in session.transport.signal_run(run_id, kill=kill):
+        print(note, file=sys.stderr)
     command = stop_command(session.settings.cluster.registry_dir, run_id, grace, kill,
                            all_users=all_users)
     timeout = grace + STOP_MARGIN_S
@@ -223,6 +228,31 @@ def _started_text(record: NodeRunRecord) -> str:
     return started.astimezone().strftime("%m-%d %H:%M:%S") if started else "-"
 
 
+def print_step_states(console: Console, session: ClusterSession, run_id: str | None) -> None:
+    """Under srun: our run steps of the allocation (squeue live, sacct ended), next to the
+    registries' view. Nothing over SSH or on this machine alone."""
+    if session.transport.name != "srun":
+        return
+    try:
+        steps = session.transport.step_states(run_id)
+    except NodeError as err:
+        console.out(f"slurm: step states unavailable: {err}", highlight=False)
+        return
+    if not steps:
+        console.out("slurm: no run step of yours in this allocation", highlight=False)
+        return
+    table = Table(title="slurm steps (squeue, sacct)")
+    for column in ("step", "run", "state", "exit", "nodes", "start"):
+        table.add_column(column, no_wrap=column in ("step", "run"))
+    for step in steps:
+        exit_text = "-" if step.exit_code is None else str(step.exit_code)
+        if step.signal:
+            exit_text += f" (signal {step.signal})"
+        table.add_row(step.id, step.run_id or "-", step.state, exit_text,
+                      step.nodelist or "-", step.start or "-")
+    console.print(table)
+
+
 def _run_id_arg(run: str | None) -> str | None:
     if run is None:
         return None
@@ -297,6 +327,7 @@ def status(c, run=None, recent=DEFAULT_RECENT, hosts=None):
         elif results.ok:
             console.out(f"no runs{' named ' + run_id if run_id else ''} in the registries of "
                         f"{len(results.ok)} host(s)", highlight=False)
+        print_step_states(console, session, run_id)
         results.raise_if_failed("reading the run registry")
 
 

@@ -16,7 +16,8 @@ from invoke.exceptions import Exit
 
 from tasks.lib.inventory import Inventory, InventoryError, parse_host_entry, resolve_inventory
 from tasks.lib.settings import Settings, SettingsError
-from tasks.nodes import Node, close_all, open_nodes
+from tasks.nodes import Node, close_all
+from tasks.transport import Transport, select_transport
 
 # Relative paths in the config (hosts_file, experiments_dir, launch.config) are relative to the
 # project checkout, not to wherever `fab` was started from.
@@ -134,7 +135,11 @@ class ClusterSession:
         if isinstance(hosts, str):
             hosts = [hosts] if hosts else None
         self.inventory = load_inventory(self.settings, hosts, c.config)
-        self.nodes: list[Node] = open_nodes(c.config, self.inventory, self.settings.cluster)
+        # How the nodes are reached (this machine, SSH or srun) is decided here, once, before
+        # any host is contacted: a transport that cannot work is an error naming the fix.
+        self.transport: Transport = select_transport(self.settings.cluster, self.inventory,
+                                                     os.environ)
+        self.nodes: list[Node] = self.transport.open_nodes(c.config, self.inventory)
 
     @property
     def master(self) -> Node:
@@ -152,6 +157,7 @@ class ClusterSession:
 
     def __exit__(self, *exc: object) -> None:
         close_all(self.nodes)
+        self.transport.close()
 
 
 __all__ = ["ClusterSession", "PROJECT_ROOT", "EXIT_USAGE", "HOSTS_HELP", "project_path", "cli_path",

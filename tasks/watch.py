@@ -10,7 +10,7 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
 
@@ -29,12 +29,11 @@ from tasks.lib.runrecord import (
     parse_progress,
 )
 from tasks.lib.runspec import log_file_name
+from tasks.lib.watchdog import HANG_STEP_MULTIPLE
 from tasks.nodes import Node, describe_error, on_each
+from tasks.plan import Plan
 from tasks.runs import LineStream, stop_run
 from tasks.session import ClusterSession
-
-if TYPE_CHECKING:
-    from tasks.launch import Plan
 
 # A failure is rarely alone: the ranks of other nodes fail right after, as victims. Waiting this
 # long after the first sign lets the real culprit's report (a rank killed by a signal) arrive.
@@ -144,7 +143,8 @@ class Watcher:
             # Imports, rendezvous and calibration come before the first metrics line: allow more.
             self.hang = HangMonitor(session, plan.run_id, plan.output_dir, plan.spec.hang_timeout,
                                     world_size=plan.record.world_size, started_at=now,
-                                    startup_timeout_s=max(plan.spec.hang_timeout, 300.0))
+                                    startup_timeout_s=max(plan.spec.hang_timeout, 300.0),
+                                    step_multiple=HANG_STEP_MULTIPLE if plan.spec.hang_auto else None)
         self.last_progress_text = ""
 
     # the tail threads ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from train import startup
 from train.config import ConfigError, known_keys, load_config
 from train.outputs import check_output_dir
 from train.signals import StopSignals
@@ -68,13 +69,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     # with a summary instead of a traceback.
     signals = StopSignals()
     signals.install()
+    startup.mark("cli")
 
     from train.runtime import plan_runtime
+
+    startup.mark("torch_imported")
 
     try:
         plan = plan_runtime(config)
     except ConfigError as exc:
         return _fail(str(exc))
+
+    if config.pool.channels:
+        from train.pool import run_pool
+
+        try:
+            return run_pool(config, plan, signals)
+        except ConfigError as exc:
+            return _fail(str(exc))
 
     from train.trainer import Trainer
 

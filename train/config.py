@@ -88,6 +88,9 @@ class CalibrationConfig:
 class DistributedConfig:
     backend: Backend = "auto"
     timeout_s: float = field(default=300.0, metadata=_gt(0))
+    # PyTorch's flight recorder: the last N collectives of every group, dumped to
+    # flight_recorder/rank_XX.json when the launch's hang watchdog asks (train.flight). 0: off.
+    flight_recorder_entries: int = field(default=2000, metadata=_min(0))
 
 
 @dataclass
@@ -133,6 +136,33 @@ class DebugConfig:
 
 
 @dataclass
+class NcclConfig:
+    # Every rank sends NCCL's INFO output (subsystems below) to nccl_debug_rank_XX.log in its
+    # output directory and the summary records what NCCL built (channels, CTAs, threads,
+    # algorithm, protocol, transport: effective_settings). Only with the nccl backend; the
+    # lines go to the file, not to the console. false: NCCL_DEBUG* are left as they are.
+    capture: bool = True
+    subsystems: str = "INIT,ENV,TUNING"
+
+
+@dataclass
+class PoolConfig:
+    # Several sweep points in one process: a comma-separated list of channel values, each run
+    # as its own point on a new communicator (min = max CTAs through ProcessGroupNCCL options;
+    # on gloo a new gloo group, channels a no-op). Empty: this run is one point.
+    channels: str = ""
+    # Per-point train overrides, "C:section.key=value;C:section.key=value" (C one of channels).
+    point_overrides: str = ""
+    # Where each point's outputs go: "siblings" <parent of training.output_dir>/<T>thread_<C>channels
+    # (the launch's run-directory layout: the first point's is training.output_dir itself);
+    # "children" <training.output_dir>/<T>thread_<C>channels.
+    layout: Literal["siblings", "children"] = "children"
+    # The thread value the points are named after (the process's NCCL_NTHREADS; threads are
+    # read once per process, so they cannot change between points). 0: from the environment.
+    threads: int = field(default=0, metadata=_min(0))
+
+
+@dataclass
 class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -143,6 +173,8 @@ class TrainConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    nccl: NcclConfig = field(default_factory=NcclConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
     # Where the values came from, for messages and the summary's config echo.
     source: str = field(default="<defaults>", metadata={"internal": True})
     overrides: tuple[str, ...] = field(default=(), metadata={"internal": True})
@@ -207,6 +239,9 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             raise ValueError(f"must be finite, got {value!r}")
         return float(value)
     if tp is str:
+        # pool.channels=4 reads as the integer 4 in YAML: a number is its own text here.
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
         if not isinstance(value, str) or not value:
             raise ValueError(f"must be a non-empty string, got {value!r}")
         return value
@@ -338,12 +373,63 @@ def _check_cross_field(config: TrainConfig, where: Any) -> None:
             f"({p.wait + p.warmup + p.active}) exceeds training.max_steps "
             f"({config.training.max_steps}); no trace would be written"
         )
+    try:
+        channels = pool_channels(config.pool.channels)
+        pool_point_overrides(config.pool.point_overrides, channels)
+    except ValueError as exc:
+        key = "pool.point_overrides" if "point_overrides" in str(exc) else "pool.channels"
+        raise ConfigError(f"{where(key)}: {exc}") from None
     d = config.debug
     if d.delay_ms > 0 and d.delay_rank < 0:
         raise ConfigError(
             f"{where('debug.delay_ms')}: debug.delay_ms {d.delay_ms} needs debug.delay_rank "
             "(the rank to delay, 0..world_size-1)"
         )
+
+
+# What a pool decides once for all its points: the process's backend, devices and dtype, the
+# NCCL capture set up before NCCL starts, the pool itself, where the points' outputs go.
+POOL_FIXED_SECTIONS = ("distributed", "nccl", "pool")
+POOL_FIXED_KEYS = ("training.output_dir", "training.dtype", "comm.stream_priority")
+
+
+def pool_channels(text: str) -> list[int]:
+    """pool.channels as a list (empty: no pool); ValueError naming the bad value."""
+    values: list[int] = []
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
+            continue
+        if not item.isdigit() or int(item) < 1:
+            raise ValueError(f"pool.channels {text!r}: {item!r} is not a positive integer "
+                             "(give e.g. pool.channels=4,8,16)")
+        if int(item) in values:
+            raise ValueError(f"pool.channels {text!r}: {item} is listed twice")
+        values.append(int(item))
+    return values
+
+
+def pool_point_overrides(text: str, channels: Sequence[int]) -> dict[int, list[str]]:
+    """pool.point_overrides as {channels: [section.key=value, ...]}; ValueError if a pair is
+    malformed or names a channel value that is not a point."""
+    found: dict[int, list[str]] = {}
+    for item in (p.strip() for p in text.split(";")):
+        if not item:
+            continue
+        head, sep, pair = item.partition(":")
+        if not sep or not head.strip().isdigit() or "=" not in pair or "." not in pair.split("=")[0]:
+            raise ValueError(f"pool.point_overrides {item!r} is not C:section.key=value "
+                             "(e.g. 8:model.layers=2)")
+        value = int(head)
+        key = pair.split("=")[0].strip()
+        if key.split(".")[0] in POOL_FIXED_SECTIONS or key in POOL_FIXED_KEYS:
+            raise ValueError(f"pool.point_overrides {item!r}: {key} is the same for every point "
+                             "of a pool (one process, one backend, one output root); run that "
+                             "point in its own process (fab sweep without --pool)")
+        if value not in channels:
+            raise ValueError(f"pool.point_overrides {item!r}: {value} is not one of "
+                             f"pool.channels ({', '.join(map(str, channels)) or 'empty'})")
+        found.setdefault(value, []).append(pair.strip())
+    return found
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:

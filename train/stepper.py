@@ -190,7 +190,11 @@ class Stepper:
         stream_priority: str = "high",
         delay_ms: float = 0.0,
         delay_every: int = 1,
+        group: Any = None,
     ) -> None:
+        # The process group every collective of a step runs on: None, the default group; a
+        # sweep point of a rank pool passes its own (a new communicator per point).
+        self.group = group
         self.stack = stack
         self.collective = collective
         self.overlap = overlap
@@ -312,20 +316,20 @@ class Stepper:
             size = stack.bucket_bytes(bucket)
             post: Callable[[], Any] | None = None
             if self.collective == "all_reduce":
-                bucket_ops = [CollectiveOp("all_reduce", size, lambda v=view: dist.all_reduce(v))]
+                bucket_ops = [CollectiveOp("all_reduce", size, lambda v=view: dist.all_reduce(v, group=self.group))]
             elif self.collective == "reduce_scatter":
                 shard = shard_buf[: bucket.numel // n]
                 bucket_ops = [
                     CollectiveOp(
-                        "reduce_scatter", size, lambda s=shard, v=view: _reduce_scatter(s, v)
+                        "reduce_scatter", size, lambda s=shard, v=view: _reduce_scatter(s, v, group=self.group)
                     ),
-                    CollectiveOp("all_gather", size, lambda s=shard, v=view: _all_gather(v, s)),
+                    CollectiveOp("all_gather", size, lambda s=shard, v=view: _all_gather(v, s, group=self.group)),
                 ]
             else:
                 gathered = gather_buf[: bucket.numel * n]
                 bucket_ops = [
                     CollectiveOp(
-                        "all_gather", size * n, lambda g=gathered, v=view: _all_gather(g, v)
+                        "all_gather", size * n, lambda g=gathered, v=view: _all_gather(g, v, group=self.group)
                     )
                 ]
 
@@ -402,7 +406,7 @@ class Stepper:
         def agree() -> None:
             start = clock.mark() if self.time_comm else None
             flag.fill_(1.0 if stop else 0.0)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
             host.copy_(flag, non_blocking=self.is_cuda)
             if start is not None:
                 pending.control_mark = CommMark(

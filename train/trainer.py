@@ -19,6 +19,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,10 @@ from train.collectives import COMM_PHASE, TRAIN_PHASE, OpRecord, pack, timeline_
 from train.config import TrainConfig
 from train.launchdelay import launch_delays
 from train.metrics import AGGREGATED, TELEMETRY_FIELDS, Baseline, collect_env, median, step_metrics
+from train import startup
+from train.flight import FlightDumper, flight_recorder_env
 from train.model import GemmStack
+from train.nccl_debug import DEBUG_FILE_PATTERN, CaptureFile, asked_from_env, capture_env, summarize_ranks
 from train.outputs import (
     COLLECTIVES_NAME,
     PROFILER_DIR,
@@ -56,6 +60,36 @@ from train.telemetry import Telemetry, open_telemetry, unavailable
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
+@dataclass
+class PointContext:
+    """One sweep point of a rank pool (train.pool): the group its collectives run on (made
+    for the point, destroyed after it) and what the summary says about the point."""
+
+    group: Any
+    channels: int | None                 # asked: min = max CTAs of the point's communicator
+    capture: CaptureFile | None          # the process's NCCL debug file, marked at the point
+    info: dict[str, Any] = field(default_factory=dict)   # summary.json "pool" section
+
+
+def start_flight_recorder(output_dir: Path, plan: RuntimePlan, cfg: TrainConfig) -> FlightDumper | None:
+    """The flight recorder on (before the first group starts) and its on-request dumper."""
+    entries = cfg.distributed.flight_recorder_entries
+    if entries <= 0:
+        return None
+    os.environ.update(flight_recorder_env(os.environ, entries, output_dir, plan.backend == "nccl"))
+    return FlightDumper(output_dir, plan.rank).start()
+
+
+def start_capture(output_dir: Path, rank: int, subsystems: str) -> CaptureFile:
+    """Sends NCCL's debug output to a per-rank file (before NCCL first runs: it reads the
+    variables once). NCCL expands only %h and %p in NCCL_DEBUG_FILE, so the rank is put in
+    the name here."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / DEBUG_FILE_PATTERN.format(rank=rank)
+    os.environ.update(capture_env(os.environ, path, [s for s in subsystems.split(",") if s]))
+    return CaptureFile(path, start=path.stat().st_size if path.exists() else 0)
+
+
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -65,8 +99,15 @@ def _fmt(value: float | None, spec: str, unit: str = "") -> str:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, plan: RuntimePlan, signals: StopSignals) -> None:
+    def __init__(self, config: TrainConfig, plan: RuntimePlan, signals: StopSignals,
+                 point: PointContext | None = None) -> None:
         self.config = config
+        # A pool point runs on its own group, made and destroyed by the pool; otherwise the
+        # trainer owns the default group for the whole process.
+        self.point = point
+        self.group = point.group if point is not None else None
+        self.capture: CaptureFile | None = point.capture if point is not None else None
+        self.flight: FlightDumper | None = None
         self.plan = plan
         self.signals = signals
         self.output_dir = Path(config.training.output_dir)
@@ -145,7 +186,7 @@ class Trainer:
         """A synchronous MAX all-reduce of the local stop request (between phases)."""
         device = self.plan.device
         flag = torch.tensor([1.0 if self.signals.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item() > 0)
 
     def run_phase(
@@ -315,8 +356,19 @@ class Trainer:
         warning = blocking_wait_warning(os.environ) if plan.rank == 0 else None
         if warning is not None:
             print(warning, file=sys.stderr, flush=True)
-        init_distributed(plan, cfg.distributed.timeout_s,
-                         high_priority=cfg.comm.stream_priority == "high")
+        if self.point is None:
+            if plan.backend == "nccl" and cfg.nccl.capture:
+                self.capture = start_capture(self.output_dir, plan.rank, cfg.nccl.subsystems)
+            self.flight = start_flight_recorder(self.output_dir, plan, cfg)
+            if plan.is_cuda:
+                # The CUDA context on its own, so the start-up figures tell it from NCCL's init.
+                torch.cuda.set_device(plan.device)
+                torch.empty(1, device=plan.device)
+                torch.cuda.synchronize(plan.device)
+            startup.mark("cuda_context")
+            init_distributed(plan, cfg.distributed.timeout_s,
+                             high_priority=cfg.comm.stream_priority == "high")
+            startup.mark("process_group")
         self.stack = GemmStack(
             cfg.model,
             device=plan.device,
@@ -326,7 +378,9 @@ class Trainer:
             world_size=plan.world_size,
             bucket_mb=cfg.comm.bucket_mb,
         )
-        dist.broadcast(self.stack.params, src=0)
+        dist.broadcast(self.stack.params, src=0, group=self.group)
+        if self.point is None:
+            startup.mark("model")
         self.stepper = Stepper(
             self.stack,
             collective=cfg.comm.collective,
@@ -338,6 +392,7 @@ class Trainer:
             stream_priority=cfg.comm.stream_priority,
             delay_ms=cfg.debug.delay_ms if cfg.debug.delay_rank == plan.rank else 0.0,
             delay_every=cfg.debug.delay_every,
+            group=self.group,
         )
         self.telemetry = open_telemetry(device_identity(plan.device), cfg.telemetry.enabled)
         self.writer = MetricsWriter(self.output_dir, plan.rank)
@@ -469,8 +524,11 @@ class Trainer:
                 if self.writer is not None:
                     self.writer.close()
                 self.telemetry.close()
+                if self.flight is not None:
+                    self.flight.close()
                 try:
-                    shutdown_distributed()
+                    if self.point is None:  # a pool destroys the point's group itself
+                        shutdown_distributed()
                 except Exception as exc:  # noqa: BLE001 - the group may already be broken
                     print(f"train: destroy_process_group: {exc}", file=sys.stderr, flush=True)
         if self.status == "completed":
@@ -502,7 +560,21 @@ class Trainer:
             "comm_stream": self._comm_stream(),
             "status": self.status,
             "measured_wall_s": self.measured_wall_s,
+            "effective_settings": self._effective_settings(),
         }
+
+    def _effective_settings(self) -> dict[str, Any] | None:
+        """What NCCL built for this rank's point, read back from its debug output (None when
+        not captured: the summary says why)."""
+        if self.capture is None:
+            return None
+        try:
+            min_ctas = max_ctas = self.point.channels if self.point is not None else None
+            asked = asked_from_env(os.environ, min_ctas, max_ctas)
+            accelerator = "rocm" if versions().get("hip") else "cuda"
+            return self.capture.effective(asked, os.environ, accelerator)
+        except Exception as exc:  # noqa: BLE001 - a parse problem must not fail the run
+            return {"channels": None, "flags": [f"NCCL debug output unreadable: {exc}"[:300]]}
 
     def _comm_stream(self) -> dict[str, Any]:
         setting = self.config.comm.stream_priority
@@ -524,7 +596,7 @@ class Trainer:
         if self.status != "failed" and dist.is_initialized():
             try:
                 gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
-                dist.gather_object(report, gathered, dst=0)
+                dist.gather_object(report, gathered, dst=0, group=self.group)
                 if gathered is not None:
                     reports = [r for r in gathered if r is not None]
                 partial = False
@@ -598,4 +670,29 @@ class Trainer:
             "config_file": cfg.source,
             "overrides": list(cfg.overrides),
             "config": cfg.to_dict(),
+            "effective_settings": self._effective_summary(reports),
+            "pool": self.point.info if self.point is not None else None,
+            # A pool point starts in a running process: its start-up is the pool's.
+            "startup": startup.startup_section(self._first_step_unix())
+            if self.point is None else None,
         }
+
+    def _first_step_unix(self) -> float | None:
+        times = [r["wall_time"] for r in self.step_records if r.get("wall_time") is not None]
+        # wall_time is stamped when the step was read back: the first step's start is its
+        # stamp minus its own duration.
+        if not times:
+            return None
+        first = self.step_records[0]
+        return times[0] - (first.get("iter_ms") or 0.0) / 1e3
+
+    def _effective_summary(self, reports: list[dict[str, Any]]) -> dict[str, Any]:
+        cfg = self.config
+        if self.plan.backend != "nccl":
+            return {"capture": f"off: {self.plan.backend} backend (NCCL not used; channel and "
+                               "thread variables are no-ops)", "channels": None, "flags": []}
+        if not cfg.nccl.capture:
+            return {"capture": "off: nccl.capture is false", "channels": None, "flags": []}
+        by_rank: dict[int, Any] = {r.get("rank"): r.get("effective_settings") for r in reports}
+        per_rank = [by_rank.get(rank) for rank in range(self.world_size)]
+        return {"capture": "on", **summarize_ranks(per_rank)}

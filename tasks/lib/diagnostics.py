@@ -522,4 +522,86 @@ def hang_summary_markdown(run_dir: str | Path) -> str:
     """Markdown section for report.md: the hang of this run, or "" when it did not hang."""
     diag_dir = Path(run_dir) / HANG_DIR
     summary = load_summary(diag_dir)
-    return summary_markdown(summary, HANG_DIR) if summary else ""
+    if not summary:
+        return ""
+    text = summary_markdown(summary, HANG_DIR)
+    dumps = read_flight_dumps(run_dir)
+    if dumps:
+        text = text.rstrip("\n") + ("\n\nFlight recorder (PyTorch, dumped at the hang): "
+                                    f"{flight_recorder_findings(dumps)['summary']}.\n")
+    return text
+
+
+# -- PyTorch's flight recorder (train.flight dumps it on the hang watchdog's request) ---------------
+
+FLIGHT_DIR = "flight_recorder"
+FLIGHT_TRIGGER = "DUMP"
+FLIGHT_RANK_RE = re.compile(r"^rank_(\d+)\.json$")
+
+
+def flight_dump_command(output_dir: str) -> str:
+    """Asks every rank of a node to dump its flight recorder (train.flight polls this file)."""
+    target = posixpath.join(output_dir, FLIGHT_DIR)
+    return f"mkdir -p {sh_quote(target)} && touch {sh_quote(posixpath.join(target, FLIGHT_TRIGGER))}"
+
+
+def read_flight_dumps(run_dir: str | Path) -> dict[int, Any]:
+    """rank -> the parsed dump, from the run's flight_recorder/ directory (the first found)."""
+    for directory in sorted(Path(run_dir).rglob(FLIGHT_DIR)):
+        dumps: dict[int, Any] = {}
+        for path in sorted(directory.glob("rank_*.json")):
+            match = FLIGHT_RANK_RE.match(path.name)
+            if not match:
+                continue
+            try:
+                dumps[int(match.group(1))] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                dumps[int(match.group(1))] = {"error": f"{path.name} unreadable"}
+        if dumps:
+            return dumps
+    return {}
+
+
+def flight_recorder_findings(dumps: Mapping[int, Any]) -> dict[str, Any]:
+    """Which collective the ranks went out of step on: per process group, the last collective
+    sequence number each rank issued; ranks behind the others never reached the collective the
+    others wait in (named with its sizes and per-rank state)."""
+    last: dict[str, dict[int, dict[str, Any]]] = {}
+    errors = {rank: d["error"] for rank, d in dumps.items() if isinstance(d, Mapping) and d.get("error")}
+    for rank, dump in dumps.items():
+        entries = dump.get("entries") if isinstance(dump, Mapping) else None
+        for entry in entries or []:
+            if not isinstance(entry, Mapping) or entry.get("is_p2p"):
+                continue
+            group = entry.get("process_group") or [entry.get("pg_id")]
+            pg = str(group[0])
+            seq = entry.get("collective_seq_id")
+            if not isinstance(seq, int):
+                continue
+            seen = last.setdefault(pg, {}).get(rank)
+            if seen is None or seq > seen["collective_seq_id"]:
+                last[pg][rank] = dict(entry)
+    groups: dict[str, Any] = {}
+    headline = None
+    for pg, by_rank in sorted(last.items()):
+        top = max(e["collective_seq_id"] for e in by_rank.values())
+        behind = sorted(r for r, e in by_rank.items() if e["collective_seq_id"] < top)
+        missing = sorted(set(dumps) - set(by_rank) - set(errors))
+        ahead = sorted(r for r, e in by_rank.items() if e["collective_seq_id"] == top)
+        waiting = by_rank[ahead[0]]
+        groups[pg] = {
+            "last_seq": {str(r): e["collective_seq_id"] for r, e in sorted(by_rank.items())},
+            "state": {str(r): e.get("state") for r, e in sorted(by_rank.items())},
+            "behind": behind, "never_seen": missing,
+            "collective": waiting.get("profiling_name"), "seq": top,
+            "input_sizes": waiting.get("input_sizes"),
+        }
+        stuck = [r for r in ahead if by_rank[r].get("state") != "completed"]
+        if (behind or missing) and headline is None:
+            name = (group_names := by_rank[ahead[0]].get("process_group")) and group_names[-1]
+            headline = (f"group {name or pg}: rank(s) {behind + missing} never reached "
+                        f"{waiting.get('profiling_name')} #{top} (input {waiting.get('input_sizes')}) "
+                        f"that rank(s) {stuck or ahead} {'wait in' if stuck else 'completed'}")
+    return {"groups": groups, "errors": {str(r): e for r, e in errors.items()},
+            "summary": headline or ("every rank reached the same last collective" if groups
+                                    else "no collectives in the flight recorder")}

@@ -96,6 +96,9 @@ gemm_safe_dir() {
     echo "refusing $what $dir: it is a symlink or not a directory (another user may have planted it); remove it, or choose another path" >&2
     return 1
   fi
+  # Made by someone else after our look (another node writing the same path of a shared
+  # filesystem): nothing is known about it yet.
+  [ -n "$info" ] || raced=1
   if [ -n "$raced" ]; then  # someone made a level between our look and our mkdir: look again
     gemm_path_risk "$dir"
     [ -z "$GEMM_RISK" ] || { gemm_refuse_risk "$what" "$dir"; return 1; }

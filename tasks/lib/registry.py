@@ -54,6 +54,7 @@ EXIT_NO_SUCH_RUN = 3    # logs command: the run has no entry on this host
 
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 CONTAINER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,253}")
 
 
 class RegistryError(ValueError):
@@ -207,7 +208,14 @@ gemm_steps() {
 # --- end of run-registry helpers ---
 """
 
-_START_SH = r"""reg=$(gemm_registry "$1") run=$2 rank=$3 launcher=$4 polls=$5 workdir=$6
+_START_SH = r"""reg=$(gemm_registry "$1") run=$2 rank=$3 launcher=$4 polls=$5 workdir=$6 mode=${7-detach}
+if [ "$mode" = step ]; then
+  # One task of the run's srun step: the node rank is this node's place in the run's node list
+  # ($8), found by the name Slurm gave this node.
+  rank= i=0
+  for n in $8; do [ "$n" = "${SLURMD_NODENAME-}" ] && rank=$i; i=$((i+1)); done
+  [ -n "$rank" ] || { echo "node ${SLURMD_NODENAME-?} is not one of the run's nodes ($8)" >&2; exit 2; }
+fi
 gemm_make_registry "$reg" || exit 1
 e=$reg/$run/node_$rank
 # Right before anything runs: the run dir, the launcher in it and the checkout the ranks import
@@ -229,9 +237,26 @@ fi
 # launcher, and the launcher neither gets SIGHUP nor dies of a broken pipe when the channel goes.
 ( export GEMM_RUN_ID=$run GEMM_NODE_RANK=$rank
   exec setsid bash "$launcher" "$rank" </dev/null >>"$e/launcher.log" 2>&1 ) &
+child=$!
 i=0
 while [ "$i" -lt "$polls" ]; do
-  if [ -s "$e/launcher.pid" ]; then gemm_get "$e/launcher.pid" | cut -d' ' -f1; exit 0; fi
+  if [ -s "$e/launcher.pid" ]; then
+    pid=$(gemm_get "$e/launcher.pid" | cut -d' ' -f1)
+    [ "$mode" = step ] || { echo "$pid"; exit 0; }
+    # In a step this shell is the task Slurm watches: it stays until the launcher ends and exits
+    # with its status (--kill-on-bad-exit then ends the other nodes' tasks). A signal of the step
+    # reaches the launcher itself (Slurm signals every process of the step): keep waiting.
+    echo "gemm-started node=$rank pid=$pid"
+    trap 'signalled=1' TERM INT HUP
+    code=127
+    while :; do
+      signalled=0; wait "$child"; rc=$?
+      [ "$rc" = 127 ] && break   # reaped in the previous round: code holds its status
+      code=$rc
+      [ "$signalled" = 1 ] || break
+    done
+    exit "$code"
+  fi
   sleep 0.05; i=$((i+1))
 done
 echo "node launcher did not start: $(tail -n 3 "$e/launcher.log" 2>/dev/null | tr '\n' ' ')" >&2
@@ -422,6 +447,37 @@ def launcher_start_command(launcher_path: str, node_rank: int, registry_dir: str
         raise RegistryError(f"node rank {node_rank!r} must be a non-negative integer")
     return _one_shot(_START_SH, "gemm-start",
                      [registry, run_id, node_rank, launcher_path, START_WAIT_POLLS, workdir])
+
+
+def launcher_step_command(launcher_path: str, node_names: Sequence[str], registry_dir: str | None,
+                          run_id: str, workdir: str | None = None) -> list[str]:
+    """argv of every task of a run's srun step: the same checks and registry entry as
+    launcher_start_command, then the launcher in the foreground of the task (Slurm tracks, signals
+    and ends it with the step). Prints `gemm-started node=N pid=P` once registered; exits with
+    the launcher's status. The node rank is this node's position in `node_names` (Slurm's names).
+    """
+    validate_node_path(launcher_path, "launcher path")
+    registry = _registry_arg(registry_dir)
+    workdir = validate_node_path(workdir or posixpath.dirname(launcher_path), "workdir")
+    validate_run_id(run_id)
+    for name in node_names:
+        if not _NODE_NAME.fullmatch(name):
+            raise RegistryError(f"{name!r} is not a node name")
+    return ["bash", "-c", SHELL_LIB + _START_SH, "gemm-start", registry, run_id, "", launcher_path,
+            str(START_WAIT_POLLS), workdir, "step", " ".join(node_names)]
+
+
+_STARTED_LINE = re.compile(r"^gemm-started node=(\d+) pid=(\d+)\s*$")
+
+
+def parse_started_lines(text: str) -> dict[int, int]:
+    """node rank -> launcher pid from the `gemm-started` lines of a run step's output."""
+    found: dict[int, int] = {}
+    for line in text.splitlines():
+        match = _STARTED_LINE.match(line)
+        if match:
+            found[int(match.group(1))] = int(match.group(2))
+    return found
 
 
 def stop_command(registry_dir: str | None, run_id: str | None, grace: float, kill: bool,

@@ -103,6 +103,11 @@ def find_output_dirs(run_dir: Path) -> list[Path]:
     except OSError:
         return []
     named = [p for p in children if OUTPUT_DIR_RE.match(p.name)]
+    if len(named) == 1 and not _holds_outputs(named[0]):
+        # A rank pool's launch directory: its points are <T>thread_<C>channels/ inside it.
+        inner = find_output_dirs(named[0])
+        if inner and inner != [named[0]]:
+            return inner
     return named or [p for p in children if _holds_outputs(p)]
 
 
@@ -146,7 +151,9 @@ def _json_object(path: Path, problems: list[str]) -> dict | None:
     return None
 
 
-def read_run(run_dir: Path) -> RunData:
+def read_run(run_dir: Path, output_name: str | None = None) -> RunData:
+    """output_name: the point's <T>thread_<C>channels/ inside run_dir (a rank pool runs several
+    points in one run directory); None: the one run.json names, else the only one."""
     data = RunData(run_dir=run_dir)
     if not run_dir.is_dir():
         data.problems.append(f"run directory {run_dir} not found")
@@ -156,6 +163,12 @@ def read_run(run_dir: Path) -> RunData:
         data.run_json = _json_object(run_json_path, data.problems)
 
     output_dirs = find_output_dirs(run_dir)
+    if output_name:
+        named = run_dir / output_name
+        output_dirs = [named] if named.is_dir() else []
+        if not output_dirs:
+            data.problems.append(f"point directory {output_name} not found in the run")
+            return data
     if len(output_dirs) > 1:
         wanted = _output_dir_name(data.run_json)
         chosen = [d for d in output_dirs if d.name == wanted] or output_dirs[-1:]
@@ -237,6 +250,12 @@ class PointRow:
     clock_flag: bool | None = None
     comm_stream_priority: str | None = None
     outlier_steps: str | None = None     # "12,40" (step indices)
+    effective_channels: int | None = None  # what NCCL built (summary effective_settings)
+    effective_threads: str | None = None   # "256" or "256,512"
+    effective_algorithms: str | None = None
+    effective_transports: str | None = None
+    settings_flag: bool | None = None      # effective settings differ from the point's (None: unknown)
+    settings_flags: list[str] = field(default_factory=list)
     launch_delay_reason: str | None = None  # why launch_delay_ms_median is null (not in the CSV)
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -260,6 +279,8 @@ CSV_FIELDS = (
     "gemm_contention_slowdown_median", "overlapped_gemm_fraction_median",
     "launch_delay_ms_median", "control_ms_median", "reduce_local_ms_median",
     "sm_clock_mhz_median", "clock_drift", "clock_flag", "comm_stream_priority", "outlier_steps",
+    "effective_channels", "effective_threads", "effective_algorithms", "effective_transports",
+    "settings_flag", "settings_flags",
     "notes", "run_id", "run_dir", "problems",
 )
 
@@ -304,7 +325,10 @@ def summarize_run(data: RunData, spec: PointSpec | None = None, sweep_status: st
         steps=_measured_steps(data),
         problems=list(data.problems),
     )
-    if (failure := _failure_problem(data.run_json)):
+    pool_point_ok = (_get(data.summary, "pool", "mode") == "in_process"
+                     and _get(data.summary, "status") == COMPLETED)
+    # A pool's first failure belongs to the point that failed, not to every point of the pool.
+    if (failure := _failure_problem(data.run_json)) and not pool_point_ok:
         row.problems.insert(0, failure)
     if row.status != COMPLETED and (cause := error_line_in_logs(data)):
         row.problems.insert(1 if failure else 0, cause)
@@ -316,7 +340,71 @@ def summarize_run(data: RunData, spec: PointSpec | None = None, sweep_status: st
         setattr(row, attribute, value)
     row.slowest_rank, row.rank_spread = _rank_spread(data)
     _fill_cross_rank(row, aggregates)
+    _fill_effective(row, data.summary)
     return row
+
+
+def _fill_effective(row: PointRow, summary: Mapping[str, Any] | None) -> None:
+    """What NCCL really built for the point (train.nccl_debug) and every way it differs from
+    what the point asked: a flagged point is kept in the table but never silently."""
+    effective = _get(summary, "effective_settings")
+    flags: list[str] = []
+    if isinstance(effective, Mapping):
+        row.effective_channels = _integer(effective.get("channels"))
+        for attribute, key in (("effective_threads", "threads"), ("effective_algorithms", "algorithms"),
+                               ("effective_transports", "transports")):
+            values = effective.get(key)
+            if isinstance(values, list) and values:
+                setattr(row, attribute, ",".join(str(v) for v in values))
+        if row.effective_threads is None:
+            # No TUNING table (world size 1, or not rank 0): the thread value NCCL reported
+            # reading stands in, so points of different threads are not taken for equal.
+            read = _get(effective, "env_read") or {}
+            value = read.get("NCCL_NTHREADS") or read.get("RCCL_THREADS_PER_BLOCK") if isinstance(read, Mapping) else None
+            if value is not None:
+                row.effective_threads = f"{value} (read)"
+        flags += [str(f) for f in effective.get("flags") or [] if isinstance(f, str)]
+        row.notes += [str(n) for n in effective.get("notes") or [] if isinstance(n, str)]
+        captured = effective.get("capture") == "on"
+        if captured and row.channels is not None and row.effective_channels is not None \
+                and row.effective_channels != row.channels:
+            text = f"grid channels {row.channels}, NCCL built {row.effective_channels}"
+            if not any(text.split(",")[1].strip() in f for f in flags):
+                flags.append(text)
+        if captured or flags:
+            row.settings_flag = bool(flags)
+    pool = _get(summary, "pool")
+    if isinstance(pool, Mapping) and pool.get("leak_free") is False:
+        flags.append(f"pool: resources not back to the baseline after the point ({pool.get('leak')})")
+        row.settings_flag = True
+    row.settings_flags = flags
+
+
+def flag_shared_settings(rows: Sequence[PointRow], sweep: Mapping[str, Any] | None = None) -> None:
+    """Cross-point checks: two points that asked for different settings but ran with the same
+    effective ones (a clamped or no-op axis: their difference measures nothing), and a sweep
+    with the ib preset whose NCCL used sockets."""
+    by_effective: dict[tuple[Any, ...], list[PointRow]] = {}
+    for row in rows:
+        if row.effective_channels is None:
+            continue
+        key = (row.effective_channels, row.effective_threads, row.effective_algorithms)
+        by_effective.setdefault(key, []).append(row)
+    for same in by_effective.values():
+        asked = {(r.channels, r.threads) for r in same}
+        if len(same) > 1 and len(asked) > 1:
+            labels = ", ".join(r.label for r in same)
+            for row in same:
+                row.settings_flags.append(f"same effective settings as another point ({labels}): "
+                                          f"{row.effective_channels} channels, threads "
+                                          f"{row.effective_threads or 'unknown'}")
+                row.settings_flag = True
+    preset = _get(sweep, "launch_flags", "nccl_preset")
+    if preset == "ib":
+        for row in rows:
+            if row.effective_transports and "NET/Socket" in row.effective_transports:
+                row.settings_flags.append("nccl_preset ib, but NCCL used NET/Socket")
+                row.settings_flag = True
 
 
 def _fill_cross_rank(row: PointRow, aggregates: Mapping[str, Any]) -> None:
@@ -380,6 +468,10 @@ def _status(data: RunData, sweep_status: str | None) -> str:
         run_status = COMPLETED
     still_open = run_status in RUN_OPEN_STATES
     if still_open:
+        run_status = None
+    if _get(data.summary, "pool", "mode") == "in_process" and run_status not in VERDICTS:
+        # One launch ran a whole rank pool: its exit status is the pool's (any point failed),
+        # not this point's; the point's own summary says how it ended.
         run_status = None
     for verdict in (sweep_status, run_status):
         if verdict in VERDICTS:
@@ -529,6 +621,7 @@ class PointSource:
     sweep_status: str | None = None
     run_id: str | None = None
     error: str | None = None
+    output_dir: str | None = None   # a pool point's directory inside its (shared) run
 
 
 @dataclass
@@ -565,7 +658,13 @@ def sweep_point_source(sweep_dir: Path, entry: Mapping[str, Any]) -> PointSource
         spec = PointSpec(channels, threads)
     run_id = _string(entry.get("run_id"))
     run_dir = resolve_run_dir(sweep_dir, _string(entry.get("run_dir")), run_id)
-    return PointSource(spec, run_dir, _string(entry.get("status")), run_id, _string(entry.get("error")))
+    output_dir = _string(entry.get("output_dir"))
+    parts = Path(output_dir).parts if output_dir else ()
+    if output_dir is not None and (Path(output_dir).is_absolute() or not parts
+                                   or any(part in (".", "..") for part in parts)):
+        output_dir = None  # inside the run only: sweep.json must not point the report elsewhere
+    return PointSource(spec, run_dir, _string(entry.get("status")), run_id, _string(entry.get("error")),
+                       output_dir)
 
 
 def resolve_run_dir(sweep_dir: Path, recorded: str | None, run_id: str | None) -> Path | None:
@@ -598,12 +697,16 @@ def collect_rows(report_input: ReportInput) -> tuple[list[PointRow], dict[str, R
                                     run_dir=str(source.run_dir), run_id=source.run_id,
                                     problem=source.error or f"run directory {source.run_dir} not found"))
             continue
-        data = read_run(source.run_dir)
+        data = read_run(source.run_dir, source.output_dir)
         row = summarize_run(data, source.spec, _final_sweep_status(source.sweep_status))
+        if source.output_dir and data.output_dir is not None:
+            # Pool points share a run directory: each row names its own point directory.
+            row.run_dir = str(data.output_dir)
         if source.error and source.error not in "; ".join(row.problems):
             row.problems.insert(0, source.error)
         rows.append(row)
         runs[row.run_dir or ""] = data
+    flag_shared_settings(rows, report_input.sweep)
     return rows, runs
 
 
@@ -671,10 +774,12 @@ def results_csv(rows: Iterable[PointRow], base: Path | None = None) -> str:
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        record = {name: getattr(row, name) for name in CSV_FIELDS if name not in ("problems", "notes")}
+        record = {name: getattr(row, name) for name in CSV_FIELDS
+                  if name not in ("problems", "notes", "settings_flags")}
         if row.run_dir and base is not None:
             record["run_dir"] = os.path.relpath(row.run_dir, base)
         record["notes"] = "; ".join(row.notes)
+        record["settings_flags"] = "; ".join(row.settings_flags)
         record["problems"] = "; ".join(row.problems)
         writer.writerow({k: _csv_value(v) for k, v in record.items()})
     return buffer.getvalue()
@@ -734,6 +839,7 @@ def report_markdown(report_input: ReportInput, rows: Sequence[PointRow], figures
             detail = "; ".join(row.problems) or (
                 "not run yet (fab sweep --resume finishes it)" if row.status == NOT_RUN else "no detail recorded")
             lines.append(f"- {row.label} (`{row.run_id or '-'}`): status {row.status}; {detail}")
+    lines.extend(_effective_lines(rows))
     lines.extend(_straggler_lines(rows))
     lines.extend(_clock_lines(rows))
     lines.extend(_communication_lines(rows))
@@ -753,6 +859,24 @@ def report_markdown(report_input: ReportInput, rows: Sequence[PointRow], figures
             lines.append(f"![{name}]({name})")
     lines.append("")
     return "\n".join(lines)
+
+
+def _effective_lines(rows: Sequence[PointRow]) -> list[str]:
+    """Did each point run with what it names? Read back from NCCL, not assumed."""
+    read = [r for r in rows if r.settings_flag is not None]
+    if not read:
+        return []
+    lines = ["", "## Effective settings", ""]
+    for row in read:
+        built = (f"NCCL built {_fmt_int(row.effective_channels)} channels, threads "
+                 f"{row.effective_threads or 'not reported'}"
+                 + (f", {row.effective_algorithms}" if row.effective_algorithms else "")
+                 + (f", via {row.effective_transports}" if row.effective_transports else ""))
+        if row.settings_flag:
+            lines.append(f"- **{row.label}: FLAGGED**: {built}; " + "; ".join(row.settings_flags) + ".")
+        else:
+            lines.append(f"- {row.label}: as asked ({built}).")
+    return lines
 
 
 def _straggler_lines(rows: Sequence[PointRow]) -> list[str]:

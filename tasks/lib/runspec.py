@@ -25,6 +25,7 @@ from tasks.lib.profiling import (
 )
 from tasks.lib.quoting import is_env_name
 from tasks.lib.settings import LaunchSettings
+from tasks.lib.watchdog import default_hang_timeout, hang_timeout_warning
 
 Accelerator = Literal["cuda", "rocm", "cpu"]
 ACCELERATORS: tuple[str, ...] = ("cuda", "rocm", "cpu")
@@ -132,6 +133,9 @@ class RunSpec:
     force: bool
     sources: Mapping[str, str] = field(default_factory=dict)  # field -> flag|config|env X|built-in
     warnings: tuple[str, ...] = ()
+    # The hang limit is the launch's default (below distributed.timeout_s) and shrinks to a
+    # multiple of the slowest step once steps are seen (tasks.lib.watchdog).
+    hang_auto: bool = False
 
     @property
     def output_dir_name(self) -> str:
@@ -155,7 +159,7 @@ class RunSpec:
             "docker": self.docker, "master_port": self.master_port or "auto",
             "nccl_preset": self.nccl_preset, **self.profilers.as_dict(),
             "rocprof_input": str(self.rocprof_input) if self.rocprof_input else None,
-            "hang_timeout": self.hang_timeout,
+            "hang_timeout": self.hang_timeout, "hang_auto": self.hang_auto,
             "pin_channels": self.pin_channels, "detach": self.detach, "force": self.force,
             "sources": dict(self.sources),
         }
@@ -310,6 +314,12 @@ def resolve_run_spec(
     sources["docker"] = "built-in" if flags.docker is None else "flag"
 
     warnings = list(thread_warnings(threads, accelerator))
+    collective_timeout = collective_timeout_s(config_path, overrides)
+    hang_auto = sources.get("hang_timeout") == "built-in" and hang_timeout > 0
+    if hang_auto:
+        hang_timeout = default_hang_timeout(hang_timeout, collective_timeout)
+    elif (warning := hang_timeout_warning(hang_timeout, collective_timeout)):
+        warnings.append(warning)
     return RunSpec(
         channels=channels, threads=threads, nproc=nproc, config=config_text,
         config_path=config_path, overrides=overrides, env=env,
@@ -317,8 +327,19 @@ def resolve_run_spec(
         docker=docker, master_port=master_port, nccl_preset=nccl_preset,
         profilers=profilers, rocprof_input=rocprof_input, hang_timeout=hang_timeout,
         pin_channels=flags.pin_channels, detach=flags.detach, dry_run=flags.dry_run,
-        force=flags.force, sources=sources, warnings=tuple(warnings),
+        force=flags.force, sources=sources, warnings=tuple(warnings), hang_auto=hang_auto,
     )
+
+
+def collective_timeout_s(config_path: Path, overrides: Sequence[str]) -> float | None:
+    """distributed.timeout_s of the train config (None when it cannot be read here: the train
+    package's own check reports why)."""
+    from train.config import ConfigError, load_config  # torch-free by train's contract
+
+    try:
+        return load_config(config_path, overrides).distributed.timeout_s
+    except (ConfigError, OSError):
+        return None
 
 
 def _project_file(path: str, project_root: Path) -> Path:

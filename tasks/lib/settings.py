@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from tasks.lib.masking import DEFAULT_SECRET_ENV_PATTERNS
+from tasks.lib.transports import TRANSPORTS
 
 HOST_KEY_POLICIES = ("reject", "accept-new", "auto-add")
 PLATFORMS = ("rocm", "cuda", "cpu")
@@ -36,8 +37,19 @@ class ClusterSettings:
     # so no other user of a shared node can pre-create it or plant entries (tasks/lib/nodefs.py).
     registry_dir: str | None = None
     socket_ifname: str | None = None        # None: resolved per host by the route to the master
+    # How the nodes are reached (tasks/transport.py): auto = srun inside a Slurm allocation whose
+    # nodes are the inventory, else SSH (or this machine alone without an inventory).
+    transport: str = "auto"
+    srun_options: tuple = ()                # extra options of a run's srun step (--gpus-per-node=8)
 
     def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise SettingsError(f"cluster.transport: {self.transport!r} is not one of "
+                                f"{', '.join(TRANSPORTS)}")
+        for option in self.srun_options:
+            if not isinstance(option, str) or not option.startswith("--") or "\n" in option:
+                raise SettingsError(f"cluster.srun_options: {option!r} is not a long srun option "
+                                    "(e.g. --gpus-per-node=8)")
         if self.host_key_policy not in HOST_KEY_POLICIES:
             raise SettingsError(f"cluster.host_key_policy: {self.host_key_policy!r} is not one of "
                                 f"{', '.join(HOST_KEY_POLICIES)}")

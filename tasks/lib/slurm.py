@@ -420,3 +420,65 @@ def parse_sbatch_output(text: str) -> str:
     if not job_id.isdigit():
         raise SlurmError(f"sbatch printed no job id: {text.strip()[:200]!r}")
     return job_id
+
+
+# -- one command on one node of the allocation (the srun transport's "ssh host command") ---------
+
+HELPER_STEP_NAME = "gemm-ctl"
+
+
+def node_command_argv(*, job_id: str, node: str, command: str, stdin: bool = False) -> list[str]:
+    """argv of a one-task step on `node` that runs `command` with /bin/sh, as SSH would.
+
+    --overlap: the run's own step holds the node's CPUs (salloc grants one per node) and these
+    commands (probe, heartbeat, tail, stop, collect) run beside it. Named `gemm-ctl`, never
+    `gemm-run:<id>`: stop and emergency-stop signal run steps only. --chdir=/: the directory
+    fab runs in need not exist on the node. stdin is forwarded only where the command reads it.
+    """
+    if not str(job_id).isdigit():
+        raise SlurmError(f"job id {job_id!r} is not a number")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,253}", node):
+        raise SlurmError(f"{node!r} is not a Slurm node name")
+    return ["srun", f"--jobid={job_id}", "--nodes=1", "--ntasks=1", f"--nodelist={node}",
+            "--overlap", f"--job-name={HELPER_STEP_NAME}", "--chdir=/", "--quiet",
+            f"--input={'all' if stdin else 'none'}", "--", "/bin/sh", "-c", command]
+
+
+# -- following a batch job (no accounting needed: slurmctld keeps ended jobs MinJobAge seconds) ---
+
+
+def scontrol_job_argv(job_id: str) -> list[str]:
+    if not str(job_id).isdigit():
+        raise SlurmError(f"job id {job_id!r} is not a number")
+    return ["scontrol", "show", "job", "--oneliner", str(job_id)]
+
+
+@dataclass(frozen=True)
+class JobState:
+    state: str                  # PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, ...
+    exit_code: int | None       # the batch script's status once ended
+    signal: int | None
+    stdout: str | None          # the batch output file, %j expanded
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+
+def parse_scontrol_job(text: str) -> JobState:
+    """`scontrol show job --oneliner` output: KEY=VALUE fields separated by spaces; the first
+    token of each key read here counts (the job, and so its name, is the caller's own)."""
+    fields: dict[str, str] = {}
+    for token in text.split():
+        key, sep, value = token.partition("=")
+        if sep and key in ("JobState", "ExitCode", "StdOut") and key not in fields:
+            fields[key] = value
+    if "JobState" not in fields:
+        raise SlurmError(f"scontrol printed no JobState: {text.strip()[:200]!r}")
+    code = signal = None
+    if ":" in fields.get("ExitCode", ""):
+        left, right = fields["ExitCode"].split(":", 1)
+        code, signal = (int(left) if left.isdigit() else None), (
+            int(right) if right.isdigit() else None)
+    return JobState(state=_base_state(fields["JobState"]), exit_code=code, signal=signal,
+                    stdout=fields.get("StdOut"))

@@ -31,6 +31,7 @@ class RankProgress:
     progress: int | None = None       # the counter: lines seen, or the step
     step: int | None = None           # the training step the progress corresponds to
     last_advance_at: float | None = None
+    slowest_step_s: float | None = None  # longest time per unit of progress seen between advances
 
 
 
@@ -77,6 +78,11 @@ class HangWatchdog:
     # Until the first rank advances (imports, rendezvous, NCCL init, calibration, warm-up: no
     # metrics lines yet) the limit is max(timeout_s, startup_timeout_s).
     startup_timeout_s: float | None = None
+    # Derived limit (the launch's default): once ranks advance, a hang is declared after
+    # step_multiple × the slowest step seen (at least floor_s), never later than timeout_s.
+    # None: timeout_s as given (the user chose it).
+    step_multiple: float | None = None
+    floor_s: float = 60.0
     ranks: dict[int, RankProgress] = field(default_factory=dict)
     last_progress_at: float = field(init=False)
     fired: HangReport | None = field(default=None, init=False)
@@ -97,6 +103,9 @@ class HangWatchdog:
             return False
         if entry.progress is not None and progress <= entry.progress:
             return False
+        if entry.progress is not None and entry.last_advance_at is not None and progress > entry.progress:
+            per_step = (now - entry.last_advance_at) / (progress - entry.progress)
+            entry.slowest_step_s = max(entry.slowest_step_s or 0.0, per_step)
         entry.progress = progress
         if step is not None:
             entry.step = step
@@ -117,7 +126,15 @@ class HangWatchdog:
         """The idle time that counts as a hang now."""
         if self.startup_timeout_s and not any(r.last_advance_at for r in self.ranks.values()):
             return max(self.timeout_s, self.startup_timeout_s)
+        slowest = self.slowest_step_s
+        if self.step_multiple and slowest is not None:
+            return min(self.timeout_s, max(self.floor_s, self.step_multiple * slowest))
         return self.timeout_s
+
+    @property
+    def slowest_step_s(self) -> float | None:
+        seen = [r.slowest_step_s for r in self.ranks.values() if r.slowest_step_s is not None]
+        return max(seen) if seen else None
 
     def check(self, now: float, alive: bool = True) -> HangReport | None:
         """A HangReport once no rank advanced for timeout_s while the processes live, else None.
@@ -139,6 +156,31 @@ class HangWatchdog:
             missing=missing,
         )
         return self.fired
+
+
+# The launch's default hang limit: this fraction of the train package's collective timeout
+# (distributed.timeout_s), so the watchdog takes its stacks before the NCCL watchdog aborts the
+# communicator; and, once steps are seen, HANG_STEP_MULTIPLE × the slowest step.
+HANG_FRACTION_OF_COLLECTIVE_TIMEOUT = 0.8
+HANG_STEP_MULTIPLE = 10.0
+
+
+def default_hang_timeout(builtin_s: float, collective_timeout_s: float | None) -> float:
+    """The hang limit when the user set none: the built-in, lowered below the collective timeout
+    (a hang caught after the NCCL watchdog aborted the communicator has no stacks to take)."""
+    if not collective_timeout_s or collective_timeout_s <= 0:
+        return builtin_s
+    return round(min(builtin_s, HANG_FRACTION_OF_COLLECTIVE_TIMEOUT * collective_timeout_s), 3)
+
+
+def hang_timeout_warning(hang_timeout_s: float, collective_timeout_s: float | None) -> str | None:
+    """The warning for a hang limit the user set at or above the collective timeout."""
+    if hang_timeout_s <= 0 or not collective_timeout_s or hang_timeout_s < collective_timeout_s:
+        return None
+    return (f"hang timeout {hang_timeout_s:g} s >= distributed.timeout_s {collective_timeout_s:g} s: "
+            "a hung collective is ended by the PyTorch/NCCL watchdog first, without the stacks; "
+            f"lower --hang-timeout below {collective_timeout_s:g} (or leave it unset: "
+            f"{HANG_FRACTION_OF_COLLECTIVE_TIMEOUT:g} x the collective timeout)")
 
 
 def first_stalled_ranks(ranks: Iterable[RankProgress]) -> tuple[int, ...]:

@@ -173,7 +173,7 @@ def local_session(tmp_path: Path):
 
 
 def test_tail_command_from_start_or_from_the_end():
-    from tasks.launch import tail_command
+    from tasks.watch import tail_command
 
     assert "tail -n +1 -F" in tail_command("/o/node_0_output.log", 42)
     reopened = tail_command("/o/node_0_output.log", 42, from_start=False)
@@ -185,7 +185,8 @@ def test_last_lines_reach_the_controller_log_after_the_registry_says_ended(tmp_p
     ends only when the streams did, and a line arriving after the files closed raises nothing."""
     from rich.console import Console
 
-    from tasks.launch import Watcher, build_plan, node_log_path, resolve_spec
+    from tasks.plan import build_plan, resolve_spec
+    from tasks.watch import Watcher, node_log_path
     from tasks.lib.runspec import LaunchFlags
 
     with local_session(tmp_path) as session:

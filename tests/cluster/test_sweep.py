@@ -230,3 +230,39 @@ def test_leftover_check_counts_processes_inside_the_container(cluster_docker: Si
         assert not check(run_id, 0)
     finally:
         cluster_docker.exec(0, f"docker rm -f {container} >/dev/null 2>&1", check=False)
+
+
+def test_pool_sweep_keeps_ranks_between_points(cluster3: SimCluster, sweep_env) -> None:
+    """--pool: one launch per thread value on 2 nodes, every channel value in the same rank
+    processes (pids recorded per point), a failing point recorded while the next one runs."""
+    config, experiments = sweep_env
+    result = fab(config, "sweep", "--pool", "--channels", "4,8,16", "--threads", "256,512",
+                 "--override", STEPS, "--point-override", "8x512:model.hidden=1000000",
+                 "--point-override", "8x512:comm.bucket_mb=1000000")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-4000:]
+    assert "1 of 6 point(s) did not complete (8x512 failed)" in result.stderr
+    sweep_dir = only_sweep(experiments)
+    document = json.loads((sweep_dir / "sweep.json").read_text())
+    assert document["pool"] is True
+    by_point = {(p["channels"], p["threads"]): p for p in document["points"]}
+    assert by_point[(8, 512)]["status"] == "failed"
+    assert all(p["status"] == "completed" for k, p in by_point.items() if k != (8, 512))
+    # One launch (run directory) per thread value.
+    assert len(run_dirs(experiments)) == 2
+    for threads in (256, 512):
+        pool = [by_point[(c, threads)] for c in (4, 8, 16)]
+        assert len({p["run_id"] for p in pool}) == 1
+        pids = set()
+        for point in pool:
+            out = (sweep_dir / point["run_dir"] / point["output_dir"]).resolve()
+            if point["status"] == "completed":
+                summary = json.loads((out / "summary.json").read_text())
+                assert summary["world_size"] == 4 and summary["pool"]["leak_free"] is True
+                pids.add(tuple(summary["pool"]["rank_pids"]))
+        assert len(pids) == 1  # the same 4 processes (2 per node) ran every point
+        assert all(p["gap_before_s"] is not None for p in pool[1:])
+    with (sweep_dir / "results.csv").open() as handle:
+        rows = {(r["channels"], r["threads"]): r for r in csv.DictReader(handle)}
+    assert rows[("16", "512")]["status"] == "completed" and rows[("16", "512")]["steps"] == "4"
+    assert rows[("8", "512")]["status"] == "failed"

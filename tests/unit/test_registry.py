@@ -343,7 +343,9 @@ def test_a_missing_venv_fails_the_node_only_when_configured(
     node = make_node(fake_args=["--steps", "1", "--interval", "0.01"],
                      venv=str(tmp_path / "no-such-venv"), venv_required=required)
     node.start()
-    [record] = node.wait_for(lambda rs: bool(rs) and rs[0].exit_code is not None)
+    # The launcher writes exit_code, then ended_at, then state: wait for the last of them.
+    [record] = node.wait_for(lambda rs: bool(rs) and rs[0].exit_code is not None
+                             and rs[0].state != "running")
     assert (record.state, record.exit_code) == (state, exit_code)
 
 

@@ -254,9 +254,18 @@ def test_torch_profile_adds_its_override_and_is_validated_with_it():
 
 
 def test_hang_timeout():
-    assert resolve().hang_timeout == 600.0
+    # The default config's distributed.timeout_s is 300: the built-in 600 s comes down to 0.8 x
+    # 300, so the hang watchdog takes its stacks before the NCCL watchdog aborts.
+    default = resolve()
+    assert (default.hang_timeout, default.hang_auto) == (240.0, True)
+    short = resolve(LaunchFlags(overrides=("distributed.timeout_s=1000",)))
+    assert (short.hang_timeout, short.hang_auto) == (600.0, True)
     assert resolve(LaunchFlags(hang_timeout="0")).hang_timeout == 0.0
-    assert resolve(config={"hang_timeout": 30}).hang_timeout == 30.0
+    given = resolve(config={"hang_timeout": 30})
+    assert (given.hang_timeout, given.hang_auto, given.warnings) == (30.0, False, ())
+    late = resolve(LaunchFlags(hang_timeout="600"))
+    assert late.hang_timeout == 600.0 and not late.hang_auto
+    assert any("hang timeout 600 s >= distributed.timeout_s 300 s" in w for w in late.warnings)
     for bad in ("-1", "soon", "inf"):
         with pytest.raises(RunSpecError):
             parse_hang_timeout(bad)
@@ -309,7 +318,7 @@ def test_run_ids_and_dirs():
 
 
 def test_two_launches_in_the_same_second_get_their_own_directories(tmp_path):
-    from tasks.launch import pick_run_id
+    from tasks.plan import pick_run_id
 
     spec = resolve(LaunchFlags())
     when = datetime(2025, 12, 11, 14, 30, 52)
@@ -328,7 +337,7 @@ def test_two_launches_in_the_same_second_get_their_own_directories(tmp_path):
 def test_a_directory_already_there_is_never_taken_over(tmp_path):
     """Created exclusively: an existing directory of the same name (planted, or a collision of
     the random suffix) is skipped, never reused."""
-    from tasks.launch import pick_run_id
+    from tasks.plan import pick_run_id
 
     spec = resolve(LaunchFlags())
     when = datetime(2025, 12, 11, 14, 30, 52)

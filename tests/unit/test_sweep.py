@@ -16,21 +16,18 @@ from tasks.launch import launch
 from tasks.lib import sweep as sw
 from tasks.lib.registry import SCAN_KILL_SH
 from tasks.lib.runspec import LaunchFlags
-from tasks.sweep import (
+from tasks.sweep import SWEEP_HELP, SweepPlan, plan_sweep, sweep
+from tasks.sweep_runner import (
     FLAG_DEFAULTS,
     GRID_FLAGS,
     LAUNCH_ONLY_FLAGS,
     RECORD_NAMES,
-    SWEEP_HELP,
-    SweepPlan,
     create_sweep_dir,
     launch_flags_for,
     launch_flags_record,
     load_sweep,
-    plan_sweep,
     rank0_wall_times,
     run_status_of,
-    sweep,
     write_sweep,
 )
 from tests.unit.report_fixtures import make_run
@@ -95,7 +92,7 @@ def test_launch_flags_for_a_point_add_its_overrides() -> None:
 
 # -- the sweep takes fab launch's flags ---------------------------------------------------------
 
-SWEEP_ONLY_FLAGS = {"resume", "fail_fast", "point_timeout", "point_override", "no_report"}
+SWEEP_ONLY_FLAGS = {"resume", "fail_fast", "point_timeout", "point_override", "no_report", "pool"}
 
 
 def flag_names(task) -> set[str]:

@@ -173,3 +173,37 @@ def test_poll_feeds_the_watchdog():
     assert dog.observe_poll({0: (4, 4), 1: (3, 3)}, 2.0) == [0]
     report = dog.check(12.0)
     assert report.first_stalled == (1,)
+
+
+def test_derived_limit_follows_the_slowest_step() -> None:
+    """The launch's default: a multiple of the slowest step seen, floored, capped by timeout_s."""
+    from tasks.lib.watchdog import HangWatchdog
+
+    dog = HangWatchdog(timeout_s=240.0, started_at=0.0, expected_ranks=[0, 1],
+                       step_multiple=10.0, floor_s=5.0, startup_timeout_s=300.0)
+    assert dog.limit_s == 300.0  # nothing seen yet: the start-up allowance
+    for t, lines in ((10.0, 1), (11.0, 2), (12.0, 3)):
+        dog.observe(0, lines, t)
+        dog.observe(1, lines, t)
+    assert dog.slowest_step_s == 1.0 and dog.limit_s == 10.0
+    dog.observe(0, 5, 16.0)          # two steps in 4 s: 2 s per step
+    assert dog.limit_s == 20.0
+    assert dog.check(30.0) is None   # rank 0 advanced at 16 s: idle 14 s < 20 s
+    report = dog.check(36.5)
+    assert report is not None and report.timeout_s == 20.0
+    # Without step_multiple (a limit the user chose) the same run waits the full timeout.
+    fixed = HangWatchdog(timeout_s=240.0, started_at=0.0, expected_ranks=[0])
+    for t, lines in ((10.0, 1), (11.0, 2)):
+        fixed.observe(0, lines, t)
+    assert fixed.limit_s == 240.0 and fixed.check(200.0) is None
+
+
+def test_default_hang_timeout_and_warning() -> None:
+    from tasks.lib.watchdog import default_hang_timeout, hang_timeout_warning
+
+    assert default_hang_timeout(600.0, 300.0) == 240.0
+    assert default_hang_timeout(600.0, None) == 600.0
+    assert default_hang_timeout(100.0, 3000.0) == 100.0
+    assert hang_timeout_warning(240.0, 300.0) is None
+    assert hang_timeout_warning(0.0, 300.0) is None
+    assert "lower --hang-timeout below 300" in hang_timeout_warning(300.0, 300.0)

@@ -1,0 +1,108 @@
+"""fab report: points flagged when their effective settings (read back from NCCL) differ from
+what they asked, and pool points that share one run directory."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+from tasks.lib import report as rep
+from tests.unit.report_fixtures import make_run, make_sweep
+
+
+def effective(channels: int, asked: int, flags: list[str] | None = None,
+              transports: list[str] | None = None) -> dict:
+    return {"capture": "on", "channels": channels, "threads": [256], "algorithms": ["RING/SIMPLE"],
+            "transports": transports or ["P2P"], "asked": {"channels": asked, "threads": 256},
+            "flags": flags or []}
+
+
+def set_effective(run_dir: Path, value: dict, pool: dict | None = None) -> None:
+    summary_path = next(run_dir.glob("*thread_*channels")) / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["effective_settings"] = value
+    if pool is not None:
+        summary["pool"] = pool
+    summary_path.write_text(json.dumps(summary))
+
+
+def rows_of(sweep_dir: Path) -> list[rep.PointRow]:
+    rows, _ = rep.collect_rows(rep.discover(sweep_dir))
+    return rows
+
+
+def test_clamped_and_duplicate_points_are_flagged(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path, [(2, 256, {}), (4, 256, {}), (8, 256, {})])
+    runs = {c: tmp_path / f"multinode_{c}ch_256th_20250101_12{i:02d}00" for i, c in enumerate((2, 4, 8))}
+    set_effective(runs[2], effective(4, 2, ["all ranks: channels: asked 2, NCCL built 4 (raised "
+                                            "to NCCL_MIN_NCHANNELS=4 from the environment)"]))
+    set_effective(runs[4], effective(4, 4))
+    set_effective(runs[8], effective(8, 8))
+    two, four, eight = rows_of(sweep)
+    assert (two.effective_channels, four.effective_channels, eight.effective_channels) == (4, 4, 8)
+    assert two.settings_flag and four.settings_flag and eight.settings_flag is False
+    assert any("NCCL_MIN_NCHANNELS=4" in f for f in two.settings_flags)
+    # 4 asked 4 and got 4, but so did 2: their difference measures nothing.
+    assert any(f.startswith("same effective settings as another point (2ch × 256th, 4ch × 256th)")
+               for f in four.settings_flags)
+
+    table = list(csv.DictReader(io.StringIO(rep.results_csv([two, four, eight]))))
+    assert [r["settings_flag"] for r in table] == ["True", "True", "False"]
+    assert [r["effective_channels"] for r in table] == ["4", "4", "8"]
+    assert "NCCL_MIN_NCHANNELS=4" in table[0]["settings_flags"]
+    md = rep.report_markdown(rep.discover(sweep), [two, four, eight], [])
+    assert "## Effective settings" in md
+    assert "**2ch × 256th: FLAGGED**" in md and "- 8ch × 256th: as asked" in md
+
+
+def test_grid_mismatch_without_a_train_flag_and_ib_preset_on_sockets(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path, [(16, 256, {})])
+    run = tmp_path / "multinode_16ch_256th_20250101_120000"
+    set_effective(run, effective(12, 16, transports=["NET/Socket", "P2P"]))
+    document = json.loads((sweep / "sweep.json").read_text())
+    document["launch_flags"] = {"nccl_preset": "ib"}
+    (sweep / "sweep.json").write_text(json.dumps(document))
+    (row,) = rows_of(sweep)
+    assert row.settings_flag
+    assert "grid channels 16, NCCL built 12" in row.settings_flags
+    assert "nccl_preset ib, but NCCL used NET/Socket" in row.settings_flags
+
+
+def test_uncaptured_points_are_unknown_not_clean(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path, [(4, 256, {})])
+    set_effective(tmp_path / "multinode_4ch_256th_20250101_120000",
+                  {"capture": "off: gloo backend", "channels": None, "flags": []})
+    (row,) = rows_of(sweep)
+    assert row.settings_flag is None and row.effective_channels is None
+    assert "## Effective settings" not in rep.report_markdown(rep.discover(sweep), [row], [])
+
+
+def test_pool_points_read_their_own_directory(tmp_path: Path) -> None:
+    """A rank pool's points share one run directory; sweep.json names each point's."""
+    run = make_run(tmp_path, 4, 256, run_id="multinode_4ch_256th_20250101_120000", iter_ms=90.0)
+    other = make_run(tmp_path / "tmp", 8, 256, run_id="x", iter_ms=120.0)
+    shutil.move(str(other / "256thread_8channels"), run / "256thread_8channels")
+    leak = {"leak_free": False, "leak": {"0": {"process_groups": 1}}, "mode": "in_process"}
+    set_effective(run, effective(4, 4))
+    summary_8 = run / "256thread_8channels" / "summary.json"
+    data = json.loads(summary_8.read_text())
+    data.update(effective_settings=effective(8, 8), pool=leak)
+    summary_8.write_text(json.dumps(data))
+    sweep = tmp_path / "sweep_1"
+    sweep.mkdir()
+    points = [{"index": i, "channels": c, "threads": 256, "status": "completed",
+               "run_id": run.name, "run_dir": f"../{run.name}", "output_dir": f"256thread_{c}channels"}
+              for i, c in enumerate((4, 8))]
+    points.append({"index": 2, "channels": 16, "threads": 256, "status": "completed",
+                   "run_id": run.name, "run_dir": f"../{run.name}", "output_dir": "../../etc"})
+    (sweep / "sweep.json").write_text(json.dumps({"schema": 1, "points": points}))
+    four, eight, bad = rows_of(sweep)
+    assert four.iter_ms_median < 100 < 110 < eight.iter_ms_median
+    assert four.run_dir != eight.run_dir and eight.run_dir.endswith("256thread_8channels")
+    # Its only flag: the 16-channel entry whose output_dir was refused read this point too.
+    assert [f.split(" (")[0] for f in four.settings_flags] == ["same effective settings as another point"]
+    assert eight.settings_flag and any("resources not back" in f for f in eight.settings_flags)
+    # A path in output_dir is not followed: the row falls back to the run's own directory.
+    assert "several output directories; reading 256thread_4channels" in bad.problems
