@@ -44,6 +44,9 @@ class LaunchDelays:
     collective_kernels_seen: int = 0
     alignment: str | None = None  # "gemm ends" | "first kernel"
     alignment_residual_ms: float | None = None  # p90 of |kernel end - GEMM end event|
+    # Each collective kernel's launch configuration, in issue order: what the GPU really ran
+    # (an NCCL kernel is launched with one CTA per channel and NCCL's thread count per CTA).
+    collective_launches: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _events(trace: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -59,6 +62,21 @@ def is_collective_kernel(name: str) -> bool:
 def _args(event: Mapping[str, Any]) -> Mapping[str, Any]:
     args = event.get("args")
     return args if isinstance(args, Mapping) else {}
+
+
+def launch_config(event: Mapping[str, Any]) -> dict[str, Any]:
+    """A kernel event's grid and block (the profiler's "grid"/"block" args, [x, y, z]); None
+    where the trace does not carry them."""
+    args = _args(event)
+
+    def dims(key: str) -> list[int] | None:
+        value = args.get(key)
+        if isinstance(value, Sequence) and value and all(isinstance(v, int) for v in value):
+            return [int(v) for v in value]
+        return None
+
+    return {"kernel": str(event.get("name", "")).split("(", 1)[0][:120],
+            "grid": dims("grid"), "block": dims("block")}
 
 
 def _end(event: Mapping[str, Any]) -> float:
@@ -95,6 +113,10 @@ def launch_delays(
                      key=lambda e: float(e["ts"]))
     collective = [k for k in kernels if is_collective_kernel(str(k.get("name", "")))]
     result = LaunchDelays(kernels_seen=len(kernels), collective_kernels_seen=len(collective))
+    result.collective_launches = [launch_config(k) for k in collective]
+    if len(collective) == len(ops):
+        for launch, (name, bucket, _) in zip(result.collective_launches, ops, strict=True):
+            launch.update(op=name, bucket=bucket)
     if not kernels:
         result.reason = "the profiler recorded no GPU kernels"
         return result
@@ -135,3 +157,28 @@ def launch_delays(
         delay = max(0.0, float(kernel["ts"]) - ready) / 1e3
         result.delays.append((name, bucket, round(delay, 4)))
     return result
+
+
+def launch_check(samples: Sequence[Mapping[str, Any]], channels: int | None,
+                 threads: int | None, control_op: str) -> dict[str, Any]:
+    """The collective kernels' launch configurations over a point's sampled steps, against the
+    channels NCCL said it built and the threads asked: NCCL launches grid.x = the channels the
+    collective uses and block.x = its thread count, so a mismatch is measured evidence that a
+    setting did not reach the kernels. The stop-flag all-reduce (one element, its own small
+    grid) is left out where kernels could be paired with their collectives."""
+    launches = [launch for sample in samples for launch in sample.get("collective_launches", [])
+                if launch.get("op") != control_op]
+    grids = sorted({launch["grid"][0] for launch in launches if launch.get("grid")})
+    blocks = sorted({launch["block"][0] for launch in launches if launch.get("block")})
+    flags: list[str] = []
+    if not launches:
+        reason = "no collective kernel in the sampled steps"
+        return {"kernels": 0, "grid_x": None, "block_x": None, "flags": flags, "reason": reason}
+    if channels is not None and grids and max(grids) != channels:
+        flags.append(f"kernels: NCCL built {channels} channels but its collective kernels ran "
+                     f"with grid.x {grids}")
+    if threads is not None and blocks and any(b != threads for b in blocks):
+        flags.append(f"kernels: asked {threads} threads, collective kernels ran with "
+                     f"block.x {blocks}")
+    return {"kernels": len(launches), "grid_x": grids or None, "block_x": blocks or None,
+            "flags": flags, "reason": None if grids else "the trace carries no grid/block"}

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from train.collectives import COMM_PHASE, TRAIN_PHASE, OpRecord, pack, timeline_lines
+from train.collectives import COMM_PHASE, CONTROL, TRAIN_PHASE, OpRecord, pack, timeline_lines
 from train.config import TrainConfig
-from train.launchdelay import launch_delays
+from train.launchdelay import launch_check, launch_delays
 from train.metrics import AGGREGATED, TELEMETRY_FIELDS, Baseline, collect_env, median, step_metrics
 from train import startup
 from train.flight import FlightDumper, flight_recorder_env
@@ -502,6 +502,7 @@ class Trainer:
             "collective_kernels": found.collective_kernels_seen,
             "alignment": found.alignment,
             "alignment_residual_ms": found.alignment_residual_ms,
+            "collective_launches": found.collective_launches,
         }
 
     def run(self) -> int:
@@ -572,7 +573,13 @@ class Trainer:
             min_ctas = max_ctas = self.point.channels if self.point is not None else None
             asked = asked_from_env(os.environ, min_ctas, max_ctas)
             accelerator = "rocm" if versions().get("hip") else "cuda"
-            return self.capture.effective(asked, os.environ, accelerator)
+            found = self.capture.effective(asked, os.environ, accelerator)
+            # The kernels' own launch configuration (sampled under the profiler, GPU only):
+            # evidence beside NCCL's account of what it built.
+            found["kernel_launch"] = launch_check(self.launch_delay.get("samples", []),
+                                                  found.get("channels"), asked.threads, CONTROL)
+            found["flags"] = [*found.get("flags", []), *found["kernel_launch"]["flags"]]
+            return found
         except Exception as exc:  # noqa: BLE001 - a parse problem must not fail the run
             return {"channels": None, "flags": [f"NCCL debug output unreadable: {exc}"[:300]]}
 

@@ -3,7 +3,9 @@
 tests/unit/data/h100_train_step_trace.json is one default-config train step profiled on the
 lent H100 (kernels and their launch calls, with the step's own GEMM and collective event
 times). At world size 1 NCCL launches no kernel, so collective kernels are added to it where
-a test needs them, at known distances from their events.
+a test needs them, at known distances from their events. h100_world1_step_kernels.json holds
+the GPU kernel events of the bench's profiled steps on the same H100, with the grid and
+block the profiler records per kernel (the kernel-launch evidence of issue 16).
 """
 
 from __future__ import annotations
@@ -92,3 +94,70 @@ def test_unpaired_kernels_and_empty_traces_give_a_reason() -> None:
     assert found.reason == "the profiler recorded no GPU kernels"
     found = launch_delays(REAL, [], real_ops())
     assert found.reason == "no GEMM events to align the clocks with"
+
+
+# -- launch configuration of the collective kernels (issue 16: evidence per point) -----------
+
+# Kernel events of one default-config train step profiled on the lent H100 with the profiler's
+# own args kept (grid, block, registers, ...): what torch.profiler really records per kernel.
+REAL_KERNELS = json.loads(
+    (Path(__file__).parent / "data" / "h100_world1_step_kernels.json").read_text())
+
+
+def test_the_profiler_records_grid_and_block_per_kernel() -> None:
+    from train.launchdelay import launch_config
+
+    gemm = next(e for e in REAL_KERNELS["traceEvents"] if e["name"].startswith("nvjet_sm90"))
+    assert launch_config(gemm) == {"kernel": "nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_NNT",
+                                   "grid": [2, 66, 1], "block": [384, 1, 1]}
+    assert launch_config({"name": "k(int)", "args": {}}) == {"kernel": "k", "grid": None,
+                                                            "block": None}
+
+
+def launched_with(grid_x: int, block_x: int) -> dict[str, Any]:
+    """with_collectives' kernels given a launch configuration (synthetic: at world size 1 NCCL
+    launches none), the control all-reduce's kernel a small grid of its own."""
+    trace = with_collectives(300.0)
+    for event in trace["traceEvents"]:
+        if event["name"].startswith("ncclDevKernel"):
+            small = "(control)" in event["name"]
+            event["args"].update(grid=[1 if small else grid_x, 1, 1], block=[block_x, 1, 1])
+    return trace
+
+
+def sample_of(trace: dict[str, Any]) -> dict[str, Any]:
+    found = launch_delays(trace, REAL["gemm_ms"], real_ops())
+    return {"collective_launches": found.collective_launches}
+
+
+def test_kernels_matching_the_settings_raise_no_flag() -> None:
+    from train.launchdelay import launch_check
+
+    sample = sample_of(launched_with(8, 512))
+    launches = sample["collective_launches"]
+    assert [launch.get("op") for launch in launches] == ["control"] + ["all_reduce"] * 8
+    checked = launch_check([sample, sample], channels=8, threads=512, control_op="control")
+    # 2 samples x 8 gradient kernels; the control kernel's grid of 1 is not counted
+    assert checked == {"kernels": 16, "grid_x": [8], "block_x": [512], "flags": [],
+                       "reason": None}
+
+
+def test_kernels_that_ignored_the_settings_are_flagged() -> None:
+    from train.launchdelay import launch_check
+
+    checked = launch_check([sample_of(launched_with(32, 256))], channels=8, threads=512,
+                           control_op="control")
+    assert checked["flags"] == [
+        "kernels: NCCL built 8 channels but its collective kernels ran with grid.x [32]",
+        "kernels: asked 512 threads, collective kernels ran with block.x [256]",
+    ]
+
+
+def test_no_kernels_or_no_launch_args_say_why() -> None:
+    from train.launchdelay import launch_check
+
+    assert launch_check([], 8, 512, "control")["reason"] == (
+        "no collective kernel in the sampled steps")
+    bare = launch_check([sample_of(with_collectives(300.0))], 8, 512, "control")
+    assert bare["kernels"] == 8 and bare["flags"] == []
+    assert bare["reason"] == "the trace carries no grid/block"
