@@ -2,10 +2,10 @@
 
 The next point starts as soon as no process of the previous run is left on any host (checked by
 the run's GEMM_RUN_ID marker, not a fixed sleep); the gap is measured and kept in sweep.json.
-A failed or hung point is recorded and the sweep goes on (unless --fail-fast). With --pool the
-points of one thread value share one launch (tasks/sweep_pool.py, train/pool.py). Ctrl-C stops the
-current point's run on every host, records the sweep as interrupted and exits 130:
-`fab sweep --resume DIR` runs what is left.
+A failed or hung point is recorded and the sweep goes on (unless --fail-fast). By default the
+points of one thread value share one launch, a rank pool (tasks/sweep_pool.py, train/pool.py);
+--no-pool restarts every rank per point. Ctrl-C stops the current point's run on every host,
+records the sweep as interrupted and exits 130: `fab sweep --resume DIR` runs what is left.
 
 Exit status: 0 every point completed; 1 some point did not; 2 bad flags or sweep.json; 3 another
 run is active on a host (the launch's refusal); 130 interrupted.
@@ -53,9 +53,11 @@ SWEEP_ONLY_HELP = {
     "point_override": "train override for some points only: CxT:section.key=value, * for any "
                       "(repeatable), e.g. 56x256:profiling.enabled=true",
     "no_report": "do not write results.csv, report.md and the PNGs at the end",
-    "pool": "keep the ranks up between points of the same thread value: one launch per thread "
-            "value, a new communicator per channel value (train.pool; NCCL only reads threads "
-            "once per process). Without it every point restarts every rank",
+    "pool": "on by default: keep the ranks up between points of the same thread value, one "
+            "launch per thread value and a new communicator per channel value (train.pool; NCCL "
+            "reads threads once per process). --no-pool restarts every rank per point (for "
+            "comparison, or an RCCL that ignores per-communicator CTAs); --nsys, --rocprof and "
+            "--stats profile whole processes, so with them every point restarts",
     "master_port": "as fab launch: rendezvous port on node 0 (default: a free one per point)",
     "override": "as fab launch: train override section.key=value for every point (repeatable)",
     "hosts": "as fab launch: hosts for the sweep, master first",
@@ -127,7 +129,7 @@ def parse_point_timeout(point_timeout: Any) -> float | None:
     help=SWEEP_HELP,
 )
 def sweep(c, channels=None, threads=None, resume=None, fail_fast=False, point_timeout=None,
-          point_override=None, no_report=False, pool=False, nproc=None, config=None, rocprof=False, stats=False,
+          point_override=None, no_report=False, pool=True, nproc=None, config=None, rocprof=False, stats=False,
           rocprof_input=None, nsys=False, torch_profile=False, master_port=None, nccl_preset=None,
           override=None, env=None, docker=False, no_docker=False, force=False, pin_channels=True,
           hang_timeout=None, hosts=None):
@@ -167,7 +169,6 @@ def sweep(c, channels=None, threads=None, resume=None, fail_fast=False, point_ti
                 hosts=[n.label for n in session.nodes], fail_fast=fail_fast,
                 controller=controller_info(secrets), created_at=now_iso())
             document["point_timeout"] = limit
-            document["pool"] = bool(pool)
             for point in document["points"]:
                 point["overrides"] = extra[points[point["index"]]]
         assert sweep_dir is not None
@@ -182,7 +183,11 @@ def sweep(c, channels=None, threads=None, resume=None, fail_fast=False, point_ti
                 document["point_timeout"] = limit
             options = dict(fail_fast=fail_fast or bool(document.get("fail_fast")),
                            point_timeout=document.get("point_timeout"))
-            if pool or document.get("pool"):  # a resumed pool sweep stays one
+            use_pool, why_not = sweep_mode(pool, flags_record, plan.document)
+            document["pool"] = use_pool
+            console.out("sweep: " + ("rank pools: one launch per thread value" if use_pool else
+                                     f"one launch per point ({why_not})"), highlight=False)
+            if use_pool:
                 runner, pending = pool_runner(session, sweep_dir, document, specs, console,
                                               pending, options)
             else:
@@ -200,10 +205,30 @@ def sweep(c, channels=None, threads=None, resume=None, fail_fast=False, point_ti
     raise_for_status(status, runner, document, sweep_dir)
 
 
+# Profilers that wrap a whole rank process: in a pool their one profile would span every point.
+PROCESS_PROFILERS = ("nsys", "rocprof", "stats", "rocprof_input")
+
+
+def sweep_mode(pool: bool, flags_record: Mapping[str, Any],
+               resumed: Mapping[str, Any] | None) -> tuple[bool, str | None]:
+    """Whether the points run in rank pools, and why not where they do not. A resumed sweep
+    keeps the mode it began with (a sweep recorded before pools were the default restarts),
+    unless --no-pool is given now."""
+    if not pool:
+        return False, "--no-pool"
+    if resumed is not None and not resumed.get("pool"):
+        return False, "the resumed sweep began with one launch per point"
+    profilers = [name for name in PROCESS_PROFILERS if flags_record.get(name)]
+    if profilers:
+        flag = "--" + profilers[0].replace("_", "-")
+        return False, f"{flag} profiles whole rank processes"
+    return True, None
+
+
 def pool_runner(session: ClusterSession, sweep_dir: Path, document: dict[str, Any],
                 specs: dict[int, Any], console: Console, pending: list[int],
                 options: dict[str, Any]) -> tuple[SweepRunner, list[int]]:
-    """The --pool runner (tasks/sweep_pool.py) and the pending points in threads-major order;
+    """The rank-pool runner (tasks/sweep_pool.py) and the pending points in threads-major order;
     Exit 2 when a pool's train overrides do not validate."""
     from tasks.lib.runspec import RunSpecError
 
@@ -213,9 +238,9 @@ def pool_runner(session: ClusterSession, sweep_dir: Path, document: dict[str, An
     try:
         runner.prepare()
     except (RunSpecError, sw.SweepError) as err:
-        raise Exit(f"sweep: --pool: {err}", code=EXIT_USAGE) from None
+        raise Exit(f"sweep: rank pool: {err}", code=EXIT_USAGE) from None
     if any(spec.accelerator == "rocm" for spec in specs.values()):
-        console.out("sweep: --pool on ROCm: RCCL may not honour per-communicator CTAs; each "
+        console.out("sweep: rank pools on ROCm: RCCL may not honour per-communicator CTAs; each "
                     "point's effective_settings says whether it did", highlight=False)
     return runner, pending
 

@@ -1,4 +1,5 @@
-"""`fab sweep --pool`: the points that share a thread value run in one launch, one rank pool.
+"""`fab sweep`'s rank pools (the default): the points that share a thread value run in one
+launch, one rank pool.
 
 The sweep machinery is tasks/sweep.py's (sweep.json, leftover checks, watchdog, resume); this
 runner only changes what one launch covers. The first pending point of each thread value starts

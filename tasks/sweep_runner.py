@@ -1,6 +1,6 @@
 """The machinery under `fab sweep`: the launch flags of each point, sweep.json on disk, the
 wait for a point's processes to go, and SweepRunner, which runs the points one launch each
-(tasks/sweep_pool.py subclasses it for --pool). tasks/sweep.py is the task over it."""
+(tasks/sweep_pool.py subclasses it for rank pools, the default). tasks/sweep.py is the task over it."""
 from __future__ import annotations
 
 import os
@@ -124,7 +124,7 @@ def run_status_of(sweep_dir: Path, point: Mapping[str, Any]) -> tuple[str, Path 
     run_dir = rep.resolve_run_dir(sweep_dir, point.get("run_dir"), point.get("run_id"))
     if run_dir is None or not run_dir.is_dir():
         return rep.MISSING, run_dir
-    # A --pool point lives in its own directory of the pool's shared run directory.
+    # A pooled point lives in its own directory of the pool's shared run directory.
     return rep.summarize_run(rep.read_run(run_dir, point.get("output_dir"))).status, run_dir
 
 

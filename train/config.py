@@ -424,7 +424,7 @@ def pool_point_overrides(text: str, channels: Sequence[int]) -> dict[int, list[s
         if key.split(".")[0] in POOL_FIXED_SECTIONS or key in POOL_FIXED_KEYS:
             raise ValueError(f"pool.point_overrides {item!r}: {key} is the same for every point "
                              "of a pool (one process, one backend, one output root); run that "
-                             "point in its own process (fab sweep without --pool)")
+                             "point in its own process (fab sweep --no-pool)")
         if value not in channels:
             raise ValueError(f"pool.point_overrides {item!r}: {value} is not one of "
                              f"pool.channels ({', '.join(map(str, channels)) or 'empty'})")

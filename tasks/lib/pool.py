@@ -1,5 +1,5 @@
-"""A sweep's rank pools (`fab sweep --pool`): which points share a process, and how one launch
-tells the train package to run them all (pure: no torch, no network).
+"""A sweep's rank pools (`fab sweep`, unless --no-pool): which points share a process, and how
+one launch tells the train package to run them all (pure: no torch, no network).
 
 NCCL reads its thread count once per process, so the restart key of a point is its threads:
 points with the same threads run in one launch, one after another on a new communicator each
@@ -40,7 +40,7 @@ def pool_overrides(points: Sequence[Mapping[str, Any]], group: Sequence[int]) ->
         for pair in points[index].get("overrides") or []:
             if ";" in pair:
                 raise SweepError(f"--point-override {pair!r}: a value with ';' cannot travel in "
-                                 "pool.point_overrides; run this sweep without --pool")
+                                 "pool.point_overrides; run this sweep with --no-pool")
             extra.append(f"{points[index]['channels']}:{pair}")
     overrides = [f"pool.channels={','.join(map(str, channels))}", "pool.layout=children",
                  f"pool.threads={threads.pop()}"]

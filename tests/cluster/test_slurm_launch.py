@@ -277,18 +277,34 @@ def test_ctrl_c_detaches_status_logs_and_stop_touch_only_our_step(slurm_fab: Slu
         sim.slurm_run(["scancel", other_job], check=False)
 
 
-def test_a_2x2_sweep_runs_every_point_as_a_step_of_one_allocation(slurm_fab: SlurmFab):
-    result = slurm_fab.salloc("sweep", "--channels", "28,42", "--threads", "256,512",
-                              timeout=500)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    job_id = re.search(r"Granted job allocation (\d+)", output).group(1)
-
-    def run_steps() -> list[slurm.StepState]:
+def run_steps_of(slurm_fab: SlurmFab, job_id: str, count: int) -> list[slurm.StepState]:
+    """The allocation's finished run steps, once sacct lists `count` of them."""
+    def finished() -> list[slurm.StepState]:
         found = [s for s in slurm_fab.accounted(job_id) if s.run_id and not s.active]
-        return found if len(found) == 4 else []
+        return found if len(found) == count else []
 
-    steps = wait_until(run_steps, 15, "4 run steps in sacct")
+    return wait_until(finished, 15, f"{count} run steps in sacct")
+
+
+def test_a_2x2_sweep_runs_in_one_allocation_pooled_and_per_point(slurm_fab: SlurmFab):
+    """Rank pools (the default): one step per thread value; --no-pool: one step per point."""
+    pooled = slurm_fab.salloc("sweep", "--channels", "28,42", "--threads", "256,512",
+                              timeout=500)
+    output = pooled.stdout + pooled.stderr
+    assert pooled.returncode == 0, output[-4000:]
+    assert "sweep: rank pools: one launch per thread value" in output
+    job_id = re.search(r"Granted job allocation (\d+)", output).group(1)
+    steps = run_steps_of(slurm_fab, job_id, 2)
+    assert [s.state for s in steps] == ["COMPLETED"] * 2
+    assert sorted(re.search(r"_(\d+)ch_(\d+)th_", s.run_id).groups() for s in steps) == \
+        [("28", "256"), ("28", "512")]  # each pool's launch is named after its first point
+
+    per_point = slurm_fab.salloc("sweep", "--no-pool", "--channels", "28,42",
+                                 "--threads", "256,512", timeout=500)
+    output = per_point.stdout + per_point.stderr
+    assert per_point.returncode == 0, output[-4000:]
+    job_id = re.search(r"Granted job allocation (\d+)", output).group(1)
+    steps = run_steps_of(slurm_fab, job_id, 4)
     assert [s.state for s in steps] == ["COMPLETED"] * 4
     assert sorted(re.search(r"_(\d+)ch_(\d+)th_", s.run_id).groups() for s in steps) == \
         [("28", "256"), ("28", "512"), ("42", "256"), ("42", "512")]

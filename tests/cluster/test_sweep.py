@@ -82,8 +82,8 @@ def test_sweep_2x2_with_one_failing_point(cluster3: SimCluster, sweep_env) -> No
     started = time.monotonic()
     # distributed.backend=nccl passes the controller's config check but fails on CPU nodes: a
     # point that really fails at run time, on the nodes.
-    result = fab(config, "sweep", "--channels", "28,42", "--threads", "256,512", "--override", STEPS,
-                 "--point-override", "42x512:distributed.backend=nccl")
+    result = fab(config, "sweep", "--no-pool", "--channels", "28,42", "--threads", "256,512",
+                 "--override", STEPS, "--point-override", "42x512:distributed.backend=nccl")
     elapsed = time.monotonic() - started
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-4000:]
@@ -127,7 +127,7 @@ def test_interrupted_sweep_resumes_then_a_finished_sweep_runs_nothing(cluster3: 
     config, experiments = sweep_env
     # Long enough that Ctrl-C lands while point 2 runs; short enough for the resumed run.
     process = subprocess.Popen(
-        [FAB, "-f", str(config), "sweep", "-c", "28", "-t", "256,512",
+        [FAB, "-f", str(config), "sweep", "--no-pool", "-c", "28", "-t", "256,512",
          "--override", "training.max_steps=100", "--override", "training.log_interval=10"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
         start_new_session=True, env={**os.environ, "COLUMNS": "200"})
@@ -179,7 +179,7 @@ def test_interrupted_sweep_resumes_then_a_finished_sweep_runs_nothing(cluster3: 
 
 def test_hung_point_is_stopped_and_fail_fast_ends_the_sweep(cluster3: SimCluster, sweep_env) -> None:
     config, experiments = sweep_env
-    result = fab(config, "sweep", "-c", "28", "-t", "256,512", "--override", STEPS,
+    result = fab(config, "sweep", "--no-pool", "-c", "28", "-t", "256,512", "--override", STEPS,
                  "--point-override", "28x256:training.max_steps=1000000", "--point-timeout", "25",
                  "--fail-fast")
     output = result.stdout + result.stderr
@@ -233,10 +233,11 @@ def test_leftover_check_counts_processes_inside_the_container(cluster_docker: Si
 
 
 def test_pool_sweep_keeps_ranks_between_points(cluster3: SimCluster, sweep_env) -> None:
-    """--pool: one launch per thread value on 2 nodes, every channel value in the same rank
-    processes (pids recorded per point), a failing point recorded while the next one runs."""
+    """Rank pools, the default: one launch per thread value on 2 nodes, every channel value in
+    the same rank processes (pids recorded per point), a failing point recorded while the next
+    one runs; resumed, the sweep stays pooled and runs only the failed point."""
     config, experiments = sweep_env
-    result = fab(config, "sweep", "--pool", "--channels", "4,8,16", "--threads", "256,512",
+    result = fab(config, "sweep", "--channels", "4,8,16", "--threads", "256,512",
                  "--override", STEPS, "--point-override", "8x512:model.hidden=1000000",
                  "--point-override", "8x512:comm.bucket_mb=1000000")
     output = result.stdout + result.stderr
@@ -266,3 +267,13 @@ def test_pool_sweep_keeps_ranks_between_points(cluster3: SimCluster, sweep_env) 
         rows = {(r["channels"], r["threads"]): r for r in csv.DictReader(handle)}
     assert rows[("16", "512")]["status"] == "completed" and rows[("16", "512")]["steps"] == "4"
     assert rows[("8", "512")]["status"] == "failed"
+    assert "sweep: rank pools: one launch per thread value" in result.stdout
+
+    resumed = fab(config, "sweep", "--resume", str(sweep_dir))
+    assert resumed.returncode == 1, (resumed.stdout + resumed.stderr)[-3000:]
+    assert "(6 points, 1 to run)" in resumed.stdout
+    assert "sweep: rank pools: one launch per thread value" in resumed.stdout
+    assert len(run_dirs(experiments)) == 3  # one launch: a pool of the one pending point
+    document = json.loads((sweep_dir / "sweep.json").read_text())
+    again = {(p["channels"], p["threads"]): p for p in document["points"]}[(8, 512)]
+    assert (again["status"], again["attempts"]) == ("failed", 2)

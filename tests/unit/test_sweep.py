@@ -16,7 +16,7 @@ from tasks.launch import launch
 from tasks.lib import sweep as sw
 from tasks.lib.registry import SCAN_KILL_SH
 from tasks.lib.runspec import LaunchFlags
-from tasks.sweep import SWEEP_HELP, SweepPlan, plan_sweep, sweep
+from tasks.sweep import SWEEP_HELP, SweepPlan, plan_sweep, sweep, sweep_mode
 from tasks.sweep_runner import (
     FLAG_DEFAULTS,
     GRID_FLAGS,
@@ -115,6 +115,9 @@ def test_fab_help_sweep_lists_launch_flags() -> None:
     for flag in ("--nsys", "--torch-profile", "--hang-timeout", "--point-timeout"):
         line = next(line for line in result.stdout.splitlines() if line.strip().startswith(flag))
         assert len(line.split(None, 1)) == 2, f"{flag} has no help"
+    # Rank pools are the default; the restart-per-point mode is the inverse flag.
+    pool = next(line for line in result.stdout.splitlines() if "--[no-]pool" in line)
+    assert "on by default" in pool
 
 
 def test_every_launch_flag_field_is_recorded_and_reaches_the_point() -> None:
@@ -361,3 +364,20 @@ def test_sweep_json_written_by_write_sweep_carries_dead_time(tmp_path: Path) -> 
     document["points"][1]["gap_before_s"] = 0.25
     write_sweep(tmp_path, document)
     assert json.loads((tmp_path / "sweep.json").read_text())["dead_time"]["gap_s"]["median"] == 0.25
+
+
+def test_sweeps_run_in_rank_pools_unless_a_flag_or_the_resumed_sweep_says_otherwise() -> None:
+    assert sweep_mode(True, dict(FLAG_DEFAULTS), None) == (True, None)
+    assert sweep_mode(False, dict(FLAG_DEFAULTS), None) == (False, "--no-pool")
+    # Process-wide profilers would give one profile spanning every point of a pool.
+    assert sweep_mode(True, {**FLAG_DEFAULTS, "nsys": True}, None) == (
+        False, "--nsys profiles whole rank processes")
+    assert sweep_mode(True, {**FLAG_DEFAULTS, "rocprof_input": "in.txt"}, None)[1] == (
+        "--rocprof-input profiles whole rank processes")
+    # A resumed sweep keeps its mode: one begun per point (or recorded before pools were the
+    # default, without the key) goes on per point; a pool sweep stays pooled unless --no-pool.
+    assert sweep_mode(True, dict(FLAG_DEFAULTS), {"pool": False}) == (
+        False, "the resumed sweep began with one launch per point")
+    assert sweep_mode(True, dict(FLAG_DEFAULTS), {})[0] is False
+    assert sweep_mode(True, dict(FLAG_DEFAULTS), {"pool": True}) == (True, None)
+    assert sweep_mode(False, dict(FLAG_DEFAULTS), {"pool": True}) == (False, "--no-pool")
