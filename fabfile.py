@@ -4,11 +4,11 @@ The tasks are flat (`fab launch`, not `fab launch.launch`) to keep the original 
 """
 from invoke import Collection
 
-from tasks import cluster, collect, diagnose, docker, fab_hooks, launch, report, runs, sweep
+from tasks import check, collect, diagnose, docker, fab_hooks, launch, report, runs, setup, sweep, sync
 from tasks.lib.settings import default_config
 
 ns = Collection()
-for module in (cluster, docker, launch, collect, runs, sweep, report, diagnose):
+for module in (check, setup, sync, docker, launch, collect, runs, sweep, report, diagnose):
     for name, task in module.ns.tasks.items():
         ns.add_task(task, name)
 ns.configure(default_config())

@@ -17,7 +17,7 @@ from invoke import Collection, task
 from invoke.exceptions import Exit
 from rich.table import Table
 
-from tasks.cluster import probe_all, require_matching_checkout
+from tasks.preflight import probe_all, require_matching_checkout
 from tasks.lib.console import make_console
 from tasks.lib.containers import (
     TERMINAL_STATES,

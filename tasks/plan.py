@@ -21,7 +21,7 @@ from typing import Any
 
 from invoke.exceptions import Exit
 
-from tasks.cluster import launch_context
+from tasks.preflight import launch_context
 from tasks.lib.diagnostics import node_venv
 from tasks.lib.masking import DEFAULT_SECRET_ENV_PATTERNS, mask_assignments, mask_env
 from tasks.lib.nodefs import registry_for_uid

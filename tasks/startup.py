@@ -10,7 +10,7 @@ from typing import Any
 from invoke.exceptions import Exit
 from rich.console import Console
 
-from tasks.cluster import probe_all, require_matching_checkout
+from tasks.preflight import probe_all, require_matching_checkout
 from tasks.lib.probe import CheckoutState, HostFacts, judge_cluster, judge_host
 from tasks.lib.profiling import (
     missing_tools_message,

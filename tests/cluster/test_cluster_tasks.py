@@ -254,8 +254,8 @@ def test_sync_to_separate_filesystems_then_check_agrees(cluster3, snapshot, tmp_
     assert all(cells[2].startswith("wrote ") for cells in rows(result.stdout).values())
     for node in cluster3.nodes:
         assert (
-            cluster3.exec(node.index, f"cat {node_workdir}/tasks/cluster.py").stdout
-            == (snapshot / "tasks/cluster.py").read_text()
+            cluster3.exec(node.index, f"cat {node_workdir}/tasks/check.py").stdout
+            == (snapshot / "tasks/check.py").read_text()
         )
     check = fab(snapshot, config, "check")
     assert check.returncode == 0, check.stdout + check.stderr
@@ -369,7 +369,7 @@ def test_require_matching_checkout_for_other_tasks(cluster3, snapshot, tmp_path,
     from invoke import Context
     from invoke.exceptions import Exit
 
-    from tasks.cluster import require_matching_checkout
+    from tasks.preflight import require_matching_checkout
     from tasks.session import ClusterSession
 
     def session_for(workdir: str) -> ClusterSession:

@@ -384,7 +384,7 @@ def test_explicit_launch_config_ignores_builtin_defaults(tmp_path):
 
 
 def test_launch_and_check_share_one_resolution():
-    """fab check calls resolve_launch_values (through tasks.cluster.launch_defaults): env values
+    """fab check calls resolve_launch_values (through tasks.preflight.launch_defaults): env values
     the launch honours are the ones the check judges, in the same order."""
     environ = {"NPROC_PER_NODE": "4", "MASTER_PORT": "29600"}
     values = resolve_launch_values(LaunchFlags(), {}, environ, accelerator="rocm")
@@ -402,7 +402,7 @@ def test_launch_and_check_share_one_resolution():
 def test_check_uses_the_launch_resolution():
     from invoke import Config, Context
 
-    from tasks.cluster import launch_defaults
+    from tasks.preflight import launch_defaults
     from tasks.session import ClusterSession
 
     config = Config(overrides={"cluster": {"hosts": ["127.0.0.1:9", "127.0.0.1:10"]},
