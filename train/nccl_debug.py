@@ -539,5 +539,19 @@ def summarize_ranks(per_rank: Sequence[Mapping[str, Any] | None]) -> dict[str, A
         "env_read": agreed("env_read"),
         "flags": lines,
         "notes": notes,
+        "kernel_launch": merge_kernel_launches([r.get("kernel_launch") for r in ranks]),
         "per_rank": list(per_rank),
     }
+
+
+def merge_kernel_launches(launches: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] | None:
+    """The ranks' kernel_launch checks (train.launchdelay.launch_check) as one: kernels summed,
+    the distinct grid.x/block.x over every rank; its flags are already in the ranks' flags."""
+    found = [k for k in launches if isinstance(k, Mapping)]
+    if not found:
+        return None
+    union = lambda key: sorted({v for k in found for v in (k.get(key) or [])}) or None  # noqa: E731
+    reasons = sorted({k["reason"] for k in found if k.get("reason")})
+    grid_x = union("grid_x")
+    return {"kernels": sum(int(k.get("kernels") or 0) for k in found), "grid_x": grid_x,
+            "block_x": union("block_x"), "reason": None if grid_x else "; ".join(reasons) or None}

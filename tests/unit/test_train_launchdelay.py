@@ -161,3 +161,18 @@ def test_no_kernels_or_no_launch_args_say_why() -> None:
     bare = launch_check([sample_of(with_collectives(300.0))], 8, 512, "control")
     assert bare["kernels"] == 8 and bare["flags"] == []
     assert bare["reason"] == "the trace carries no grid/block"
+
+
+def test_the_summary_merges_every_ranks_kernel_launch_check() -> None:
+    from train.nccl_debug import merge_kernel_launches, summarize_ranks
+
+    ran = {"kernels": 8, "grid_x": [8], "block_x": [512], "flags": [], "reason": None}
+    other = {"kernels": 8, "grid_x": [16], "block_x": [512], "flags": [], "reason": None}
+    assert merge_kernel_launches([ran, other]) == {"kernels": 16, "grid_x": [8, 16],
+                                                   "block_x": [512], "reason": None}
+    none = {"kernels": 0, "grid_x": None, "block_x": None, "flags": [],
+            "reason": "no collective kernel in the sampled steps"}
+    assert merge_kernel_launches([none])["reason"] == "no collective kernel in the sampled steps"
+    summary = summarize_ranks([{"channels": 8, "kernel_launch": ran}, {"channels": 8}])
+    assert summary["kernel_launch"]["kernels"] == 8
+    assert summarize_ranks([{"channels": 8}])["kernel_launch"] is None
