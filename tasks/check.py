@@ -3,23 +3,13 @@ its judgement and its table are tasks/preflight.py's)."""
 
 from __future__ import annotations
 
-import os
 import time
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
 from tasks.lib.console import make_console
-from tasks.preflight import (
-    describe_checkout,
-    facts_table,
-    findings_for,
-    launch_defaults,
-    local_checkout_state,
-    print_findings,
-    probe_all,
-    sync_excludes,
-)
+from tasks.preflight import describe_checkout, run_preflight
 from tasks.session import HOSTS_HELP, ClusterSession
 
 
@@ -35,23 +25,10 @@ def check(c, hosts=None):
     """
     started = time.monotonic()
     with ClusterSession(c, hosts=hosts) as session:
-        launch = launch_defaults(session, c.config, dict(os.environ))
-        local = local_checkout_state(excluded_dirs=sync_excludes(session.settings))
-        results = probe_all(session, master_port=launch.master_port)
-        findings = findings_for(session, results, local, nproc=launch.nproc)
         console = make_console()
-        console.print(
-            facts_table(
-                session,
-                results,
-                local,
-                f"{len(session.nodes)} node(s) from {session.inventory.source}; "
-                f"this checkout: {describe_checkout(local)}; "
-                f"workdir {session.workdir}",
-                launch,
-            )
-        )
-        print_findings(console, findings)
+        findings = run_preflight(session, c.config, console, lambda local: (
+            f"{len(session.nodes)} node(s) from {session.inventory.source}; "
+            f"this checkout: {describe_checkout(local)}; workdir {session.workdir}")).findings
     errors = [f for f in findings if f.is_error]
     elapsed = time.monotonic() - started
     if errors:

@@ -11,9 +11,10 @@ node. A module of its own, below all of them, so that no task imports another.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -378,3 +379,29 @@ def print_findings(console: Console, findings: Sequence[Finding]) -> None:
     for finding in findings:
         color = "red" if finding.is_error else "yellow"
         console.print(f"[{color}]{finding.line()}[/]", soft_wrap=True)
+
+
+@dataclass
+class Preflight:
+    """One probe of every node, judged against this checkout and the launch's own values."""
+
+    launch: LaunchValues
+    local: CheckoutState
+    results: NodeResults[HostFacts]
+    findings: list[Finding]
+
+
+def run_preflight(session: ClusterSession, config: object, console: Console,
+                  title: Callable[[CheckoutState], str] | None = None) -> Preflight:
+    """Probe every node with the values `fab launch` would use, print the facts table (titled
+    by `title` of this checkout's state, else the node count) and the findings; `fab check` and
+    `fab setup` share it."""
+    launch = launch_defaults(session, config, dict(os.environ))
+    local = local_checkout_state(excluded_dirs=sync_excludes(session.settings))
+    results = probe_all(session, master_port=launch.master_port)
+    findings = list(findings_for(session, results, local, nproc=launch.nproc))
+    console.print(facts_table(session, results, local,
+                              title(local) if title else f"{len(session.nodes)} node(s) probed",
+                              launch))
+    print_findings(console, findings)
+    return Preflight(launch, local, results, findings)

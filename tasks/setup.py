@@ -3,7 +3,6 @@ given as flags), probe the result and say what to run next."""
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 import time
@@ -20,15 +19,7 @@ from tasks.lib.console import make_console
 from tasks.lib.inventory import HostSpec, Inventory, render_hosts_file
 from tasks.lib.probe import Finding, HostFacts
 from tasks.lib.settings import Settings
-from tasks.preflight import (
-    facts_table,
-    findings_for,
-    launch_defaults,
-    local_checkout_state,
-    print_findings,
-    probe_all,
-    sync_excludes,
-)
+from tasks.preflight import run_preflight
 from tasks.session import (
     EXIT_USAGE,
     PROJECT_ROOT,
@@ -142,14 +133,8 @@ def setup(c, hosts=None, iface=None, yes=False):
                 "no hosts to set up: pass --hosts master,worker1,... (master first)",
                 code=EXIT_USAGE,
             )
-        launch = launch_defaults(session, c.config, dict(os.environ))
-        local = local_checkout_state(excluded_dirs=sync_excludes(settings))
-        results = probe_all(session, master_port=launch.master_port)
-        findings = findings_for(session, results, local, nproc=launch.nproc)
-        console.print(
-            facts_table(session, results, local, f"{len(session.nodes)} node(s) probed", launch)
-        )
-        print_findings(console, findings)
+        preflight = run_preflight(session, c.config, console)
+        results, findings = preflight.results, preflight.findings
         results.raise_if_failed(
             "setup",
             hint="fix SSH access first (setup never edits authorized_keys: use "

@@ -187,7 +187,7 @@ def probe_script(
         'if [ -e "$W/.git" ]; then',
         # Git runs what a repository's config names (core.fsmonitor, filters, ...): in another
         # user's checkout that is their command, run as us. Such a checkout is reported, and git
-        # is not run there (nor told to trust it with safe.directory).
+        # is not run there (nor told to trust that checkout through git's own trust setting).
         "  O=",
         '  for F in "$W" "$W/.git" "$W/.git/config"; do',
         '    [ -z "$O" ] && { [ -e "$F" ] || [ -L "$F" ]; } && [ ! -O "$F" ] && O=$F',
