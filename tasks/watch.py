@@ -51,6 +51,21 @@ TAIL_POLL_S = 0.5
 TAIL_DRAIN_S = 5.0
 
 
+def next_move(failure_seen: bool, all_ended: bool, stop_requested: bool,
+              first_seen: float | None, now: float) -> str:
+    """What the watch loop does this turn, from one snapshot of its state: "fail-fast" (stop
+    every node, name the culprit), "end" (every node ended, nothing left to decide) or "wait".
+    A failure is acted on once it settled, or at once when no node is left to report more."""
+    if failure_seen and not stop_requested:
+        assert first_seen is not None
+        if all_ended or now - first_seen >= FAILURE_SETTLE_S:
+            return "fail-fast"
+    # Ended with a failure not yet acted on is not an end: the next turn names the culprit.
+    if all_ended and (stop_requested or not failure_seen):
+        return "end"
+    return "wait"
+
+
 def node_log_path(plan: Plan, node_rank: int) -> str:
     return posixpath.join(plan.output_dir, f"node_{node_rank}_output.log")
 
@@ -259,10 +274,13 @@ class Watcher:
         Returns the node ranks whose stream was still open."""
         if self.heartbeat is not None:
             self.heartbeat.join(HEARTBEAT_TIMEOUT_S + 1)
+        self.wait_for_streams(timeout)
+        return [w.rank for w in self.watches if not w.tail_done.is_set()]
+
+    def wait_for_streams(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for watch in self.watches:
             watch.tail_done.wait(max(0.0, deadline - time.monotonic()))
-        return [w.rank for w in self.watches if not w.tail_done.is_set()]
 
     def _wait(self) -> str:
         first_seen: float | None = None
@@ -284,19 +302,28 @@ class Watcher:
                             "between are in the node's output log)", highlight=False)
                         watch.tail_error = None
                         self._start_tail(watch, from_start=False)
+            # One snapshot decides this turn: the heartbeat thread may end the last node between
+            # two separate reads, and the loop must not end a failed run without naming a culprit.
             with self.lock:
                 evidence = list(self.evidence)
-            if evidence and self.stop_requested_at is None:
-                first_seen = first_seen or min(e.at for e in evidence)
                 all_ended = all(w.ended for w in self.watches)
-                if time.monotonic() - first_seen >= FAILURE_SETTLE_S or all_ended:
-                    self.fail_fast(choose_first_failure(evidence))
+            first_seen = first_seen or (min(e.at for e in evidence) if evidence else None)
+            move = next_move(bool(evidence), all_ended, self.stop_requested_at is not None,
+                             first_seen, time.monotonic())
+            if move == "fail-fast":
+                if all_ended:
+                    # Every launcher is gone; the lines that name the rank that died (a signal,
+                    # not a peer's error) may still be on their way through the streams.
+                    self.wait_for_streams(FAILURE_SETTLE_S)
+                    with self.lock:
+                        evidence = list(self.evidence)
+                self.fail_fast(choose_first_failure(evidence))
             if self.hang is not None and self.stop_requested_at is None:
                 report = self.hang.tick([w.node for w in self.watches if not w.ended],
                                         time.monotonic())
                 if report is not None:
                     self.on_hang(report)
-            if all(w.ended for w in self.watches):
+            if move == "end":
                 break
             self.print_progress()
             time.sleep(0.1)
@@ -377,4 +404,4 @@ class Watcher:
             watch.close_log()
 
 
-__all__ = ["Watcher", "NodeWatch", "node_log_path", "tail_command", "FAIL_FAST_GRACE_S"]
+__all__ = ["Watcher", "NodeWatch", "next_move", "node_log_path", "tail_command", "FAIL_FAST_GRACE_S"]
