@@ -25,7 +25,8 @@ from tasks.lib.runrecord import (
     refusal_line,
     write_json_atomic,
 )
-from tasks.nodes import Node, NodeResults, describe_error, on_each
+from tasks.node_errors import describe_error
+from tasks.nodes import Node, NodeResults, on_each
 from tasks.session import EXIT_USAGE, ClusterSession, load_settings, project_path
 
 EXIT_FAILED = 1

@@ -38,7 +38,8 @@ from tasks.lib.nodefs import checked_file_command, registry_for_uid, with_safe_f
 from tasks.lib.probe import HostFacts
 from tasks.lib.quoting import sh_command, sh_quote
 from tasks.lib.render import compose_command, compose_project_name, render_compose
-from tasks.nodes import Node, NodeError, NodeResults, on_each
+from tasks.node_errors import NodeError
+from tasks.nodes import Node, NodeResults, on_each
 from tasks.session import EXIT_USAGE, HOSTS_HELP, ClusterSession
 
 POLL_INTERVAL_S = 0.5

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import paramiko
+from fabric import Connection
 from invoke.exceptions import Exit
 
 from tasks.lib.knownhosts import (
@@ -192,6 +193,20 @@ def apply_host_key_policy(client: paramiko.SSHClient, policy: str, known_hosts: 
         client.set_missing_host_key_policy(RejectNewHostKeyPolicy(known))
     else:
         client.set_missing_host_key_policy(RecordNewHostKeyPolicy(known_hosts, known))
+
+
+def connection_chain(connection: Connection) -> list[Connection]:
+    """The connection, its gateway, that gateway's gateway, ...: every SSH client it uses.
+
+    Fabric builds the hops from ~/.ssh/config (ProxyJump) or a `gateway=` Connection. A
+    ProxyCommand gateway (a string) is a local command that checks its own host keys.
+    """
+    chain = [connection]
+    gateway = connection.gateway
+    while isinstance(gateway, Connection) and gateway not in chain:
+        chain.append(gateway)
+        gateway = gateway.gateway
+    return chain
 
 
 def known_hosts_path(cluster: ClusterSettings) -> Path:

@@ -36,7 +36,7 @@ from tasks.lib.profiling import profiler_wrapper_argv
 from tasks.lib.quoting import sh_join
 from tasks.lib.runrecord import HEADLINE_METRICS, headline_metrics, now_iso
 from tasks.lib.runspec import LaunchFlags, RunSpec
-from tasks.nodes import describe_error
+from tasks.node_errors import describe_error
 from tasks.plan import (
     COMPOSE_FILE,
     ENV_SCRIPT,

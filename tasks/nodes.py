@@ -9,10 +9,8 @@ from __future__ import annotations
 import io
 import os
 import posixpath
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -29,19 +27,17 @@ from invoke import Context
 from invoke.exceptions import CommandTimedOut, Exit, UnexpectedExit
 from invoke.runners import Result
 
-from tasks.hostkeys import (  # re-exported: other modules and tests import them from here
-    HostKeyChanged,
-    HostKeyRevoked,
-    RecordNewHostKeyPolicy,
+from tasks.hostkeys import (
     apply_host_key_policy,
+    connection_chain,
     known_hosts_path,
     load_known_hosts,
 )
-from tasks.hostkeys import fingerprint as _fingerprint
 from tasks.lib.inventory import HostSpec, Inventory
+from tasks.lib.knownhosts import known_hosts_name
 from tasks.lib.nodefs import registry_for_uid, safe_dirs_command
-from tasks.lib.quoting import sh_quote
 from tasks.lib.settings import ClusterSettings
+from tasks.node_errors import NodeError, describe_error
 
 T = TypeVar("T")
 
@@ -55,10 +51,6 @@ UPLOAD_TIMEOUT_S = 600.0
 CHANNEL_OPEN_TIMEOUT_S = 15.0
 # An SFTP transfer that receives nothing for this long is dead, not slow.
 SFTP_STALL_TIMEOUT_S = 120.0
-
-
-class NodeError(Exception):
-    """An expected failure on a host whose message is already written for the user."""
 
 
 class Node:
@@ -124,6 +116,10 @@ class Node:
         (None: no limit) it raises invoke's CommandTimedOut with the output so far.
         """
         raise NotImplementedError
+
+    def ssh_hops(self) -> list[Connection]:
+        """The SSH clients this node is reached through, the node's own first (none locally)."""
+        return []
 
     def close(self) -> None:
         pass
@@ -250,7 +246,10 @@ class SshNode(Node):
     @property
     def known_hosts_name(self) -> str:
         """This host's name in known_hosts (OpenSSH writes "[host]:port" off port 22)."""
-        return _known_hosts_name(self.connection)
+        return known_hosts_name(self.connection.host, self.connection.port)
+
+    def ssh_hops(self) -> list[Connection]:
+        return connection_chain(self.connection)
 
     def close(self) -> None:
         """Close the connection, then its ProxyJump hops (Connection.close leaves them open)."""
@@ -297,25 +296,6 @@ def _finish(command: str, output: bytes, status: int, warn: bool) -> Result:
     if status != 0 and not warn:
         raise UnexpectedExit(result)
     return result
-
-
-def _known_hosts_name(connection: Connection) -> str:
-    host, port = connection.host, connection.port
-    return host if port == 22 else f"[{host}]:{port}"
-
-
-def connection_chain(connection: Connection) -> list[Connection]:
-    """The connection, its gateway, that gateway's gateway, ...: every SSH client it uses.
-
-    Fabric builds the hops from ~/.ssh/config (ProxyJump) or a `gateway=` Connection. A
-    ProxyCommand gateway (a string) is a local command that checks its own host keys.
-    """
-    chain = [connection]
-    gateway = connection.gateway
-    while isinstance(gateway, Connection) and gateway not in chain:
-        chain.append(gateway)
-        gateway = gateway.gateway
-    return chain
 
 
 # -- opening and fanning out ----------------------------------------------------------------------
@@ -387,82 +367,3 @@ def close_all(nodes: Iterable[Node]) -> None:
             node.close()
         except Exception:  # noqa: BLE001 - closing a dead connection must not mask the real error
             pass
-
-
-# paramiko's RejectPolicy text: "Server '[host]:port' not found in known_hosts".
-_UNKNOWN_HOST_KEY = re.compile(r"Server '(.*)' not found in known_hosts")
-
-
-def _hop_named(node: Node | None, known_hosts_name: str) -> Connection | None:
-    """The connection of `node`'s chain a host-key error is about: the node or a jump host."""
-    if not isinstance(node, SshNode):
-        return None
-    chain = connection_chain(node.connection)
-    named = [hop for hop in chain if _known_hosts_name(hop) == known_hosts_name]
-    return named[0] if named else chain[0]
-
-
-def _hop_role(node: Node | None, hop: Connection | None) -> str:
-    if isinstance(node, SshNode) and hop is not None and hop is not node.connection:
-        return "jump host "
-    return ""
-
-
-def describe_error(error: BaseException, node: Node | None = None) -> str:
-    """One line that says what went wrong on a host and, where known, how to fix it.
-
-    With the node, host-key messages name the known_hosts file and the entry to fix.
-    """
-    if isinstance(error, NodeError):
-        return str(error)
-    known_hosts = getattr(node, "known_hosts", None)
-    file_text = str(known_hosts) if known_hosts else "<known_hosts>"
-    if isinstance(error, HostKeyRevoked):
-        hop = _hop_named(node, error.hostname)
-        name = _known_hosts_name(hop) if hop else error.hostname
-        return (f"host key REVOKED for {_hop_role(node, hop)}{name}: it offered "
-                f"{error.key.get_name()} SHA256:{_fingerprint(error.key)}, marked @revoked at "
-                f"{error.line.where}; not connecting: the host needs a new host key (ask its "
-                f"admin), then add that key to {file_text}")
-    if isinstance(error, paramiko.BadHostKeyException):
-        hop = _hop_named(node, error.hostname)
-        name = _known_hosts_name(hop) if hop else error.hostname
-        if isinstance(error, HostKeyChanged) and error.line.lineno:
-            file_text = error.line.source  # the other key may be in the global file
-        return (f"host key CHANGED for {_hop_role(node, hop)}{name} (offered "
-                f"{error.key.get_name()} SHA256:{_fingerprint(error.key)}, {file_text} has "
-                f"another); if the host was reinstalled, remove the old key with: ssh-keygen -R "
-                f"{sh_quote(name)} -f {sh_quote(file_text)}, then retry")
-    unknown = _UNKNOWN_HOST_KEY.search(str(error))
-    if isinstance(error, paramiko.SSHException) and unknown:
-        hop = _hop_named(node, unknown.group(1))
-        if hop is not None:
-            port_flag = f"-p {hop.port} " if hop.port != 22 else ""
-            keyscan = f"ssh-keyscan {port_flag}{sh_quote(hop.host)}"
-            key_name = _hop_role(node, hop) + _known_hosts_name(hop)
-        else:
-            keyscan, key_name = "ssh-keyscan <host>", "the host"
-        return (f"unknown host key: {key_name} is not in {file_text} and "
-                f"host_key_policy is 'reject'; after checking its fingerprint, add it with "
-                f"`{keyscan} >> {sh_quote(file_text)}`, or use host_key_policy accept-new")
-    if isinstance(error, paramiko.AuthenticationException):
-        return f"SSH authentication failed: {error} (check user, key_filename, ssh-agent)"
-    if isinstance(error, (socket.timeout, TimeoutError)):
-        return "unreachable: connect timed out (timeouts.connect)"
-    if isinstance(error, paramiko.ssh_exception.NoValidConnectionsError):
-        # Its own text ("Unable to connect to port 22 on X") hides why: say what the OS said.
-        reasons = sorted({err.strerror or str(err) for err in error.errors.values()})
-        ports = sorted({port for _, port, *_ in error.errors})
-        where = f"port {ports[0]}" if len(ports) == 1 else "SSH port"
-        return f"unreachable: cannot connect to {where}: {', '.join(reasons) or error}"
-    if isinstance(error, socket.gaierror):
-        return f"unknown host name: {error}"
-    if isinstance(error, OSError) and error.errno is not None:
-        return f"unreachable: {error.strerror or error}"
-    if isinstance(error, CommandTimedOut):
-        return f"command timed out after {error.timeout}s"
-    if isinstance(error, UnexpectedExit):
-        result = error.result
-        detail = (result.stderr.strip() or result.stdout.strip()).splitlines()
-        return f"command exited {result.exited}: {detail[-1] if detail else '(no output)'}"
-    return f"{type(error).__name__}: {error}"

@@ -38,7 +38,8 @@ from tasks.lib.registry import (
     stop_command,
     validate_run_id,
 )
-from tasks.nodes import Node, NodeError, NodeResults, on_each
+from tasks.node_errors import NodeError
+from tasks.nodes import Node, NodeResults, on_each
 from tasks.session import EXIT_USAGE, HOSTS_HELP, ClusterSession
 
 DEFAULT_RECENT = 5

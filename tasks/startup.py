@@ -21,7 +21,8 @@ from tasks.lib.profiling import (
 )
 from tasks.lib.runrecord import now_iso
 from tasks.lib.runspec import RunSpec, RunSpecError, resolve_nproc
-from tasks.nodes import Node, NodeResults, describe_error, on_each
+from tasks.node_errors import describe_error
+from tasks.nodes import Node, NodeResults, on_each
 from tasks.plan import Plan, bundle_for, launcher_path, launcher_start
 from tasks.runs import active_runs, stop_run
 from tasks.session import EXIT_USAGE, ClusterSession

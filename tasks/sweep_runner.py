@@ -22,7 +22,8 @@ from tasks.lib.masking import mask_assignments
 from tasks.lib.runrecord import now_iso, write_json_atomic
 from tasks.lib.runspec import LaunchFlags
 from tasks.launch import RunOutcome, run_launch
-from tasks.nodes import describe_error, on_each
+from tasks.node_errors import describe_error
+from tasks.nodes import on_each
 from tasks.session import EXIT_USAGE, ClusterSession, project_path
 
 

@@ -14,7 +14,8 @@ from rich.table import Table
 from tasks.lib import sync as syncing
 from tasks.lib.console import make_console
 from tasks.lib.probe import format_bytes
-from tasks.nodes import Node, NodeResults, describe_error, on_each
+from tasks.node_errors import describe_error
+from tasks.nodes import Node, NodeResults, on_each
 from tasks.preflight import checkout_files, local_checkout_state, sync_excludes
 from tasks.session import EXIT_USAGE, HOSTS_HELP, PROJECT_ROOT, ClusterSession
 

@@ -38,7 +38,8 @@ from tasks.lib.quoting import sh_join, sh_quote
 from tasks.lib.registry import launcher_start_command, launcher_step_command, parse_started_lines
 from tasks.lib.settings import ClusterSettings
 from tasks.lib.transports import TransportChoice, TransportError, choose_transport
-from tasks.nodes import LocalNode, Node, NodeError, NodeResults, on_each, open_nodes
+from tasks.node_errors import NodeError
+from tasks.nodes import LocalNode, Node, NodeResults, on_each, open_nodes
 
 EXIT_USAGE = 2
 START_TIMEOUT_S = 30.0        # a launcher registers itself within a second; a step may queue

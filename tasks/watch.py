@@ -30,7 +30,8 @@ from tasks.lib.runrecord import (
 )
 from tasks.lib.runspec import log_file_name
 from tasks.lib.watchdog import HANG_STEP_MULTIPLE
-from tasks.nodes import Node, describe_error, on_each
+from tasks.node_errors import describe_error
+from tasks.nodes import Node, on_each
 from tasks.plan import Plan
 from tasks.runs import LineStream, stop_run
 from tasks.session import ClusterSession

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from fabric import Connection
 
+from tasks.hostkeys import apply_host_key_policy
 from tasks.lib.quoting import sh_quote
 from tasks.lib.registry import (
     SCAN_KILL_SH,
@@ -25,7 +26,6 @@ from tasks.lib.registry import (
     render_node_launcher,
     stop_command,
 )
-from tasks.nodes import apply_host_key_policy
 from tests.helpers import REPO, docker_config, run_fab, wait_until
 from tests.simcluster import SimCluster
 

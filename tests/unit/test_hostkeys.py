@@ -18,6 +18,7 @@ import yaml
 from fabric import Config, Connection
 
 import tasks.hostkeys
+from tasks.hostkeys import RecordNewHostKeyPolicy
 from tasks.lib.inventory import Inventory, parse_host_entry
 from tasks.lib.knownhosts import (
     KnownHosts,
@@ -27,7 +28,8 @@ from tasks.lib.knownhosts import (
     parse_known_hosts,
 )
 from tasks.lib.settings import ClusterSettings
-from tasks.nodes import RecordNewHostKeyPolicy, SshNode, describe_error, on_each, open_nodes
+from tasks.node_errors import describe_error
+from tasks.nodes import SshNode, on_each, open_nodes
 
 
 @pytest.fixture(autouse=True)
