@@ -4,7 +4,8 @@ The tasks are flat (`fab launch`, not `fab launch.launch`) to keep the original 
 """
 from invoke import Collection
 
-from tasks import check, collect, diagnose, docker, fab_hooks, launch, report, runs, setup, sweep, sync
+from tasks import check, collect, diagnose, docker, launch, report, runs, setup, sweep, sync
+from tasks.cluster import fab_hooks
 from tasks.lib.settings import default_config
 
 ns = Collection()
@@ -13,5 +14,5 @@ for module in (check, setup, sync, docker, launch, collect, runs, sweep, report,
         ns.add_task(task, name)
 ns.configure(default_config())
 # Config files and a closed stdout are handled where Invoke handles them, before and after any
-# task runs: see tasks/fab_hooks.py for why.
+# task runs: see tasks/cluster/fab_hooks.py for why.
 fab_hooks.install(ns.configuration())

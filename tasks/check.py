@@ -1,5 +1,5 @@
 """`fab check`: preflight every node at once and say what would block a launch (the probe,
-its judgement and its table are tasks/preflight.py's)."""
+its judgement and its table are tasks/cluster/preflight.py's)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from invoke import Collection, task
 from invoke.exceptions import Exit
 
 from tasks.lib.console import make_console
-from tasks.preflight import describe_checkout, run_preflight
-from tasks.session import HOSTS_HELP, ClusterSession
+from tasks.cluster.preflight import describe_checkout, run_preflight
+from tasks.cluster.session import HOSTS_HELP, ClusterSession
 
 
 @task(help={"hosts": HOSTS_HELP})

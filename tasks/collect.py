@@ -25,9 +25,9 @@ from tasks.lib.runrecord import (
     refusal_line,
     write_json_atomic,
 )
-from tasks.node_errors import describe_error
-from tasks.nodes import Node, NodeResults, on_each
-from tasks.session import EXIT_USAGE, ClusterSession, load_settings, project_path
+from tasks.cluster.node_errors import describe_error
+from tasks.cluster.nodes import Node, NodeResults, on_each
+from tasks.cluster.session import EXIT_USAGE, ClusterSession, load_settings, project_path
 
 EXIT_FAILED = 1
 

@@ -23,9 +23,9 @@ from tasks.lib.registry import RegistryError, validate_run_id
 from tasks.lib.runrecord import RUN_JSON
 from tasks.lib.settings import Settings
 from tasks.lib.watchdog import HangReport, HangWatchdog, parse_progress_poll, progress_poll_command
-from tasks.node_errors import describe_error
-from tasks.nodes import Node, on_each
-from tasks.session import EXIT_USAGE, ClusterSession, project_path
+from tasks.cluster.node_errors import describe_error
+from tasks.cluster.nodes import Node, on_each
+from tasks.cluster.session import EXIT_USAGE, ClusterSession, project_path
 
 # How long the ranks get to write their flight recorder before the stacks are taken.
 FLIGHT_DUMP_SETTLE_S = 2.0

@@ -17,7 +17,7 @@ from invoke import Collection, task
 from invoke.exceptions import Exit
 from rich.table import Table
 
-from tasks.preflight import probe_all, require_matching_checkout
+from tasks.cluster.preflight import probe_all, require_matching_checkout
 from tasks.lib.console import make_console
 from tasks.lib.containers import (
     TERMINAL_STATES,
@@ -38,9 +38,9 @@ from tasks.lib.nodefs import checked_file_command, registry_for_uid, with_safe_f
 from tasks.lib.probe import HostFacts
 from tasks.lib.quoting import sh_command, sh_quote
 from tasks.lib.render import compose_command, compose_project_name, render_compose
-from tasks.node_errors import NodeError
-from tasks.nodes import Node, NodeResults, on_each
-from tasks.session import EXIT_USAGE, HOSTS_HELP, ClusterSession
+from tasks.cluster.node_errors import NodeError
+from tasks.cluster.nodes import Node, NodeResults, on_each
+from tasks.cluster.session import EXIT_USAGE, HOSTS_HELP, ClusterSession
 
 POLL_INTERVAL_S = 0.5
 

@@ -36,8 +36,8 @@ from tasks.lib.profiling import profiler_wrapper_argv
 from tasks.lib.quoting import sh_join
 from tasks.lib.runrecord import HEADLINE_METRICS, headline_metrics, now_iso
 from tasks.lib.runspec import LaunchFlags, RunSpec
-from tasks.node_errors import describe_error
-from tasks.plan import (
+from tasks.cluster.node_errors import describe_error
+from tasks.run.plan import (
     COMPOSE_FILE,
     ENV_SCRIPT,
     NODE_LAUNCHER,
@@ -51,8 +51,8 @@ from tasks.plan import (
     write_record,
 )
 from tasks.report import write_report
-from tasks.session import EXIT_USAGE, ClusterSession, project_path
-from tasks.startup import (
+from tasks.cluster.session import EXIT_USAGE, ClusterSession, project_path
+from tasks.run.startup import (
     EXIT_DETACHED,
     EXIT_FAILED,
     EXIT_HUNG,
@@ -63,8 +63,8 @@ from tasks.startup import (
     refuse_if_busy,
     start_launchers,
 )
-from tasks.submit import submit_and_follow
-from tasks.watch import Watcher, node_log_path, tail_command
+from tasks.run.submit import submit_and_follow
+from tasks.run.watch import Watcher, node_log_path, tail_command
 
 SHORT_FLAGS = {"channels": "c", "threads": "t", "nproc": "p", "config": "C", "rocprof": "r",
                "stats": "m"}

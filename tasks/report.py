@@ -12,7 +12,7 @@ from rich.table import Table
 
 from tasks.lib import report as rep
 from tasks.lib.console import make_console
-from tasks.session import EXIT_USAGE, cli_path
+from tasks.cluster.session import EXIT_USAGE, cli_path
 
 
 @dataclass

@@ -38,9 +38,9 @@ from tasks.lib.registry import (
     stop_command,
     validate_run_id,
 )
-from tasks.node_errors import NodeError
-from tasks.nodes import Node, NodeResults, on_each
-from tasks.session import EXIT_USAGE, HOSTS_HELP, ClusterSession
+from tasks.cluster.node_errors import NodeError
+from tasks.cluster.nodes import Node, NodeResults, on_each
+from tasks.cluster.session import EXIT_USAGE, HOSTS_HELP, ClusterSession
 
 DEFAULT_RECENT = 5
 STATUS_TIMEOUT_S = 30.0

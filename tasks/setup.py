@@ -19,8 +19,8 @@ from tasks.lib.console import make_console
 from tasks.lib.inventory import HostSpec, Inventory, render_hosts_file
 from tasks.lib.probe import Finding, HostFacts
 from tasks.lib.settings import Settings
-from tasks.preflight import run_preflight
-from tasks.session import (
+from tasks.cluster.preflight import run_preflight
+from tasks.cluster.session import (
     EXIT_USAGE,
     PROJECT_ROOT,
     ClusterSession,

@@ -3,7 +3,7 @@
 The next point starts as soon as no process of the previous run is left on any host (checked by
 the run's GEMM_RUN_ID marker, not a fixed sleep); the gap is measured and kept in sweep.json.
 A failed or hung point is recorded and the sweep goes on (unless --fail-fast). By default the
-points of one thread value share one launch, a rank pool (tasks/sweep_pool.py, train/pool.py);
+points of one thread value share one launch, a rank pool (tasks/sweeping/pool.py, train/pool.py);
 --no-pool restarts every rank per point. Ctrl-C stops the current point's run on every host,
 records the sweep as interrupted and exits 130: `fab sweep --resume DIR` runs what is left.
 
@@ -30,10 +30,10 @@ from tasks.lib.masking import DEFAULT_SECRET_ENV_PATTERNS
 from tasks.lib.runrecord import now_iso
 from tasks.launch import SHORT_FLAGS, LaunchTask
 from tasks.launch import launch as launch_task
-from tasks.plan import controller_info, resolve_spec
-from tasks.session import EXIT_USAGE, ClusterSession, cli_path, load_settings, project_path
-from tasks.sweep_pool import PoolSweepRunner, order_and_group
-from tasks.sweep_runner import (
+from tasks.run.plan import controller_info, resolve_spec
+from tasks.cluster.session import EXIT_USAGE, ClusterSession, cli_path, load_settings, project_path
+from tasks.sweeping.pool import PoolSweepRunner, order_and_group
+from tasks.sweeping.runner import (
     EXIT_FAILED, EXIT_INTERRUPTED, FLAG_DEFAULTS, GRID_FLAGS, LAUNCH_ONLY_FLAGS, OPERATIONAL_FLAGS,
     SweepRunner, create_sweep_dir, launch_flags_for, launch_flags_record, load_sweep,
     masked_launch_flags, print_dead_time, run_status_of, write_sweep,
@@ -228,7 +228,7 @@ def sweep_mode(pool: bool, flags_record: Mapping[str, Any],
 def pool_runner(session: ClusterSession, sweep_dir: Path, document: dict[str, Any],
                 specs: dict[int, Any], console: Console, pending: list[int],
                 options: dict[str, Any]) -> tuple[SweepRunner, list[int]]:
-    """The rank-pool runner (tasks/sweep_pool.py) and the pending points in threads-major order;
+    """The rank-pool runner (tasks/sweeping/pool.py) and the pending points in threads-major order;
     Exit 2 when a pool's train overrides do not validate."""
     from tasks.lib.runspec import RunSpecError
 

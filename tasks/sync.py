@@ -14,10 +14,10 @@ from rich.table import Table
 from tasks.lib import sync as syncing
 from tasks.lib.console import make_console
 from tasks.lib.probe import format_bytes
-from tasks.node_errors import describe_error
-from tasks.nodes import Node, NodeResults, on_each
-from tasks.preflight import checkout_files, local_checkout_state, sync_excludes
-from tasks.session import EXIT_USAGE, HOSTS_HELP, PROJECT_ROOT, ClusterSession
+from tasks.cluster.node_errors import describe_error
+from tasks.cluster.nodes import Node, NodeResults, on_each
+from tasks.cluster.preflight import checkout_files, local_checkout_state, sync_excludes
+from tasks.cluster.session import EXIT_USAGE, HOSTS_HELP, PROJECT_ROOT, ClusterSession
 
 
 @task(help={"hosts": HOSTS_HELP})

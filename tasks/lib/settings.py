@@ -37,7 +37,7 @@ class ClusterSettings:
     # so no other user of a shared node can pre-create it or plant entries (tasks/lib/nodefs.py).
     registry_dir: str | None = None
     socket_ifname: str | None = None        # None: resolved per host by the route to the master
-    # How the nodes are reached (tasks/transport.py): auto = srun inside a Slurm allocation whose
+    # How the nodes are reached (tasks/cluster/transport.py): auto = srun inside a Slurm allocation whose
     # nodes are the inventory, else SSH (or this machine alone without an inventory).
     transport: str = "auto"
     srun_options: tuple = ()                # extra options of a run's srun step (--gpus-per-node=8)

@@ -369,8 +369,8 @@ def test_require_matching_checkout_for_other_tasks(cluster3, snapshot, tmp_path,
     from invoke import Context
     from invoke.exceptions import Exit
 
-    from tasks.preflight import require_matching_checkout
-    from tasks.session import ClusterSession
+    from tasks.cluster.preflight import require_matching_checkout
+    from tasks.cluster.session import ClusterSession
 
     def session_for(workdir: str) -> ClusterSession:
         config = Config(

@@ -243,7 +243,7 @@ def test_hang_monitor_and_diagnose_on_a_detached_launch(cluster3: SimCluster, tm
     from rich.console import Console
 
     from tasks.diagnose import HangMonitor
-    from tasks.session import ClusterSession
+    from tasks.cluster.session import ClusterSession
 
     timeout_s = 15.0
     config = write_config(cluster3, tmp_path / "wd.yaml", enabled=False, platform="cpu")

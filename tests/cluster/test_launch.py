@@ -166,14 +166,14 @@ def test_embedded_default_runs_here_without_ssh(tmp_path):
 def local_session(tmp_path: Path):
     from invoke import Config, Context
 
-    from tasks.session import ClusterSession
+    from tasks.cluster.session import ClusterSession
 
     return ClusterSession(Context(Config(overrides={"cluster": {
         "hosts_file": str(tmp_path / "no_hosts.txt"), "experiments_dir": str(tmp_path / "exp")}})))
 
 
 def test_tail_command_from_start_or_from_the_end():
-    from tasks.watch import tail_command
+    from tasks.run.watch import tail_command
 
     assert "tail -n +1 -F" in tail_command("/o/node_0_output.log", 42)
     reopened = tail_command("/o/node_0_output.log", 42, from_start=False)
@@ -185,8 +185,8 @@ def test_last_lines_reach_the_controller_log_after_the_registry_says_ended(tmp_p
     ends only when the streams did, and a line arriving after the files closed raises nothing."""
     from rich.console import Console
 
-    from tasks.plan import build_plan, resolve_spec
-    from tasks.watch import Watcher, node_log_path
+    from tasks.run.plan import build_plan, resolve_spec
+    from tasks.run.watch import Watcher, node_log_path
     from tasks.lib.runspec import LaunchFlags
 
     with local_session(tmp_path) as session:

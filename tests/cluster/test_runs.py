@@ -18,7 +18,7 @@ import pytest
 import yaml
 from fabric import Connection
 
-from tasks.hostkeys import apply_host_key_policy
+from tasks.cluster.hostkeys import apply_host_key_policy
 from tasks.lib.quoting import sh_quote
 from tasks.lib.registry import (
     SCAN_KILL_SH,

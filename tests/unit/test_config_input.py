@@ -18,9 +18,9 @@ from fabric import Config
 from invoke import Context
 from invoke.exceptions import Exit
 
-from tasks.fab_hooks import check_shape, describe_load_error, runtime_file_problem, yaml_line
+from tasks.cluster.fab_hooks import check_shape, describe_load_error, runtime_file_problem, yaml_line
 from tasks.lib.settings import Settings, default_config
-from tasks.session import load_inventory, load_settings
+from tasks.cluster.session import load_inventory, load_settings
 from tests.helpers import FAB, REPO, fab_env
 
 

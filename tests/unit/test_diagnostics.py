@@ -35,7 +35,7 @@ from tasks.lib.diagnostics import (
     thread_line,
 )
 from tasks.lib.diagnostics_node import parse_environ, parse_stat
-from tasks.session import PROJECT_ROOT
+from tasks.cluster.session import PROJECT_ROOT
 from tests.helpers import FAKE_STEPPER_WAIT_FRAME, fake_stepper_files, ready_file, wait_until
 
 NATIVE_DUMP = """\
@@ -265,7 +265,7 @@ def test_hang_monitor_polls_real_files_fires_and_writes_the_hang_dir(fake_run, t
 
     from tasks.diagnose import HangMonitor
     from tasks.lib.settings import default_config
-    from tasks.session import ClusterSession
+    from tasks.cluster.session import ClusterSession
 
     config = default_config()
     config["cluster"]["registry_dir"] = str(fake_run["registry"])

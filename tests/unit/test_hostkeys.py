@@ -17,8 +17,8 @@ import pytest
 import yaml
 from fabric import Config, Connection
 
-import tasks.hostkeys
-from tasks.hostkeys import RecordNewHostKeyPolicy
+import tasks.cluster.hostkeys
+from tasks.cluster.hostkeys import RecordNewHostKeyPolicy
 from tasks.lib.inventory import Inventory, parse_host_entry
 from tasks.lib.knownhosts import (
     KnownHosts,
@@ -28,15 +28,15 @@ from tasks.lib.knownhosts import (
     parse_known_hosts,
 )
 from tasks.lib.settings import ClusterSettings
-from tasks.node_errors import describe_error
-from tasks.nodes import SshNode, on_each, open_nodes
+from tasks.cluster.node_errors import describe_error
+from tasks.cluster.nodes import SshNode, on_each, open_nodes
 
 
 @pytest.fixture(autouse=True)
 def no_global_known_hosts(tmp_path, monkeypatch):
     """The global files of each test are its own (none unless it writes them)."""
     files = (tmp_path / "global" / "ssh_known_hosts", tmp_path / "global" / "ssh_known_hosts2")
-    monkeypatch.setattr(tasks.hostkeys, "GLOBAL_KNOWN_HOSTS_FILES", files, raising=False)
+    monkeypatch.setattr(tasks.cluster.hostkeys, "GLOBAL_KNOWN_HOSTS_FILES", files, raising=False)
     return files
 
 
@@ -189,7 +189,7 @@ def test_cert_authority_lines_get_one_note_per_file(tmp_path, capsys):
     user.write_text(f"gpu01 {key}\n@cert-authority *.a {key}\n@cert-authority *.b {key}\n")
     global_.write_text(f"@cert-authority * {key}\n")
     for _ in range(2):
-        known = tasks.hostkeys.load_known_hosts(user, [global_])
+        known = tasks.cluster.hostkeys.load_known_hosts(user, [global_])
     assert capsys.readouterr().err.splitlines() == [
         f"note: {user}:2: @cert-authority line (and 1 more) ignored: host certificates are not "
         f"verified here, so a host it covers also needs a plain key line",
@@ -204,7 +204,7 @@ def test_unreadable_known_hosts_is_one_line(tmp_path):
     from invoke.exceptions import Exit
 
     with pytest.raises(Exit) as raised:
-        tasks.hostkeys.load_known_hosts(tmp_path)  # a directory
+        tasks.cluster.hostkeys.load_known_hosts(tmp_path)  # a directory
     assert raised.value.code == 2
     assert str(raised.value.message).startswith(f"cannot read cluster.known_hosts {tmp_path}: ")
     assert "\n" not in raised.value.message

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tasks.startup import launch_refusals
+from tasks.run.startup import launch_refusals
 from tasks.lib.probe import CheckoutState, HostFacts, judge_cluster, judge_host
 
 

@@ -57,7 +57,7 @@ def test_the_patterns_are_a_setting():
 
 
 def local_session(tmp_path: Path, **launch):
-    from tasks.session import ClusterSession
+    from tasks.cluster.session import ClusterSession
 
     return ClusterSession(Context(Config(overrides={
         "cluster": {"hosts_file": str(tmp_path / "no_hosts.txt"),
@@ -70,7 +70,7 @@ def env_flags() -> tuple[str, ...]:
 
 
 def plan_for(session, monkeypatch, tmp_path):
-    from tasks.plan import build_plan, resolve_spec
+    from tasks.run.plan import build_plan, resolve_spec
 
     monkeypatch.setattr(sys, "argv", ["fab", "launch", "--env", f"HF_TOKEN={SECRET}",
                                       f"--env=DB_PASSWORD={PASSWORD}"])
@@ -81,7 +81,7 @@ def plan_for(session, monkeypatch, tmp_path):
 
 
 def test_run_json_and_the_env_script_copy_hold_no_secret(tmp_path, monkeypatch):
-    from tasks.plan import ENV_SCRIPT, bundle_for
+    from tasks.run.plan import ENV_SCRIPT, bundle_for
 
     with local_session(tmp_path) as session:
         plan = plan_for(session, monkeypatch, tmp_path)
@@ -104,7 +104,7 @@ def test_run_json_and_the_env_script_copy_hold_no_secret(tmp_path, monkeypatch):
 
 def test_the_dry_run_never_prints_a_secret(tmp_path, monkeypatch):
     from tasks.launch import print_dry_run
-    from tasks.plan import resolve_spec
+    from tasks.run.plan import resolve_spec
 
     monkeypatch.setattr(sys, "argv", ["fab"])
     buffer = io.StringIO()
@@ -118,7 +118,7 @@ def test_the_dry_run_never_prints_a_secret(tmp_path, monkeypatch):
 
 
 def test_configured_patterns_decide_what_is_masked(tmp_path, monkeypatch):
-    from tasks.plan import ENV_SCRIPT
+    from tasks.run.plan import ENV_SCRIPT
 
     with local_session(tmp_path, secret_env_patterns=["NCCL_DEBUG"]) as session:
         plan = plan_for(session, monkeypatch, tmp_path)
@@ -127,11 +127,11 @@ def test_configured_patterns_decide_what_is_masked(tmp_path, monkeypatch):
 
 
 def test_controller_run_and_sweep_directories_are_private(tmp_path):
-    from tasks.plan import pick_run_id
-    from tasks.sweep_runner import create_sweep_dir
+    from tasks.run.plan import pick_run_id
+    from tasks.sweeping.runner import create_sweep_dir
 
     with local_session(tmp_path) as session:
-        from tasks.plan import resolve_spec
+        from tasks.run.plan import resolve_spec
 
         spec = resolve_spec(session, LaunchFlags(), {}, {})
     run_id = pick_run_id(spec, tmp_path / "exp", datetime.now(), create=True)
@@ -145,7 +145,7 @@ def test_controller_run_and_sweep_directories_are_private(tmp_path):
 
 def test_sweep_json_masks_and_a_resume_asks_for_the_values_again(tmp_path):
     from tasks.sweep import plan_sweep
-    from tasks.sweep_runner import FLAG_DEFAULTS, masked_launch_flags
+    from tasks.sweeping.runner import FLAG_DEFAULTS, masked_launch_flags
 
     given = {**FLAG_DEFAULTS, "env": [f"HF_TOKEN={SECRET}", "NCCL_DEBUG=INFO"]}
     recorded = masked_launch_flags(given, DEFAULT_SECRET_ENV_PATTERNS)

@@ -11,11 +11,11 @@ import pytest
 from fabric import Config, Connection
 from invoke.exceptions import CommandTimedOut
 
-from tasks.hostkeys import RecordNewHostKeyPolicy
+from tasks.cluster.hostkeys import RecordNewHostKeyPolicy
 from tasks.lib.inventory import Inventory, parse_host_entry
 from tasks.lib.settings import ClusterSettings
-from tasks.node_errors import describe_error
-from tasks.nodes import (
+from tasks.cluster.node_errors import describe_error
+from tasks.cluster.nodes import (
     CHANNEL_OPEN_TIMEOUT_S,
     SFTP_STALL_TIMEOUT_S,
     LocalNode,

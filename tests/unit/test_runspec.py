@@ -318,7 +318,7 @@ def test_run_ids_and_dirs():
 
 
 def test_two_launches_in_the_same_second_get_their_own_directories(tmp_path):
-    from tasks.plan import pick_run_id
+    from tasks.run.plan import pick_run_id
 
     spec = resolve(LaunchFlags())
     when = datetime(2025, 12, 11, 14, 30, 52)
@@ -337,7 +337,7 @@ def test_two_launches_in_the_same_second_get_their_own_directories(tmp_path):
 def test_a_directory_already_there_is_never_taken_over(tmp_path):
     """Created exclusively: an existing directory of the same name (planted, or a collision of
     the random suffix) is skipped, never reused."""
-    from tasks.plan import pick_run_id
+    from tasks.run.plan import pick_run_id
 
     spec = resolve(LaunchFlags())
     when = datetime(2025, 12, 11, 14, 30, 52)
@@ -384,7 +384,7 @@ def test_explicit_launch_config_ignores_builtin_defaults(tmp_path):
 
 
 def test_launch_and_check_share_one_resolution():
-    """fab check calls resolve_launch_values (through tasks.preflight.launch_defaults): env values
+    """fab check calls resolve_launch_values (through tasks.cluster.preflight.launch_defaults): env values
     the launch honours are the ones the check judges, in the same order."""
     environ = {"NPROC_PER_NODE": "4", "MASTER_PORT": "29600"}
     values = resolve_launch_values(LaunchFlags(), {}, environ, accelerator="rocm")
@@ -402,8 +402,8 @@ def test_launch_and_check_share_one_resolution():
 def test_check_uses_the_launch_resolution():
     from invoke import Config, Context
 
-    from tasks.preflight import launch_defaults
-    from tasks.session import ClusterSession
+    from tasks.cluster.preflight import launch_defaults
+    from tasks.cluster.session import ClusterSession
 
     config = Config(overrides={"cluster": {"hosts": ["127.0.0.1:9", "127.0.0.1:10"]},
                                "docker": {"platform": "rocm"}})

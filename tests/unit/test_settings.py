@@ -16,7 +16,7 @@ from tasks.lib.settings import (
     SettingsError,
     default_config,
 )
-from tasks.session import load_settings
+from tasks.cluster.session import load_settings
 
 
 def test_defaults_round_trip_through_a_config_tree():

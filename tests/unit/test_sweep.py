@@ -17,7 +17,7 @@ from tasks.lib import sweep as sw
 from tasks.lib.registry import SCAN_KILL_SH
 from tasks.lib.runspec import LaunchFlags
 from tasks.sweep import SWEEP_HELP, SweepPlan, plan_sweep, sweep, sweep_mode
-from tasks.sweep_runner import (
+from tasks.sweeping.runner import (
     FLAG_DEFAULTS,
     GRID_FLAGS,
     LAUNCH_ONLY_FLAGS,

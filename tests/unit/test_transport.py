@@ -140,7 +140,7 @@ def test_shared_output_leaders_from_the_node_logs_each_node_sees():
 
 
 def test_the_batch_job_runs_the_typed_launch_without_the_submission_flags():
-    from tasks.submit import inner_launch_argv
+    from tasks.run.submit import inner_launch_argv
 
     argv = ["fab", "-f", "c.yaml", "launch", "--slurm", "--nodes", "2", "--time=30",
             "--partition", "gpu", "--account=a1", "--channels", "42", "-t", "512",
@@ -167,7 +167,7 @@ def _session(tmp_path, monkeypatch, environ, **cluster):
 
     from invoke import Config, Context
 
-    from tasks.session import ClusterSession
+    from tasks.cluster.session import ClusterSession
 
     for name in ("SLURM_JOB_ID", "SLURM_JOBID", "SLURM_JOB_NODELIST", "SLURM_NODELIST",
                  "SLURM_JOB_NUM_NODES", "SLURM_NNODES"):
@@ -187,7 +187,7 @@ def _dry_run(session) -> str:
 
     from tasks.launch import print_dry_run
     from tasks.lib.runspec import LaunchFlags
-    from tasks.plan import resolve_spec
+    from tasks.run.plan import resolve_spec
 
     buffer = io.StringIO()
     spec = resolve_spec(session, LaunchFlags(nproc="1", dry_run=True), {}, {})

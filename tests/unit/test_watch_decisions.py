@@ -1,5 +1,5 @@
-"""The watch loop's turn-by-turn decision (tasks.watch.next_move), taken from one snapshot."""
-from tasks.watch import FAILURE_SETTLE_S, next_move
+"""The watch loop's turn-by-turn decision (tasks.run.watch.next_move), taken from one snapshot."""
+from tasks.run.watch import FAILURE_SETTLE_S, next_move
 
 
 def test_a_fresh_failure_waits_for_the_culprit_while_nodes_still_run():

@@ -30,11 +30,11 @@ from tasks.lib.runrecord import (
 )
 from tasks.lib.runspec import log_file_name
 from tasks.lib.watchdog import HANG_STEP_MULTIPLE
-from tasks.node_errors import describe_error
-from tasks.nodes import Node, on_each
-from tasks.plan import Plan
+from tasks.cluster.node_errors import describe_error
+from tasks.cluster.nodes import Node, on_each
+from tasks.run.plan import Plan
 from tasks.runs import LineStream, stop_run
-from tasks.session import ClusterSession
+from tasks.cluster.session import ClusterSession
 
 # A failure is rarely alone: the ranks of other nodes fail right after, as victims. Waiting this
 # long after the first sign lets the real culprit's report (a rank killed by a signal) arrive.

@@ -37,7 +37,7 @@ from invoke.util import yaml  # the YAML Invoke parses config files with (vendor
 
 from tasks.lib.console import die_of_sigpipe, stdout_closed, stdout_was_lost
 
-EXIT_USAGE = 2  # as tasks.session: bad config, nothing was touched
+EXIT_USAGE = 2  # as tasks.cluster.session: bad config, nothing was touched
 _ERRORS = "_fab_hooks_file_errors"  # where a Config keeps the notes on its files
 
 

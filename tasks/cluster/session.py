@@ -16,12 +16,12 @@ from invoke.exceptions import Exit
 
 from tasks.lib.inventory import Inventory, InventoryError, parse_host_entry, resolve_inventory
 from tasks.lib.settings import Settings, SettingsError
-from tasks.nodes import Node, close_all
-from tasks.transport import Transport, select_transport
+from tasks.cluster.nodes import Node, close_all
+from tasks.cluster.transport import Transport, select_transport
 
 # Relative paths in the config (hosts_file, experiments_dir, launch.config) are relative to the
 # project checkout, not to wherever `fab` was started from.
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 EXIT_USAGE = 2  # bad flags or config: nothing was touched
 RESOLVE_TIMEOUT_S = 2.0  # for all the inventory's names together (/etc/hosts answers at once)

@@ -21,7 +21,7 @@ from typing import Any
 
 from invoke.exceptions import Exit
 
-from tasks.preflight import launch_context
+from tasks.cluster.preflight import launch_context
 from tasks.lib.diagnostics import node_venv
 from tasks.lib.masking import DEFAULT_SECRET_ENV_PATTERNS, mask_assignments, mask_env
 from tasks.lib.nodefs import registry_for_uid
@@ -44,8 +44,8 @@ from tasks.lib.runspec import (
     socket_env,
     torchrun_argv,
 )
-from tasks.transport import LauncherStart
-from tasks.session import EXIT_USAGE, PROJECT_ROOT, ClusterSession
+from tasks.cluster.transport import LauncherStart
+from tasks.cluster.session import EXIT_USAGE, PROJECT_ROOT, ClusterSession
 
 ENV_SCRIPT = "env.sh"
 COMPOSE_FILE = "docker-compose.yaml"

@@ -18,7 +18,7 @@ from tasks.lib import report as rep
 from tasks.lib import sweep as sw
 from tasks.lib.runrecord import now_iso
 from tasks.lib.runspec import load_train_config
-from tasks.sweep_runner import SweepRunner, write_sweep
+from tasks.sweeping.runner import SweepRunner, write_sweep
 
 
 class PoolSweepRunner(SweepRunner):

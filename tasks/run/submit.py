@@ -2,7 +2,7 @@
 
 The batch script (tasks/lib/slurm.render_batch_script) runs the very `fab ... launch ...` that was
 typed, minus --slurm and its options, in this directory: inside the allocation that launch finds
-SLURM_JOB_ID and runs the training as one srun step (tasks/transport.py). Here we print the job
+SLURM_JOB_ID and runs the training as one srun step (tasks/cluster/transport.py). Here we print the job
 id and follow its output file, which must be on a filesystem the first node of the job shares
 with this machine (it is where the launch's experiments go too). Ctrl-C stops following only.
 """
@@ -21,7 +21,7 @@ from invoke.exceptions import Exit
 from rich.console import Console
 
 from tasks.lib import slurm
-from tasks.session import EXIT_USAGE
+from tasks.cluster.session import EXIT_USAGE
 
 EXIT_DETACHED = 130
 POLL_S = 0.5

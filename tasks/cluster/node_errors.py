@@ -14,13 +14,13 @@ import paramiko
 from fabric import Connection
 from invoke.exceptions import CommandTimedOut, UnexpectedExit
 
-from tasks.hostkeys import HostKeyChanged, HostKeyRevoked
-from tasks.hostkeys import fingerprint as _fingerprint
+from tasks.cluster.hostkeys import HostKeyChanged, HostKeyRevoked
+from tasks.cluster.hostkeys import fingerprint as _fingerprint
 from tasks.lib.knownhosts import known_hosts_name
 from tasks.lib.quoting import sh_quote
 
 if TYPE_CHECKING:
-    from tasks.nodes import Node
+    from tasks.cluster.nodes import Node
 
 
 class NodeError(Exception):

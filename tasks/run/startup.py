@@ -1,6 +1,6 @@
 """Before a run starts: probe every host, judge the facts (as `fab check` does), refuse a busy
 cluster, push the bundle, and start the node launchers through the session's transport
-(tasks/transport.py: this machine, SSH or one srun job step).
+(tasks/cluster/transport.py: this machine, SSH or one srun job step).
 """
 
 import random
@@ -10,7 +10,7 @@ from typing import Any
 from invoke.exceptions import Exit
 from rich.console import Console
 
-from tasks.preflight import probe_all, require_matching_checkout
+from tasks.cluster.preflight import probe_all, require_matching_checkout
 from tasks.lib.probe import CheckoutState, HostFacts, judge_cluster, judge_host
 from tasks.lib.profiling import (
     missing_tools_message,
@@ -21,12 +21,12 @@ from tasks.lib.profiling import (
 )
 from tasks.lib.runrecord import now_iso
 from tasks.lib.runspec import RunSpec, RunSpecError, resolve_nproc
-from tasks.node_errors import describe_error
-from tasks.nodes import Node, NodeResults, on_each
-from tasks.plan import Plan, bundle_for, launcher_path, launcher_start
+from tasks.cluster.node_errors import describe_error
+from tasks.cluster.nodes import Node, NodeResults, on_each
+from tasks.run.plan import Plan, bundle_for, launcher_path, launcher_start
 from tasks.runs import active_runs, stop_run
-from tasks.session import EXIT_USAGE, ClusterSession
-from tasks.watch import FAIL_FAST_GRACE_S
+from tasks.cluster.session import EXIT_USAGE, ClusterSession
+from tasks.run.watch import FAIL_FAST_GRACE_S
 
 EXIT_FAILED = 1
 EXIT_BUSY = 3

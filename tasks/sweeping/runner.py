@@ -1,6 +1,6 @@
 """The machinery under `fab sweep`: the launch flags of each point, sweep.json on disk, the
 wait for a point's processes to go, and SweepRunner, which runs the points one launch each
-(tasks/sweep_pool.py subclasses it for rank pools, the default). tasks/sweep.py is the task over it."""
+(tasks/sweeping/pool.py subclasses it for rank pools, the default). tasks/sweep.py is the task over it."""
 from __future__ import annotations
 
 import os
@@ -22,9 +22,9 @@ from tasks.lib.masking import mask_assignments
 from tasks.lib.runrecord import now_iso, write_json_atomic
 from tasks.lib.runspec import LaunchFlags
 from tasks.launch import RunOutcome, run_launch
-from tasks.node_errors import describe_error
-from tasks.nodes import on_each
-from tasks.session import EXIT_USAGE, ClusterSession, project_path
+from tasks.cluster.node_errors import describe_error
+from tasks.cluster.nodes import on_each
+from tasks.cluster.session import EXIT_USAGE, ClusterSession, project_path
 
 
 EXIT_FAILED = 1

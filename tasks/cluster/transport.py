@@ -38,8 +38,8 @@ from tasks.lib.quoting import sh_join, sh_quote
 from tasks.lib.registry import launcher_start_command, launcher_step_command, parse_started_lines
 from tasks.lib.settings import ClusterSettings
 from tasks.lib.transports import TransportChoice, TransportError, choose_transport
-from tasks.node_errors import NodeError
-from tasks.nodes import LocalNode, Node, NodeResults, on_each, open_nodes
+from tasks.cluster.node_errors import NodeError
+from tasks.cluster.nodes import LocalNode, Node, NodeResults, on_each, open_nodes
 
 EXIT_USAGE = 2
 START_TIMEOUT_S = 30.0        # a launcher registers itself within a second; a step may queue
@@ -51,7 +51,7 @@ _PID = re.compile(r"(\d+)\s*$")
 
 @dataclass(frozen=True)
 class LauncherStart:
-    """What starting a run's node launchers needs (tasks/plan.py builds it from the Plan)."""
+    """What starting a run's node launchers needs (tasks/run/plan.py builds it from the Plan)."""
 
     run_id: str
     launcher_path: str            # on every node

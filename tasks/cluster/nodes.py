@@ -27,7 +27,7 @@ from invoke import Context
 from invoke.exceptions import CommandTimedOut, Exit, UnexpectedExit
 from invoke.runners import Result
 
-from tasks.hostkeys import (
+from tasks.cluster.hostkeys import (
     apply_host_key_policy,
     connection_chain,
     known_hosts_path,
@@ -37,7 +37,7 @@ from tasks.lib.inventory import HostSpec, Inventory
 from tasks.lib.knownhosts import known_hosts_name
 from tasks.lib.nodefs import registry_for_uid, safe_dirs_command
 from tasks.lib.settings import ClusterSettings
-from tasks.node_errors import NodeError, describe_error
+from tasks.cluster.node_errors import NodeError, describe_error
 
 T = TypeVar("T")
 
@@ -257,7 +257,7 @@ class SshNode(Node):
             hop.close()
 
 
-# -- helpers (host keys are checked in tasks/hostkeys.py) -----------------------------------------
+# -- helpers (host keys are checked in tasks/cluster/hostkeys.py) -----------------------------------------
 
 
 def _partial_name(name: str) -> str:

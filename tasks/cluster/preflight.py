@@ -48,9 +48,9 @@ from tasks.lib.runspec import (
     resolve_launch_values,
 )
 from tasks.lib.settings import Settings
-from tasks.node_errors import describe_error
-from tasks.nodes import Node, NodeResults, SshNode, on_each
-from tasks.session import EXIT_USAGE, PROJECT_ROOT, ClusterSession, project_path
+from tasks.cluster.node_errors import describe_error
+from tasks.cluster.nodes import Node, NodeResults, SshNode, on_each
+from tasks.cluster.session import EXIT_USAGE, PROJECT_ROOT, ClusterSession, project_path
 
 PROBE_TIMEOUT_S = 60  # a hung nvidia-smi or docker must not hold the whole check
 

@@ -1,0 +1,1 @@
+"""How the controller reaches nodes: sessions, nodes, transports, host keys, preflight, fab hooks."""
