@@ -647,6 +647,12 @@ class Trainer:
                 "gemm_flops_per_step": stack.gemm_flops,
                 "bucket_count": len(stack.buckets),
                 "bucket_bytes": [stack.bucket_bytes(b) for b in stack.buckets],
+                # the layers (forward numbering) each bucket holds: it goes out after the dW
+                # of the last one listed
+                "bucket_layers": [
+                    [stack.layers - 1 - p for p in range(b.layers[0], b.layers[1] + 1)]
+                    for b in stack.buckets
+                ],
                 "param_bytes": stack.layers * stack.layer_numel * stack.element_size,
             }
         return {
