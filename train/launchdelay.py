@@ -171,6 +171,23 @@ def kernel_activity(trace: Mapping[str, Any], ops: Sequence[Op]) -> KernelActivi
     return found
 
 
+def kernel_activity_by_step(trace: Mapping[str, Any],
+                            steps: Sequence[Sequence[Op]]) -> list[KernelActivity]:
+    """kernel_activity of several steps profiled in one session, one entry per step: their
+    collective kernels pair with the steps' collectives in issue order, then split by step."""
+    found = kernel_activity(trace, [op for ops in steps for op in ops])
+    if found.reason is not None:
+        return [KernelActivity(reason=found.reason, kernels_seen=found.kernels_seen,
+                               collective_kernels_seen=found.collective_kernels_seen)
+                for _ in steps]
+    out, done = [], 0
+    for ops in steps:
+        out.append(KernelActivity(found.active[done:done + len(ops)], None, found.kernels_seen,
+                                  found.collective_kernels_seen))
+        done += len(ops)
+    return out
+
+
 def launch_delays(
     trace: Mapping[str, Any],
     gemm: Sequence[tuple[float, float]],

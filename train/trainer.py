@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from train.collectives import COMM_PHASE, CONTROL, TRAIN_PHASE, OpRecord, pack, timeline_lines
 from train.config import TrainConfig
-from train.launchdelay import kernel_activity, launch_check, launch_delays
+from train.launchdelay import kernel_activity_by_step, launch_check, launch_delays
 from train.metrics import AGGREGATED, TELEMETRY_FIELDS, Baseline, collect_env, median, step_metrics
 from train import startup
 from train.flight import FlightDumper, flight_recorder_env
@@ -465,8 +465,9 @@ class Trainer:
         return False
 
     def _sample_launch_delay(self) -> dict[str, Any]:
-        """A few extra train steps, then as many comm-only steps, each under torch.profiler
-        (GPU only), after the measured ones so the profiler's cost touches no measured step:
+        """A few extra train steps, each under torch.profiler, then as many comm-only steps
+        under one more (GPU only), after the measured ones so the profiler's cost touches no
+        measured step:
         when did each collective kernel start, against the moment its stream reached it, and
         how long did it run (train.launchdelay). The summary takes each collective's queued
         time off the measured steps' stream-event durations (train.kernelactive)."""
@@ -493,16 +494,15 @@ class Trainer:
                 except Exception as exc:  # noqa: BLE001 - one unreadable trace, one sample lost
                     samples.append({"delays": [], "reason": f"trace unreadable: {exc}"[:300],
                                     "kernels": 0, "collective_kernels": 0, "kernel_active": []})
-            comm_samples = []
-            for i in range(steps):
-                with torch.profiler.profile(activities=activities) as prof:
-                    result = self.stepper.resolve(self.stepper.run(COMM, i + 1))
-                try:
-                    comm_samples.append(self._kernel_activity_of(
-                        prof, result, Path(tmp) / f"comm_{i}.json"))
-                except Exception as exc:  # noqa: BLE001 - one unreadable trace, one sample lost
-                    comm_samples.append({"kernel_active": [], "kernels": 0,
-                                         "reason": f"trace unreadable: {exc}"[:300]})
+            # The comm-only steps share one profiler session (their kernels pair with their
+            # collectives in order, no clock fit needed): one session's cost, not `steps`.
+            with torch.profiler.profile(activities=activities) as prof:
+                results = [self.stepper.resolve(self.stepper.run(COMM, i + 1))
+                           for i in range(steps)]
+            try:
+                comm_samples = self._kernel_activity_of(prof, results, Path(tmp) / "comm.json")
+            except Exception as exc:  # noqa: BLE001 - an unreadable trace loses these samples
+                comm_samples = [{"kernel_active": [], "reason": f"trace unreadable: {exc}"[:300]}]
         return {"samples": samples, "comm_samples": comm_samples, "reason": None}
 
     @staticmethod
@@ -512,11 +512,14 @@ class Trainer:
         return [(op.collective, op.bucket, op.start_ms, op.end_ms) for op in ops]
 
     @staticmethod
-    def _kernel_activity_of(prof: Any, result: StepResult, path: Path) -> dict[str, Any]:
+    def _kernel_activity_of(prof: Any, results: list[StepResult],
+                            path: Path) -> list[dict[str, Any]]:
+        """One sample per step of a profiler session that ran these steps back to back."""
         prof.export_chrome_trace(str(path))
-        found = kernel_activity(json.loads(path.read_text()), Trainer._timed_ops(result))
-        return {"kernel_active": [list(a) for a in found.active], "reason": found.reason,
-                "kernels": found.kernels_seen}
+        found = kernel_activity_by_step(json.loads(path.read_text()),
+                                        [Trainer._timed_ops(result) for result in results])
+        return [{"kernel_active": [list(row) for row in step.active], "reason": step.reason}
+                for step in found]
 
     @staticmethod
     def _launch_delay_of(prof: Any, result: StepResult, path: Path) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import pytest
 
 from train.collectives import COMM_PHASE, TRAIN_PHASE, OpRecord, pack
 from train.kernelactive import KERNEL_FIELDS, kernel_active, queued_per_position
-from train.launchdelay import kernel_activity, launch_delays
+from train.launchdelay import kernel_activity, kernel_activity_by_step, launch_delays
 from train.summary import aggregate
 
 DATA = Path(__file__).parent / "data"
@@ -160,6 +160,25 @@ def test_world_size_one_and_unpaired_kernels_give_a_reason() -> None:
     assert found.active == [] and "9 collective kernels for 4 timed collectives" in found.reason
     found = kernel_activity(trace, [op[:3] for op in ops])
     assert found.active == [] and "end events" in (found.reason or "")
+
+
+def test_comm_only_steps_of_one_profiler_session_split_by_step() -> None:
+    """The trainer profiles its comm-only steps in one session: one trace, two steps' kernels."""
+    first, ops = comm_step()
+    second, _ = comm_step()
+    shift = 20_000.0  # the second step 20 ms later, its own correlation ids
+    for event in second["traceEvents"]:
+        event["ts"] += shift
+        event["args"]["correlation"] += 100
+    trace = {"traceEvents": first["traceEvents"] + second["traceEvents"]}
+    later = [(n, b, s + shift / 1e3, e + shift / 1e3) for n, b, s, e in ops]
+    found = kernel_activity_by_step(trace, [ops, later])
+    assert [f.reason for f in found] == [None, None]
+    assert [[row[1] for row in f.active] for f in found] == [list(range(8))] * 2
+    assert all(row[3] == pytest.approx(0.299) and row[4] == pytest.approx(0.001, abs=1e-3)
+               for f in found for row in f.active)
+    missing = kernel_activity_by_step(trace, [ops])  # 16 kernels, 8 collectives
+    assert missing[0].active == [] and "16 collective kernels for 8" in missing[0].reason
 
 
 def test_queued_medians_per_position_and_mismatched_samples() -> None:
