@@ -58,15 +58,16 @@ class Queued:
 
     ops: list[tuple[str, int]]
     ms: list[float]
-    samples: list[list[list[Any]]]  # every usable sample's kernel_active rows
+    samples: dict[int, list[list[Any]]]  # sampled step index -> its kernel_active rows
 
 
 def queued_per_position(samples: Sequence[Mapping[str, Any]],
                         missing: str) -> tuple[Queued | None, str | None]:
     """The median queued time per position over the samples that paired their kernels."""
-    usable = [s["kernel_active"] for s in samples
-              if isinstance(s, Mapping) and isinstance(s.get("kernel_active"), list)
-              and s["kernel_active"]]
+    by_index = {i: s["kernel_active"] for i, s in enumerate(samples)
+                if isinstance(s, Mapping) and isinstance(s.get("kernel_active"), list)
+                and s["kernel_active"]}
+    usable = list(by_index.values())
     if not usable:
         reasons = [str(s.get("reason")) for s in samples
                    if isinstance(s, Mapping) and s.get("reason")]
@@ -75,7 +76,7 @@ def queued_per_position(samples: Sequence[Mapping[str, Any]],
     if any([(str(row[0]), int(row[1])) for row in rows] != signature for rows in usable):
         return None, "the sampled steps paired different collectives with their kernels"
     ms = [median(float(rows[j][4]) for rows in usable) or 0.0 for j in range(len(signature))]
-    return Queued(signature, ms, usable), None
+    return Queued(signature, ms, by_index), None
 
 
 def _lookup(mapping: Mapping[Any, Any], step: int) -> Any:
@@ -144,8 +145,9 @@ def _sampled(queued: Sequence[Queued], sizes: Sequence[tuple[str, int]],
              world_size: int) -> dict[str, Any]:
     """Exact figures of the profiled train steps: kernel durations, shortest over ranks."""
     kernel_ms, stream_ms, kernel_bw, stream_bw = [], [], [], []
-    count = min(len(q.samples) for q in queued)
-    for i in range(count):
+    # the same profiled step on every rank (a rank may have lost one to an unreadable trace)
+    common = set.intersection(*(set(q.samples) for q in queued)) if queued else set()
+    for i in sorted(common):
         kernel = stream = bus = 0.0
         moved = 0
         for j, (name, size) in enumerate(sizes):
@@ -166,6 +168,11 @@ def _sampled(queued: Sequence[Queued], sizes: Sequence[tuple[str, int]],
         "stream_collective_ms": distribution(stream_ms),
         "stream_busbw_gbps": distribution(stream_bw),
     }
+
+
+def _paired(queued: Sequence[Queued]) -> int:
+    """How many profiled steps every rank paired with its kernels."""
+    return len(set.intersection(*(set(q.samples) for q in queued))) if queued else 0
 
 
 def _nothing(reason: str, train_steps: int = 0, comm_steps: int = 0) -> dict[str, Any]:
@@ -200,8 +207,8 @@ def kernel_active(reports: Sequence[Mapping[str, Any]], analysis: Analysis, worl
         queued, reason = queued_per_position(sampled.get("comm_samples") or [], missing)
         comm_queued.append(queued)
         comm_reason = comm_reason or reason
-    train_count = min(len(q.samples) for q in train_queued)
-    comm_count = min((len(q.samples) for q in comm_queued if q is not None), default=0)
+    train_count = _paired(train_queued)
+    comm_count = _paired([q for q in comm_queued if q is not None])
     if not analysis.ok:
         return _nothing(f"no cross-rank collective analysis: {analysis.reason}", train_count,
                         comm_count)

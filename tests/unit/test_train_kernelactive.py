@@ -273,6 +273,15 @@ def test_kernel_active_busbw_leaves_the_queueing_out() -> None:
         assert key not in summary["null_reasons"], key
 
 
+def test_a_sample_lost_on_one_rank_leaves_the_others_paired_by_step() -> None:
+    reports = gpu_reports()
+    lost = {"delays": [], "reason": "trace unreadable: truncated", "kernel_active": []}
+    reports[1]["launch_delay"]["samples"][0] = lost
+    section = aggregate(reports, world_size=2)["kernel_active"]
+    assert section["sampled_train_steps"] == 2  # steps 1 and 2 on both ranks
+    assert section["sampled"]["collective_ms"]["n"] == 2
+
+
 def test_kernel_active_overlap_counts_only_where_the_kernel_ran() -> None:
     summary = aggregate(gpu_reports(), world_size=2)
     # Every bucket's interval lies under the next dX/dW GEMMs but the last one's, which the
