@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from train.collectives import COMM_PHASE, CONTROL, TRAIN_PHASE, OpRecord, pack, timeline_lines
 from train.config import TrainConfig
+from train.exchange import gather_json
 from train.launchdelay import kernel_activity_by_step, launch_check, launch_delays
 from train.metrics import AGGREGATED, TELEMETRY_FIELDS, Baseline, collect_env, median, step_metrics
 from train import startup
@@ -635,10 +636,9 @@ class Trainer:
         partial = True
         if self.status != "failed" and dist.is_initialized():
             try:
-                gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
-                dist.gather_object(report, gathered, dst=0, group=self.group)
+                gathered = gather_json(report, device=self.plan.device, dst=0, group=self.group)
                 if gathered is not None:
-                    reports = [r for r in gathered if r is not None]
+                    reports = [r for r in gathered if isinstance(r, dict)]
                 partial = False
             except Exception as exc:  # noqa: BLE001 - a peer died while gathering
                 self.status = "failed"

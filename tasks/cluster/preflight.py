@@ -37,6 +37,7 @@ from tasks.lib.probe import (
     mismatch_hint,
     parse_probe_output,
     sh_command,
+    probe_input,
     probe_script,
     resolve_master_side,
 )
@@ -185,14 +186,14 @@ def probe_all(
     venv = node_venv(settings.cluster.venv, session.workdir)
 
     def probe(node: Node) -> HostFacts:
-        script = probe_script(
-            master,
-            session.workdir,
-            master_port=master_port if node.index == 0 else None,
-            container=container,
-            venv=venv,
-        )
-        result = node.run(sh_command(script), timeout=PROBE_TIMEOUT_S)
+        check_port = node.index == 0 and master_port is not None
+        command = sh_command(probe_script(master, session.workdir, check_port=check_port,
+                                          container=container, venv=venv))
+        if check_port:  # the port on stdin: never in an argv (tasks/lib/probe.py)
+            result = node.run_with_input(command, probe_input(master_port),
+                                         timeout=PROBE_TIMEOUT_S)
+        else:
+            result = node.run(command, timeout=PROBE_TIMEOUT_S)
         return parse_probe_output(node.index, node.label, result.stdout)
 
     results = on_each(session.nodes, probe)

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tasks.lib.nodefs import SAFE_FS_SH
+from tasks.lib.ports import PORT_HOLDERS_SH
 from tasks.lib.quoting import sh_join, sh_quote
 from tasks.lib.templating import render_template
 
@@ -542,6 +543,7 @@ def render_node_launcher(
     container: str | None,
     venv: str | None,
     venv_required: bool = True,
+    master_port: int | str = "",
 ) -> str:
     """The node launcher (bash), one file for every node: `bash node_launcher.sh NODE_RANK`.
 
@@ -549,6 +551,7 @@ def render_node_launcher(
     `[wrapper_argv...] torchrun --node-rank=<rank> torchrun_argv[1:]...` in `workdir` with env.sh
     sourced, bare (venv activated) or through `docker exec` into `container`. A venv that is
     not `venv_required` (the <workdir>/.venv default) is activated only where it exists.
+    On node 0 it refuses to start torchrun while someone listens on `master_port`, naming them.
     """
     validate_run_id(run_id)
     _registry_arg(registry_dir)
@@ -579,7 +582,8 @@ def render_node_launcher(
         venv=venv or "",
         venv_required=venv_required,
         command_json=json.dumps([*(wrapper_argv or []), *torchrun_argv]),
-        shell_lib=SHELL_LIB,
+        master_port=master_port,
+        shell_lib=SHELL_LIB + PORT_HOLDERS_SH,
     )
 
 

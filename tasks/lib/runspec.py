@@ -68,6 +68,7 @@ RESERVED_ENV: dict[str, str] = {
     "RCCL_THREADS_PER_BLOCK": "--threads", "NCCL_NTHREADS": "--threads",
     "NCCL_SOCKET_IFNAME": "cluster.socket_ifname", "GLOO_SOCKET_IFNAME": "cluster.socket_ifname",
     "MASTER_ADDR": "the inventory's first host", "MASTER_PORT": "--master-port",
+    "GEMM_RENDEZVOUS_SECRET": "the launch",
     "NODE_RANK": "the inventory order", "RANK": "torchrun", "LOCAL_RANK": "torchrun",
     "WORLD_SIZE": "--nproc and the inventory", "LOCAL_WORLD_SIZE": "--nproc",
     "GEMM_RUN_ID": "the launch", "GEMM_NODE_RANK": "the launch",
@@ -434,6 +435,10 @@ def parse_env_pairs(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
         if name in RESERVED_ENV:
             raise RunSpecError(f"--env {name} is set by the launch; "
                                f"use {RESERVED_ENV[name]} instead")
+        if name.startswith("PET_"):
+            # torchrun's flags from the environment: one could switch its rendezvous to the
+            # c10d backend, whose state torchrun unpickles from a store anyone can write.
+            raise RunSpecError(f"--env {name}: torchrun's settings (PET_*) are the launch's")
         if name in pairs:
             raise RunSpecError(f"--env {name} is given twice; keep one")
         if "\0" in value:
@@ -566,19 +571,21 @@ def torchrun_argv(
     nnodes: int,
     nproc: int | str,          # str only for --dry-run's placeholders
     master_addr: str,
-    master_port: int | str,
     config_path: str,
     output_dir: str,
     overrides: Sequence[str],
 ) -> list[str]:
     """torchrun for one node, the node rank left out: the node launcher adds it (same file on
-    every node). No restarts: a failed rank must end the run so fail-fast sees it."""
+    every node). No restarts: a failed rank must end the run so fail-fast sees it.
+
+    No master port: torchrun reads it from PET_MASTER_PORT, which env.sh sets. An argv is
+    readable by every user of the node, and whoever binds that port first serves the store
+    our other nodes join (train/rendezvous.py, docs/SECURITY.md)."""
     argv = [
         "torchrun",
         f"--nnodes={nnodes}",
         f"--nproc-per-node={nproc}",
         f"--master-addr={master_addr}",
-        f"--master-port={master_port}",
         "--max-restarts=0",
         "-m", "train",
         "--config", config_path,

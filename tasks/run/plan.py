@@ -165,11 +165,14 @@ def build_plan(session: ClusterSession, spec: RunSpec, *, run_id: str, run_dir: 
         files[posixpath.basename(node_input)] = spec.rocprof_input.read_bytes()
         profilers = replace(profilers, rocprof_input=node_input)
     secret_patterns = settings.launch.secret_env_patterns
+    # The run's own: every rank checks with it that node 0's store is this run's
+    # (train/rendezvous.py). It exists only in the nodes' env.sh (0600).
+    rendezvous = {"master_port": master_port, "rendezvous_secret": secrets.token_hex(32)}
     files[ENV_SCRIPT] = render_env_script(run_id=run_id, common_env=common_env, node_env=node_env,
-                                          secret_patterns=secret_patterns)
+                                          secret_patterns=secret_patterns, **rendezvous)
     shown_files = {ENV_SCRIPT: render_env_script(
         run_id=run_id, common_env=common_env, node_env=node_env, secret_patterns=secret_patterns,
-        masked=True)}
+        masked=True, **rendezvous)}
     if spec.docker:
         # A record of the container's shape (docker-up started it): the master's registry.
         uid = facts[0].uid if facts and facts[0].uid is not None else os.getuid()
@@ -177,7 +180,6 @@ def build_plan(session: ClusterSession, spec: RunSpec, *, run_id: str, run_dir: 
             docker=settings.docker, workdir=workdir,
             registry_dir=registry_for_uid(settings.cluster.registry_dir, uid))
     argv = torchrun_argv(nnodes=len(session.nodes), nproc=nproc, master_addr=master_addr,
-                         master_port=master_port,
                          config_path=posixpath.join(remote_run_dir, CONFIG_NAME_ON_NODE),
                          output_dir=output_dir, overrides=spec.train_overrides)
     wrapper = profiler_wrapper_argv(profilers, output_dir)
@@ -186,6 +188,7 @@ def build_plan(session: ClusterSession, spec: RunSpec, *, run_id: str, run_dir: 
         run_id=run_id, registry_dir=settings.cluster.registry_dir, run_dir=remote_run_dir,
         output_dir=output_dir, env_script=posixpath.join(remote_run_dir, ENV_SCRIPT),
         workdir=workdir, torchrun_argv=[str(a) for a in argv], wrapper_argv=wrapper,
+        master_port=master_port,
         container=settings.docker.container if spec.docker else None,
         venv=None if spec.docker else venv,
         venv_required=bool(settings.cluster.venv))

@@ -11,6 +11,7 @@ from invoke.exceptions import Exit
 from rich.console import Console
 
 from tasks.cluster.preflight import probe_all, require_matching_checkout
+from tasks.lib.ports import held_by
 from tasks.lib.probe import CheckoutState, HostFacts, judge_cluster, judge_host
 from tasks.lib.profiling import (
     missing_tools_message,
@@ -50,8 +51,9 @@ def probe_cluster(session: ClusterSession, spec: RunSpec) -> tuple[list[HostFact
         if facts[0].port_free is not False:
             break
         if spec.master_port:
-            raise Exit(f"launch: master port {port} is in use on {session.master.label}: pick "
-                       "another with --master-port (or auto)", code=EXIT_USAGE)
+            raise Exit(f"launch: master port {port} is in use on {session.master.label}"
+                       f"{held_by(facts[0].port_holders)}: pick another with --master-port "
+                       "(or auto)", code=EXIT_USAGE)
         port = random.randint(*AUTO_PORT_RANGE)
     else:
         raise Exit(f"launch: no free master port found on {session.master.label} after "
