@@ -104,13 +104,32 @@ gemm_now() { date -u +%Y-%m-%dT%H:%M:%S.%3NZ; }
 # Atomic write: readers never see a half-written value (mktemp: a fresh name nobody chose).
 gemm_put() { local t; t=$(mktemp -- "$1.XXXXXX") && printf '%s\n' "$2" >"$t" && mv -f -- "$t" "$1"; }
 gemm_get() { local v=; [ -r "$1" ] && IFS= read -r v <"$1"; printf '%s' "$v"; }
+# gemm_get for another user's registry (root's --all-users stop): a regular file only, opened by
+# a child that gives up after 2 s (a FIFO swapped in after the test would block an open of ours
+# for ever), its first line of at most 4 KiB.
+gemm_get_theirs() {
+  local v=; [ -f "$1" ] && [ ! -L "$1" ] || return 0
+  IFS= read -r v < <(timeout 2 head -c 4096 -- "$1" 2>/dev/null); printf '%s' "$v"
+}
 gemm_json() {
   local s=$1; s=${s//\\/\\\\}; s=${s//\"/\\\"}; s=${s//$'\n'/\\n}; s=${s//$'\r'/\\r}
   s=${s//$'\t'/\\t}; printf '"%s"' "$s"
 }
 # The registry is this user's alone (mode 0700, see tasks/lib/nodefs.py): nobody else can plant
 # entries, symlinks or a fake "running" run in it.
-gemm_make_registry() { gemm_safe_dir "$1" "the run registry (cluster.registry_dir)" private; }
+gemm_make_registry() {
+  local why owner
+  why=$(gemm_safe_dir "$1" "the run registry (cluster.registry_dir)" private 2>&1) && return 0
+  owner=$(stat -c %u -- "$1" 2>/dev/null)
+  if [ "$1" = "/tmp/gemm-runs-$GEMM_UID" ] && [ -n "$owner" ] && [ "$owner" != "$GEMM_UID" ]; then
+    # Someone else made our default first (/tmp is everyone's): only they or root can remove
+    # it. Name them, and a path of ours nobody can guess to use until then. One line: the
+    # controller shows a node's last line.
+    why="$why. $1 is squatted by $(gemm_user_of "$owner"): ask them or root to remove it; until then set cluster.registry_dir to a directory of yours, e.g. /tmp/gemm-runs-$GEMM_UID-$(od -An -N4 -tx4 /dev/urandom | tr -d ' '), in fabric.yaml or your fab -f file (every fab command then uses it)"
+  fi
+  printf '%s\n' "$why" >&2
+  return 1
+}
 # For readers: a registry that does not exist yet holds no runs; one we cannot trust is refused.
 gemm_open_registry() { [ -e "$1" ] || [ -L "$1" ] || return 0; gemm_make_registry "$1"; }
 # A process's start time (clock ticks since boot, /proc/PID/stat field 22): with the pid it names
