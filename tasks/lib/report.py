@@ -227,8 +227,9 @@ class PointRow:
     gemm_tflops_median: float | None = None
     contention_slowdown_median: float | None = None
     exposed_comm_fraction_median: float | None = None
-    busbw_gbps_median: float | None = None
+    busbw_gbps_median: float | None = None   # stream events (summary stream_busbw_gbps)
     algbw_gbps_median: float | None = None
+    kernel_busbw_gbps_median: float | None = None  # kernel-active (summary kernel_busbw_gbps)
     slowest_rank: int | None = None
     rank_spread: float | None = None     # slowest rank's median iter_ms over the fastest's
     iter_ms_p95: float | None = None
@@ -238,7 +239,8 @@ class PointRow:
     caused_wait_ms_median: float | None = None
     wait_ms_median: float | None = None
     wait_ms_p95: float | None = None
-    collective_ms_median: float | None = None
+    collective_ms_median: float | None = None  # stream events (summary stream_collective_ms)
+    kernel_collective_ms_median: float | None = None
     local_busbw_gbps_median: float | None = None
     gemm_contention_slowdown_median: float | None = None
     overlapped_gemm_fraction_median: float | None = None
@@ -273,6 +275,7 @@ CSV_FIELDS = (
     "channels", "threads", "nodes", "world_size", "status", "steps",
     "iter_ms_median", "iter_ms_p90", "gemm_tflops_median", "contention_slowdown_median",
     "exposed_comm_fraction_median", "busbw_gbps_median", "algbw_gbps_median",
+    "kernel_busbw_gbps_median", "kernel_collective_ms_median",
     "slowest_rank", "rank_spread",
     "iter_ms_p95", "slowest_step_ms_p95", "slowest_host", "slowest_by", "caused_wait_ms_median",
     "wait_ms_median", "wait_ms_p95", "collective_ms_median", "local_busbw_gbps_median",
@@ -293,11 +296,13 @@ AGGREGATE_COLUMNS = {
     "gemm_tflops_median": ("gemm_tflops", "median"),
     "contention_slowdown_median": ("contention_slowdown", "median"),
     "exposed_comm_fraction_median": ("exposed_comm_fraction", "median"),
-    "busbw_gbps_median": ("busbw_gbps", "median"),
-    "algbw_gbps_median": ("algbw_gbps", "median"),
+    "busbw_gbps_median": ("stream_busbw_gbps", "median"),
+    "algbw_gbps_median": ("stream_algbw_gbps", "median"),
+    "kernel_busbw_gbps_median": ("kernel_busbw_gbps", "median"),
+    "kernel_collective_ms_median": ("kernel_collective_ms", "median"),
     "wait_ms_median": ("wait_ms", "median"),
     "wait_ms_p95": ("wait_ms", "p95"),
-    "collective_ms_median": ("collective_ms", "median"),
+    "collective_ms_median": ("stream_collective_ms", "median"),
     "local_busbw_gbps_median": ("local_busbw_gbps", "median"),
     "gemm_contention_slowdown_median": ("gemm_contention_slowdown", "median"),
     "overlapped_gemm_fraction_median": ("overlapped_gemm_fraction", "median"),
@@ -307,7 +312,11 @@ AGGREGATE_COLUMNS = {
 }
 STATISTIC_PERCENT = {"median": 50, "p90": 90, "p95": 95}
 # Summary fields that are null for a stated reason: the reason goes into the row's notes.
-NULL_REASON_FIELDS = ("busbw_gbps", "wait_ms")
+NULL_REASON_FIELDS = ("stream_busbw_gbps", "kernel_busbw_gbps", "wait_ms")
+# Summaries written before the stream-event figures were named so: new key -> old key.
+RENAMED_SUMMARY_KEYS = {"stream_busbw_gbps": "busbw_gbps", "stream_algbw_gbps": "algbw_gbps",
+                        "stream_collective_ms": "collective_ms",
+                        "stream_comm_slowdown": "comm_slowdown"}
 
 
 def summarize_run(data: RunData, spec: PointSpec | None = None, sweep_status: str | None = None) -> PointRow:
@@ -334,6 +343,9 @@ def summarize_run(data: RunData, spec: PointSpec | None = None, sweep_status: st
         row.problems.insert(1 if failure else 0, cause)
     aggregates = _summary_aggregates(data.summary)
     for attribute, (key, statistic) in AGGREGATE_COLUMNS.items():
+        old = RENAMED_SUMMARY_KEYS.get(key)
+        if old is not None and key not in aggregates and old in aggregates:
+            key = old
         value = _number(_get(aggregates, key, statistic))
         if value is None and steps and not isinstance(_get(aggregates, "null_reasons", key), str):
             value = quantile([line.get(key) for line in steps], STATISTIC_PERCENT[statistic])
@@ -357,12 +369,18 @@ def _fill_effective(row: PointRow, summary: Mapping[str, Any] | None) -> None:
             if isinstance(values, list) and values:
                 setattr(row, attribute, ",".join(str(v) for v in values))
         if row.effective_threads is None:
-            # No TUNING table (world size 1, or not rank 0): the thread value NCCL reported
-            # reading stands in, so points of different threads are not taken for equal.
+            # No kernel block known (world size 1, or no per-collective line on any rank): the
+            # thread variable as the library used it stands in (after its own clamping, e.g.
+            # RCCL's NCCL_NTHREADS minimum), so points of different threads are not taken for
+            # equal, and points the library clamped to one value are.
+            knob = _get(effective, "threads_knob")
             read = _get(effective, "env_read") or {}
-            value = read.get("NCCL_NTHREADS") or read.get("RCCL_THREADS_PER_BLOCK") if isinstance(read, Mapping) else None
-            if value is not None:
-                row.effective_threads = f"{value} (read)"
+            if isinstance(knob, Mapping) and knob.get("read") is not None and knob.get("effective") is not None:
+                row.effective_threads = f"{knob['effective']} ({knob.get('name')} read)"
+            else:
+                value = read.get("NCCL_NTHREADS") or read.get("RCCL_THREADS_PER_BLOCK") if isinstance(read, Mapping) else None
+                if value is not None:
+                    row.effective_threads = f"{value} (read)"
         flags += [str(f) for f in effective.get("flags") or [] if isinstance(f, str)]
         row.notes += [str(n) for n in effective.get("notes") or [] if isinstance(n, str)]
         captured = effective.get("capture") == "on"
@@ -431,8 +449,9 @@ def _fill_cross_rank(row: PointRow, aggregates: Mapping[str, Any]) -> None:
     reasons = _get(aggregates, "null_reasons")
     if isinstance(reasons, Mapping):
         for key in NULL_REASON_FIELDS:
-            if isinstance(reasons.get(key), str):
-                row.notes.append(f"{key} null: {reasons[key]}")
+            reason = reasons.get(key, reasons.get(RENAMED_SUMMARY_KEYS.get(key, key)))
+            if isinstance(reason, str):
+                row.notes.append(f"{key} null: {reason}")
 
 
 def missing_row(spec: PointSpec | None, status: str, run_dir: str | None = None,
@@ -932,8 +951,11 @@ def _communication_lines(rows: Sequence[PointRow]) -> list[str]:
         return []
     lines = ["", "## Communication", ""]
     for row in shown:
-        parts = [f"collective {_fmt(row.collective_ms_median, '.3g')} ms per step (p50, rank skew "
-                 f"left out; local busbw with waits {_fmt(row.local_busbw_gbps_median, '.3g')} GB/s)",
+        parts = [f"collective {_fmt(row.collective_ms_median, '.3g')} ms per step from stream "
+                 f"events, {_fmt(row.kernel_collective_ms_median, '.3g')} ms kernel-active (p50, "
+                 f"rank skew left out; kernel-active busbw "
+                 f"{_fmt(row.kernel_busbw_gbps_median, '.3g')} GB/s; local busbw with waits "
+                 f"{_fmt(row.local_busbw_gbps_median, '.3g')} GB/s)",
                  (f"launch delay of the first collective {_fmt(row.launch_delay_ms_median, '.3g')} ms"
                   if row.launch_delay_ms_median is not None or not row.launch_delay_reason
                   else f"launch delay not measured ({row.launch_delay_reason})"),

@@ -289,7 +289,8 @@ HEADLINE_METRICS: tuple[tuple[str, str], ...] = (
     ("exposed_comm_ms", "exposed comm ms"),
     ("overlap_fraction", "overlap"),
     ("gemm_tflops", "GEMM TFLOP/s"),
-    ("busbw_gbps", "busbw GB/s"),
+    ("stream_busbw_gbps", "busbw GB/s (stream events)"),
+    ("kernel_busbw_gbps", "busbw GB/s (kernel-active)"),
     ("contention_slowdown", "contention slowdown"),
 )
 

@@ -106,9 +106,10 @@ def test_write_json_atomic_replaces_whole_file_and_leaves_no_temporary(tmp_path)
 
 def test_headline_takes_medians():
     summary = {"status": "completed", "world_size": 4, "steps_completed": 20, "steps_per_s": 5.0,
-               "iter_ms": {"median": 2.5, "p10": 2.0}, "busbw_gbps": None}
+               "iter_ms": {"median": 2.5, "p10": 2.0}, "stream_busbw_gbps": None}
     headline = headline_metrics(summary)
-    assert headline["iter_ms"] == 2.5 and headline["busbw_gbps"] is None
+    assert headline["iter_ms"] == 2.5 and headline["stream_busbw_gbps"] is None
+    assert headline["kernel_busbw_gbps"] is None
     assert headline["status"] == "completed" and headline["steps_per_s"] == 5.0
 
 
