@@ -261,7 +261,9 @@ def detach_message(run_id: str) -> str:
         "nccl_preset": "NCCL settings from config/nccl/<name>.yaml: ib, ethernet, debug",
         "override": "train config override section.key=value (repeatable), "
                     "e.g. training.max_steps=50",
-        "env": "extra variable KEY=VALUE for every rank (repeatable); the value arrives literally",
+        "env": "extra variable KEY=VALUE for every rank (repeatable); the value arrives "
+               "literally. KEY alone takes KEY's value from this environment (keeps a secret "
+               "out of the command line, which ps shows to every user)",
         "docker": "run the ranks in the experiment container (fab docker-up) on every node",
         "no_docker": "run the ranks bare on every node (activating cluster.venv)",
         "detach": "return right after the start, printing the run id (fab logs/status/stop)",
@@ -310,7 +312,8 @@ def launch(c, channels=None, threads=None, nproc=None, config=None, rocprof=Fals
                 nodes=nodes, partition=partition, time_limit=time, account=account,
                 default_nodes=0 if session.inventory.is_local else len(session.nodes),
                 experiments_dir=project_path(session.settings.cluster.experiments_dir),
-                dry_run=spec.dry_run, console=console)
+                dry_run=spec.dry_run, console=console,
+                secret_patterns=session.settings.launch.secret_env_patterns)
             if code:
                 raise Exit(code=code)
             return

@@ -284,8 +284,10 @@ def _print_stop_results(console: Console, results: NodeResults[list[StopOutcome]
         for outcome in outcomes:
             code = "-" if outcome.exit_code is None else outcome.exit_code
             whose = f" of user {outcome.user}" if show_user and outcome.user else ""
+            note = "" if outcome.recorded else " (not recorded: root writes nothing into " \
+                "another user's registry)"
             console.out(f"node {node.index} ({node.label}): run {outcome.run_id}{whose} node "
-                        f"{outcome.node_rank} {verb}: {outcome.state}, exit code {code}",
+                        f"{outcome.node_rank} {verb}: {outcome.state}, exit code {code}{note}",
                         highlight=False)
 
 

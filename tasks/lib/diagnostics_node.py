@@ -15,6 +15,7 @@ import glob
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -190,16 +191,45 @@ def run_command(argv: list[str], timeout: float) -> dict[str, Any]:
     return out
 
 
-def find_pyspy(candidates: list[str]) -> str | None:
-    for candidate in candidates:
-        if os.sep in candidate:
-            if os.access(candidate, os.X_OK):
-                return candidate
-        else:
-            found = shutil.which(candidate)
-            if found:
-                return found
+def untrusted_because(path: str) -> str | None:
+    """Why a user other than root or us could change the program at `path` (None: nobody can).
+
+    This collector runs as root where py-spy needs it: a py-spy in a venv another user can
+    write would run their code as root. Every entry from / down to the file is judged, on its
+    own path and on the path its symlinks lead to, as tasks/lib/nodefs.py does on the shell side.
+    """
+    uid = os.getuid()
+    for full in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
+        current = "/"
+        for part in [""] + [p for p in full.split("/") if p]:
+            current = os.path.join(current, part) if part else "/"
+            try:
+                info = os.lstat(current)
+            except OSError as err:
+                return f"{current}: {err.strerror}"
+            if info.st_uid not in (0, uid):
+                return f"{current} is owned by uid {info.st_uid}"
+            if stat.S_ISLNK(info.st_mode):
+                continue
+            sticky_dir = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+            if info.st_mode & 0o022 and not sticky_dir:
+                return f"{current} is writable by other users (mode {info.st_mode & 0o7777:o})"
     return None
+
+
+def find_pyspy(candidates: list[str]) -> tuple[str | None, list[str]]:
+    """The first candidate that exists, is executable and nobody else can change; and why any
+    that exist were refused."""
+    refused = []
+    for candidate in candidates:
+        found = candidate if os.sep in candidate else shutil.which(candidate)
+        if not found or not os.access(found, os.X_OK):
+            continue
+        why = untrusted_because(found)
+        if why is None:
+            return found, refused
+        refused.append(f"{found}: not run ({why})")
+    return None, refused
 
 
 def dump_stack(proc: dict[str, Any], pyspy: str | None, container: str | None, native: bool,
@@ -316,11 +346,13 @@ def collect(args: dict[str, Any]) -> dict[str, Any]:
         sessions |= {i for e in entries for name, i in e["ids"].items() if name == "container.pid"}
     processes, unreadable = scan_processes(run_id, node_rank, sessions,
                                            inside_container=bool(args.get("inside_container")))
-    pyspy = find_pyspy(list(args.get("pyspy") or []) + ["py-spy"])
+    pyspy, pyspy_refused = find_pyspy(list(args.get("pyspy") or []) + ["py-spy"])
     for proc in processes:
         if proc["python"]:
             proc["stack"] = dump_stack(proc, pyspy, None if args.get("inside_container") else container,
                                        bool(args.get("native", True)), timeout)
+            if not proc["stack"]["ok"]:
+                proc["stack"]["errors"] = pyspy_refused + proc["stack"]["errors"]
     report = {
         "format": 1,
         "hostname": os.uname().nodename,
@@ -332,6 +364,7 @@ def collect(args: dict[str, Any]) -> dict[str, Any]:
         "registry": [{"dir": e["dir"], "state": e["state"], "ids": e["ids"]} for e in entries],
         "container": container,
         "pyspy": pyspy,
+        "pyspy_refused": pyspy_refused,
         "processes": processes,
         "unreadable_environments": unreadable,
         "gpu": gpu_state(timeout),

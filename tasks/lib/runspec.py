@@ -285,7 +285,7 @@ def resolve_run_spec(
     channels, threads, nproc = values.channels, values.threads, values.nproc
     master_port, config_text, hang_timeout = values.master_port, values.config, values.hang_timeout
     overrides = parse_overrides(flags.overrides)
-    env = parse_env_pairs(flags.env)
+    env = parse_env_pairs(flags.env, environ)
 
     nccl_preset = flags.nccl_preset or config.get("nccl_preset") or None
     sources["nccl_preset"] = "flag" if flags.nccl_preset else ("config" if nccl_preset else "none")
@@ -422,13 +422,22 @@ def parse_hang_timeout(value: object, what: str = "--hang-timeout") -> float:
     return seconds
 
 
-def parse_env_pairs(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
-    """--env KEY=VALUE items; the value is kept byte for byte (quotes, $(...), newlines)."""
+def parse_env_pairs(items: Sequence[str],
+                    environ: Mapping[str, str] | None = None) -> tuple[tuple[str, str], ...]:
+    """--env KEY=VALUE items; the value is kept byte for byte (quotes, $(...), newlines).
+
+    `--env KEY` alone takes KEY's value from `environ` (this process's environment), as
+    `docker run -e KEY` does: a secret given so never sits in an argv (`ps` shows every user
+    the command line of `fab` itself), and `fab launch --slurm` hands its batch job secrets
+    that way (tasks/run/submit.py)."""
     pairs: dict[str, str] = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep:
-            raise RunSpecError(f"--env {item!r} is not KEY=VALUE (e.g. --env NCCL_DEBUG=INFO)")
+        if not sep and environ is not None and is_env_name(name) and name in environ:
+            value = environ[name]
+        elif not sep:
+            raise RunSpecError(f"--env {item!r} is not KEY=VALUE (e.g. --env NCCL_DEBUG=INFO), "
+                               "nor the name of a variable set in this environment")
         if not is_env_name(name):
             raise RunSpecError(f"--env {name!r} is not a valid variable name (letters, digits "
                                "and _, not starting with a digit)")
