@@ -22,6 +22,7 @@ from tasks.lib.console import make_console
 from tasks.lib.registry import RegistryError, validate_run_id
 from tasks.lib.runrecord import RUN_JSON
 from tasks.lib.settings import Settings
+from tasks.lib.untrusted import terminal_text
 from tasks.lib.watchdog import HangReport, HangWatchdog, parse_progress_poll, progress_poll_command
 from tasks.cluster.node_errors import describe_error
 from tasks.cluster.nodes import Node, on_each
@@ -85,7 +86,7 @@ def write_diagnostics(dest_dir: Path, reports: Iterable[diag.NodeReport],
 def print_summary(console: Console, summary: diag.DiagnosticsSummary, dest_dir: Path) -> None:
     for index, line in enumerate(diag.summary_lines(summary)):
         style = "bold red" if index == 0 and summary.kind == "hang" else None
-        console.print(escape(line), style=style, highlight=False)
+        console.print(escape(terminal_text(line)), style=style, highlight=False)
     console.print(f"diagnostics: {escape(str(dest_dir))}/", highlight=False)
 
 

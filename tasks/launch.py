@@ -13,7 +13,6 @@ first) or a host could not be reached; 2 bad flags, config or cluster state (not
 """
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import time
@@ -36,6 +35,7 @@ from tasks.lib.profiling import profiler_wrapper_argv
 from tasks.lib.quoting import sh_join
 from tasks.lib.runrecord import HEADLINE_METRICS, headline_metrics, now_iso
 from tasks.lib.runspec import LaunchFlags, RunSpec
+from tasks.lib import untrusted
 from tasks.cluster.node_errors import describe_error
 from tasks.run.plan import (
     COMPOSE_FILE,
@@ -167,7 +167,7 @@ def print_summary(console: Console, plan: Plan, watcher: Watcher | None) -> None
         console.out(f"first failure: node {failure.node_rank} ({failure.host}), ranks "
                     f"{failure.ranks}: {failure.reason}", highlight=False)
         for line in failure.last_lines[-10:]:
-            console.out(f"  | {line}", highlight=False)
+            console.out(f"  | {untrusted.terminal_text(line)}", highlight=False)
     console.out(f"run dir: {plan.run_dir}", highlight=False)
 
 
@@ -198,10 +198,16 @@ def finish(session: ClusterSession, plan: Plan, watcher: Watcher, status: str,
     clock.mark("collect")
     summary_path = plan.run_dir / plan.spec.output_dir_name / "summary.json"
     if summary_path.is_file():
+        # The nodes wrote it: bounded and checked (tasks/lib/untrusted.py); a summary that
+        # cannot be read costs the headline, never run.json's end.
         try:
-            record.headline = headline_metrics(json.loads(summary_path.read_text()))
-        except (OSError, ValueError):
-            pass
+            summary = untrusted.read_json(summary_path)
+            if not isinstance(summary, dict):
+                raise ValueError("not a JSON object")
+            record.headline = headline_metrics(summary)
+        except (OSError, ValueError) as err:
+            console.out(f"launch: {summary_path.name} from the nodes is unreadable "
+                        f"({str(err)[:200]}); no headline", highlight=False)
     code = {"succeeded": 0, "hung": EXIT_HUNG}.get(status, EXIT_FAILED)
     record.finish(status=status, exit_status=code, at=now_iso())
     write_record(plan)

@@ -8,10 +8,12 @@ from invoke import Collection, task
 from invoke.exceptions import Exit
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tasks.lib import report as rep
 from tasks.lib.console import make_console
+from tasks.lib.untrusted import terminal_text
 from tasks.cluster.session import EXIT_USAGE, cli_path
 
 
@@ -44,7 +46,8 @@ def write_report(path: Path, out_dir: Path | None = None, plots: bool = True) ->
         for row in rows:
             if row.run_dir not in runs:
                 continue
-            name = row.label + ("" if row.status == rep.COMPLETED else f" ({row.status})")
+            name = row.label + ("" if row.status == rep.COMPLETED
+                                else f" ({figures_lib.status_label(row.status)})")
             panels.append((name, rep.per_rank_step_times(runs[row.run_dir])))
             if row.slowest_by == "caused_wait":
                 notes[name] = (f"slowest: rank {row.slowest_rank} (others waited "
@@ -74,18 +77,26 @@ def results_table(result: ReportResult) -> Table:
         table.add_column(header, justify="left" if header == "status" else "right", no_wrap=True)
     for row in result.rows:
         style = "bold green" if row is result.best else ("red" if row.status != rep.COMPLETED else None)
-        ch, th, nodes, ranks, *rest = rep.table_cells(row, rep.TERMINAL_MD_COLUMNS)
+        # Cells are markup to rich: a node's status ("[/]") would raise, or restyle the table.
+        ch, th, nodes, ranks, *rest = (_plain(cell) for cell in
+                                       rep.table_cells(row, rep.TERMINAL_MD_COLUMNS))
         table.add_row(ch, th, f"{nodes}/{ranks}", *rest, style=style)
     return table
+
+
+def _plain(value: object) -> str:
+    """A value read from the run's files (the nodes' word) inside rich markup: shown as it is."""
+    return escape(terminal_text(str(value)))
 
 
 def print_report(console: Console, result: ReportResult) -> None:
     console.print(results_table(result))
     for row in result.rows:
         if row.problems:
-            console.print(f"[yellow]{row.label}[/]: " + "; ".join(row.problems), highlight=False)
+            console.print(f"[yellow]{row.label}[/]: " + _plain("; ".join(row.problems)),
+                          highlight=False)
         if row.slowest_by == "caused_wait" and (row.world_size or 0) > 1:
-            console.print(f"{row.label}: slowest rank {row.slowest_rank} ({row.slowest_host}): the "
+            console.print(f"{row.label}: slowest rank {row.slowest_rank} ({_plain(row.slowest_host)}): the "
                           f"others waited {row.caused_wait_ms_median or 0:.3g} ms per step for it",
                           highlight=False)
         if row.clock_flag:
@@ -93,7 +104,8 @@ def print_report(console: Console, result: ReportResult) -> None:
                           f"({(row.clock_drift or 0) * 100:+.1f} % SM clock)", highlight=False)
     if result.best is not None:
         console.print(f"best point: [bold]{result.best.label}[/] "
-                      f"(median iteration {result.best.iter_ms_median:.2f} ms, run {result.best.run_id})")
+                      f"(median iteration {result.best.iter_ms_median:.2f} ms, run "
+                      f"{_plain(result.best.run_id)})")
     else:
         console.print("[red]no completed point: no best point[/]")
     console.print("wrote " + ", ".join(str(f) for f in result.files), highlight=False)

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.lib import diagnostics_node
+from tasks.lib import diagnostics_node, untrusted
+from tasks.lib.nodereport import clean_node_report
 from tasks.lib.quoting import sh_quote
 
 NODE_SCRIPT = Path(diagnostics_node.__file__).read_text()
@@ -211,13 +212,20 @@ class NodeReport:
 
 
 def parse_node_report(stdout: str, node_rank: int | None, host: str) -> NodeReport:
-    """The collector's JSON (the last JSON line of stdout: env scripts may print before it)."""
+    """The collector's JSON (the last JSON line of stdout: env scripts may print before it),
+    bounded and checked (tasks/lib/nodereport.py): what cannot be read is dropped and listed in
+    the report's "unreadable", never raised later on the way to stopping a hung run."""
     for line in reversed(stdout.strip().splitlines()):
         if line.startswith("{"):
             try:
-                return NodeReport(node_rank, host, json.loads(line))
-            except ValueError:
-                break
+                data = untrusted.loads(line)
+            except ValueError as err:
+                raise ValueError(f"the diagnostics report of {host} is unreadable: "
+                                 f"{str(err)[:200]}") from None
+            clean, problems = clean_node_report(data)
+            if problems:
+                clean["unreadable"] = problems
+            return NodeReport(node_rank, host, clean)
     raise ValueError(f"no diagnostics report in the output of {host}: {stdout.strip()[-200:]!r}")
 
 
@@ -478,14 +486,14 @@ def summary_markdown(summary: DiagnosticsSummary, diag_dir_name: str) -> str:
     for s in summary.ranks:
         seen.add(s.rank)
         state = s.state + (f" ({s.state_note})" if s.state_note else "")
-        frames = "<br>".join(f"`{_md_escape(f)}`" for f in s.frames) if s.frames else \
+        frames = "<br>".join(_md_cell_code(f) for f in s.frames) if s.frames else \
             f"no stack: {_md_escape(s.dump_error or '')}"
         if s.train_frame and s.train_frame not in s.frames:
-            frames += f"<br>… in `{_md_escape(s.train_frame)}`"
+            frames += f"<br>… in {_md_cell_code(s.train_frame)}"
         for thread in s.threads:
-            frames += f"<br>thread `{_md_escape(thread)}`"
+            frames += f"<br>thread {_md_cell_code(thread)}"
         out.append(f"| {s.rank} | {s.node_rank} | {_md_escape(s.host)} | "
-                   f"{'-' if s.step is None else s.step} | {state} | {frames} |")
+                   f"{'-' if s.step is None else s.step} | {_md_escape(state)} | {frames} |")
     for rank, step in summary.rank_steps.items():
         if rank not in seen:
             out.append(f"| {rank} | | | {'-' if step is None else step} | no process | |")
@@ -506,7 +514,12 @@ def _singles_out(summary: DiagnosticsSummary) -> bool:
 
 
 def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return untrusted.md_text(text)
+
+
+def _md_cell_code(text: str) -> str:
+    """A code span inside a table cell: GFM splits cells at "|" even inside code spans."""
+    return untrusted.md_code(text).replace("|", "\\|")
 
 
 # -- reading back from a run directory ---------------------------------------------------------
@@ -527,8 +540,9 @@ def hang_summary_markdown(run_dir: str | Path) -> str:
     text = summary_markdown(summary, HANG_DIR)
     dumps = read_flight_dumps(run_dir)
     if dumps:
+        findings = untrusted.md_text(flight_recorder_findings(dumps)["summary"], 2000)
         text = text.rstrip("\n") + ("\n\nFlight recorder (PyTorch, dumped at the hang): "
-                                    f"{flight_recorder_findings(dumps)['summary']}.\n")
+                                    f"{findings}.\n")
     return text
 
 
@@ -536,7 +550,7 @@ def hang_summary_markdown(run_dir: str | Path) -> str:
 
 FLIGHT_DIR = "flight_recorder"
 FLIGHT_TRIGGER = "DUMP"
-FLIGHT_RANK_RE = re.compile(r"^rank_(\d+)\.json$")
+FLIGHT_RANK_RE = re.compile(r"^rank_([0-9]{1,9})\.json$")
 
 
 def flight_dump_command(output_dir: str) -> str:
@@ -554,7 +568,7 @@ def read_flight_dumps(run_dir: str | Path) -> dict[int, Any]:
             if not match:
                 continue
             try:
-                dumps[int(match.group(1))] = json.loads(path.read_text())
+                dumps[int(match.group(1))] = untrusted.read_json(path)
             except (OSError, ValueError):
                 dumps[int(match.group(1))] = {"error": f"{path.name} unreadable"}
         if dumps:
@@ -573,7 +587,9 @@ def flight_recorder_findings(dumps: Mapping[int, Any]) -> dict[str, Any]:
         for entry in entries or []:
             if not isinstance(entry, Mapping) or entry.get("is_p2p"):
                 continue
-            group = entry.get("process_group") or [entry.get("pg_id")]
+            group = entry.get("process_group")
+            if not isinstance(group, list) or not group:
+                group = [entry.get("pg_id")]
             pg = str(group[0])
             seq = entry.get("collective_seq_id")
             if not isinstance(seq, int):

@@ -14,10 +14,11 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from tasks.lib import untrusted
 from tasks.lib.runrecord import RUN_JSON
 from tasks.lib.sweep import SWEEP_JSON
 SUMMARY_JSON = "summary.json"
@@ -43,17 +44,18 @@ class ReportError(Exception):
 # -- reading files --------------------------------------------------------------------------------
 
 def read_json_file(path: Path) -> tuple[Any, str | None]:
-    """(document, None) or (None, one-line problem)."""
+    """(document, None) or (None, one-line problem). The file is a node's word: bounded in
+    size, depth and number length (tasks/lib/untrusted.py)."""
     try:
-        text = path.read_text()
+        return untrusted.read_json(path), None
     except FileNotFoundError:
         return None, f"{path.name} missing"
     except OSError as err:
         return None, f"{path.name} unreadable: {err.strerror or err}"
-    try:
-        return json.loads(text), None
     except json.JSONDecodeError as err:
         return None, f"{path.name} is not valid JSON (line {err.lineno}: {err.msg})"
+    except ValueError as err:
+        return None, f"{path.name} unreadable: {str(err)[:200]}"
 
 
 def read_jsonl_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -62,29 +64,32 @@ def read_jsonl_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     A last line without its newline is what a killed rank leaves behind: it is reported as
     truncated rather than corrupt, since nothing is wrong with the run's earlier steps.
     """
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as err:
-        return [], [f"{path.name} unreadable: {err.strerror or err}"]
     lines: list[dict[str, Any]] = []
     bad: list[int] = []
     truncated = False
-    raw_lines = text.split("\n")
-    for number, raw in enumerate(raw_lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            if number == len(raw_lines):  # no newline after it: the writer died mid-line
-                truncated = True
+    try:
+        # Line by line, each bounded: a line too long, too deep or with a 5000-digit number is
+        # one corrupt line, never the report's end.
+        for number, raw, complete in untrusted.read_lines(path):
+            if raw is None:
+                bad.append(number)
+                continue
+            if not raw.strip():
+                continue
+            try:
+                value = untrusted.loads(raw, max_bytes=untrusted.MAX_JSON_LINE_BYTES)
+            except ValueError:
+                if not complete:  # no newline after it: the writer died mid-line
+                    truncated = True
+                else:
+                    bad.append(number)
+                continue
+            if isinstance(value, dict):
+                lines.append(value)
             else:
                 bad.append(number)
-            continue
-        if isinstance(value, dict):
-            lines.append(value)
-        else:
-            bad.append(number)
+    except OSError as err:
+        return [], [f"{path.name} unreadable: {err.strerror or err}"]
     problems = []
     if bad:
         shown = ", ".join(str(n) for n in bad[:5]) + (" ..." if len(bad) > 5 else "")
@@ -800,7 +805,7 @@ def results_csv(rows: Iterable[PointRow], base: Path | None = None) -> str:
         record["notes"] = "; ".join(row.notes)
         record["settings_flags"] = "; ".join(row.settings_flags)
         record["problems"] = "; ".join(row.problems)
-        writer.writerow({k: _csv_value(v) for k, v in record.items()})
+        writer.writerow({k: untrusted.csv_cell(_csv_value(v)) for k, v in record.items()})
     return buffer.getvalue()
 
 
@@ -812,10 +817,27 @@ def _csv_value(value: Any) -> Any:
     return value
 
 
+def markdown_row(row: PointRow) -> PointRow:
+    """The row as report.md shows it: every text field a node may have written (status, host,
+    notes, flags, problems, NCCL's names) escaped for Markdown/HTML on one line (a node's status
+    must not forge a "Best point" line or inject HTML). run_dir stays (paths are read from it)."""
+    escaped: dict[str, Any] = {}
+    for item in fields(row):
+        value = getattr(row, item.name)
+        if item.name in ("run_id", "run_dir"):
+            continue
+        if isinstance(value, str):
+            escaped[item.name] = untrusted.md_text(value)
+        elif isinstance(value, list):
+            escaped[item.name] = [untrusted.md_text(v) for v in value]
+    return replace(row, **escaped)
+
+
 def report_markdown(report_input: ReportInput, rows: Sequence[PointRow], figures: Sequence[str],
                     single_run: RunData | None = None) -> str:
     """report.md: what was measured, the best point, the trade-off, the problems, the figures."""
-    lines = [f"# Report: {report_input.root.name}", ""]
+    rows = [markdown_row(row) for row in rows]
+    lines = [f"# Report: {untrusted.md_text(report_input.root.name)}", ""]
     completed = sum(r.status == COMPLETED for r in rows)
     lines.append(f"{len(rows)} point(s), {completed} completed. Source: `{report_input.root}`"
                  + (f" (sweep of channels {_grid_text(report_input.sweep, 'channels')} × threads "
@@ -833,7 +855,7 @@ def report_markdown(report_input: ReportInput, rows: Sequence[PointRow], figures
                      f"contention slowdown {_pct(best.contention_slowdown_median)} "
                      f"(overlapped GEMMs {_pct(best.gemm_contention_slowdown_median)}), "
                      f"busbw {_fmt(best.busbw_gbps_median, '.3g')} GB/s, "
-                     f"wait p95 {_fmt(best.wait_ms_p95, '.3g')} ms. Run: `{best.run_id}`.")
+                     f"wait p95 {_fmt(best.wait_ms_p95, '.3g')} ms. Run: {untrusted.md_code(best.run_id)}.")
         others = sorted((r for r in rows if r is not best and r.status == COMPLETED and r.iter_ms_median),
                         key=lambda r: r.iter_ms_median)
         if others and best.iter_ms_median:
@@ -857,7 +879,7 @@ def report_markdown(report_input: ReportInput, rows: Sequence[PointRow], figures
         for row in problem_rows:
             detail = "; ".join(row.problems) or (
                 "not run yet (fab sweep --resume finishes it)" if row.status == NOT_RUN else "no detail recorded")
-            lines.append(f"- {row.label} (`{row.run_id or '-'}`): status {row.status}; {detail}")
+            lines.append(f"- {row.label} ({untrusted.md_code(row.run_id or '-')}): status {row.status}; {detail}")
     lines.extend(_effective_lines(rows))
     lines.extend(_straggler_lines(rows))
     lines.extend(_clock_lines(rows))
@@ -1059,7 +1081,7 @@ def _per_rank_lines(data: RunData) -> list[str]:
         values = [line.get("iter_ms") for line in steps]
         numbers = [v for v in (_number(x) for x in values) if v is not None]
         entry = per_rank.get(rank, {})
-        cells = [str(rank), str(entry.get("host") or "-"), str(len(steps)),
+        cells = [str(rank), untrusted.md_text(entry.get("host") or "-"), str(len(steps)),
                  _fmt(quantile(values, 50), ".2f"), _fmt(quantile(values, 95), ".2f"),
                  _fmt(max(numbers) if numbers else None, ".2f")]
         for _, key, spec in extra:
@@ -1130,19 +1152,15 @@ def _get(document: Any, *keys: str) -> Any:
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
+    return untrusted.finite_number(value)
 
 
 def _integer(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
-    return None
+    """An int of a document or a digit string, bounded (a node's summary may hold anything)."""
+    if isinstance(value, str):
+        text = value.strip()
+        return untrusted.int_text(text) if text.isascii() and text.isdigit() else None
+    return untrusted.plain_int(value)
 
 
 def _string(value: Any) -> str | None:

@@ -34,6 +34,7 @@ from typing import Any
 
 from tasks.lib.localfs import name_problem, shown_name
 from tasks.lib.quoting import sh_quote
+from tasks.lib.untrusted import finite_number, plain_int, short_text
 from tasks.lib.watchdog import STEP_LINE
 
 SCHEMA_VERSION = 1
@@ -269,6 +270,22 @@ def parse_progress(line: str) -> tuple[int, int] | None:
     return (int(match.group("step")), int(match.group("total"))) if match else None
 
 
+def last_progress(block: str) -> tuple[int, int] | None:
+    """parse_progress of the last progress line in a block of lines ("\\n"-joined), found
+    from the end with str.rfind: a block of ten thousand lines costs no Python loop over them."""
+    end = len(block)
+    while end > 0:
+        found = max(block.rfind(word, 0, end) for word in ("step", "Step", "STEP"))
+        if found < 0:
+            return None
+        start = block.rfind("\n", 0, found) + 1
+        stop = block.find("\n", found)
+        if (progress := parse_progress(block[start:stop if stop >= 0 else len(block)])):
+            return progress
+        end = start
+    return None
+
+
 def exit_reason(state: str, exit_code: int | None) -> str:
     """One phrase for how a node ended."""
     if state == "lost":
@@ -297,25 +314,35 @@ HEADLINE_METRICS: tuple[tuple[str, str], ...] = (
 
 def headline_metrics(summary: Mapping[str, Any]) -> dict[str, Any]:
     """Medians of the summary's aggregates, plus status and step counts, for the final table."""
+    # summary.json comes from a node: only values of the expected kinds are kept (a string
+    # where a number belongs must not break the table, nor a 4000-digit integer a float()).
     headline: dict[str, Any] = {
-        "status": summary.get("status"),
-        "world_size": summary.get("world_size"),
-        "backend": summary.get("backend"),
-        "steps_completed": summary.get("steps_completed"),
-        "steps_per_s": summary.get("steps_per_s"),
+        "status": short_text(summary.get("status"), 40),
+        "world_size": plain_int(summary.get("world_size")),
+        "backend": short_text(summary.get("backend"), 40),
+        "steps_completed": plain_int(summary.get("steps_completed")),
+        "steps_per_s": finite_number(summary.get("steps_per_s")),
     }
     for key, _ in HEADLINE_METRICS:
         value = summary.get(key)
-        headline[key] = value.get("median") if isinstance(value, Mapping) else None
+        headline[key] = finite_number(value.get("median")) if isinstance(value, Mapping) else None
     return headline
 
 
 # -- failure evidence in the nodes' output -------------------------------------------------------
 
-_AGENT_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
-_AGENT_CLOSING = re.compile(r"Sending process \d+ closing signal")
+# ASCII digits, bounded: a node's line is its own word ("\d" also takes "٣", and int() of a
+# 5000-digit number raises).
+_AGENT_FAILED = re.compile(r"failed \(exitcode: (-?[0-9]{1,9})\) local_rank: ([0-9]{1,9})\b")
+_AGENT_CLOSING = re.compile(r"Sending process [0-9]+ closing signal")
 AGENT_DEATH_SIGNAL = re.compile(r"Received \S+ death signal")
-_RANK_FAILED = re.compile(r"train: rank (\d+) failed: (.*)")
+_RANK_FAILED = re.compile(r"train: rank ([0-9]{1,9}) failed: (.*)")
+# A block of lines without any of these holds no failure sign: the watcher looks at lines one by
+# one only when one is in it (str's search runs at memory speed; classify_line costs ~2 us a
+# line, and a verbose node sends ~500 000 lines a second). A superset of what classify_line
+# matches, a Python exception's last line ("...Error: ", "...Exception: ") included: keep it one.
+FAILURE_HINTS = ("failed (exitcode: ", "closing signal", "death signal", "train: rank ",
+                 "Error: ", "Exception: ")
 
 
 @dataclass
@@ -431,6 +458,6 @@ __all__ = [
     "RunRecord", "NodeRecord", "Failure", "RunRecordError", "new_record", "global_ranks",
     "now_iso", "parse_progress", "exit_reason", "headline_metrics", "HEADLINE_METRICS",
     "SCHEMA_VERSION", "RUN_JSON", "FINAL_NODE_STATES", "Evidence", "classify_line",
-    "choose_first_failure", "failure_reason", "AGENT_DEATH_SIGNAL", "list_files_command",
+    "choose_first_failure", "failure_reason", "AGENT_DEATH_SIGNAL", "FAILURE_HINTS", "last_progress", "list_files_command",
     "parse_file_list", "FileListing", "refusal_line", "write_json_atomic",
 ]

@@ -15,10 +15,13 @@ from typing import Any
 from rich.console import Console
 
 from tasks.diagnose import HangMonitor
+from tasks.lib.console import write_plain
 from tasks.lib.quoting import sh_quote
 from tasks.lib.registry import parse_status, status_command
+from tasks.lib.nodestream import LineSplitter
 from tasks.lib.runrecord import (
     AGENT_DEATH_SIGNAL,
+    FAILURE_HINTS,
     FINAL_NODE_STATES,
     Evidence,
     choose_first_failure,
@@ -26,14 +29,15 @@ from tasks.lib.runrecord import (
     exit_reason,
     failure_reason,
     now_iso,
-    parse_progress,
+    last_progress,
 )
 from tasks.lib.runspec import log_file_name
 from tasks.lib.watchdog import HANG_STEP_MULTIPLE
 from tasks.cluster.node_errors import describe_error
 from tasks.cluster.nodes import Node, on_each
 from tasks.run.plan import Plan
-from tasks.runs import LineStream, stop_run
+from tasks.lib.untrusted import terminal_text
+from tasks.runs import stop_run
 from tasks.cluster.session import ClusterSession
 
 # A failure is rarely alone: the ranks of other nodes fail right after, as victims. Waiting this
@@ -50,6 +54,8 @@ TAIL_POLL_S = 0.5
 # After the registry says every node ended, a tail may still be delivering the last lines (it
 # notices the launcher's exit at its next poll): wait this long for the streams to end.
 TAIL_DRAIN_S = 5.0
+# run.json keeps a failed node's last lines, each cut to this (a node's line may be 64 Ki long).
+LAST_LINE_CHARS = 2000
 
 
 def next_move(failure_seen: bool, all_ended: bool, stop_requested: bool,
@@ -110,13 +116,14 @@ class NodeWatch:
     def ended(self) -> bool:
         return self.ended_at is not None
 
-    def write_line(self, line: str) -> bool:
-        """Append to the controller's log; False once it is closed (a stream that outlived the
-        wait: the line is still in the node's own output log)."""
+    def write_lines(self, block: str) -> bool:
+        """Append lines (joined, without the last newline) to the controller's log; False once
+        it is closed (a stream that outlived the wait: the lines are still in the node's own
+        output log)."""
         with self.log_lock:
             if self.log_file.closed:
                 return False
-            self.log_file.write(line + "\n")
+            self.log_file.write(block + "\n")
             self.log_file.flush()
             return True
 
@@ -177,29 +184,39 @@ class Watcher:
         thread.start()
 
     def _tail(self, watch: NodeWatch, from_start: bool) -> None:
-        sink = LineStream(lambda line: self._on_line(watch, line))
+        splitter = LineSplitter(lambda lines: self._on_lines(watch, lines))
         command = tail_command(node_log_path(self.plan, watch.rank), watch.pid, from_start)
         try:
-            watch.node.run(command, warn=True, hide="err", out_stream=sink)
+            watch.node.stream(command, splitter.feed)
         except BaseException as err:  # noqa: BLE001 - reported through the heartbeat
             watch.tail_error = err
         finally:
-            sink.close_partial()
+            splitter.close()
             watch.tail_done.set()
 
-    def _on_line(self, watch: NodeWatch, line: str) -> None:
+    def _on_lines(self, watch: NodeWatch, lines: list[str]) -> None:
+        """A batch of a node's lines (one per chunk that arrived): the log, progress, failure
+        evidence and the console, at the rate a node can send (a verbose or hostile node must not
+        delay fail-fast). Work per line is in C (str.find, replace, join); a line is looked at
+        in Python only where the block holds a progress or failure sign."""
         now = time.monotonic()
-        watch.write_line(line)
-        watch.lines.append(line)
-        if (progress := parse_progress(line)):
+        block = "\n".join(lines)
+        watch.write_lines(block)
+        watch.lines.extend(lines)
+        if (progress := last_progress(block)):
             watch.steps_done, watch.steps_total = progress
-        if AGENT_DEATH_SIGNAL.search(line):
-            watch.stopping_from_outside = True
-        evidence = classify_line(line, watch.rank, self.nproc, now, watch.stopping_from_outside)
-        if evidence is not None:
-            with self.lock:
-                self.evidence.append(evidence)
-        self.console.out(f"[node {watch.rank}] {line}", highlight=False)
+        if any(hint in block for hint in FAILURE_HINTS):
+            for line in lines:
+                if AGENT_DEATH_SIGNAL.search(line):
+                    watch.stopping_from_outside = True
+                evidence = classify_line(line, watch.rank, self.nproc, now,
+                                         watch.stopping_from_outside)
+                if evidence is not None:
+                    with self.lock:
+                        self.evidence.append(evidence)
+        prefix = f"[node {watch.rank}] "
+        write_plain(self.console, terminal_text(prefix + block.replace("\n", "\n" + prefix),
+                                                keep_newlines=True) + "\n")
 
     # the main loop --------------------------------------------------------------------------------
 
@@ -343,11 +360,19 @@ class Watcher:
         processes), then stop everything; hung ranks ignore SIGTERM, so the grace is short."""
         container = self.session.settings.docker.container if self.plan.spec.docker else None
         assert self.hang is not None
-        self.plan.record.hang = self.hang.diagnose(report, self.plan.run_dir, container=container,
-                                                   console=self.console)
         self.hung = True
         self.stop_requested_at = time.monotonic()
-        self.stop_all()
+        try:
+            self.plan.record.hang = self.hang.diagnose(report, self.plan.run_dir,
+                                                       container=container, console=self.console)
+        except Exception as err:  # noqa: BLE001 - the nodes' reports are their word; stop anyway
+            self.plan.record.hang = {**report.as_dict(),
+                                     "diagnostics_error": f"{type(err).__name__}: {str(err)[:300]}"}
+            self.console.out(f"launch: hang diagnostics failed ({type(err).__name__}: "
+                             f"{terminal_text(str(err)[:300])}); stopping the run anyway",
+                             highlight=False)
+        finally:
+            self.stop_all()
 
     def stop_all(self, *, signal_nodes: bool = True) -> None:
         """Stop every node's launcher (SIGTERM, grace, SIGKILL), name each host where that
@@ -374,7 +399,8 @@ class Watcher:
         record = self.plan.record
         reason = failure_reason(culprit)
         record.record_failure(culprit.node_rank, reason=reason, exit_code=culprit.exit_code,
-                              at=now_iso(), last_lines=list(watch.lines))
+                              at=now_iso(),
+                              last_lines=[line[:LAST_LINE_CHARS] for line in watch.lines])
         if culprit.rank is not None:
             record.first_failure.ranks = [culprit.rank]  # type: ignore[union-attr]
         self.stop_requested_at = time.monotonic()
