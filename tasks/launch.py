@@ -59,6 +59,7 @@ from tasks.run.startup import (
     check_facts,
     check_profiler,
     probe_cluster,
+    prove_rendezvous,
     push_bundle,
     refuse_if_busy,
     start_launchers,
@@ -370,6 +371,8 @@ def _run_launch(session: ClusterSession, spec: RunSpec, console: Console, outcom
         if busy:
             console.out(f"warning: node {f.node_index} ({f.label}): {busy}", highlight=False)
     clock.mark("probe")
+    port = prove_rendezvous(session, spec, facts, port, console)
+    clock.mark("rendezvous")
     refuse_if_busy(session, spec.force, console)
     clock.mark("busy_check")
 
