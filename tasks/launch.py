@@ -167,6 +167,14 @@ def print_summary(console: Console, plan: Plan, watcher: Watcher | None) -> None
     if failure is not None:
         console.out(f"first failure: node {failure.node_rank} ({failure.host}), ranks "
                     f"{failure.ranks}: {failure.reason}", highlight=False)
+        if failure.basis and failure.basis not in ("own failure", "first sign"):
+            console.out(f"  blamed by {failure.basis}: {'; '.join(failure.evidence[:4])}",
+                        highlight=False)
+        for line in failure.consequences[:6]:
+            console.out(f"  consequence: {line}", highlight=False)
+        if len(failure.consequences) > 6:
+            console.out(f"  ... and {len(failure.consequences) - 6} more consequence(s) in "
+                        "run.json", highlight=False)
         for line in failure.last_lines[-10:]:
             console.out(f"  | {line}", highlight=False)
     console.out(f"run dir: {plan.run_dir}", highlight=False)
@@ -207,7 +215,10 @@ def finish(session: ClusterSession, plan: Plan, watcher: Watcher, status: str,
     record.finish(status=status, exit_status=code, at=now_iso())
     write_record(plan)
     print_summary(console, plan, watcher)
-    if status == "hung" and record.hang:
+    if status == "hung" and record.hang and record.hang.get("startup"):
+        console.out(f"run stuck in start-up: {record.hang['startup'].get('headline')}; "
+                    f"diagnostics in {plan.run_dir / 'hang'}/", highlight=False)
+    elif status == "hung" and record.hang:
         console.out(f"run hung: rank(s) {record.hang.get('first_stalled_ranks')} stopped advancing "
                     f"first; diagnostics in {plan.run_dir / 'hang'}/", highlight=False)
     write_run_report(plan, console)
