@@ -30,7 +30,9 @@ from rich.console import Console
 from rich.table import Table
 
 from tasks.collect import collect_outputs, record_collection, refusal_lines
+from tasks.lib.blame import pin_on_flight_recorder
 from tasks.lib.console import make_console
+from tasks.lib.diagnostics import flight_recorder_findings, read_flight_dumps
 from tasks.lib.probe import gpu_busy_message
 from tasks.lib.profiling import profiler_wrapper_argv
 from tasks.lib.quoting import sh_join
@@ -205,6 +207,9 @@ def finish(session: ClusterSession, plan: Plan, watcher: Watcher, status: str,
         console.out(f"launch: node {node.index} ({node.label}) was lost: its outputs stay there; "
                     f"once it answers: fab collect --run {plan.run_id}", highlight=False)
     clock.mark("collect")
+    dumps = read_flight_dumps(plan.run_dir)
+    pin_on_flight_recorder(record, flight_recorder_findings(dumps) if dumps else None, status,
+                           now_iso())
     summary_path = plan.run_dir / plan.spec.output_dir_name / "summary.json"
     if summary_path.is_file():
         try:

@@ -6,6 +6,7 @@ launch` after its own probe, on the port and addresses the ranks will be given.
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +20,10 @@ from tasks.lib.rendezvous import (
     listen_command,
     master_address,
     new_token,
+    parse_first_line,
     parse_report,
     reach_paths,
+    stop_command,
 )
 from tasks.cluster.node_errors import describe_error
 from tasks.cluster.nodes import Node, on_each
@@ -29,6 +32,53 @@ from tasks.cluster.session import ClusterSession
 # The node commands end within their windows (seconds); SSH gets some room on top.
 REACH_TIMEOUT_S = 30
 AUTO_PORT_TRIES = 3
+
+
+class _Listener:
+    """Node 0's listener, run in a thread: its first line says whether it listens."""
+
+    def __init__(self, node: Node, command: str):
+        self.node = node
+        self.ready = threading.Event()
+        self.first: dict[str, Any] | None = None
+        self.report: dict[str, Any] | BaseException | None = None
+        self.partial = ""
+        self.thread = threading.Thread(target=self._run, args=(command,), daemon=True,
+                                       name="rendezvous-listener")
+        self.thread.start()
+
+    def _run(self, command: str) -> None:
+        try:
+            result = self.node.run(command, warn=True, hide="err", out_stream=self,
+                                   timeout=REACH_TIMEOUT_S)
+            self.report = parse_report(result.stdout)
+        except Exception as err:  # noqa: BLE001 - reported as the listener's failure
+            self.report = RuntimeError(describe_error(err, self.node))
+        finally:
+            self.ready.set()
+
+    # The out_stream Fabric writes the listener's output to, as it comes.
+    def write(self, text: str) -> int:
+        self.partial += text
+        while "\n" in self.partial and self.first is None:
+            line, self.partial = self.partial.split("\n", 1)
+            self.first = parse_first_line(line)
+            if self.first is not None:
+                self.ready.set()
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def wait_ready(self, timeout: float) -> dict[str, Any] | None:
+        self.ready.wait(timeout)
+        if self.first is None and isinstance(self.report, dict):
+            return self.report  # ended before its first line was seen (no python3, ...)
+        return self.first
+
+    def result(self, timeout: float) -> dict[str, Any] | BaseException | None:
+        self.thread.join(timeout)
+        return self.report
 
 
 @dataclass
@@ -63,21 +113,30 @@ def check_rendezvous(session: ClusterSession, facts: Sequence[HostFacts], port: 
     token = new_token()
     expect = expected_hellos(paths)
     by_index = {node.index: node for node in session.nodes}
-
-    def reach(node: Node) -> dict[str, Any]:
-        if node.index == 0:
-            command = listen_command(port, token, expect, container=container)
-        else:
-            command = connect_command(master, port, token, node.index, paths[node.index],
-                                      container=container)
-        return parse_report(node.run(command, warn=True, timeout=REACH_TIMEOUT_S).stdout)
-
-    results = on_each([by_index[0], *(by_index[index] for index in sorted(paths))], reach)
-    reports: dict[int, Any] = {node.index: report for node, report in results.ok.items()}
-    reports.update({node.index: RuntimeError(describe_error(error, node))
-                    for node, error in results.failed.items()})
-    workers = {index: (by_index[index].label, reports[index]) for index in sorted(paths)}
-    findings = judge_reach(reports.get(0), workers, master=master, master_label=by_index[0].label,
+    master_node = by_index[0]
+    listener = _Listener(master_node, listen_command(port, token, expect, container=container))
+    reports: dict[int, Any] = {}
+    first = listener.wait_ready(REACH_TIMEOUT_S)
+    if first is not None and first.get("bound"):
+        # Node 0 listens: every worker connects now, so a refusal is a refusal.
+        results = on_each([by_index[index] for index in sorted(paths)], lambda node: parse_report(
+            node.run(connect_command(master, port, token, node.index, paths[node.index],
+                                     container=container),
+                     warn=True, hide=True, timeout=REACH_TIMEOUT_S).stdout))
+        reports.update({node.index: report for node, report in results.ok.items()})
+        reports.update({node.index: RuntimeError(describe_error(error, node))
+                        for node, error in results.failed.items()})
+        if not all(isinstance(r, dict) and all(p.get("ok") for p in r.get("paths", [{}]))
+                   for r in reports.values()):
+            try:  # some hello never comes: end the listener now, not at its deadline
+                master_node.run(stop_command(port, token, container=container), warn=True,
+                                hide=True, timeout=REACH_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - it ends at its own deadline then
+                pass
+    reports[0] = listener.result(REACH_TIMEOUT_S) or first or RuntimeError("no answer")
+    workers = {index: (by_index[index].label, reports.get(index, RuntimeError(
+        "not asked: node 0's listener did not start"))) for index in sorted(paths)}
+    findings = judge_reach(reports[0], workers, master=master, master_label=master_node.label,
                            port=port)
     return RendezvousCheck(port, master, reports, findings)
 

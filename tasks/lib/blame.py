@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 _STORE_TIMEOUT = re.compile(r"wait timeout after \d+ms, keys: (?P<keys>[^\s,]+(?:,\s*[^\s,]+)*)")
 _NCCL_ID = re.compile(r"retrieving ncclUniqueId from \[(?P<root>\d+)\]")
@@ -272,5 +273,56 @@ def find_culprit(signs: Sequence[Sign], *, nproc: int, world_size: int,
     return None
 
 
+# Bases that rest on inference rather than on what a rank or the store said.
+WEAK_BASES = ("start-up phase", "silent ranks", "first sign", "progress")
+
+
+def flight_out_of_step(findings: Mapping[str, object]) -> tuple[list[int], str | None]:
+    """The ranks PyTorch's flight recorder shows out of step (behind the others' last
+    collective, or absent from a group), from diagnostics.flight_recorder_findings, and its
+    one-line summary; ([], None) when every rank reached the same collective."""
+    groups = findings.get("groups") if isinstance(findings.get("groups"), Mapping) else {}
+    for group in groups.values():  # type: ignore[union-attr]
+        if not isinstance(group, Mapping):
+            continue
+        ranks = sorted({int(r) for r in [*group.get("behind", []), *group.get("never_seen", [])]
+                        if isinstance(r, int) or (isinstance(r, str) and r.isdigit())})
+        if ranks:
+            return ranks, str(findings.get("summary"))
+    return [], None
+
+
+def pin_on_flight_recorder(record: Any, findings: Mapping[str, object] | None, status: str,
+                           at: str) -> None:
+    """Once a run's outputs are home (runrecord.RunRecord, duck-typed): the ranks PyTorch's
+    flight recorder shows out of step become evidence of the first failure, and its culprit
+    where that rested on inference only; a hung run gets a first failure too: the rank(s) the
+    others waited for."""
+    ranks, line = flight_out_of_step(findings) if findings else ([], None)
+    failure = record.first_failure
+    nproc = max(1, int(record.nproc_per_node or 1))
+    if failure is None and status == "hung" and record.hang:
+        ranks = ranks or [r for r in record.hang.get("first_stalled_ranks") or []
+                          if isinstance(r, int)]
+        if not ranks:
+            return
+        record.record_failure(ranks[0] // nproc, reason=f"rank(s) {', '.join(map(str, ranks))} "
+                              "stopped advancing first: the others waited for them",
+                              exit_code=None, at=at, last_lines=[])
+        failure = record.first_failure
+        failure.ranks = ranks
+        failure.basis = "flight recorder" if line else "progress"
+        failure.evidence = [f"flight recorder: {line}"] if line else []
+        return
+    if failure is None or not line:
+        return
+    failure.evidence.append(f"flight recorder: {line}")
+    if ranks and (failure.basis in WEAK_BASES or not failure.ranks):
+        failure.ranks, failure.basis = ranks, "flight recorder"
+        failure.node_rank = ranks[0] // nproc
+        failure.host = record.node(failure.node_rank).host
+
+
 __all__ = ["WaitSign", "Sign", "Culprit", "waiting_sign", "line_rank", "key_rank",
-           "find_culprit", "is_error_line", "own_failures"]
+           "find_culprit", "is_error_line", "own_failures", "flight_out_of_step", "WEAK_BASES",
+           "pin_on_flight_recorder"]

@@ -26,10 +26,11 @@ from tasks.lib.quoting import sh_quote
 NODE_SCRIPT = Path(rendezvous_node.__file__).read_text()
 # `fab launch --master-port auto` picks from this range (and so does `fab check`'s test).
 AUTO_PORT_RANGE = (29500, 29999)
-# How long a worker keeps trying: a refusal is retried (node 0's listener may start a moment
-# after the worker), a dropped SYN waits. The listener stays up a little longer than that.
-CONNECT_WINDOW_S = 4.0
-LISTEN_SLACK_S = 1.0
+# How long a worker's connect may take: a dropped SYN is sent again at 1 s and 3 s. The workers
+# start once node 0's listener said it listens; it ends when every hello came, or at the
+# controller's stop once the workers are done (else at its own deadline, a safety net).
+CONNECT_WINDOW_S = 3.0
+LISTEN_SLACK_S = 6.0
 STORE_PATH = "store"      # the route torchrun's store client takes (the kernel's choice)
 SOCKET_PATH = "socket"    # GLOO/NCCL_SOCKET_IFNAME's address, where it differs
 
@@ -95,6 +96,23 @@ def listen_command(port: int, token: str, expect: Sequence[str], *, container: s
                             "expect": list(expect), "window_s": window_s}, container)
 
 
+def stop_command(port: int, token: str, *, container: str | None = None) -> str:
+    """Ends node 0's listener early (the workers are done; some hello will never come)."""
+    return _python_command({"mode": "stop", "port": int(port), "token": token}, container)
+
+
+def parse_first_line(line: str) -> dict[str, Any] | None:
+    """The listener's first line (bound or why not), or None for another line."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def connect_command(master: str, port: int, token: str, node_index: int,
                     paths: Sequence[ReachPath], *, container: str | None = None,
                     window_s: float = CONNECT_WINDOW_S) -> str:
@@ -128,7 +146,7 @@ def parse_report(stdout: str) -> dict[str, Any]:
 
 _CAUSES = {
     "ECONNREFUSED": "connection refused while our listener was up: a firewall rejects port "
-                    "{port} (a REJECT rule on node 0 or on the way)",
+                    "{port} (a REJECT rule on node 0 or on the way), or {master} is not node 0",
     "ETIMEDOUT": "no answer in {window:g} s: packets to port {port} are dropped (a firewall "
                  "DROP rule on node 0, on this node or on the way)",
     "EHOSTUNREACH": "host unreachable from {ifname}: wrong subnet or interface, node 0 down, or "
@@ -224,6 +242,7 @@ def reach_cell(report: Mapping[str, Any] | BaseException | None, node_index: int
 
 __all__ = [
     "AUTO_PORT_RANGE", "CONNECT_WINDOW_S", "ReachPath", "reach_paths", "master_address",
-    "listen_command", "connect_command", "expected_hellos", "parse_report", "judge_reach",
+    "listen_command", "connect_command", "stop_command", "parse_first_line", "expected_hellos",
+    "parse_report", "judge_reach",
     "describe_failure", "reach_cell", "new_token", "interface_address",
 ]

@@ -4,12 +4,15 @@ The controller sends this file's source as `python3 -c SOURCE ARGS_JSON`
 (tasks/lib/rendezvous.py builds the command), so nothing is installed or written on the node.
 
 - mode "listen" (node 0): binds the run's master port on every address, as torchrun's store
-  will, answers each worker's hello, and ends once every expected hello came or its deadline
-  passed. Prints one JSON line: bound or why not, and the hellos it answered.
+  will, and prints a first JSON line at once (bound or why not: the controller starts the
+  workers' connects on it); answers each worker's hello, and ends once every expected hello
+  came, a "stop" hello came (the controller's, once the workers are done) or its deadline
+  passed. Prints a last JSON line: the hellos it answered.
 - mode "connect" (every other node): for each path (the store's route; the Gloo/NCCL socket
   interface where it differs), binds the interface's address as the source and connects to the
-  master's address and port, retrying a refusal (the listener may start a moment later) until
-  the window ends. Prints one JSON line per run: one result per path, with errno's name.
+  master's address and port within the window (a refusal is retried briefly: SYN races). Prints
+  one JSON line: one result per path, with errno's name.
+- mode "stop" (node 0): the stop hello, to 127.0.0.1.
 
 It never signals or stops any process and holds the port only while it runs (a few seconds).
 """
@@ -27,6 +30,7 @@ from typing import Any
 HELLO = "gemm-reach"
 REPLY = "gemm-reach-ok"
 REFUSED_RETRY_S = 0.1
+REFUSED_FOR_S = 0.5  # the listener is up before any connect starts: a refusal this long is final
 REPLY_TIMEOUT_S = 2.0
 MAX_LINE = 256
 
@@ -50,9 +54,12 @@ def listen(args: dict[str, Any]) -> dict[str, Any]:
     except OSError as err:
         server.close()
         return {"mode": "listen", "bound": False, "error": errno_name(err), "detail": str(err)[:200]}
+    sys.stdout.write(json.dumps({"mode": "listen", "bound": True, "ready": True}) + "\n")
+    sys.stdout.flush()
     seen: list[dict[str, Any]] = []
+    stopped = False
     try:
-        while time.monotonic() < deadline and not expect <= {s["who"] for s in seen}:
+        while time.monotonic() < deadline and not stopped and not expect <= {s["who"] for s in seen}:
             ready, _, _ = select.select([server], [], [], max(0.0, min(0.2, deadline - time.monotonic())))
             if not ready:
                 continue
@@ -64,6 +71,9 @@ def listen(args: dict[str, Any]) -> dict[str, Any]:
                 except OSError:
                     continue
                 if len(line) == 4 and line[0] == HELLO and line[1] == token:
+                    if line[2] == "stop":
+                        stopped = True
+                        continue
                     who = f"{line[2]}/{line[3]}"
                     try:
                         conn.sendall(f"{REPLY} {token}\n".encode())
@@ -77,7 +87,7 @@ def listen(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def connect_path(master: str, port: int, token: str, node: int, path: dict[str, Any],
-                 window_s: float) -> dict[str, Any]:
+                 window_s: float, refused_for_s: float = REFUSED_FOR_S) -> dict[str, Any]:
     """One path: bind the source address, connect, say hello, read the reply."""
     started = time.monotonic()
     deadline = started + window_s
@@ -100,7 +110,8 @@ def connect_path(master: str, port: int, token: str, node: int, path: dict[str, 
                 sock.connect((master, port))
             except OSError as err:
                 name = errno_name(err)
-                if name == "ECONNREFUSED" and time.monotonic() + REFUSED_RETRY_S < deadline:
+                if name == "ECONNREFUSED" and time.monotonic() - started < refused_for_s \
+                        and time.monotonic() + REFUSED_RETRY_S < deadline:
                     time.sleep(REFUSED_RETRY_S)
                     continue
                 return dict(result, ok=False, stage="connect", error=name,
@@ -127,8 +138,11 @@ def connect(args: dict[str, Any]) -> dict[str, Any]:
     paths = list(args.get("paths", []))
     results: list[dict[str, Any] | None] = [None] * len(paths)
 
+    refused_for_s = float(args.get("refused_for_s", REFUSED_FOR_S))
+
     def run(index: int) -> None:
-        results[index] = connect_path(master, port, token, node, paths[index], window_s)
+        results[index] = connect_path(master, port, token, node, paths[index], window_s,
+                                      refused_for_s)
 
     threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(paths))]
     for thread in threads:
@@ -138,13 +152,23 @@ def connect(args: dict[str, Any]) -> dict[str, Any]:
     return {"mode": "connect", "node": node, "paths": [r for r in results if r is not None]}
 
 
+def stop(args: dict[str, Any]) -> dict[str, Any]:
+    try:
+        with socket.create_connection(("127.0.0.1", int(args["port"])), timeout=2) as sock:
+            sock.sendall(f"{HELLO} {args['token']} stop stop\n".encode())
+        return {"mode": "stop", "ok": True}
+    except OSError as err:
+        return {"mode": "stop", "ok": False, "error": errno_name(err)}
+
+
 def main(argv: list[str]) -> int:
     args = json.loads(argv[1]) if len(argv) > 1 else {}
-    mode = args.get("mode")
-    if mode not in ("listen", "connect"):
-        print("usage: rendezvous_node.py '{\"mode\": \"listen\"|\"connect\", ...}'", file=sys.stderr)
+    modes = {"listen": listen, "connect": connect, "stop": stop}
+    if args.get("mode") not in modes:
+        print("usage: rendezvous_node.py '{\"mode\": \"listen\"|\"connect\"|\"stop\", ...}'",
+              file=sys.stderr)
         return 2
-    report = listen(args) if mode == "listen" else connect(args)
+    report = modes[args["mode"]](args)
     sys.stdout.write(json.dumps(report) + "\n")
     return 0
 

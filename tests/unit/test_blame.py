@@ -132,3 +132,51 @@ def test_what_is_not_a_failure_line():
     assert line_rank("[rank12]: RuntimeError: x") == 12
     assert key_rank("/default_pg/0//cpu//0/9", 4) is None  # no such rank: no guess
     assert find_culprit([], nproc=2, world_size=4) is None
+
+
+def _record(nnodes: int = 2, nproc: int = 2):
+    from tasks.lib.runrecord import new_record
+
+    record = new_record(run_id="r", run_dir="/x", node_run_dir="/y", output_dir="o",
+                        controller={}, flags={}, created_at="t")
+    record.plan(master_addr="a", master_port=1, nproc_per_node=nproc,
+                hosts=[{"host": f"h{i}"} for i in range(nnodes)], common_env={},
+                per_node_env=[{}] * nnodes, torchrun_argv=[], wrapper_argv=None)
+    return record
+
+
+def _findings():
+    from tasks.lib.diagnostics import flight_recorder_findings
+
+    entry = lambda seq, state: {"collective_seq_id": seq, "process_group": ["0", "default_pg"],  # noqa: E731
+                                "profiling_name": "gloo:all_reduce", "state": state,
+                                "input_sizes": [[1024]]}
+    ahead = {"entries": [entry(1, "completed"), entry(2, "started")]}
+    behind = {"entries": [entry(1, "completed")]}
+    return flight_recorder_findings({0: ahead, 1: ahead, 2: behind, 3: ahead})
+
+
+def test_the_flight_recorder_pins_a_hung_run_and_weak_guesses():
+    from tasks.lib.blame import flight_out_of_step, pin_on_flight_recorder
+
+    ranks, line = flight_out_of_step(_findings())
+    assert ranks == [2] and "rank(s) [2] never reached gloo:all_reduce #2" in line
+    hung = _record()
+    hung.hang = {"first_stalled_ranks": [0, 1, 2, 3]}
+    pin_on_flight_recorder(hung, _findings(), "hung", "now")
+    failure = hung.first_failure
+    assert (failure.node_rank, failure.host, failure.ranks, failure.basis) == (
+        1, "h1", [2], "flight recorder")
+    # Without dumps a hung run is pinned on its progress.
+    plain = _record()
+    plain.hang = {"first_stalled_ranks": [3]}
+    pin_on_flight_recorder(plain, None, "hung", "now")
+    assert (plain.first_failure.ranks, plain.first_failure.basis) == ([3], "progress")
+    # A guess from silence is replaced; a rank's own failure only gets the line as evidence.
+    for basis, expected in (("silent ranks", [2]), ("own failure", [0])):
+        failed = _record()
+        failed.record_failure(0, reason="x", exit_code=1, at="t", last_lines=[])
+        failed.first_failure.ranks, failed.first_failure.basis = [0], basis
+        pin_on_flight_recorder(failed, _findings(), "failed", "now")
+        assert failed.first_failure.ranks == expected
+        assert failed.first_failure.evidence[-1].startswith("flight recorder: group default_pg")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -22,9 +23,11 @@ from tasks.lib.rendezvous import (
     judge_reach,
     listen_command,
     master_address,
+    parse_first_line,
     parse_report,
     reach_cell,
     reach_paths,
+    stop_command,
 )
 
 
@@ -51,22 +54,26 @@ def facts(index: int, address: str | None, ifname: str | None,
 LOOP = [ReachPath(STORE_PATH, "lo", "127.0.0.1")]
 
 
+def start_listener(port: int, token: str, expect: list[str], window_s: float
+                   ) -> tuple[subprocess.Popen, dict]:
+    """Node 0's listener, as the check starts it: its first line says it listens."""
+    proc = subprocess.Popen(["/bin/sh", "-c", listen_command(port, token, expect,
+                                                             window_s=window_s)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, parse_first_line(proc.stdout.readline())
+
+
 def listen_and_connect(port: int, paths: list[ReachPath], *, master: str = "127.0.0.1",
                        window_s: float = 2.0) -> tuple[dict, dict]:
-    """Node 0's listener and node 1's connector at once, as the check runs them."""
+    """Node 0's listener, then (once it listens) node 1's connector, as the check runs them."""
     token = "t0k3n"
-    listened: dict = {}
-
-    def listener() -> None:
-        listened.update(parse_report(run_sh(listen_command(
-            port, token, expected_hellos({1: paths}), window_s=window_s + 1))))
-
-    thread = threading.Thread(target=listener)
-    thread.start()
+    proc, first = start_listener(port, token, expected_hellos({1: paths}), window_s + 1)
+    assert first == {"mode": "listen", "bound": True, "ready": True}
     connected = parse_report(run_sh(connect_command(master, port, token, 1, paths,
                                                     window_s=window_s)))
-    thread.join(30)
-    return listened, connected
+    out, _ = proc.communicate(timeout=30)
+    return parse_report(out), connected
 
 
 def test_a_worker_reaches_the_listener_and_the_listener_ends_at_once():
@@ -211,3 +218,14 @@ def test_the_listener_gives_up_after_its_window(window):
     port = free_port()
     listened = parse_report(run_sh(listen_command(port, "t", ["1/store"], window_s=window)))
     assert listened == {"mode": "listen", "bound": True, "seen": []}
+
+
+def test_the_controllers_stop_ends_the_listener_before_its_deadline():
+    port = free_port()
+    proc, first = start_listener(port, "tok", ["1/store"], window_s=60)
+    assert first["bound"] is True
+    started = time.monotonic()
+    assert parse_report(run_sh(stop_command(port, "tok"))) == {"mode": "stop", "ok": True}
+    out, _ = proc.communicate(timeout=30)
+    assert time.monotonic() - started < 5
+    assert parse_report(out) == {"mode": "listen", "bound": True, "seen": []}
