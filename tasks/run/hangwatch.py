@@ -68,7 +68,6 @@ class HangMonitor:
         self.lock = threading.Lock()
         self.closed = threading.Event()
         self.scanner: threading.Thread | None = None
-        self.scan_errors: dict[int, str] = {}
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -123,7 +122,7 @@ class HangMonitor:
                 self.startup.observe(phases, now)
                 self.watchdog.observe_poll({rank: (lines, None)
                                             for rank, lines in phases.progress.items()}, now)
-            self.scan_errors = {node.index: str(error)[:200] for node, error in results.failed.items()}
+        # A node that did not answer keeps its phases: the heartbeat decides when it is lost.
 
     # -- steps -----------------------------------------------------------------------------------
 
