@@ -29,7 +29,9 @@ from rich.console import Console
 from rich.table import Table
 
 from tasks.collect import collect_outputs, record_collection, refusal_lines
+from tasks.lib.blame import pin_on_flight_recorder
 from tasks.lib.console import make_console
+from tasks.lib.diagnostics import flight_recorder_findings, read_flight_dumps
 from tasks.lib.probe import gpu_busy_message
 from tasks.lib.profiling import profiler_wrapper_argv
 from tasks.lib.quoting import sh_join
@@ -59,6 +61,7 @@ from tasks.run.startup import (
     check_facts,
     check_profiler,
     probe_cluster,
+    prove_rendezvous,
     push_bundle,
     refuse_if_busy,
     start_launchers,
@@ -166,6 +169,14 @@ def print_summary(console: Console, plan: Plan, watcher: Watcher | None) -> None
     if failure is not None:
         console.out(f"first failure: node {failure.node_rank} ({failure.host}), ranks "
                     f"{failure.ranks}: {failure.reason}", highlight=False)
+        if failure.basis and failure.basis not in ("own failure", "first sign"):
+            console.out(f"  blamed by {failure.basis}: {'; '.join(failure.evidence[:4])}",
+                        highlight=False)
+        for line in failure.consequences[:6]:
+            console.out(f"  consequence: {line}", highlight=False)
+        if len(failure.consequences) > 6:
+            console.out(f"  ... and {len(failure.consequences) - 6} more consequence(s) in "
+                        "run.json", highlight=False)
         for line in failure.last_lines[-10:]:
             console.out(f"  | {untrusted.terminal_text(line)}", highlight=False)
     console.out(f"run dir: {plan.run_dir}", highlight=False)
@@ -196,6 +207,9 @@ def finish(session: ClusterSession, plan: Plan, watcher: Watcher, status: str,
         console.out(f"launch: node {node.index} ({node.label}) was lost: its outputs stay there; "
                     f"once it answers: fab collect --run {plan.run_id}", highlight=False)
     clock.mark("collect")
+    dumps = read_flight_dumps(plan.run_dir)
+    pin_on_flight_recorder(record, flight_recorder_findings(dumps) if dumps else None, status,
+                           now_iso())
     summary_path = plan.run_dir / plan.spec.output_dir_name / "summary.json"
     if summary_path.is_file():
         # The nodes wrote it: bounded and checked (tasks/lib/untrusted.py); a summary that
@@ -212,7 +226,10 @@ def finish(session: ClusterSession, plan: Plan, watcher: Watcher, status: str,
     record.finish(status=status, exit_status=code, at=now_iso())
     write_record(plan)
     print_summary(console, plan, watcher)
-    if status == "hung" and record.hang:
+    if status == "hung" and record.hang and record.hang.get("startup"):
+        console.out(f"run stuck in start-up: {record.hang['startup'].get('headline')}; "
+                    f"diagnostics in {plan.run_dir / 'hang'}/", highlight=False)
+    elif status == "hung" and record.hang:
         console.out(f"run hung: rank(s) {record.hang.get('first_stalled_ranks')} stopped advancing "
                     f"first; diagnostics in {plan.run_dir / 'hang'}/", highlight=False)
     write_run_report(plan, console)
@@ -379,6 +396,8 @@ def _run_launch(session: ClusterSession, spec: RunSpec, console: Console, outcom
         if busy:
             console.out(f"warning: node {f.node_index} ({f.label}): {busy}", highlight=False)
     clock.mark("probe")
+    port = prove_rendezvous(session, spec, facts, port, console)
+    clock.mark("rendezvous")
     refuse_if_busy(session, spec.force, console)
     clock.mark("busy_check")
 

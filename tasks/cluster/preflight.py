@@ -41,6 +41,7 @@ from tasks.lib.probe import (
     probe_script,
     resolve_master_side,
 )
+from tasks.lib.rendezvous import reach_cell
 from tasks.lib.runspec import (
     LaunchFlags,
     LaunchValues,
@@ -51,6 +52,7 @@ from tasks.lib.runspec import (
 from tasks.lib.settings import Settings
 from tasks.cluster.node_errors import describe_error
 from tasks.cluster.nodes import Node, NodeResults, SshNode, on_each
+from tasks.cluster.rendezvous import RendezvousCheck, check_rendezvous_auto
 from tasks.cluster.session import EXIT_USAGE, PROJECT_ROOT, ClusterSession, project_path
 
 PROBE_TIMEOUT_S = 60  # a hung nvidia-smi or docker must not hold the whole check
@@ -287,6 +289,7 @@ def facts_table(
     local: CheckoutState,
     title: str,
     launch: LaunchValues | None = None,
+    rendezvous: RendezvousCheck | None = None,
 ):
     settings = session.settings
     nproc = settings.launch.nproc if launch is None else launch.nproc
@@ -305,6 +308,7 @@ def facts_table(
         "docker",
         "port",
         "shm",
+        *(("rendezvous",) if rendezvous else ()),
     ):
         table.add_column(column, overflow="fold")
     by_index = {node.index: node for node in session.nodes}
@@ -312,7 +316,8 @@ def facts_table(
         node = by_index[index]
         if node in results.failed:
             table.add_row(
-                str(index), node.label, "[red]no[/]", "", "", "", "", "", "", "", "", style="red"
+                str(index), node.label, "[red]no[/]", "", "", "", "", "", "", "", "",
+                *([""] if rendezvous else []), style="red"
             )
             continue
         fact = results.ok[node]
@@ -334,6 +339,8 @@ def facts_table(
                 else f"{master_port} {_port_state(fact.port_free)}"
             ),
             format_bytes(fact.shm_bytes) if fact.shm_bytes is not None else "?",
+            *([reach_cell(rendezvous.reports.get(index), index, rendezvous.port)]
+              if rendezvous else []),
         )
     return table
 
@@ -391,19 +398,30 @@ class Preflight:
     local: CheckoutState
     results: NodeResults[HostFacts]
     findings: list[Finding]
+    rendezvous: RendezvousCheck | None = None
 
 
 def run_preflight(session: ClusterSession, config: object, console: Console,
-                  title: Callable[[CheckoutState], str] | None = None) -> Preflight:
-    """Probe every node with the values `fab launch` would use, print the facts table (titled
-    by `title` of this checkout's state, else the node count) and the findings; `fab check` and
-    `fab setup` share it."""
+                  title: Callable[[CheckoutState], str] | None = None,
+                  rendezvous: bool = True) -> Preflight:
+    """Probe every node with the values `fab launch` would use, then (rendezvous) prove the
+    path from every node to node 0's master port; print the facts table (titled by `title` of
+    this checkout's state, else the node count) and the findings. `fab check` and `fab setup`
+    share it."""
     launch = launch_defaults(session, config, dict(os.environ))
     local = local_checkout_state(excluded_dirs=sync_excludes(session.settings))
     results = probe_all(session, master_port=launch.master_port)
     findings = list(findings_for(session, results, local, nproc=launch.nproc))
+    reach = None
+    facts = sorted(results.ok.values(), key=lambda f: f.node_index)
+    if rendezvous and facts and facts[0].port_free is not False:
+        container = (session.settings.docker.container
+                     if launch_context(session).docker_default else None)
+        reach = check_rendezvous_auto(session, facts, launch.master_port, container=container)
+        if reach is not None:
+            findings += reach.findings
     console.print(facts_table(session, results, local,
                               title(local) if title else f"{len(session.nodes)} node(s) probed",
-                              launch))
+                              launch, reach))
     print_findings(console, findings)
-    return Preflight(launch, local, results, findings)
+    return Preflight(launch, local, results, findings, reach)

@@ -75,6 +75,25 @@ def node_diagnostics_command(
     return f"{src}if command -v python3 >/dev/null 2>&1; then {host_run}; else {container_run}; fi"
 
 
+def node_phases_command(run_id: str, node_rank: int, registry_dir: str | None, *,
+                        master_port: int | None, output_dir: str | None,
+                        container: str | None = None, timeout: float = 10.0) -> str:
+    """Shell command that prints one JSON line: the start-up watch's view of a node
+    (diagnostics_node.phases_report: processes, their states and TCP sockets, progress)."""
+    args = {"mode": "phases", "run_id": run_id, "node_rank": node_rank,
+            "registry_dir": registry_dir, "master_port": master_port, "output_dir": output_dir,
+            "container": container, "timeout": timeout}
+    args_json = sh_quote(json.dumps(args, sort_keys=True))
+    src = f"{diagnostics_node.SOURCE_ENV}={sh_quote(NODE_SCRIPT)}; export {diagnostics_node.SOURCE_ENV}; "
+    host_run = f'python3 -c "${diagnostics_node.SOURCE_ENV}" {args_json}'
+    if not container:
+        return src + host_run
+    inner_args = sh_quote(json.dumps(dict(args, inside_container=True), sort_keys=True))
+    container_run = (f'docker exec -e {diagnostics_node.SOURCE_ENV} {sh_quote(container)} '
+                     f'python3 -c "${diagnostics_node.SOURCE_ENV}" {inner_args}')
+    return f"{src}if command -v python3 >/dev/null 2>&1; then {host_run}; else {container_run}; fi"
+
+
 # -- parsing -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -359,7 +378,7 @@ class DiagnosticsSummary:
     """Written as summary.json next to the per-node files; what report.md and the terminal show."""
 
     run_id: str
-    kind: str                               # "hang" or "diagnose"
+    kind: str                               # "hang", "startup" (stuck before the first step) or "diagnose"
     collected_at: float
     ranks: list[RankStack]
     first_stalled_ranks: list[int] = field(default_factory=list)
@@ -408,6 +427,11 @@ def build_summary(
     suspects = suspect_ranks(stacks, expected)
     progress_first = list(hang.get("first_stalled_ranks", [])) if hang else least_progress(steps)
     chosen, basis = first_stalled(progress_first, suspects)
+    startup = (hang or {}).get("startup")
+    if isinstance(startup, Mapping):
+        # The start-up watch decided on phases: its ranks are the answer, whatever the states.
+        chosen = list(startup.get("ranks") or progress_first)
+        basis = f"start-up phase '{startup.get('phase')}', rule {startup.get('rule')}"
     return DiagnosticsSummary(run_id=run_id, kind=kind, collected_at=collected_at, ranks=stacks,
                               first_stalled_ranks=chosen, basis=basis, suspects=suspects,
                               rank_steps=dict(sorted(steps.items())),
@@ -440,7 +464,11 @@ def hang_record(summary: DiagnosticsSummary, diag_dir_name: str) -> dict[str, An
 def summary_lines(summary: DiagnosticsSummary) -> list[str]:
     """Plain lines for the terminal (the task prints them; rich markup is not used here)."""
     lines = []
-    if summary.kind == "hang" and summary.hang:
+    startup = startup_record(summary)
+    phases = (startup or {}).get("phases") or {}
+    if startup:
+        lines.append(f"run {summary.run_id} STUCK IN START-UP: {startup.get('headline')}")
+    elif summary.kind == "hang" and summary.hang:
         lines.append(f"run {summary.run_id} HUNG: no rank advanced for "
                      f"{summary.hang.get('stalled_for_s', summary.hang.get('timeout_s'))} s "
                      f"(hang timeout {summary.hang.get('timeout_s')} s)")
@@ -451,8 +479,10 @@ def summary_lines(summary: DiagnosticsSummary) -> list[str]:
                      f"({summary.basis})")
     for stack in summary.ranks:
         state = f"state {stack.state}" + (f" ({stack.state_note})" if stack.state_note else "")
+        where = (f"phase {phases[str(stack.rank)]}" if str(stack.rank) in phases
+                 else f"step {'-' if stack.step is None else stack.step}")
         lines.append(f"  rank {stack.rank} (node {stack.node_rank}, {stack.host}, pid {stack.pid}): "
-                     f"step {'-' if stack.step is None else stack.step}, {state}")
+                     f"{where}, {state}")
         if stack.frames:
             for frame in stack.frames:
                 lines.append(f"      {frame}")
@@ -465,16 +495,22 @@ def summary_lines(summary: DiagnosticsSummary) -> list[str]:
     seen = {s.rank for s in summary.ranks}
     for rank, step in summary.rank_steps.items():
         if rank not in seen:
-            lines.append(f"  rank {rank}: step {'-' if step is None else step}, no process found")
+            where = (f"phase {phases[str(rank)]}" if str(rank) in phases
+                     else f"step {'-' if step is None else step}")
+            lines.append(f"  rank {rank}: {where}, no process found")
     for host, error in summary.node_errors.items():
         lines.append(f"  {host}: no diagnostics: {error}")
     return lines
 
 
 def summary_markdown(summary: DiagnosticsSummary, diag_dir_name: str) -> str:
-    title = "Hang" if summary.kind == "hang" else "Diagnostics"
+    startup = startup_record(summary)
+    title = ("Stuck in start-up" if startup else "Hang" if summary.kind == "hang"
+             else "Diagnostics")
     out = [f"## {title}: {summary.run_id}", ""]
-    if summary.hang:
+    if startup:
+        out.append(f"{_md_escape(str(startup.get('headline')))}; the run was stopped.")
+    elif summary.hang:
         out.append(f"No rank advanced for {summary.hang.get('stalled_for_s')} s "
                    f"(hang timeout {summary.hang.get('timeout_s')} s); the run was stopped.")
     if summary.first_stalled_ranks and _singles_out(summary):
@@ -503,14 +539,22 @@ def summary_markdown(summary: DiagnosticsSummary, diag_dir_name: str) -> str:
     return "\n".join(out)
 
 
+def startup_record(summary: DiagnosticsSummary) -> dict[str, Any] | None:
+    """The start-up watch's record (startwatch.StartupStall.as_dict) when it fired, else None."""
+    startup = (summary.hang or {}).get("startup")
+    return dict(startup) if isinstance(startup, Mapping) else None
+
+
 def _first_label(summary: DiagnosticsSummary) -> str:
-    return "stopped advancing first" if summary.kind == "hang" else "behind the others"
+    if startup_record(summary):
+        return "stuck in start-up"
+    return "stopped advancing first" if summary.kind in ("hang", "startup") else "behind the others"
 
 
 def _singles_out(summary: DiagnosticsSummary) -> bool:
     """A hang always names its first ranks; an on-demand snapshot only when some ranks lag."""
     everyone = set(summary.rank_steps) | {s.rank for s in summary.ranks}
-    return summary.kind == "hang" or set(summary.first_stalled_ranks) != everyone
+    return summary.kind in ("hang", "startup") or set(summary.first_stalled_ranks) != everyone
 
 
 def _md_escape(text: str) -> str:

@@ -73,6 +73,14 @@ def clean_process(proc: Any) -> dict[str, Any] | None:
     stack = _stack(proc.get("stack"))
     if stack is not None:
         clean["stack"] = stack
+    # The start-up watch's poll ("phases" mode) adds what the process's TCP sockets say.
+    if "store" in proc:
+        clean["store"] = _text(proc.get("store"), 16)
+    for key in ("peers", "listening"):
+        if key in proc:
+            clean[key] = _count(proc.get(key))
+    if "ports" in proc:
+        clean["ports"] = _texts(proc.get("ports"), 64)[:64]
     return clean
 
 
@@ -134,6 +142,7 @@ def clean_node_report(data: Any, *, nested: bool = False) -> tuple[dict[str, Any
         "gpu": _gpu(data.get("gpu")),
         "log_tail": _log_tail(data.get("log_tail")),
         "progress": _progress(data.get("progress")),
+        "mode": _text(data.get("mode"), 16),
     }
     # Only what the node sent: a key it left out stays out (readers default it).
     report: dict[str, Any] = {key: value for key, value in cleaners.items() if key in data}

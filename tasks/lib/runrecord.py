@@ -14,12 +14,17 @@ Schema (version 1), top level:
   nodes [{node_rank, host, hostname, address, ifname, gpus, gpu_names, commit, branch, ranks,
           launcher_pid, state, exit_code, started_at, ended_at, steps_done, steps_total, log,
           collected, collect_error, collect_refused}],
-  first_failure {node_rank, host, ranks, exit_code, reason, at, last_lines} | null (a push or
-    start failure: reason "<phase> failed on node N (host)", last_lines one line per host),
+  first_failure {node_rank, host, ranks, exit_code, reason, at, last_lines, basis, evidence,
+    consequences} | null (a push or start failure: reason "<phase> failed on node N (host)",
+    last_lines one line per host; a rank's failure: the rank the others waited for, basis and
+    evidence say why (tasks/lib/blame.py), consequences the waiting ranks' errors),
   headline {metric: value} (from summary.json, when there is one),
-  timings {phase: seconds} (validate, probe, busy_check, render, push, start, watch, collect),
+  timings {phase: seconds} (validate, probe, rendezvous, busy_check, render, push, start, watch,
+    collect),
   hang {first_stalled_ranks, basis, suspect_ranks, rank_steps, stalled_for_s, timeout_s,
-        detected_at, diagnostics} | null (when the watchdog stopped a run that made no progress).
+        detected_at, diagnostics, startup} | null (when the watchdog stopped a run that made no
+    progress; startup: the start-up watch's record when it was stuck before its first step:
+    rule, phase, missing, ranks, nodes, limit_s, waited_s, detail, headline, phases).
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tasks.lib.blame import WaitSign, is_error_line, line_rank, waiting_sign
 from tasks.lib.localfs import name_problem, shown_name
 from tasks.lib.quoting import sh_quote
 from tasks.lib.untrusted import finite_number, plain_int, short_text
@@ -92,6 +98,11 @@ class Failure:
     reason: str
     at: str
     last_lines: list[str]
+    # Why this rank is blamed (tasks/lib/blame.py: own failure, store keys, peer address, ...),
+    # what shows it, and the errors of the ranks that failed waiting for it.
+    basis: str | None = None
+    evidence: list[str] = field(default_factory=list)
+    consequences: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -351,20 +362,26 @@ class Evidence:
 
     node_rank: int
     at: float                  # monotonic
-    kind: str        # rank-signal | rank-exit | agent-stopping | rank-error | node-exit | lost
+    # rank-signal | rank-exit | agent-stopping | rank-error | rank-waiting (failed waiting for a
+    # peer: tasks/lib/blame.py) | node-exit | lost
+    kind: str
     rank: int | None
     exit_code: int | None
     line: str
+    waits: WaitSign | None = None
 
 
 def classify_line(line: str, node_rank: int, nproc: int, at: float,
-                  stopping_from_outside: bool) -> Evidence | None:
+                  stopping_from_outside: bool, world_size: int | None = None) -> Evidence | None:
     """Failure signs in torchrun's and train's output.
 
     torchrun's agent logs "Sending process N closing signal" as soon as a local rank died (it then
     waits for the others, up to 30 s) and "failed (exitcode: X) local_rank: L" after; the same
     closing lines follow "Received SIGTERM death signal" when the node was told to stop, which
-    is not a failure of its own.
+    is not a failure of its own. A rank's error that says it was waiting for a peer (a store
+    key, a closed pair, a collective timeout) is "rank-waiting": a consequence, whose cause
+    tasks/lib/blame.py looks for. Error lines without a rank (a traceback's last line) are
+    returned with rank None: context for the blame, not a failure sign by themselves.
     """
     if stopping_from_outside:
         return None
@@ -374,9 +391,26 @@ def classify_line(line: str, node_rank: int, nproc: int, at: float,
                         node_rank * nproc + local_rank, code, line)
     if _AGENT_CLOSING.search(line):
         return Evidence(node_rank, at, "agent-stopping", None, None, line)
+    # train's own failure line counts wherever it sits in the line (after a node's escape
+    # sequences, say); other error lines only at its start, as Python prints an exception.
+    if not is_error_line(line) and not _RANK_FAILED.search(line):
+        return None
+    rank = line_rank(line)
+    waits = waiting_sign(line, world_size or 1 << 30)
+    if waits is not None:
+        return Evidence(node_rank, at, "rank-waiting", rank, None, line, waits)
     if (match := _RANK_FAILED.search(line)):
         return Evidence(node_rank, at, "rank-error", int(match.group(1)), None, line)
+    if rank is not None:
+        return Evidence(node_rank, at, "rank-error", rank, None, line)
     return None
+
+
+def is_failure_sign(evidence: Evidence) -> bool:
+    """Whether this evidence alone says the run failed (a waiting error without a rank is a
+    traceback's last line: context for the blame, which its rank's own line or torchrun's
+    report of the exit will confirm)."""
+    return not (evidence.kind == "rank-waiting" and evidence.rank is None)
 
 
 def choose_first_failure(evidence: Sequence[Evidence]) -> Evidence:
@@ -458,6 +492,7 @@ __all__ = [
     "RunRecord", "NodeRecord", "Failure", "RunRecordError", "new_record", "global_ranks",
     "now_iso", "parse_progress", "exit_reason", "headline_metrics", "HEADLINE_METRICS",
     "SCHEMA_VERSION", "RUN_JSON", "FINAL_NODE_STATES", "Evidence", "classify_line",
-    "choose_first_failure", "failure_reason", "AGENT_DEATH_SIGNAL", "FAILURE_HINTS", "last_progress", "list_files_command",
+    "choose_first_failure", "failure_reason", "AGENT_DEATH_SIGNAL", "FAILURE_HINTS",
+    "last_progress", "list_files_command", "is_failure_sign",
     "parse_file_list", "FileListing", "refusal_line", "write_json_atomic",
 ]

@@ -11,6 +11,7 @@ from invoke.exceptions import Exit
 from rich.console import Console
 
 from tasks.cluster.preflight import probe_all, require_matching_checkout
+from tasks.cluster.rendezvous import check_rendezvous
 from tasks.lib.ports import held_by
 from tasks.lib.probe import CheckoutState, HostFacts, judge_cluster, judge_host
 from tasks.lib.profiling import (
@@ -20,6 +21,7 @@ from tasks.lib.profiling import (
     required_tools,
     tool_check_command,
 )
+from tasks.lib.rendezvous import AUTO_PORT_RANGE, master_address
 from tasks.lib.runrecord import now_iso
 from tasks.lib.runspec import RunSpec, RunSpecError, resolve_nproc
 from tasks.cluster.node_errors import describe_error
@@ -34,7 +36,6 @@ EXIT_BUSY = 3
 EXIT_HUNG = 4
 EXIT_DETACHED = 130
 
-AUTO_PORT_RANGE = (29500, 29999)
 AUTO_PORT_TRIES = 5
 
 
@@ -100,10 +101,7 @@ def check_facts(session: ClusterSession, spec: RunSpec,
         problems.append(str(err))
         nproc = 0
     master = facts[0]
-    master_addr = master.address
-    if socket_ifname:
-        master_addr = next((addr for name, addr in master.interfaces if name == socket_ifname),
-                           master_addr)
+    master_addr = master_address(facts, socket_ifname)
     if session.inventory.is_local:
         master_addr = "127.0.0.1"  # one node: rendezvous never leaves this machine
     if not master_addr:
@@ -112,6 +110,32 @@ def check_facts(session: ClusterSession, spec: RunSpec,
         raise Exit("launch: refused before starting anything:\n  " + "\n  ".join(problems),
                    code=EXIT_USAGE)
     return nproc, ifnames, str(master_addr)
+
+
+def prove_rendezvous(session: ClusterSession, spec: RunSpec, facts: Sequence[HostFacts],
+                     port: int, console: Console) -> int:
+    """Node 0 listens on the run's master port, every other node connects to it over the
+    interfaces its ranks will use (tasks/cluster/rendezvous.py), before anything is pushed: a
+    node cut off from the port is named with the address, port, interface and likely cause
+    (Exit 2) instead of torchrun's agents waiting minutes for it. Returns the port proven (an
+    auto port taken since the probe is replaced by another free one)."""
+    container = session.settings.docker.container if spec.docker else None
+    for _ in range(1 if spec.master_port else AUTO_PORT_TRIES):
+        checked = check_rendezvous(session, facts, port, container=container)
+        if checked is None:
+            return port
+        if not checked.busy or spec.master_port:
+            break
+        port = random.randint(*AUTO_PORT_RANGE)
+    errors = [finding.line().removeprefix("error: ") for finding in checked.findings
+              if finding.is_error]
+    for finding in checked.findings:
+        if not finding.is_error:
+            console.out(finding.line(), highlight=False)
+    if errors:
+        raise Exit("launch: refused before starting anything: the rendezvous path is broken:\n  "
+                   + "\n  ".join(errors), code=EXIT_USAGE)
+    return port
 
 
 def check_profiler(session: ClusterSession, spec: RunSpec) -> None:

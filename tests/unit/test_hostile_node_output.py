@@ -199,7 +199,7 @@ def test_the_hung_run_is_stopped_whatever_the_nodes_diagnostics_report_says(tmp_
     session, plan, watcher = local_watcher(tmp_path, dead_pid(), hang_timeout="60")
     stops: list[bool] = []
     monkeypatch.setattr(watcher, "stop_all", lambda **kwargs: stops.append(True))
-    monkeypatch.setattr("tasks.diagnose.FLIGHT_DUMP_SETTLE_S", 0.0)
+    monkeypatch.setattr("tasks.run.hangwatch.FLIGHT_DUMP_SETTLE_S", 0.0)
     hang = HangReport(detected_at=100.0, timeout_s=60.0, last_progress_at=10.0,
                       ranks=(RankProgress(3, 5, 5, 10.0), RankProgress(4, 5, 5, 10.0)),
                       first_stalled=(3, 4))

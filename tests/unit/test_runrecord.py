@@ -128,9 +128,13 @@ def test_classify_torchrun_and_train_lines():
     assert exited.kind == "rank-exit"
     closing = classify_line(AGENT_CLOSING, 1, 2, 1.0, False)
     assert closing.kind == "agent-stopping" and closing.rank is None
-    error = classify_line("train: rank 0 failed: RuntimeError: Connection closed by peer",
+    error = classify_line("train: rank 0 failed: RuntimeError: CUDA error: out of memory",
                           0, 2, 1.0, False)
     assert (error.kind, error.rank) == ("rank-error", 0)
+    # A rank whose error says it lost its peer failed waiting: a consequence (tasks/lib/blame.py).
+    victim = classify_line("train: rank 0 failed: RuntimeError: Connection closed by peer",
+                           0, 2, 1.0, False)
+    assert (victim.kind, victim.rank, victim.waits.kind) == ("rank-waiting", 0, "peer")
     assert classify_line("step 3/20 | iter 1 ms", 0, 2, 1.0, False) is None
     # After "Received SIGTERM death signal" the node was told to stop: not a failure of its own.
     assert classify_line(AGENT_CLOSING, 1, 2, 1.0, stopping_from_outside=True) is None
