@@ -6,6 +6,7 @@ The same collection is what the launch's hang watchdog runs before it stops a hu
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -97,11 +98,16 @@ class HangMonitor:
 
     `tick` is cheap to call often (it polls at most every `poll_s`); its SSH calls run in parallel
     and a node that does not answer a poll is simply not counted (the heartbeat finds lost nodes).
+
+    line_progress: the run is not our train package (no metrics files): a rank's progress is the
+    number of output lines it printed (marked with its rank, tasks/lib/entry.py), which the
+    watcher passes in with `count_line` as the lines arrive; nothing is polled.
     """
 
     def __init__(self, session: ClusterSession, run_id: str, output_dir: str, timeout_s: float, *,
                  world_size: int, started_at: float, startup_timeout_s: float | None = None,
-                 poll_s: float | None = None, step_multiple: float | None = None):
+                 poll_s: float | None = None, step_multiple: float | None = None,
+                 line_progress: bool = False):
         self.session = session
         self.run_id = run_id
         self.output_dir = output_dir
@@ -115,9 +121,23 @@ class HangMonitor:
         self.poll_s = poll_s if poll_s is not None else min(10.0, max(1.0, timeout_s / 10))
         self.next_poll = started_at
         self.command = progress_poll_command(output_dir)
+        self.line_progress = line_progress
+        self.lines_seen: dict[int, int] = {}
+        self.lines_lock = threading.Lock()
+
+    def count_line(self, rank: int) -> None:
+        """One more output line of `rank` (called from the log stream threads)."""
+        if 0 <= rank < self.world_size:
+            with self.lines_lock:
+                self.lines_seen[rank] = self.lines_seen.get(rank, 0) + 1
 
     def poll(self, nodes: Iterable[Node], now: float) -> list[int]:
-        """Read every node's metrics files once; the ranks that advanced."""
+        """Read every node's metrics files once (or the line counts); the ranks that advanced."""
+        if self.line_progress:
+            with self.lines_lock:
+                counts = dict(self.lines_seen)
+            return self.watchdog.observe_poll({rank: (count, None)
+                                               for rank, count in counts.items()}, now)
         results = on_each(list(nodes), lambda node: node.run(self.command, warn=True, timeout=30).stdout)
         snapshot: dict[int, tuple[int, int | None]] = {}
         for text in results.ok.values():

@@ -152,7 +152,7 @@ def push_bundle(session: ClusterSession, plan: Plan) -> None:
     The launcher needs no execute bit: it is started as `bash node_launcher.sh RANK`."""
     files = {**bundle_for(plan), launcher_path(plan): plan.launcher}
     # Profilers write where the ranks cannot create the directory first (nsys' report parent).
-    dirs = profiler_output_dirs(plan.profilers, plan.output_dir)
+    dirs = [*profiler_output_dirs(plan.profilers, plan.output_dir), *plan.dirs]
 
     def push(node: Node) -> None:
         node.put_files(files, mode=0o600, dirs=dirs)

@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 
 from tasks.diagnose import HangMonitor
+from tasks.lib.entry import split_rank_line
 from tasks.lib.quoting import sh_quote
 from tasks.lib.registry import parse_status, status_command
 from tasks.lib.runrecord import (
@@ -160,7 +161,8 @@ class Watcher:
             self.hang = HangMonitor(session, plan.run_id, plan.output_dir, plan.spec.hang_timeout,
                                     world_size=plan.record.world_size, started_at=now,
                                     startup_timeout_s=max(plan.spec.hang_timeout, 300.0),
-                                    step_multiple=HANG_STEP_MULTIPLE if plan.spec.hang_auto else None)
+                                    step_multiple=HANG_STEP_MULTIPLE if plan.spec.hang_auto else None,
+                                    line_progress=plan.spec.entry is not None)
         self.last_progress_text = ""
 
     # the tail threads ---------------------------------------------------------------------------
@@ -193,6 +195,8 @@ class Watcher:
         watch.lines.append(line)
         if (progress := parse_progress(line)):
             watch.steps_done, watch.steps_total = progress
+        if self.hang is not None and self.hang.line_progress and (marked := split_rank_line(line)):
+            self.hang.count_line(marked[0])
         if AGENT_DEATH_SIGNAL.search(line):
             watch.stopping_from_outside = True
         evidence = classify_line(line, watch.rank, self.nproc, now, watch.stopping_from_outside)
