@@ -203,6 +203,28 @@ def extract_objective(output_dir: Path, metric: Metric | None) -> Objective | No
     return objective
 
 
+PYTHON_ERROR = re.compile(r"^\s*(?:[\w.]+\.)?\w*(?:Error|Exception): \S.*")
+ERROR_LINE_CHARS = 240
+
+
+def rank_error_line(output_dir: Path, rank: int) -> str | None:
+    """The first Python exception line a rank printed (the one it raised), from the node logs:
+    a failed run of your own training says why in the rank's own words."""
+    for path in sorted(output_dir.glob("node_*_output.log")):
+        try:
+            lines, _ = read_bounded_lines(path)
+        except OSError:
+            continue
+        for line in lines:
+            marked = split_rank_line(line)
+            # torch itself marks an uncaught exception's lines with the rank again.
+            while marked is not None and marked[0] == rank and split_rank_line(marked[1]):
+                marked = split_rank_line(marked[1])
+            if marked is not None and marked[0] == rank and PYTHON_ERROR.match(marked[1]):
+                return f"rank {rank}: {marked[1].strip()}"[:ERROR_LINE_CHARS]
+    return None
+
+
 MAX_DEBUG_LOG_BYTES = 16 << 20
 
 

@@ -355,7 +355,7 @@ def _entry_row(data: RunData, spec: PointSpec | None, sweep_status: str | None) 
     """A run of the user's own training: its objective (the metric it was launched with, else its
     profiler traces' step time) in the iter_ms columns, and NCCL's effective settings."""
     from tasks.lib.objective import (MetricError, effective_from_debug_logs, extract_objective,
-                                     parse_metric)
+                                     parse_metric, rank_error_line)
 
     channels, threads = _grid_values(data, spec)
     run_status = _string(_get(data.run_json, "status"))
@@ -367,7 +367,11 @@ def _entry_row(data: RunData, spec: PointSpec | None, sweep_status: str | None) 
                    status=status, steps=0, problems=list(data.problems))
     if (failure := _failure_problem(data.run_json)):
         row.problems.insert(0, failure)
-    if status != COMPLETED and (cause := error_line_in_logs(data)):
+    culprits = _get(data.run_json, "first_failure", "ranks") or []
+    if status != COMPLETED and data.output_dir is not None and len(culprits) == 1 and (
+            cause := rank_error_line(data.output_dir, int(culprits[0]))):
+        row.problems.append(cause)
+    elif status != COMPLETED and (cause := error_line_in_logs(data)):
         row.problems.append(cause)
     if data.output_dir is None:
         return row
@@ -537,7 +541,8 @@ def _status(data: RunData, sweep_status: str | None) -> str:
 
 
 TRAIN_ERROR_RE = re.compile(r"train: error: .*")
-PYTHON_ERROR_RE = re.compile(r"^\s*(?:[\w.]+\.)?\w*(?:Error|Exception): .+")
+# An entry's rank lines carry torchrun's `[rankN]:` (tasks/lib/entry.py).
+PYTHON_ERROR_RE = re.compile(r"^(?:\[rank\d+\]:\s*)*(?:[\w.]+\.)?\w*(?:Error|Exception): .+")
 LOG_TAIL_BYTES = 256 * 1024
 ERROR_LINE_CHARS = 240
 

@@ -342,3 +342,20 @@ def test_a_sweep_of_an_entry_restarts_every_point():
     assert sweep_mode(True, {"entry": "train.py"}, None) == (
         False, "--entry runs your own program, which has no rank pool")
     assert sweep_mode(True, {"entry": None}, None) == (True, None)
+
+
+def test_a_failed_entry_run_says_why_in_the_failing_ranks_words(tmp_path):
+    from tasks.lib import report as rep
+
+    run = entry_run(tmp_path, "multinode_28ch_256th_20260101_000000_cccccc", [1.0], status="failed")
+    record = json.loads((run / "run.json").read_text())
+    record["first_failure"] = {"node_rank": 1, "host": "n1", "ranks": [3], "reason": "rank 3 failed"}
+    (run / "run.json").write_text(json.dumps(record))
+    # As the simulated cluster's node log held it: torch marks the rank again, peers fail after.
+    (run / "256thread_28channels" / "node_1_output.log").write_text(
+        "[rank3]:[rank3]: Traceback (most recent call last):\n"
+        "[rank3]:[rank3]: RuntimeError: own training: rank 3 failed on purpose at step 5\n"
+        "[rank2]:[rank2]: RuntimeError: Connection closed by peer\n")
+    row = rep.summarize_run(rep.read_run(run))
+    assert row.problems == ["node 1 (n1): rank 3 failed",
+                            "rank 3: RuntimeError: own training: rank 3 failed on purpose at step 5"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -242,7 +243,7 @@ def test_events_of_the_wrong_shape_are_skipped_not_fatal():
          "args": {"grid": "huge", "block": [1, 2, 3, 4], "stream": True}},
     ]))
     analysis = analyse_trace(trace)
-    (kernel,) = traces.gpu_events(trace, __import__("re").compile("nccl"))
+    (kernel,) = traces.gpu_events(trace, re.compile("nccl"))
     assert (kernel.grid, kernel.block, kernel.stream) == (None, None, None)
     assert analysis.steps[0].compute_ms == pytest.approx(0.005)
 
