@@ -351,6 +351,29 @@ def test_a_hung_rank_of_own_training_gets_stacks(ssh_cluster, tmp_path):
 
 
 @pytest.mark.cluster
+def test_own_training_detached_then_status_logs_and_stop(ssh_cluster, tmp_path):
+    """The registry is the truth for any program: a detached run of your own training shows in
+    `fab status`, its rank lines in `fab logs`, and `fab stop` ends it on every node."""
+    sim, config, experiments = ssh_cluster
+    script = write_own_training(tmp_path / "own", steps=100000, pause_s=0.2)
+    started = run_fab(config, "launch", "--detach", "--entry", f"{script} --config my.yaml")
+    assert started.returncode == 0, started.stdout + started.stderr
+    run_id = run_dir_of(experiments, started.stdout).name
+    try:
+        wait_until(lambda: "[rank3]:" in run_fab(config, "logs", "--run", run_id).stdout, 120,
+                   "rank 3's lines in fab logs", interval=2)
+        status = run_fab(config, "status")
+        assert status.returncode == 0 and run_id in status.stdout, status.stdout
+        stopped = run_fab(config, "stop", "--run", run_id)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        wait_until(lambda: not run_processes(sim, run_id), 30, "the run's processes gone",
+                   interval=0.5)
+    finally:
+        if run_processes(sim, run_id):
+            run_fab(config, "emergency-stop", timeout=60)
+
+
+@pytest.mark.cluster
 def test_a_sweep_of_own_training_reports_its_own_step_metric(ssh_cluster, tmp_path):
     sim, config, experiments = ssh_cluster
     script = write_own_training(tmp_path / "own", steps=4, pause_s=0.0)
@@ -436,3 +459,45 @@ def test_a_raising_rank_of_own_training_ends_the_srun_step(slurm_config, tmp_pat
     record = json.loads((run_dir / "run.json").read_text())
     assert record["first_failure"]["ranks"] == [2] and record["status"] == "failed"
     assert not run_processes(sim, run_dir.name)
+
+
+# -- the same in the experiment container ------------------------------------------------------------
+
+@pytest.mark.cluster
+@pytest.mark.docker
+def test_own_training_in_docker_sees_every_env_variable(cluster_docker, tmp_path):
+    """The script's pushed directory is inside the workdir, which the container mounts at the same
+    path: the ranks start there inside the container and source env.sh there."""
+    sim = cluster_docker
+    data = yaml.safe_load(sim.write_fabric_config(tmp_path / "sim.yaml").read_text())
+    data["cluster"].update(experiments_dir=str(tmp_path / "experiments"),
+                           registry_dir="/tmp/gemm-runs-own-docker")
+    data["docker"]["container"] = "gemm-own-test"
+    # As tests/cluster/test_launch.py: the sim image has no Python; the checkout's venv is
+    # mounted and goes first on the container's PATH.
+    venv_bin = str(Path(sys.executable).parent)
+    data["docker"]["env"] = {"PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:"
+                                     "/usr/bin:/sbin:/bin"}
+    data["launch"] = {"nproc": 2, "stop_grace": 5}
+    config = tmp_path / "docker.yaml"
+    config.write_text(yaml.safe_dump(data))
+    synced = run_fab(config, "sync", timeout=180)
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    up = run_fab(config, "docker-up", timeout=240)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        script = write_own_training(tmp_path / "own")
+        result = run_fab(config, "launch", "--docker", "--entry", f"{script} --config my.yaml",
+                         "--env", f"GEMMTEST_HOSTILE={HOSTILE}")
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output[-5000:]
+        assert "in container gemm-own-test" in output
+        record = check_every_env_variable_reached_every_rank(
+            run_dir_of(tmp_path / "experiments", output), world=4)
+        assert record["status"] == "succeeded" and record["flags"]["docker"] is True
+        for node in sim.nodes:
+            inside = sim.exec(node.index, "docker exec gemm-own-test test -e /tmp/own-pwned",
+                              check=False)
+            assert inside.returncode == 1, inside.stderr
+    finally:
+        run_fab(config, "docker-down", timeout=240)
