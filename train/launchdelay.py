@@ -160,12 +160,18 @@ def launch_delays(
 
 
 def launch_check(samples: Sequence[Mapping[str, Any]], channels: int | None,
-                 threads: int | None, control_op: str) -> dict[str, Any]:
+                 threads: int | None, control_op: str,
+                 expected: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The collective kernels' launch configurations over a point's sampled steps, against the
-    channels NCCL said it built and the threads asked: NCCL launches grid.x = the channels the
-    collective uses and block.x = its thread count, so a mismatch is measured evidence that a
-    setting did not reach the kernels. The stop-flag all-reduce (one element, its own small
-    grid) is left out where kernels could be paired with their collectives."""
+    channels NCCL said it built and the block NCCL launches for the point's collectives.
+
+    grid.x is the channels a collective uses; block.x is not the thread count asked: NCCL adds
+    warps per algorithm and protocol and fixes some algorithms' blocks (train.nccl_launch), so
+    ``expected`` (the effective settings' launch_expectation: {"allowed": {block: why}, "reason"})
+    says which block.x values NCCL launches here; a block outside them is measured evidence
+    that the setting did not reach the kernels. Without an expectation the blocks are shown,
+    not judged (``threads`` stays for the record). The stop-flag all-reduce (one element, its
+    own small grid) is left out where kernels could be paired with their collectives."""
     launches = [launch for sample in samples for launch in sample.get("collective_launches", [])
                 if launch.get("op") != control_op]
     grids = sorted({launch["grid"][0] for launch in launches if launch.get("grid")})
@@ -173,12 +179,28 @@ def launch_check(samples: Sequence[Mapping[str, Any]], channels: int | None,
     flags: list[str] = []
     if not launches:
         reason = "no collective kernel in the sampled steps"
-        return {"kernels": 0, "grid_x": None, "block_x": None, "flags": flags, "reason": reason}
+        return {"kernels": 0, "grid_x": None, "block_x": None, "flags": flags, "reason": reason,
+                "block_check": None}
     if channels is not None and grids and max(grids) != channels:
         flags.append(f"kernels: NCCL built {channels} channels but its collective kernels ran "
                      f"with grid.x {grids}")
-    if threads is not None and blocks and any(b != threads for b in blocks):
-        flags.append(f"kernels: asked {threads} threads, collective kernels ran with "
-                     f"block.x {blocks}")
+    allowed = (expected or {}).get("allowed")
+    if blocks and isinstance(allowed, Mapping) and allowed:
+        # A kernel paired with its collective is a gradient bucket's; an unpaired one may be
+        # the small stop-flag all-reduce, whose block NCCL sizes for 4 bytes.
+        unpaired = (expected or {}).get("allowed_unpaired") or allowed
+        wrong = sorted({launch["block"][0] for launch in launches if launch.get("block")
+                        and int(launch["block"][0]) not in
+                        {int(k) for k in (allowed if launch.get("op") else unpaired)}})
+        if wrong:
+            told = "; ".join(f"{k}: {v}" for k, v in
+                             sorted(allowed.items(), key=lambda kv: int(kv[0])))
+            flags.append(f"kernels: asked {threads} threads; collective kernels ran with block.x "
+                         f"{wrong}, which is not what the library launches here ({told})")
+        block_check = "compared with the library's launch rule"
+    else:
+        block_check = ("not compared: " + str((expected or {}).get("reason")
+                                               or "no launch expectation for this rank"))
     return {"kernels": len(launches), "grid_x": grids or None, "block_x": blocks or None,
-            "flags": flags, "reason": None if grids else "the trace carries no grid/block"}
+            "flags": flags, "reason": None if grids else "the trace carries no grid/block",
+            "block_check": block_check if blocks else None}

@@ -577,7 +577,8 @@ class Trainer:
             # The kernels' own launch configuration (sampled under the profiler, GPU only):
             # evidence beside NCCL's account of what it built.
             found["kernel_launch"] = launch_check(self.launch_delay.get("samples", []),
-                                                  found.get("channels"), asked.threads, CONTROL)
+                                                  found.get("channels"), asked.threads, CONTROL,
+                                                  found.get("launch_expectation"))
             found["flags"] = [*found.get("flags", []), *found["kernel_launch"]["flags"]]
             return found
         except Exception as exc:  # noqa: BLE001 - a parse problem must not fail the run

@@ -409,12 +409,18 @@ def _fill_effective(row: PointRow, summary: Mapping[str, Any] | None) -> None:
             if isinstance(values, list) and values:
                 setattr(row, attribute, ",".join(str(v) for v in values))
         if row.effective_threads is None:
-            # No TUNING table (world size 1, or not rank 0): the thread value NCCL reported
-            # reading stands in, so points of different threads are not taken for equal.
+            # No kernel block known (world size 1, or no per-collective line on any rank): the
+            # thread variable as the library used it stands in (after its own clamping, e.g.
+            # RCCL's NCCL_NTHREADS minimum), so points of different threads are not taken for
+            # equal, and points the library clamped to one value are.
+            knob = _get(effective, "threads_knob")
             read = _get(effective, "env_read") or {}
-            value = read.get("NCCL_NTHREADS") or read.get("RCCL_THREADS_PER_BLOCK") if isinstance(read, Mapping) else None
-            if value is not None:
-                row.effective_threads = f"{value} (read)"
+            if isinstance(knob, Mapping) and knob.get("read") is not None and knob.get("effective") is not None:
+                row.effective_threads = f"{knob['effective']} ({knob.get('name')} read)"
+            else:
+                value = read.get("NCCL_NTHREADS") or read.get("RCCL_THREADS_PER_BLOCK") if isinstance(read, Mapping) else None
+                if value is not None:
+                    row.effective_threads = f"{value} (read)"
         flags += [str(f) for f in effective.get("flags") or [] if isinstance(f, str)]
         row.notes += [str(n) for n in effective.get("notes") or [] if isinstance(n, str)]
         captured = effective.get("capture") == "on"

@@ -106,3 +106,32 @@ def test_pool_points_read_their_own_directory(tmp_path: Path) -> None:
     assert eight.settings_flag and any("resources not back" in f for f in eight.settings_flags)
     # A path in output_dir is not followed: the row falls back to the run's own directory.
     assert "several output directories; reading 256thread_4channels" in bad.problems
+
+
+def test_threads_the_library_clamped_to_one_value_are_one_point(tmp_path: Path) -> None:
+    """RCCL of ROCm 6.x takes NCCL_NTHREADS only as 256 (minimum 4 warps of 64, maximum 256:
+    its "Invalid NCCL_NTHREADS" lines): the 64 and the 512 point ran the same, and say so.
+    Points the library ran with their own value stay apart (world size 1: no kernel block)."""
+    sweep = make_sweep(tmp_path, [(4, 64, {}), (4, 512, {})])
+    for i, threads in enumerate((64, 512)):
+        set_effective(tmp_path / f"multinode_4ch_{threads}th_20250101_12{i:02d}00", {
+            "capture": "on", "channels": 4, "threads": None, "algorithms": None,
+            "transports": None, "asked": {"channels": 4, "threads": threads},
+            "env_read": {"NCCL_NTHREADS": str(threads)},
+            "threads_knob": {"name": "NCCL_NTHREADS", "read": threads, "effective": 256},
+            "flags": [f"all ranks: threads: NCCL_NTHREADS={threads} is outside RCCL's range; RCCL ran 256"]})
+    low, high = rows_of(sweep)
+    assert low.effective_threads == high.effective_threads == "256 (NCCL_NTHREADS read)"
+    assert any(f.startswith("same effective settings as another point") for f in low.settings_flags)
+
+    apart = make_sweep(tmp_path / "b", [(4, 256, {}), (4, 512, {})])
+    for i, threads in enumerate((256, 512)):
+        set_effective(tmp_path / "b" / f"multinode_4ch_{threads}th_20250101_12{i:02d}00", {
+            "capture": "on", "channels": 4, "threads": None, "algorithms": None,
+            "threads_reason": "world size 1: no collective kernel",
+            "asked": {"channels": 4, "threads": threads},
+            "threads_knob": {"name": "NCCL_NTHREADS", "read": threads, "effective": threads},
+            "flags": []})
+    rows = rows_of(apart)
+    assert [r.settings_flag for r in rows] == [False, False]
+    assert [r.effective_threads for r in rows] == ["256 (NCCL_NTHREADS read)", "512 (NCCL_NTHREADS read)"]
