@@ -359,3 +359,26 @@ def test_a_failed_entry_run_says_why_in_the_failing_ranks_words(tmp_path):
     row = rep.summarize_run(rep.read_run(run))
     assert row.problems == ["node 1 (n1): rank 3 failed",
                             "rank 3: RuntimeError: own training: rank 3 failed on purpose at step 5"]
+
+
+def test_an_entry_runs_effective_settings_come_from_its_ranks_nccl_debug_files(tmp_path):
+    """The launch sends an entry's NCCL INFO lines to nccl_debug_<host>_<pid>.log; the report
+    reads them with our loop's parser and checks (real NCCL 2.28.9 H100 log, data/nccl/)."""
+    from tasks.lib import report as rep
+
+    run = entry_run(tmp_path, "multinode_28ch_256th_20260101_000000_dddddd", [1.0, 2.0])
+    record = json.loads((run / "run.json").read_text())
+    # What the recording's process had (data/nccl/README.md), and the threads env.sh adds.
+    record["common_env"] = {"NCCL_MIN_NCHANNELS": "4", "NCCL_MAX_NCHANNELS": "4",
+                            "NCCL_NTHREADS": "256"}
+    record["flags"]["accelerator"] = "cuda"
+    (run / "run.json").write_text(json.dumps(record))
+    (run / "256thread_28channels" / "nccl_debug_node0_4242.log").write_bytes(
+        (DATA / "nccl" / "nccl-2.28.9_h100_world1_env-channels4.log").read_bytes())
+    row = rep.summarize_run(rep.read_run(run))
+    assert row.effective_channels == 4 and row.settings_flag is True
+    assert "grid channels 28, NCCL built 4" in row.settings_flags
+    assert any("NCCL_NTHREADS=256 was set but NCCL never reported reading it" in f
+               for f in row.settings_flags)
+    without = rep.summarize_run(rep.read_run(entry_run(tmp_path / "b", run.name, [1.0])))
+    assert without.effective_channels is None and without.settings_flag is None
