@@ -107,6 +107,7 @@ def print_dry_run(session: ClusterSession, spec: RunSpec, console: Console) -> N
     plan = build_plan(session, spec, run_id=run_id, run_dir=experiments_dir / run_id, nproc=nproc,
                       master_addr=master_addr, master_port=port, ifnames=ifnames, facts=None)
     out = console.out
+    out(entry_line(spec))
     out(f"dry run of {run_id}: no host contacted, nothing written.")
     out("assumed (the probe decides at launch time):")
     out(f"  master address: {master_addr} (node 0's address on its interface toward the workers)")
@@ -124,7 +125,7 @@ def print_dry_run(session: ClusterSession, spec: RunSpec, console: Console) -> N
         out(f"\nnode {node.index} ({node.label}{where}):")
         out(f"  push to {plan.node_run_dir}/:")
         for path, content in sorted(bundle_for(plan).items()):
-            out(f"    {posixpath.basename(path)} ({len(content)} bytes)")
+            out(f"    {posixpath.relpath(path, plan.node_run_dir)} ({len(content)} bytes)")
         out(f"    {NODE_LAUNCHER} ({len(plan.launcher)} bytes)")
         out("  run:")
         out("    probe: sh -c <tasks/lib/probe.py probe_script> (GPUs, interface, checkout)")
@@ -136,6 +137,13 @@ def print_dry_run(session: ClusterSession, spec: RunSpec, console: Console) -> N
         out(f"    ranks: {sh_join(argv)}")
     out(f"\n{ENV_SCRIPT}:")  # secret-looking values as *** (GEMM_MASKED_VARS names them)
     out(plan.shown(ENV_SCRIPT).rstrip("\n"))
+
+
+def entry_line(spec: RunSpec) -> str:
+    """The launch's first line: what every rank runs (after torchrun's own options)."""
+    if spec.entry is None:
+        return f"entry: {spec.entry_display}"
+    return f"entry: {spec.entry.describe()}"
 
 
 def print_summary(console: Console, plan: Plan, watcher: Watcher | None) -> None:
@@ -301,13 +309,21 @@ def detach_message(run_id: str) -> str:
         "time": "with --slurm: the time limit (sbatch --time, e.g. 30 or 1:00:00)",
         "account": "with --slurm: the account to charge (sbatch --account)",
         "nodes": "with --slurm: nodes to allocate (default: the inventory's host count)",
+        "entry": "run your own training instead of the GEMM experiment: what you would type "
+                 "after torchrun, quoted as one value: --entry \"train.py --config my.yaml\" "
+                 "or --entry \"-m pkg.train --lr 3e-4\" (default: launch.entry). A script "
+                 "outside this checkout is pushed with its directory; the ranks start there",
+        "metric": "the objective of an --entry run for reports and sweeps: trace (step time of "
+                  "its PyTorch profiler traces), json:FIELD or a regex with one group in its "
+                  "ranks' output lines; max: first when higher is better (default: launch.metric)",
     },
 )
 def launch(c, channels=None, threads=None, nproc=None, config=None, rocprof=False, stats=False,
            rocprof_input=None, nsys=False, torch_profile=False, master_port=None,
            nccl_preset=None, override=None, env=None, docker=False, no_docker=False,
            detach=False, dry_run=False, force=False, pin_channels=True, hang_timeout=None,
-           hosts=None, slurm=False, partition=None, time=None, account=None, nodes=None):
+           hosts=None, slurm=False, partition=None, time=None, account=None, nodes=None,
+           entry=None, metric=None):
     """Run the GEMM training on every node: validate, probe, push, start, watch, collect.
 
     With no inventory this machine alone runs it, without SSH (GPU if present, else 2 CPU ranks
@@ -323,7 +339,7 @@ def launch(c, channels=None, threads=None, nproc=None, config=None, rocprof=Fals
         docker=True if docker else (False if no_docker else None), rocprof=rocprof, stats=stats,
         rocprof_input=rocprof_input, nsys=nsys, torch_profile=torch_profile,
         hang_timeout=hang_timeout, pin_channels=pin_channels, detach=detach, dry_run=dry_run,
-        force=force)
+        force=force, entry=entry, metric=metric)
     started = monotonic()
     if not slurm and any(v is not None for v in (partition, time, account, nodes)):
         raise Exit("launch: --partition, --time, --account and --nodes go with --slurm",
@@ -386,6 +402,7 @@ def _run_launch(session: ClusterSession, spec: RunSpec, console: Console, outcom
                 started: float) -> int:
     clock = PhaseClock(started)
     clock.mark("validate")
+    console.out(entry_line(spec), highlight=False)
     for warning in spec.warnings:
         console.out(f"warning: {warning}", highlight=False)
     facts, port = probe_cluster(session, spec)

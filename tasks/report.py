@@ -1,6 +1,7 @@
 """`fab report PATH`: results.csv, report.md and figures for a run or a sweep directory."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tasks.lib import report as rep
+from tasks.lib import traces
 from tasks.lib.console import make_console
 from tasks.lib.untrusted import terminal_text
 from tasks.cluster.session import EXIT_USAGE, cli_path
@@ -28,10 +30,13 @@ class ReportResult:
     files: list[Path]
 
 
-def write_report(path: Path, out_dir: Path | None = None, plots: bool = True) -> ReportResult:
+def write_report(path: Path, out_dir: Path | None = None, plots: bool = True,
+                 comm_pattern: str | None = None, compute_pattern: str | None = None) -> ReportResult:
     """Read `path` (run, sweep or directory of runs) and write results.csv, report.md and PNGs
     into `out_dir` (default: `path`). Raises rep.ReportError only when nothing can be read;
-    per-point problems end up in the rows. Used by the report task, sweeps and launches."""
+    per-point problems end up in the rows. Used by the report task, sweeps and launches.
+    comm_pattern / compute_pattern: the kernels the trace analysis counts as communication /
+    compute (tasks/lib/traces.py; defaults: NCCL's and RCCL's / every other kernel)."""
     report_input = rep.discover(path)
     rows, runs = rep.collect_rows(report_input)
     out_dir = out_dir or path
@@ -61,7 +66,12 @@ def write_report(path: Path, out_dir: Path | None = None, plots: bool = True) ->
     csv_path = out_dir / rep.RESULTS_CSV
     csv_path.write_text(rep.results_csv(rows, out_dir))
     md_path = out_dir / rep.REPORT_MD
-    md_path.write_text(rep.report_markdown(report_input, rows, [f.name for f in figures], single_run))
+    text = rep.report_markdown(report_input, rows, [f.name for f in figures], single_run)
+    output_dirs = [runs[r.run_dir].output_dir for r in rows if r.run_dir in runs]
+    text += "\n".join(traces.report_lines(
+        [d for d in output_dirs if d is not None],
+        comm_pattern=comm_pattern or traces.DEFAULT_COMM_PATTERN, compute_pattern=compute_pattern))
+    md_path.write_text(text)
     return ReportResult(report_input, rows, rep.best_point(rows), out_dir, [csv_path, md_path, *figures])
 
 
@@ -116,12 +126,25 @@ def print_report(console: Console, result: ReportResult) -> None:
             "or a directory of run directories",
     "out": "write results.csv, report.md and the PNGs here instead of into PATH",
     "no_plots": "skip the PNG figures",
+    "comm_kernels": "trace analysis: regex of the kernels that are communication (default: "
+                    "NCCL's and RCCL's, (?i)nccl|rccl), e.g. a copy kernel at world size 1",
+    "compute_kernels": "trace analysis: regex of the kernels that are compute (default: every "
+                       "kernel that is not communication)",
 })
-def report(c, path, out=None, no_plots=False):
-    """Summarise a run or a sweep: results.csv, report.md (best point, trade-off), PNG figures."""
+def report(c, path, out=None, no_plots=False, comm_kernels=None, compute_kernels=None):
+    """Summarise a run or a sweep: results.csv, report.md (best point, trade-off, the trace
+    analysis of any PyTorch profiler traces), PNG figures."""
     target = cli_path(path)
+    for flag, pattern in (("--comm-kernels", comm_kernels), ("--compute-kernels", compute_kernels)):
+        if pattern:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise Exit(f"report: {flag} {pattern!r}: not a regular expression ({err})",
+                           code=EXIT_USAGE) from None
     try:
-        result = write_report(target, cli_path(out) if out else None, plots=not no_plots)
+        result = write_report(target, cli_path(out) if out else None, plots=not no_plots,
+                              comm_pattern=comm_kernels, compute_pattern=compute_kernels)
     except rep.ReportError as err:
         raise Exit(f"report: {err}", code=EXIT_USAGE) from None
     except OSError as err:

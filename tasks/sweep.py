@@ -132,7 +132,7 @@ def sweep(c, channels=None, threads=None, resume=None, fail_fast=False, point_ti
           point_override=None, no_report=False, pool=True, nproc=None, config=None, rocprof=False, stats=False,
           rocprof_input=None, nsys=False, torch_profile=False, master_port=None, nccl_preset=None,
           override=None, env=None, docker=False, no_docker=False, force=False, pin_channels=True,
-          hang_timeout=None, hosts=None):
+          hang_timeout=None, hosts=None, entry=None, metric=None):
     """Run every channels × threads point as a launch, back to back; write the report at the end.
 
     fab sweep --channels 28,42,56,70 --threads 256,512 [launch flags]
@@ -147,7 +147,7 @@ def sweep(c, channels=None, threads=None, resume=None, fail_fast=False, point_ti
         nsys=nsys, torch_profile=torch_profile, master_port=master_port, nccl_preset=nccl_preset,
         override=override, env=env, docker=True if docker else (False if no_docker else None),
         force=force, pin_channels=pin_channels, hang_timeout=hang_timeout, hosts=hosts,
-        point_override=point_override)
+        point_override=point_override, entry=entry, metric=metric)
     secrets = load_settings(c).launch.secret_env_patterns
     try:
         plan = plan_sweep(given, channels, threads, resume, secrets)
@@ -216,6 +216,8 @@ def sweep_mode(pool: bool, flags_record: Mapping[str, Any],
     unless --no-pool is given now."""
     if not pool:
         return False, "--no-pool"
+    if flags_record.get("entry"):
+        return False, "--entry runs your own program, which has no rank pool"
     if resumed is not None and not resumed.get("pool"):
         return False, "the resumed sweep began with one launch per point"
     profilers = [name for name in PROCESS_PROFILERS if flags_record.get(name)]

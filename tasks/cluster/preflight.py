@@ -228,6 +228,8 @@ def findings_for(
             nproc=settings.launch.nproc if nproc is None else nproc,
             docker_enabled=docker,
             socket_ifname=settings.cluster.socket_ifname,
+            # This machine alone: the node's checkout is this one, whatever it is (git or not).
+            compare_checkout=not session.inventory.is_local,
         )
     found += judge_cluster(facts)
     return found
@@ -329,7 +331,7 @@ def facts_table(
             fact.address or "?",
             settings.cluster.socket_ifname or fact.ifname or "[red]?[/]",
             _gpu_cell(fact, nproc),
-            _checkout_cell(fact, local),
+            _checkout_cell(fact, local, session.inventory.is_local),
             _docker_cell(fact) if docker else "off",
             ""
             if index != 0
@@ -359,11 +361,12 @@ def _gpu_cell(fact: HostFacts, nproc: int | str) -> str:
     return text
 
 
-def _checkout_cell(fact: HostFacts, local: CheckoutState) -> str:
+def _checkout_cell(fact: HostFacts, local: CheckoutState, same: bool = False) -> str:
+    """same: the host's workdir is this checkout (this machine alone): shown, never compared."""
     if not fact.workdir_exists:
         return "[red]no workdir[/]"
     if fact.commit is None and fact.tree_hash is None:
-        return "[red]none[/]"
+        return "this one (no git)" if same else "[red]none[/]"
     text = (
         f"{fact.branch or 'detached'} @ {fact.commit[:12]}"
         if fact.commit
@@ -373,7 +376,7 @@ def _checkout_cell(fact: HostFacts, local: CheckoutState) -> str:
         text += " [yellow]dirty[/]"
     if fact.synced:
         text += " (synced)"
-    return text if checkout_mismatch(fact, local) is None else f"[red]{text}[/]"
+    return text if same or checkout_mismatch(fact, local) is None else f"[red]{text}[/]"
 
 
 def _docker_cell(fact: HostFacts) -> str:

@@ -598,9 +598,16 @@ FLIGHT_RANK_RE = re.compile(r"^rank_([0-9]{1,9})\.json$")
 
 
 def flight_dump_command(output_dir: str) -> str:
-    """Asks every rank of a node to dump its flight recorder (train.flight polls this file)."""
+    """Asks every rank of a node to dump its flight recorder: our train package polls the
+    trigger file (train.flight); any other PyTorch job's ProcessGroupNCCL reads the named pipe
+    TORCH_NCCL_DEBUG_INFO_PIPE_FILE<rank>.pipe the launch gave it (tasks/lib/entry.py) and dumps
+    to TORCH_NCCL_DEBUG_INFO_TEMP_FILE<rank> (torch's own pickle format: collected, never
+    unpickled here). A pipe nobody reads any more would block the writer: 2 s at most."""
     target = posixpath.join(output_dir, FLIGHT_DIR)
-    return f"mkdir -p {sh_quote(target)} && touch {sh_quote(posixpath.join(target, FLIGHT_TRIGGER))}"
+    pipes = sh_quote(target) + "/*.pipe"
+    return (f"mkdir -p {sh_quote(target)} && touch {sh_quote(posixpath.join(target, FLIGHT_TRIGGER))}"
+            f"; for p in {pipes}; do [ -p \"$p\" ] && timeout 2 sh -c 'printf 1 > \"$1\"' "
+            "gemm-dump \"$p\" 2>/dev/null; done; true")
 
 
 def read_flight_dumps(run_dir: str | Path) -> dict[int, Any]:

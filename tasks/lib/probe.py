@@ -624,8 +624,14 @@ def judge_host(
     nproc: int | str,
     docker_enabled: bool,
     socket_ifname: str | None = None,
+    compare_checkout: bool = True,
 ) -> list[Finding]:
-    """Errors and warnings about one host on its own."""
+    """Errors and warnings about one host on its own.
+
+    compare_checkout: False where the host's workdir is the controller's own checkout (this
+    machine alone), or where the caller compared it already: there is nothing to compare, so a
+    checkout that is no git repository (an unpacked release, a user's own directory) is fine.
+    """
     found: list[Finding] = []
 
     def error(message: str) -> None:
@@ -640,7 +646,7 @@ def judge_host(
         error(f"workdir {workdir} does not exist: run `fab sync` or set cluster.workdir")
     elif facts.checkout_owner is not None:
         error(f"{checkout_mismatch(facts, local)}; {mismatch_hint(facts, local, workdir)}")
-    else:
+    elif compare_checkout:
         why = checkout_mismatch(facts, local)
         if why:
             error(f"checkout differs from this one ({why}): {mismatch_hint(facts, local, workdir)}")

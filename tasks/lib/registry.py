@@ -595,20 +595,23 @@ def render_node_launcher(
     venv: str | None,
     venv_required: bool = True,
     master_port: int | str = "",
+    ranks_dir: str | None = None,
 ) -> str:
     """The node launcher (bash), one file for every node: `bash node_launcher.sh NODE_RANK`.
 
     It adds `--node-rank=<rank>` right after torchrun_argv[0] and runs
-    `[wrapper_argv...] torchrun --node-rank=<rank> torchrun_argv[1:]...` in `workdir` with env.sh
-    sourced, bare (venv activated) or through `docker exec` into `container`. A venv that is
-    not `venv_required` (the <workdir>/.venv default) is activated only where it exists.
+    `[wrapper_argv...] torchrun --node-rank=<rank> torchrun_argv[1:]...` in `ranks_dir`
+    (default: `workdir`; an entry script's own directory) with env.sh sourced, bare (venv
+    activated) or through `docker exec` into `container`. A venv that is not `venv_required`
+    (the <workdir>/.venv default) is activated only where it exists.
     On node 0 it refuses to start torchrun while someone listens on `master_port`, naming them.
     """
     validate_run_id(run_id)
     _registry_arg(registry_dir)
+    ranks_dir = ranks_dir or workdir
     for value, what in ((run_dir, "run_dir"),
                         (output_dir, "output_dir"), (env_script, "env_script"),
-                        (workdir, "workdir")):
+                        (workdir, "workdir"), (ranks_dir, "ranks_dir")):
         validate_node_path(value, what)
     if venv is not None:
         validate_node_path(venv, "venv")
@@ -627,6 +630,7 @@ def render_node_launcher(
         output_dir=output_dir,
         env_script=env_script,
         workdir=workdir,
+        ranks_dir=ranks_dir,
         torchrun_argv=list(torchrun_argv),
         wrapper_argv=list(wrapper_argv or []),
         container=container or "",

@@ -183,6 +183,8 @@ def read_run(run_dir: Path, output_name: str | None = None) -> RunData:
         data.problems.append("no train outputs (no rank_XX_metrics.jsonl, no summary.json)")
         return data
     data.output_dir = output_dirs[0]
+    if _get(data.run_json, "flags", "entry"):
+        return data  # your own training: no summary.json, no metrics files (see _entry_row)
 
     data.summary = _json_object(data.output_dir / SUMMARY_JSON, data.problems)
 
@@ -263,6 +265,9 @@ class PointRow:
     effective_transports: str | None = None
     settings_flag: bool | None = None      # effective settings differ from the point's (None: unknown)
     settings_flags: list[str] = field(default_factory=list)
+    # A run of your own training: what its iter_ms columns hold (tasks/lib/objective.py).
+    objective: str | None = None
+    objective_goal: str = "min"
     launch_delay_reason: str | None = None  # why launch_delay_ms_median is null (not in the CSV)
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -288,7 +293,7 @@ CSV_FIELDS = (
     "launch_delay_ms_median", "control_ms_median", "reduce_local_ms_median",
     "sm_clock_mhz_median", "clock_drift", "clock_flag", "comm_stream_priority", "outlier_steps",
     "effective_channels", "effective_threads", "effective_algorithms", "effective_transports",
-    "settings_flag", "settings_flags",
+    "settings_flag", "settings_flags", "objective",
     "notes", "run_id", "run_dir", "problems",
 )
 
@@ -326,6 +331,8 @@ RENAMED_SUMMARY_KEYS = {"stream_busbw_gbps": "busbw_gbps", "stream_algbw_gbps": 
 
 def summarize_run(data: RunData, spec: PointSpec | None = None, sweep_status: str | None = None) -> PointRow:
     """The results row of one run: the summary's cross-rank aggregates, else the metrics' own."""
+    if _get(data.run_json, "flags", "entry"):
+        return _entry_row(data, spec, sweep_status)
     steps = data.steps
     channels, threads = _grid_values(data, spec)
     row = PointRow(
@@ -358,6 +365,51 @@ def summarize_run(data: RunData, spec: PointSpec | None = None, sweep_status: st
     row.slowest_rank, row.rank_spread = _rank_spread(data)
     _fill_cross_rank(row, aggregates)
     _fill_effective(row, data.summary)
+    return row
+
+
+def _entry_row(data: RunData, spec: PointSpec | None, sweep_status: str | None) -> PointRow:
+    """A run of the user's own training: its objective (the metric it was launched with, else its
+    profiler traces' step time) in the iter_ms columns, and NCCL's effective settings."""
+    from tasks.lib.objective import (MetricError, effective_from_debug_logs, extract_objective,
+                                     parse_metric, rank_error_line)
+
+    channels, threads = _grid_values(data, spec)
+    run_status = _string(_get(data.run_json, "status"))
+    status = next((v for v in (sweep_status, run_status) if v in VERDICTS), None) or (
+        COMPLETED if run_status in RUN_OK_STATES else "running" if run_status in RUN_OPEN_STATES
+        else run_status or sweep_status or "unknown")
+    row = PointRow(run_id=_run_id(data), run_dir=str(data.run_dir), channels=channels,
+                   threads=threads, nodes=_nodes(data), world_size=_world_size(data),
+                   status=status, steps=0, problems=list(data.problems))
+    if (failure := _failure_problem(data.run_json)):
+        row.problems.insert(0, failure)
+    culprits = _get(data.run_json, "first_failure", "ranks") or []
+    if status != COMPLETED and data.output_dir is not None and len(culprits) == 1 and (
+            cause := rank_error_line(data.output_dir, int(culprits[0]))):
+        row.problems.append(cause)
+    elif status != COMPLETED and (cause := error_line_in_logs(data)):
+        row.problems.append(cause)
+    if data.output_dir is None:
+        return row
+    metric_text = _get(data.run_json, "flags", "metric")
+    try:
+        metric = parse_metric(metric_text) if metric_text else None
+    except MetricError as err:
+        row.problems.append(str(err))
+        return row
+    objective = extract_objective(data.output_dir, metric)
+    if objective is None:
+        row.notes.append("no objective: name one with --metric (trace, json:FIELD or a regex)")
+    else:
+        row.objective, row.objective_goal = objective.metric.describe(), objective.metric.goal
+        row.iter_ms_median, row.iter_ms_p90 = objective.median, objective.p90
+        row.steps = max((len(v) for v in objective.per_rank.values()), default=0)
+        row.problems += objective.problems
+    common_env = _get(data.run_json, "common_env") or {}
+    accelerator = _string(_get(data.run_json, "flags", "accelerator")) or "cuda"
+    effective = effective_from_debug_logs(data.output_dir, common_env, accelerator)
+    _fill_effective(row, {"effective_settings": effective} if effective else None)
     return row
 
 
@@ -513,7 +565,8 @@ def _status(data: RunData, sweep_status: str | None) -> str:
 
 
 TRAIN_ERROR_RE = re.compile(r"train: error: .*")
-PYTHON_ERROR_RE = re.compile(r"^\s*(?:[\w.]+\.)?\w*(?:Error|Exception): .+")
+# An entry's rank lines carry torchrun's `[rankN]:` (tasks/lib/entry.py).
+PYTHON_ERROR_RE = re.compile(r"^(?:\[rank\d+\]:\s*)*(?:[\w.]+\.)?\w*(?:Error|Exception): .+")
 LOG_TAIL_BYTES = 256 * 1024
 ERROR_LINE_CHARS = 240
 
@@ -742,10 +795,13 @@ def _final_sweep_status(status: str | None) -> str | None:
 # -- decisions ------------------------------------------------------------------------------------
 
 def best_point(rows: Sequence[PointRow]) -> PointRow | None:
-    """The completed point with the lowest median iteration time (ties: lower p90)."""
+    """The completed point with the lowest median iteration time (ties: lower p90); the highest
+    where the rows hold an objective named higher-is-better (max:)."""
     candidates = [r for r in rows if r.status == COMPLETED and r.iter_ms_median is not None]
     if not candidates:
         return None
+    if all(r.objective_goal == "max" for r in candidates):
+        return max(candidates, key=lambda r: r.iter_ms_median)
     return min(candidates, key=lambda r: (r.iter_ms_median, r.iter_ms_p90 if r.iter_ms_p90 is not None else math.inf))
 
 
@@ -846,6 +902,9 @@ def report_markdown(report_input: ReportInput, rows: Sequence[PointRow], figures
     best = best_point(rows)
     lines.append("## Best point")
     lines.append("")
+    if (objectives := sorted({r.objective for r in rows if r.objective})):
+        lines.append(f"Objective (your own training; in the iter ms columns): {'; '.join(objectives)}.")
+        lines.append("")
     if best is None:
         lines.append("No completed point with metrics: no best point.")
     else:

@@ -417,7 +417,15 @@ def choose_first_failure(evidence: Sequence[Evidence]) -> Evidence:
     """The culprit among near-simultaneous failures: a rank killed by a signal did not die because
     of a peer (peers raise errors, they are not signalled), so it wins; otherwise the earliest."""
     signalled = [e for e in evidence if e.kind == "rank-signal"]
-    return min(signalled or evidence, key=lambda e: e.at)
+    first = min(signalled or evidence, key=lambda e: e.at)
+    if first.kind == "agent-stopping":
+        # torchrun's agent starts closing the node's ranks as soon as one exited, and names it
+        # ("failed (exitcode: 1) local_rank: L") only once they are closed: that one is the
+        # culprit (a program without our `train: rank N failed` lines has no earlier name).
+        named = [e for e in evidence if e.node_rank == first.node_rank and e.kind == "rank-exit"]
+        if named:
+            return min(named, key=lambda e: e.at)
+    return first
 
 
 def failure_reason(culprit: Evidence) -> str:

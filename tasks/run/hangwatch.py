@@ -41,13 +41,18 @@ class HangMonitor:
 
     `tick` is cheap to call often (it polls at most every `poll_s`); its SSH calls run in parallel
     and a node that does not answer a poll is simply not counted (the heartbeat finds lost nodes).
+
+    line_progress: the run is not our train package (no metrics files): a rank's progress is the
+    number of output lines it printed (marked with its rank, tasks/lib/entry.py), which the
+    watcher passes in with `count_lines` as the lines arrive; no metrics file is polled.
     """
 
     def __init__(self, session: ClusterSession, run_id: str, output_dir: str, timeout_s: float, *,
                  world_size: int, started_at: float, startup_timeout_s: float | None = None,
                  poll_s: float | None = None, step_multiple: float | None = None,
                  startup: StartupWatch | None = None, master_port: int | None = None,
-                 container: str | None = None, startup_poll_s: float = STARTUP_POLL_S):
+                 container: str | None = None, startup_poll_s: float = STARTUP_POLL_S,
+                 line_progress: bool = False):
         self.session = session
         self.run_id = run_id
         self.output_dir = output_dir
@@ -68,6 +73,8 @@ class HangMonitor:
         self.lock = threading.Lock()
         self.closed = threading.Event()
         self.scanner: threading.Thread | None = None
+        self.line_progress = line_progress
+        self.lines_seen: dict[int, int] = {}
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -126,8 +133,19 @@ class HangMonitor:
 
     # -- steps -----------------------------------------------------------------------------------
 
+    def count_lines(self, counts: dict[int, int]) -> None:
+        """More output lines of these ranks (called from the log stream threads)."""
+        with self.lock:
+            for rank, count in counts.items():
+                if 0 <= rank < self.world_size:
+                    self.lines_seen[rank] = self.lines_seen.get(rank, 0) + count
+
     def poll(self, nodes: Iterable[Node], now: float) -> list[int]:
-        """Read every node's metrics files once; the ranks that advanced."""
+        """Read every node's metrics files once (or the line counts); the ranks that advanced."""
+        if self.line_progress:
+            with self.lock:
+                return self.watchdog.observe_poll({rank: (count, None)
+                                                   for rank, count in self.lines_seen.items()}, now)
         results = on_each(list(nodes), lambda node: node.run(self.command, warn=True, timeout=30).stdout)
         snapshot: dict[int, tuple[int, int | None]] = {}
         for text in results.ok.values():

@@ -68,15 +68,16 @@ def launch_refusals(facts: Sequence[HostFacts], *, workdir: str, socket_ifname: 
     """What `fab check` calls an error (probe.judge_host per host, judge_cluster across hosts),
     plus launch's own rule that a dockerized run needs its container running (check only warns).
 
-    The checkout is not judged here: require_matching_checkout did that with the same facts
-    (each host is compared with its own state). nproc is resolve_nproc's to judge.
+    The checkout is not judged here: require_matching_checkout did that with the same facts (and
+    on this machine alone there is nothing to compare). nproc is resolve_nproc's to judge.
     """
     problems: list[str] = []
     for f in facts:
         own_checkout = CheckoutState(f.branch, f.commit, f.dirty, f.tree_hash, f.diff_hash)
         problems += [finding.line().removeprefix("error: ")
                      for finding in judge_host(f, local=own_checkout, workdir=workdir, nproc="auto",
-                                               docker_enabled=docker, socket_ifname=socket_ifname)
+                                               docker_enabled=docker, socket_ifname=socket_ifname,
+                                               compare_checkout=False)
                      if finding.is_error]
         if docker and f.docker_engine is not None and f.container_state != "running":
             problems.append(f"node {f.node_index} ({f.label}): container {container} is "
@@ -177,7 +178,7 @@ def push_bundle(session: ClusterSession, plan: Plan) -> None:
     The launcher needs no execute bit: it is started as `bash node_launcher.sh RANK`."""
     files = {**bundle_for(plan), launcher_path(plan): plan.launcher}
     # Profilers write where the ranks cannot create the directory first (nsys' report parent).
-    dirs = profiler_output_dirs(plan.profilers, plan.output_dir)
+    dirs = [*profiler_output_dirs(plan.profilers, plan.output_dir), *plan.dirs]
 
     def push(node: Node) -> None:
         node.put_files(files, mode=0o600, dirs=dirs)

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from tasks.lib.blame import Culprit, find_culprit, own_failures
 from tasks.lib.console import write_plain
+from tasks.lib.entry import count_rank_lines
 from tasks.lib.quoting import sh_quote
 from tasks.lib.registry import parse_status, status_command
 from tasks.lib.nodestream import LineSplitter
@@ -186,7 +187,8 @@ class Watcher:
                                     startup=startup,
                                     master_port=master_port if isinstance(master_port, int) else None,
                                     container=(session.settings.docker.container
-                                               if plan.spec.docker else None))
+                                               if plan.spec.docker else None),
+                                    line_progress=plan.spec.entry is not None)
         self.last_progress_text = ""
 
     # the tail threads ---------------------------------------------------------------------------
@@ -224,6 +226,8 @@ class Watcher:
         watch.lines.extend(lines)
         if (progress := last_progress(block)):
             watch.steps_done, watch.steps_total = progress
+        if self.hang is not None and self.hang.line_progress:
+            self.hang.count_lines(count_rank_lines(block))
         if any(hint in block for hint in FAILURE_HINTS):
             for line in lines:
                 if AGENT_DEATH_SIGNAL.search(line):

@@ -597,3 +597,14 @@ def test_gpus_held_by_another_user_are_a_warning_naming_owner_and_pid():
 def test_gpu_process_lines_that_do_not_parse_are_skipped():
     assert parse_gpu_processes("x y z\n12 ? - \n\n99 carol 12 a b c\n") == (
         GpuProcess(12, "?", None, ""), GpuProcess(99, "carol", 12, "a b c"))
+
+
+def test_a_checkout_that_is_this_one_is_not_compared():
+    """This machine alone: its workdir is this checkout, git or not (an unpacked archive)."""
+    unpacked = facts(0, branch=None, commit=None, tree_hash=None, has_git=False)
+    no_git = CheckoutState(None, None, None, None)
+    assert "neither a git checkout" in errors(judge(unpacked, local=no_git))[0]
+    assert errors(judge(unpacked, local=no_git, compare_checkout=False)) == []
+    # A missing workdir is still an error.
+    assert errors(judge(replace(unpacked, workdir_exists=False), local=no_git,
+                        compare_checkout=False))
