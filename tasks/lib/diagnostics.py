@@ -64,14 +64,21 @@ def node_diagnostics_command(
     args = {"run_id": run_id, "node_rank": node_rank, "registry_dir": registry_dir,
             "pyspy": pyspy, "container": container, "output_log": output_log, "native": native,
             "log_lines": log_lines, "timeout": timeout}
-    args_json = sh_quote(json.dumps(args, sort_keys=True))
-    src = f"{diagnostics_node.SOURCE_ENV}={sh_quote(NODE_SCRIPT)}; export {diagnostics_node.SOURCE_ENV}; "
-    host_run = f'python3 -c "${diagnostics_node.SOURCE_ENV}" {args_json}'
+    return _collector_command(args, container)
+
+
+def _collector_command(args: dict[str, Any], container: str | None) -> str:
+    """Run the node collector (diagnostics_node.py, handed over in an environment variable, not
+    an argv) with these arguments: on the host, or inside the container when the host has no
+    python3."""
+    env_name = diagnostics_node.SOURCE_ENV
+    src = f"{env_name}={sh_quote(NODE_SCRIPT)}; export {env_name}; "
+    host_run = f'python3 -c "${env_name}" {sh_quote(json.dumps(args, sort_keys=True))}'
     if not container:
         return src + host_run
     inner_args = sh_quote(json.dumps(dict(args, inside_container=True), sort_keys=True))
-    container_run = (f'docker exec -e {diagnostics_node.SOURCE_ENV} {sh_quote(container)} '
-                     f'python3 -c "${diagnostics_node.SOURCE_ENV}" {inner_args}')
+    container_run = (f'docker exec -e {env_name} {sh_quote(container)} '
+                     f'python3 -c "${env_name}" {inner_args}')
     return f"{src}if command -v python3 >/dev/null 2>&1; then {host_run}; else {container_run}; fi"
 
 
@@ -83,15 +90,7 @@ def node_phases_command(run_id: str, node_rank: int, registry_dir: str | None, *
     args = {"mode": "phases", "run_id": run_id, "node_rank": node_rank,
             "registry_dir": registry_dir, "master_port": master_port, "output_dir": output_dir,
             "container": container, "timeout": timeout}
-    args_json = sh_quote(json.dumps(args, sort_keys=True))
-    src = f"{diagnostics_node.SOURCE_ENV}={sh_quote(NODE_SCRIPT)}; export {diagnostics_node.SOURCE_ENV}; "
-    host_run = f'python3 -c "${diagnostics_node.SOURCE_ENV}" {args_json}'
-    if not container:
-        return src + host_run
-    inner_args = sh_quote(json.dumps(dict(args, inside_container=True), sort_keys=True))
-    container_run = (f'docker exec -e {diagnostics_node.SOURCE_ENV} {sh_quote(container)} '
-                     f'python3 -c "${diagnostics_node.SOURCE_ENV}" {inner_args}')
-    return f"{src}if command -v python3 >/dev/null 2>&1; then {host_run}; else {container_run}; fi"
+    return _collector_command(args, container)
 
 
 # -- parsing -----------------------------------------------------------------------------------
