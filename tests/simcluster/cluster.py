@@ -580,7 +580,8 @@ class SimCluster:
         assert node.pid_ns is not None
         deadline = time.monotonic() + 5
         while True:
-            with contextlib.suppress(FileNotFoundError, ValueError):
+            # IndexError: the daemon created its pid file and has not written it yet.
+            with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
                 host = procs.host_pid(int(pidfile.read_text().split()[0]), node.pid_ns)
                 if host is not None:
                     self._record_pid(node, role, procs.process_id(host))
