@@ -1,0 +1,333 @@
+"""Writing what the report read and decided: results.csv and report.md."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tasks.lib.report.decide import TradeOff, best_point, trade_off
+from tasks.lib.report.read import COMPLETED, NOT_RUN, ReportInput, RunData
+from tasks.lib.report.rows import CSV_FIELDS, PointRow, _summary_aggregates
+from tasks.lib.report.values import _fmt, _fmt_int, _get, _integer, _number, _pct, _signed, quantile
+
+
+def results_csv(rows: Iterable[PointRow], base: Path | None = None) -> str:
+    """One CSV line per point; run_dir relative to `base` (where the CSV goes) so a copied
+    experiments tree keeps working."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        record = {name: getattr(row, name) for name in CSV_FIELDS
+                  if name not in ("problems", "notes", "settings_flags")}
+        if row.run_dir and base is not None:
+            record["run_dir"] = os.path.relpath(row.run_dir, base)
+        record["notes"] = "; ".join(row.notes)
+        record["settings_flags"] = "; ".join(row.settings_flags)
+        record["problems"] = "; ".join(row.problems)
+        writer.writerow({k: _csv_value(v) for k, v in record.items()})
+    return buffer.getvalue()
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def report_markdown(report_input: ReportInput, rows: Sequence[PointRow], figures: Sequence[str],
+                    single_run: RunData | None = None) -> str:
+    """report.md: what was measured, the best point, the trade-off, the problems, the figures."""
+    lines = [f"# Report: {report_input.root.name}", ""]
+    completed = sum(r.status == COMPLETED for r in rows)
+    lines.append(f"{len(rows)} point(s), {completed} completed. Source: `{report_input.root}`"
+                 + (f" (sweep of channels {_grid_text(report_input.sweep, 'channels')} × threads "
+                    f"{_grid_text(report_input.sweep, 'threads')})" if report_input.sweep else "") + ".")
+    lines.append("")
+    best = best_point(rows)
+    lines.append("## Best point")
+    lines.append("")
+    if best is None:
+        lines.append("No completed point with metrics: no best point.")
+    else:
+        lines.append(f"**Best point: {best.label}** (channels={best.channels}, threads={best.threads}): "
+                     f"median iteration {_fmt(best.iter_ms_median, '.2f')} ms "
+                     f"(p90 {_fmt(best.iter_ms_p90, '.2f')} ms), GEMM {_fmt(best.gemm_tflops_median, '.3g')} TFLOP/s, "
+                     f"contention slowdown {_pct(best.contention_slowdown_median)} "
+                     f"(overlapped GEMMs {_pct(best.gemm_contention_slowdown_median)}), "
+                     f"busbw {_fmt(best.busbw_gbps_median, '.3g')} GB/s, "
+                     f"wait p95 {_fmt(best.wait_ms_p95, '.3g')} ms. Run: `{best.run_id}`.")
+        others = sorted((r for r in rows if r is not best and r.status == COMPLETED and r.iter_ms_median),
+                        key=lambda r: r.iter_ms_median)
+        if others and best.iter_ms_median:
+            runner = others[0]
+            lines.append("")
+            lines.append(f"Next: {runner.label} at {_fmt(runner.iter_ms_median, '.2f')} ms "
+                         f"(+{(runner.iter_ms_median / best.iter_ms_median - 1) * 100:.1f} %).")
+    lines.append("")
+    lines.append("## Trade-off")
+    lines.append("")
+    lines.extend(_trade_off_lines(trade_off(rows)))
+    lines.append("")
+    lines.append("## Points")
+    lines.append("")
+    lines.extend(_markdown_table(rows))
+    problem_rows = [r for r in rows if r.problems or r.status != COMPLETED]
+    if problem_rows:
+        lines.append("")
+        lines.append("## Problems")
+        lines.append("")
+        for row in problem_rows:
+            detail = "; ".join(row.problems) or (
+                "not run yet (fab sweep --resume finishes it)" if row.status == NOT_RUN else "no detail recorded")
+            lines.append(f"- {row.label} (`{row.run_id or '-'}`): status {row.status}; {detail}")
+    lines.extend(_effective_lines(rows))
+    lines.extend(_straggler_lines(rows))
+    lines.extend(_clock_lines(rows))
+    lines.extend(_communication_lines(rows))
+    for row in rows:
+        if row.run_dir and (section := _hang_section(Path(row.run_dir))):
+            lines.extend(["", section.rstrip("\n")])
+    if report_input.sweep is not None:
+        lines.extend(_sweep_timing_lines(report_input.sweep))
+    if single_run is not None and len(single_run.steps_by_rank) > 1:
+        lines.append("")
+        lines.extend(_per_rank_lines(single_run))
+    if figures:
+        lines.append("")
+        lines.append("## Figures")
+        lines.append("")
+        for name in figures:
+            lines.append(f"![{name}]({name})")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _effective_lines(rows: Sequence[PointRow]) -> list[str]:
+    """Did each point run with what it names? Read back from NCCL, not assumed."""
+    read = [r for r in rows if r.settings_flag is not None]
+    if not read:
+        return []
+    lines = ["", "## Effective settings", ""]
+    for row in read:
+        built = (f"NCCL built {_fmt_int(row.effective_channels)} channels, threads "
+                 f"{row.effective_threads or 'not reported'}"
+                 + (f", {row.effective_algorithms}" if row.effective_algorithms else "")
+                 + (f", via {row.effective_transports}" if row.effective_transports else ""))
+        if row.settings_flag:
+            lines.append(f"- **{row.label}: FLAGGED**: {built}; " + "; ".join(row.settings_flags) + ".")
+        else:
+            lines.append(f"- {row.label}: as asked ({built}).")
+    return lines
+
+
+def _straggler_lines(rows: Sequence[PointRow]) -> list[str]:
+    """Who held each point back: the rank the others waited for, not an average."""
+    named = [r for r in rows if r.slowest_rank is not None and (r.world_size or 0) > 1]
+    if not named:
+        return []
+    lines = ["", "## Stragglers", ""]
+    for row in named:
+        who = f"rank {row.slowest_rank}" + (f" ({row.slowest_host})" if row.slowest_host else "")
+        if row.slowest_by == "caused_wait":
+            text = (f"- {row.label}: slowest {who}: the others waited "
+                    f"{_fmt(row.caused_wait_ms_median, '.3g')} ms per step for it (median); "
+                    f"wait per rank and step p50 {_fmt(row.wait_ms_median, '.3g')} ms, "
+                    f"p95 {_fmt(row.wait_ms_p95, '.3g')} ms")
+        else:
+            text = (f"- {row.label}: slowest {who} by median iteration time "
+                    f"({_fmt(None if row.rank_spread is None else (row.rank_spread - 1) * 100, '.1f')} % "
+                    f"above the fastest rank)")
+        text += (f"; iteration p50 {_fmt(row.iter_ms_median, '.2f')} ms, p95 "
+                 f"{_fmt(row.iter_ms_p95, '.2f')} ms, slowest rank per step p95 "
+                 f"{_fmt(row.slowest_step_ms_p95, '.2f')} ms")
+        if row.outlier_steps:
+            text += f"; outlier steps {row.outlier_steps}"
+        lines.append(text + ".")
+    return lines
+
+
+def _clock_lines(rows: Sequence[PointRow]) -> list[str]:
+    """Points whose measured steps ran at another SM clock than their GEMM-only calibration."""
+    read = [r for r in rows if r.clock_drift is not None]
+    if not read:
+        return []
+    lines = ["", "## Clocks", ""]
+    flagged = [r for r in read if r.clock_flag]
+    for row in flagged:
+        lines.append(f"- **{row.label}: clocks differed from the calibration**: measured steps ran "
+                     f"at {_signed(row.clock_drift * 100 if row.clock_drift is not None else None, ' %')} "
+                     f"SM clock against the GEMM-only steps (median "
+                     f"{_fmt(row.sm_clock_mhz_median, '.0f')} MHz): its contention figures compare two "
+                     "power states.")
+    if not flagged:
+        lines.append(f"Every point's measured steps ran within tolerance of their calibration's SM "
+                     f"clock ({len(read)} point(s) read).")
+    return lines
+
+
+def _communication_lines(rows: Sequence[PointRow]) -> list[str]:
+    """Collective time against what the ranks saw, the launch delay, and why figures are null."""
+    shown = [r for r in rows if r.collective_ms_median is not None or r.notes
+             or r.launch_delay_ms_median is not None]
+    if not shown:
+        return []
+    lines = ["", "## Communication", ""]
+    for row in shown:
+        parts = [f"collective {_fmt(row.collective_ms_median, '.3g')} ms per step (p50, rank skew "
+                 f"left out; local busbw with waits {_fmt(row.local_busbw_gbps_median, '.3g')} GB/s)",
+                 (f"launch delay of the first collective {_fmt(row.launch_delay_ms_median, '.3g')} ms"
+                  if row.launch_delay_ms_median is not None or not row.launch_delay_reason
+                  else f"launch delay not measured ({row.launch_delay_reason})"),
+                 f"control all-reduce {_fmt(row.control_ms_median, '.3g')} ms"]
+        if row.reduce_local_ms_median is not None:
+            parts.append(f"local sum {_fmt(row.reduce_local_ms_median, '.3g')} ms")
+        if row.comm_stream_priority:
+            parts.append(f"comm stream priority {row.comm_stream_priority}")
+        parts += row.notes
+        lines.append(f"- {row.label}: " + "; ".join(parts) + ".")
+    return lines
+
+
+def _trade_off_lines(result: TradeOff | None) -> list[str]:
+    if result is None:
+        return ["Not enough completed points with busbw and contention figures for a trade-off "
+                "(busbw is null at world size 1: no data crosses ranks)."]
+    high, low = result.highest_busbw, result.lowest_contention
+    lines = [
+        f"- Highest busbw: **{high.label}**: {_fmt(high.busbw_gbps_median, '.3g')} GB/s, "
+        f"contention slowdown {_pct(high.contention_slowdown_median)}, iteration {_fmt(high.iter_ms_median, '.2f')} ms.",
+        f"- Lowest contention: **{low.label}**: contention slowdown {_pct(low.contention_slowdown_median)}, "
+        f"busbw {_fmt(low.busbw_gbps_median, '.3g')} GB/s, iteration {_fmt(low.iter_ms_median, '.2f')} ms.",
+    ]
+    if result.same_point:
+        lines.append("- The same point gives both: no trade-off in this grid.")
+    else:
+        lines.append(
+            f"- How far apart: the highest-busbw point moves {_signed(result.busbw_gain_pct, ' %')} busbw "
+            f"for {_signed(result.contention_delta_pp, ' pp')} GEMM slowdown and "
+            f"{_signed(result.iter_ms_delta_pct, ' %')} iteration time against the lowest-contention point "
+            f"(channels {_fmt_int(low.channels)} → {_fmt_int(high.channels)}, "
+            f"threads {_fmt_int(low.threads)} → {_fmt_int(high.threads)}).")
+    return lines
+
+
+MD_COLUMNS = (
+    ("channels", "channels", None), ("threads", "threads", None), ("nodes", "nodes", None),
+    ("world", "world_size", None), ("status", "status", None), ("steps", "steps", None),
+    ("iter ms p50", "iter_ms_median", ".2f"), ("iter ms p90", "iter_ms_p90", ".2f"),
+    ("GEMM TFLOP/s", "gemm_tflops_median", ".3g"), ("contention", "contention_slowdown_median", "pct"),
+    ("exposed comm", "exposed_comm_fraction_median", "pct"), ("busbw GB/s", "busbw_gbps_median", ".3g"),
+    ("wait ms p95", "wait_ms_p95", ".3g"), ("slowest rank", "slowest_rank", None),
+)
+# The terminal table's share of them: it must fit an 80-column terminal (the stragglers are
+# printed below it).
+TERMINAL_MD_COLUMNS = MD_COLUMNS[:12]
+
+
+def table_cells(row: PointRow, columns: Sequence[tuple[str, str, str | None]] = MD_COLUMNS) -> list[str]:
+    """The row formatted for people (shared by report.md and the terminal table)."""
+    cells = []
+    for _, attribute, spec in columns:
+        value = getattr(row, attribute)
+        if spec == "pct":
+            cells.append(_pct(value))
+        elif spec:
+            cells.append(_fmt(value, spec))
+        else:
+            cells.append("-" if value is None else str(value))
+    return cells
+
+
+def table_headers() -> list[str]:
+    return [header for header, _, _ in MD_COLUMNS]
+
+
+def _markdown_table(rows: Sequence[PointRow]) -> list[str]:
+    best = best_point(rows)
+    lines = ["| " + " | ".join(table_headers()) + " |",
+             "|" + "|".join("---" if attribute == "status" else "---:" for _, attribute, _ in MD_COLUMNS) + "|"]
+    for row in rows:
+        cells = table_cells(row)
+        if row is best:
+            cells = [f"**{cell}**" for cell in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+PER_RANK_SUMMARY = (
+    ("wait ms p50", "wait_ms_median", ".3g"), ("wait ms p95", "wait_ms_p95", ".3g"),
+    ("others waited ms/step", "caused_wait_ms_median", ".3g"),
+    ("arrived last", "last_arrival_fraction", "pct"), ("compute ms", "compute_ms_median", ".3g"),
+    ("exposed comm ms", "exposed_comm_ms_median", ".3g"),
+    ("contention", "contention_slowdown_median", "pct"),
+)
+
+
+def _per_rank_lines(data: RunData) -> list[str]:
+    """Every rank's own figures: the summary's per-rank entries where it has them."""
+    per_rank = {}
+    for entry in _get(_summary_aggregates(data.summary), "per_rank") or []:
+        if isinstance(entry, Mapping) and _integer(entry.get("rank")) is not None:
+            per_rank[_integer(entry.get("rank"))] = entry
+    extra = PER_RANK_SUMMARY if per_rank else ()
+    headers = ["rank", "host", "steps", "iter ms p50", "iter ms p95", "iter ms max",
+               *(h for h, _, _ in extra)]
+    lines = ["## Per rank", "", "| " + " | ".join(headers) + " |",
+             "|" + "|".join("---" if h == "host" else "---:" for h in headers) + "|"]
+    for rank, steps in sorted(data.steps_by_rank.items()):
+        values = [line.get("iter_ms") for line in steps]
+        numbers = [v for v in (_number(x) for x in values) if v is not None]
+        entry = per_rank.get(rank, {})
+        cells = [str(rank), str(entry.get("host") or "-"), str(len(steps)),
+                 _fmt(quantile(values, 50), ".2f"), _fmt(quantile(values, 95), ".2f"),
+                 _fmt(max(numbers) if numbers else None, ".2f")]
+        for _, key, spec in extra:
+            value = _number(entry.get(key))
+            cells.append(_pct(value) if spec == "pct" else _fmt(value, spec))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _hang_section(run_dir: Path) -> str:
+    """The hang diagnostics of a run (fab launch's watchdog writes <run dir>/hang/), or ""."""
+    if not (run_dir / "hang").is_dir():
+        return ""
+    try:
+        from tasks.lib.diagnostics import hang_summary_markdown
+
+        return hang_summary_markdown(run_dir)
+    except Exception as err:  # noqa: BLE001 - a broken diagnostics file must not stop the report
+        return f"## Hang: {run_dir.name}\n\nhang/ diagnostics unreadable: {type(err).__name__}: {err}\n"
+
+
+DEAD_TIME_LABELS = (
+    ("gap_s", "sweep's own gap (previous launch returned → next launch called)"),
+    ("cleanup_wait_s", "wait until no process of the run was left on any host"),
+    ("idle_s", "idle between points (last measured step → next point's first)"),
+    ("startup_s", "launch start-up (launch called → first measured step)"),
+    ("teardown_s", "teardown (last measured step → launch returned)"),
+)
+
+
+def _sweep_timing_lines(sweep: Mapping[str, Any]) -> list[str]:
+    dead = sweep.get("dead_time")
+    if not isinstance(dead, Mapping) or not dead:
+        return []
+    lines = ["", "## Sweep timing", "", "| between points | median s | max s | n |", "|---|---:|---:|---:|"]
+    for key, label in DEAD_TIME_LABELS:
+        figures = dead.get(key)
+        if isinstance(figures, Mapping):
+            lines.append(f"| {label} | {_fmt(_number(figures.get('median')), '.2f')} | "
+                         f"{_fmt(_number(figures.get('max')), '.2f')} | {figures.get('n', '-')} |")
+    return lines
+
+
+def _grid_text(sweep: Mapping[str, Any] | None, key: str) -> str:
+    values = _get(sweep, "grid", key)
+    return ",".join(str(v) for v in values) if isinstance(values, list) else "?"
