@@ -1,7 +1,7 @@
 """`fab report PATH`: results.csv, report.md and figures for a run or a sweep directory."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from invoke import Collection, task
@@ -20,18 +20,26 @@ class ReportResult:
     """What one report wrote and decided."""
 
     input: rep.ReportInput
-    rows: list[rep.PointRow]
-    best: rep.PointRow | None
+    rows: list[rep.PointRow]          # one per point (a point's repeats are its .runs)
+    decision: rep.Decision
     out_dir: Path
     files: list[Path]
+    run_rows: list[rep.PointRow] = field(default_factory=list)
+
+    @property
+    def best(self) -> rep.PointRow | None:
+        """The point ahead of every other beyond the noise; None where there is none."""
+        return next((r for r in self.rows if r.label == self.decision.winner), None)
 
 
-def write_report(path: Path, out_dir: Path | None = None, plots: bool = True) -> ReportResult:
+def write_report(path: Path, out_dir: Path | None = None, plots: bool = True,
+                 min_margin: float = rep.MIN_MARGIN) -> ReportResult:
     """Read `path` (run, sweep or directory of runs) and write results.csv, report.md and PNGs
     into `out_dir` (default: `path`). Raises rep.ReportError only when nothing can be read;
     per-point problems end up in the rows. Used by the report task, sweeps and launches."""
     report_input = rep.discover(path)
-    rows, runs = rep.collect_rows(report_input)
+    rows, run_rows, runs = rep.collect_points(report_input)
+    decision = rep.decide_rows(rows, min_margin=min_margin)
     out_dir = out_dir or path
     out_dir.mkdir(parents=True, exist_ok=True)
     figures: list[Path] = []
@@ -39,12 +47,14 @@ def write_report(path: Path, out_dir: Path | None = None, plots: bool = True) ->
     if plots:
         from tasks.lib import plots as figures_lib  # matplotlib only when a report is drawn
 
-        figures += figures_lib.write_sweep_figures(rows, out_dir)
+        figures += figures_lib.write_sweep_figures(rows, out_dir, decision)
         panels, notes = [], {}
-        for row in rows:
+        repeated = len(run_rows) > len(rows)
+        for row in run_rows:
             if row.run_dir not in runs:
                 continue
-            name = row.label + ("" if row.status == rep.COMPLETED else f" ({row.status})")
+            name = (row.label + (f" run {(row.repeat or 0) + 1}" if repeated else "")
+                    + ("" if row.status == rep.COMPLETED else f" ({row.status})"))
             panels.append((name, rep.per_rank_step_times(runs[row.run_dir])))
             if row.slowest_by == "caused_wait":
                 notes[name] = (f"slowest: rank {row.slowest_rank} (others waited "
@@ -56,26 +66,41 @@ def write_report(path: Path, out_dir: Path | None = None, plots: bool = True) ->
         if figure is not None:
             figures.append(figure)
     csv_path = out_dir / rep.RESULTS_CSV
-    csv_path.write_text(rep.results_csv(rows, out_dir))
+    csv_path.write_text(rep.results_csv(rows, out_dir, decision))
+    written = [csv_path]
+    if len(run_rows) > len(rows):
+        runs_path = out_dir / rep.RUNS_CSV
+        runs_path.write_text(rep.results_csv(run_rows, out_dir))
+        written.append(runs_path)
     md_path = out_dir / rep.REPORT_MD
-    md_path.write_text(rep.report_markdown(report_input, rows, [f.name for f in figures], single_run))
-    return ReportResult(report_input, rows, rep.best_point(rows), out_dir, [csv_path, md_path, *figures])
+    md_path.write_text(rep.report_markdown(report_input, rows, [f.name for f in figures], single_run,
+                                           decision))
+    return ReportResult(report_input, rows, decision, out_dir, [*written, md_path, *figures], run_rows)
 
 
 # Terminal headers are shorter than report.md's: the table must fit an 80-column terminal.
-TERMINAL_COLUMNS = ("ch", "th", "nodes\nranks", "status", "steps", "iter ms\np50", "iter ms\np90",
+# The interval's half-width stands where report.md has p90: the noise is what the decision reads.
+TERMINAL_COLUMNS = ("ch", "th", "nodes\nranks", "status", "steps", "iter ms\np50", "95 %\nCI ±",
                     "GEMM\nTFLOP/s", "GEMM\nslow", "exposed\ncomm", "busbw\nGB/s")
 
 
 def results_table(result: ReportResult) -> Table:
     table = Table(title=f"{result.input.kind}: {result.input.root.name}", box=box.SIMPLE_HEAD,
                   padding=(0, 0), pad_edge=False, header_style="bold")
+    # The other axes (fab sweep --axis) as one column of their values, "/"-joined.
+    axes = list(dict.fromkeys(name for row in result.rows for name in row.settings))
+    if axes:
+        table.add_column("/".join(axes), justify="left", no_wrap=True)
     for header in TERMINAL_COLUMNS:
         table.add_column(header, justify="left" if header == "status" else "right", no_wrap=True)
     for row in result.rows:
         style = "bold green" if row is result.best else ("red" if row.status != rep.COMPLETED else None)
-        ch, th, nodes, ranks, *rest = rep.table_cells(row, rep.TERMINAL_MD_COLUMNS)
-        table.add_row(ch, th, f"{nodes}/{ranks}", *rest, style=style)
+        ch, th, nodes, ranks, status, steps, p50, _, *rest = rep.table_cells(row, rep.TERMINAL_MD_COLUMNS)
+        spread = f"±{row.interval.half_width:.2f}" if row.interval is not None else "-"
+        cells = [ch, th, f"{nodes}/{ranks}", status, steps, p50, spread, *rest]
+        if axes:
+            cells.insert(0, "/".join(row.settings.get(name, "-") for name in axes))
+        table.add_row(*cells, style=style)
     return table
 
 
@@ -91,12 +116,31 @@ def print_report(console: Console, result: ReportResult) -> None:
         if row.clock_flag:
             console.print(f"[yellow]{row.label}[/]: clocks differed from the calibration "
                           f"({(row.clock_drift or 0) * 100:+.1f} % SM clock)", highlight=False)
-    if result.best is not None:
-        console.print(f"best point: [bold]{result.best.label}[/] "
-                      f"(median iteration {result.best.iter_ms_median:.2f} ms, run {result.best.run_id})")
-    else:
-        console.print("[red]no completed point: no best point[/]")
+    console.print(decision_line(result), highlight=False)
     console.print("wrote " + ", ".join(str(f) for f in result.files), highlight=False)
+
+
+def decision_line(result: ReportResult) -> str:
+    """The decision in one terminal line."""
+    decision = result.decision
+    rows = {row.label: row for row in result.rows}
+    if decision.status == rep.WINNER:
+        best = rows[decision.winner]  # type: ignore[index]
+        interval = best.interval
+        return (f"best point: [bold]{best.label}[/] (median iteration "
+                + (f"{interval.estimate:.2f} ms, {interval.level * 100:g} % CI {interval.low:.2f}–{interval.high:.2f}"
+                   if interval else f"{best.iter_ms_median:.2f} ms")
+                + f"), {decision.margin * 100:.1f} % ahead of {decision.runner_up} beyond the noise")
+    if decision.status == rep.NO_POINT:
+        return "[red]no completed point with unflagged settings: no best point[/]"
+    if decision.status == rep.ONLY_POINT:
+        return f"one point ({decision.leader}): nothing to compare, no best point named"
+    text = (f"[yellow]no single best point[/]: {len(decision.within_noise)} points within noise "
+            f"({', '.join(decision.within_noise)})" if decision.status == rep.WITHIN_NOISE
+            else f"[yellow]no decision[/]: {decision.reason}")
+    if decision.secondary_pick:
+        text += f"; by the secondary criterion: {decision.secondary_pick}"
+    return text
 
 
 @task(help={
@@ -104,18 +148,35 @@ def print_report(console: Console, result: ReportResult) -> None:
             "or a directory of run directories",
     "out": "write results.csv, report.md and the PNGs here instead of into PATH",
     "no_plots": "skip the PNG figures",
+    "min_margin": "percent the runner-up must be slower, beyond the noise, for a point to be named "
+                  "best (default 1)",
 })
-def report(c, path, out=None, no_plots=False):
+def report(c, path, out=None, no_plots=False, min_margin=None):
     """Summarise a run or a sweep: results.csv, report.md (best point, trade-off), PNG figures."""
     target = cli_path(path)
     try:
-        result = write_report(target, cli_path(out) if out else None, plots=not no_plots)
+        result = write_report(target, cli_path(out) if out else None, plots=not no_plots,
+                              min_margin=parse_margin(min_margin))
     except rep.ReportError as err:
         raise Exit(f"report: {err}", code=EXIT_USAGE) from None
     except OSError as err:
         raise Exit(f"report: cannot write into {out or target}: {err.strerror or err}; "
                    "choose another directory with --out", code=1) from None
     print_report(make_console(), result)
+
+
+def parse_margin(value: object) -> float:
+    """--min-margin PCT as a fraction (default rep.MIN_MARGIN); Exit 2 if not a number >= 0."""
+    if value in (None, ""):
+        return rep.MIN_MARGIN
+    try:
+        margin = float(str(value).rstrip("%")) / 100.0
+        if not margin >= 0:
+            raise ValueError
+    except ValueError:
+        raise Exit(f"report: --min-margin {value!r} is not a percentage >= 0 (e.g. --min-margin 1)",
+                   code=EXIT_USAGE) from None
+    return margin
 
 
 ns = Collection(report)

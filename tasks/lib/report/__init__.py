@@ -7,10 +7,15 @@ The names other modules use are re-exported here, so `from tasks.lib import repo
 """
 from __future__ import annotations
 
-from tasks.lib.report.decide import TradeOff, best_point, trade_off
+from tasks.lib.report.decide import (
+    MIN_MARGIN, NO_POINT, ONLY_POINT, UNDECIDED, WINNER, WITHIN_NOISE, Candidate, Decision, TradeOff, best_point,
+    decide, decide_rows, pareto_front, trade_off,
+)
+from tasks.lib.report.repeats import PARTIAL, collect_points, group_points, point_row
+from tasks.lib.report.stats import Interval, bootstrap_interval
 from tasks.lib.report.read import (
     COMPLETED, METRICS_RE, MISSING, NON_MEASURED_PHASES, NOT_RUN, OUTPUT_DIR_RE, REPORT_MD, RESULTS_CSV,
-    RUN_ID_RE, SUMMARY_JSON, PointSource, ReportError, ReportInput, RunData, discover, error_line_in_logs,
+    RUN_ID_RE, RUNS_CSV, SUMMARY_JSON, PointSource, ReportError, ReportInput, RunData, discover, error_line_in_logs,
     find_output_dirs, is_measured, read_json_file, read_jsonl_file, read_run, resolve_run_dir,
     sweep_point_source,
 )
@@ -24,6 +29,9 @@ from tasks.lib.report.write import (
 )
 
 __all__ = [
+    "MIN_MARGIN", "NO_POINT", "ONLY_POINT", "PARTIAL", "UNDECIDED", "WINNER", "WITHIN_NOISE", "Candidate", "Decision",
+    "Interval", "bootstrap_interval", "collect_points", "decide", "decide_rows", "group_points",
+    "pareto_front", "point_row", "RUNS_CSV",
     "AGGREGATE_COLUMNS", "COMPLETED", "CSV_FIELDS", "MD_COLUMNS", "METRICS_RE", "MISSING",
     "NON_MEASURED_PHASES", "NOT_RUN", "OUTPUT_DIR_RE", "REPORT_MD", "RESULTS_CSV", "RUN_ID_RE",
     "SUMMARY_JSON", "TERMINAL_MD_COLUMNS", "PointRow", "PointSource", "PointSpec", "ReportError",

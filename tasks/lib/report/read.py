@@ -18,6 +18,7 @@ from tasks.lib.sweep import SWEEP_JSON
 
 SUMMARY_JSON = "summary.json"
 RESULTS_CSV = "results.csv"
+RUNS_CSV = "runs.csv"   # one line per run where points were repeated
 REPORT_MD = "report.md"
 METRICS_RE = re.compile(r"^rank_(\d+)_metrics\.jsonl$")
 OUTPUT_DIR_RE = re.compile(r"^(\d+)thread_(\d+)channels$")
@@ -229,10 +230,15 @@ def error_line_in_logs(data: RunData) -> str | None:
 
 @dataclass(frozen=True)
 class PointSpec:
-    """What a sweep meant to run at one grid point."""
+    """What a sweep meant to run at one grid point: its channels, threads and the values of its
+    other axes (environment variables, in axis order); `config` and `repeat` place one run of it
+    in a sweep with repeats."""
 
     channels: int
     threads: int
+    settings: tuple[tuple[str, str], ...] = ()
+    config: int | None = None
+    repeat: int | None = None
 
 
 # -- what a directory is --------------------------------------------------------------------------
@@ -280,7 +286,9 @@ def sweep_point_source(sweep_dir: Path, entry: Mapping[str, Any]) -> PointSource
     spec = None
     channels, threads = _integer(entry.get("channels")), _integer(entry.get("threads"))
     if channels is not None and threads is not None:
-        spec = PointSpec(channels, threads)
+        settings = entry.get("settings")
+        pairs = tuple((str(k), str(v)) for k, v in settings.items()) if isinstance(settings, Mapping) else ()
+        spec = PointSpec(channels, threads, pairs, _integer(entry.get("config")), _integer(entry.get("repeat")))
     run_id = _string(entry.get("run_id"))
     run_dir = resolve_run_dir(sweep_dir, _string(entry.get("run_dir")), run_id)
     output_dir = _string(entry.get("output_dir"))

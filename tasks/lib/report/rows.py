@@ -9,6 +9,7 @@ from typing import Any
 from tasks.lib.report.read import (
     COMPLETED, MISSING, NOT_RUN, OUTPUT_DIR_RE, RUN_ID_RE, PointSpec, ReportInput, RunData, error_line_in_logs, read_run,
 )
+from tasks.lib.report.stats import Interval, run_sample
 from tasks.lib.report.values import _fmt_int, _get, _integer, _number, _string, quantile
 
 
@@ -63,10 +64,29 @@ class PointRow:
     launch_delay_reason: str | None = None  # why launch_delay_ms_median is null (not in the CSV)
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # Beyond channels and threads: the point's other axes (fab sweep --axis NAME=V1,V2), in order.
+    settings: dict[str, str] = field(default_factory=dict)
+    repeat: int | None = None              # this run's repeat (0-based) in a sweep with --repeat
+    config: int | None = None              # the point's index in the sweep's configs
+    # A run's (step, iteration time) pairs, every rank (the decision's sample; not in the CSV).
+    samples: list[tuple[int, float]] = field(default_factory=list)
+    output_dir: str | None = None          # the point's own directory (a pool shares run_dir)
+    pooled: bool = False                   # run by a rank pool: one launch ran several points
+    # A point with repeats: its runs' rows, and the interval of its iteration time.
+    runs: list[PointRow] = field(default_factory=list)
+    runs_planned: int | None = None
+    interval: Interval | None = None
 
     @property
     def label(self) -> str:
-        return f"{_fmt_int(self.channels)}ch × {_fmt_int(self.threads)}th"
+        base = f"{_fmt_int(self.channels)}ch × {_fmt_int(self.threads)}th"
+        return " ".join([base, *(f"{k}={v}" for k, v in self.settings.items())])
+
+    @property
+    def selector(self) -> str:
+        """How --pick and --point-override name the point: CxT[,NAME=VALUE...]."""
+        return ",".join([f"{_fmt_int(self.channels)}x{_fmt_int(self.threads)}",
+                         *(f"{k}={v}" for k, v in self.settings.items())])
 
     @property
     def has_metrics(self) -> bool:
@@ -74,8 +94,8 @@ class PointRow:
 
 
 CSV_FIELDS = (
-    "channels", "threads", "nodes", "world_size", "status", "steps",
-    "iter_ms_median", "iter_ms_p90", "gemm_tflops_median", "contention_slowdown_median",
+    "channels", "threads", "nodes", "world_size", "status", "steps", "runs", "runs_planned",
+    "iter_ms_median", "iter_ms_ci_low", "iter_ms_ci_high", "run_spread", "decision", "iter_ms_p90", "gemm_tflops_median", "contention_slowdown_median",
     "exposed_comm_fraction_median", "busbw_gbps_median", "algbw_gbps_median",
     "slowest_rank", "rank_spread",
     "iter_ms_p95", "slowest_step_ms_p95", "slowest_host", "slowest_by", "caused_wait_ms_median",
@@ -85,8 +105,10 @@ CSV_FIELDS = (
     "sm_clock_mhz_median", "clock_drift", "clock_flag", "comm_stream_priority", "outlier_steps",
     "effective_channels", "effective_threads", "effective_algorithms", "effective_transports",
     "settings_flag", "settings_flags",
-    "notes", "run_id", "run_dir", "problems",
+    "notes", "run_id", "run_dir", "output_dir", "repeat", "problems",
 )
+# Columns computed for the CSV (not PointRow attributes); a sweep's --axis columns go after threads.
+CSV_COMPUTED = ("runs", "runs_planned", "iter_ms_ci_low", "iter_ms_ci_high", "run_spread", "decision")
 
 # Aggregated metric -> (summary.json key, statistic) and the PointRow attribute it fills. The
 # metrics lines stand in when summary.json is missing, for the keys they carry.
@@ -145,7 +167,19 @@ def summarize_run(data: RunData, spec: PointSpec | None = None, sweep_status: st
     row.slowest_rank, row.rank_spread = _rank_spread(data)
     _fill_cross_rank(row, aggregates)
     _fill_effective(row, data.summary)
+    _fill_identity(row, data, spec)
     return row
+
+
+def _fill_identity(row: PointRow, data: RunData, spec: PointSpec | None) -> None:
+    """Which point and run of a sweep the row is, where its outputs are, and its step sample."""
+    if spec is not None:
+        row.settings = dict(spec.settings)
+        row.config, row.repeat = spec.config, spec.repeat
+    row.samples = run_sample(data.steps_by_rank)
+    if data.output_dir is not None:
+        row.output_dir = str(data.output_dir)
+    row.pooled = _get(data.summary, "pool", "mode") == "in_process"
 
 
 def _fill_effective(row: PointRow, summary: Mapping[str, Any] | None) -> None:
@@ -195,7 +229,7 @@ def flag_shared_settings(rows: Sequence[PointRow], sweep: Mapping[str, Any] | No
         key = (row.effective_channels, row.effective_threads, row.effective_algorithms)
         by_effective.setdefault(key, []).append(row)
     for same in by_effective.values():
-        asked = {(r.channels, r.threads) for r in same}
+        asked = {(r.channels, r.threads, tuple(r.settings.items())) for r in same}
         if len(same) > 1 and len(asked) > 1:
             labels = ", ".join(r.label for r in same)
             for row in same:
@@ -247,6 +281,8 @@ def missing_row(spec: PointSpec | None, status: str, run_dir: str | None = None,
         channels=spec.channels if spec else None, threads=spec.threads if spec else None,
         nodes=None, world_size=None, status=status, steps=0,
         problems=[problem] if problem else [],
+        settings=dict(spec.settings) if spec else {},
+        config=spec.config if spec else None, repeat=spec.repeat if spec else None,
     )
 
 

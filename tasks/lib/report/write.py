@@ -8,28 +8,51 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.lib.report.decide import TradeOff, best_point, trade_off
+from tasks.lib.report.conclusion import decision_lines, interval_table, trade_off_lines, verdict
+from tasks.lib.report.decide import Decision, decide_rows, trade_off
 from tasks.lib.report.read import COMPLETED, NOT_RUN, ReportInput, RunData
-from tasks.lib.report.rows import CSV_FIELDS, PointRow, _summary_aggregates
+from tasks.lib.report.rows import CSV_COMPUTED, CSV_FIELDS, PointRow, _summary_aggregates
 from tasks.lib.report.values import _fmt, _fmt_int, _get, _integer, _number, _pct, _signed, quantile
 
 
-def results_csv(rows: Iterable[PointRow], base: Path | None = None) -> str:
-    """One CSV line per point; run_dir relative to `base` (where the CSV goes) so a copied
-    experiments tree keeps working."""
+def results_csv(rows: Iterable[PointRow], base: Path | None = None,
+                decision: Decision | None = None) -> str:
+    """One CSV line per point (or per run, for runs.csv); run_dir relative to `base` (where the
+    CSV goes) so a copied experiments tree keeps working. A sweep's --axis variables are columns
+    of their own, after threads."""
+    rows = list(rows)
+    axes = list(dict.fromkeys(name for row in rows for name in row.settings))
+    fieldnames = list(CSV_FIELDS)
+    fieldnames[fieldnames.index("threads") + 1:fieldnames.index("threads") + 1] = axes
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         record = {name: getattr(row, name) for name in CSV_FIELDS
-                  if name not in ("problems", "notes", "settings_flags")}
-        if row.run_dir and base is not None:
-            record["run_dir"] = os.path.relpath(row.run_dir, base)
+                  if name not in ("problems", "notes", "settings_flags", *CSV_COMPUTED)}
+        record.update({name: row.settings.get(name) for name in axes})
+        record.update(_repeat_columns(row, decision))
+        for key in ("run_dir", "output_dir"):
+            if record.get(key) and base is not None:
+                record[key] = os.path.relpath(record[key], base)
         record["notes"] = "; ".join(row.notes)
         record["settings_flags"] = "; ".join(row.settings_flags)
         record["problems"] = "; ".join(row.problems)
         writer.writerow({k: _csv_value(v) for k, v in record.items()})
     return buffer.getvalue()
+
+
+def _repeat_columns(row: PointRow, decision: Decision | None) -> dict[str, Any]:
+    interval = row.interval
+    runs = row.runs or [row]
+    return {
+        "runs": sum(r.status == COMPLETED for r in runs),
+        "runs_planned": row.runs_planned if row.runs else None,
+        "iter_ms_ci_low": interval.low if interval else None,
+        "iter_ms_ci_high": interval.high if interval else None,
+        "run_spread": interval.run_spread if interval else None,
+        "decision": verdict(decision, row) if decision is not None else None,
+    }
 
 
 def _csv_value(value: Any) -> Any:
@@ -41,42 +64,24 @@ def _csv_value(value: Any) -> Any:
 
 
 def report_markdown(report_input: ReportInput, rows: Sequence[PointRow], figures: Sequence[str],
-                    single_run: RunData | None = None) -> str:
-    """report.md: what was measured, the best point, the trade-off, the problems, the figures."""
+                    single_run: RunData | None = None, decision: Decision | None = None) -> str:
+    """report.md: what was measured, the decision, the trade-off, the problems, the figures."""
+    decision = decision if decision is not None else decide_rows(rows)
     lines = [f"# Report: {report_input.root.name}", ""]
     completed = sum(r.status == COMPLETED for r in rows)
     lines.append(f"{len(rows)} point(s), {completed} completed. Source: `{report_input.root}`"
-                 + (f" (sweep of channels {_grid_text(report_input.sweep, 'channels')} × threads "
-                    f"{_grid_text(report_input.sweep, 'threads')})" if report_input.sweep else "") + ".")
+                 + (f" ({_sweep_text(report_input.sweep)})" if report_input.sweep else "") + ".")
     lines.append("")
-    best = best_point(rows)
-    lines.append("## Best point")
-    lines.append("")
-    if best is None:
-        lines.append("No completed point with metrics: no best point.")
-    else:
-        lines.append(f"**Best point: {best.label}** (channels={best.channels}, threads={best.threads}): "
-                     f"median iteration {_fmt(best.iter_ms_median, '.2f')} ms "
-                     f"(p90 {_fmt(best.iter_ms_p90, '.2f')} ms), GEMM {_fmt(best.gemm_tflops_median, '.3g')} TFLOP/s, "
-                     f"contention slowdown {_pct(best.contention_slowdown_median)} "
-                     f"(overlapped GEMMs {_pct(best.gemm_contention_slowdown_median)}), "
-                     f"busbw {_fmt(best.busbw_gbps_median, '.3g')} GB/s, "
-                     f"wait p95 {_fmt(best.wait_ms_p95, '.3g')} ms. Run: `{best.run_id}`.")
-        others = sorted((r for r in rows if r is not best and r.status == COMPLETED and r.iter_ms_median),
-                        key=lambda r: r.iter_ms_median)
-        if others and best.iter_ms_median:
-            runner = others[0]
-            lines.append("")
-            lines.append(f"Next: {runner.label} at {_fmt(runner.iter_ms_median, '.2f')} ms "
-                         f"(+{(runner.iter_ms_median / best.iter_ms_median - 1) * 100:.1f} %).")
+    lines.extend(decision_lines(decision, rows, report_input.root))
+    lines.extend(interval_table(decision, rows))
     lines.append("")
     lines.append("## Trade-off")
     lines.append("")
-    lines.extend(_trade_off_lines(trade_off(rows)))
+    lines.extend(trade_off_lines(trade_off(rows), rows))
     lines.append("")
     lines.append("## Points")
     lines.append("")
-    lines.extend(_markdown_table(rows))
+    lines.extend(_markdown_table(rows, decision.winner))
     problem_rows = [r for r in rows if r.problems or r.status != COMPLETED]
     if problem_rows:
         lines.append("")
@@ -194,29 +199,6 @@ def _communication_lines(rows: Sequence[PointRow]) -> list[str]:
     return lines
 
 
-def _trade_off_lines(result: TradeOff | None) -> list[str]:
-    if result is None:
-        return ["Not enough completed points with busbw and contention figures for a trade-off "
-                "(busbw is null at world size 1: no data crosses ranks)."]
-    high, low = result.highest_busbw, result.lowest_contention
-    lines = [
-        f"- Highest busbw: **{high.label}**: {_fmt(high.busbw_gbps_median, '.3g')} GB/s, "
-        f"contention slowdown {_pct(high.contention_slowdown_median)}, iteration {_fmt(high.iter_ms_median, '.2f')} ms.",
-        f"- Lowest contention: **{low.label}**: contention slowdown {_pct(low.contention_slowdown_median)}, "
-        f"busbw {_fmt(low.busbw_gbps_median, '.3g')} GB/s, iteration {_fmt(low.iter_ms_median, '.2f')} ms.",
-    ]
-    if result.same_point:
-        lines.append("- The same point gives both: no trade-off in this grid.")
-    else:
-        lines.append(
-            f"- How far apart: the highest-busbw point moves {_signed(result.busbw_gain_pct, ' %')} busbw "
-            f"for {_signed(result.contention_delta_pp, ' pp')} GEMM slowdown and "
-            f"{_signed(result.iter_ms_delta_pct, ' %')} iteration time against the lowest-contention point "
-            f"(channels {_fmt_int(low.channels)} → {_fmt_int(high.channels)}, "
-            f"threads {_fmt_int(low.threads)} → {_fmt_int(high.threads)}).")
-    return lines
-
-
 MD_COLUMNS = (
     ("channels", "channels", None), ("threads", "threads", None), ("nodes", "nodes", None),
     ("world", "world_size", None), ("status", "status", None), ("steps", "steps", None),
@@ -248,13 +230,12 @@ def table_headers() -> list[str]:
     return [header for header, _, _ in MD_COLUMNS]
 
 
-def _markdown_table(rows: Sequence[PointRow]) -> list[str]:
-    best = best_point(rows)
+def _markdown_table(rows: Sequence[PointRow], best: str | None = None) -> list[str]:
     lines = ["| " + " | ".join(table_headers()) + " |",
              "|" + "|".join("---" if attribute == "status" else "---:" for _, attribute, _ in MD_COLUMNS) + "|"]
     for row in rows:
         cells = table_cells(row)
-        if row is best:
+        if row.label == best:
             cells = [f"**{cell}**" for cell in cells]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -331,3 +312,17 @@ def _sweep_timing_lines(sweep: Mapping[str, Any]) -> list[str]:
 def _grid_text(sweep: Mapping[str, Any] | None, key: str) -> str:
     values = _get(sweep, "grid", key)
     return ",".join(str(v) for v in values) if isinstance(values, list) else "?"
+
+
+def _sweep_text(sweep: Mapping[str, Any]) -> str:
+    """'sweep of channels 4,32 × threads 256,512 × NCCL_PROTO Simple,LL128, 3 runs per point'."""
+    axes = [f"channels {_grid_text(sweep, 'channels')}", f"threads {_grid_text(sweep, 'threads')}"]
+    for axis in _get(sweep, "grid", "axes") or []:
+        if isinstance(axis, Mapping) and isinstance(axis.get("values"), list):
+            axes.append(f"{axis.get('name')} {','.join(str(v) for v in axis['values'])}")
+    text = f"{sweep.get('kind') or 'sweep'} of " + " × ".join(axes)
+    repeat = _integer(_get(sweep, "grid", "repeat"))
+    if repeat and repeat > 1:
+        seed = _get(sweep, "grid", "seed")
+        text += f", {repeat} runs per point in shuffled rounds (seed {seed})"
+    return text
