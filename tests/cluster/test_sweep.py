@@ -269,12 +269,13 @@ def test_pool_sweep_keeps_ranks_between_points(cluster3: SimCluster, sweep_env) 
         rows = {(r["channels"], r["threads"]): r for r in csv.DictReader(handle)}
     assert rows[("16", "512")]["status"] == "completed" and rows[("16", "512")]["steps"] == "4"
     assert rows[("8", "512")]["status"] == "failed"
-    assert "sweep: rank pools: one launch per thread value" in result.stdout
+    assert "sweep: rank pools: channels change inside a launch (per communicator); a new launch for " \
+           "each value of threads" in result.stdout
 
     resumed = fab(config, "sweep", "--resume", str(sweep_dir))
     assert resumed.returncode == 1, (resumed.stdout + resumed.stderr)[-3000:]
     assert "(6 points, 1 to run)" in resumed.stdout
-    assert "sweep: rank pools: one launch per thread value" in resumed.stdout
+    assert "sweep: rank pools: channels change inside a launch" in resumed.stdout
     assert len(run_dirs(experiments)) == 3  # one launch: a pool of the one pending point
     document = json.loads((sweep_dir / "sweep.json").read_text())
     again = {(p["channels"], p["threads"]): p for p in document["points"]}[(8, 512)]
