@@ -1,6 +1,8 @@
 """`fab report PATH`: results.csv, report.md and figures for a run or a sweep directory."""
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,7 @@ class ReportResult:
     out_dir: Path
     files: list[Path]
     run_rows: list[rep.PointRow] = field(default_factory=list)
+    runs: dict[str, rep.RunData] = field(default_factory=dict)   # by run row's run_dir
 
     @property
     def best(self) -> rep.PointRow | None:
@@ -75,7 +78,7 @@ def write_report(path: Path, out_dir: Path | None = None, plots: bool = True,
     md_path = out_dir / rep.REPORT_MD
     md_path.write_text(rep.report_markdown(report_input, rows, [f.name for f in figures], single_run,
                                            decision))
-    return ReportResult(report_input, rows, decision, out_dir, [*written, md_path, *figures], run_rows)
+    return ReportResult(report_input, rows, decision, out_dir, [*written, md_path, *figures], run_rows, runs)
 
 
 # Terminal headers are shorter than report.md's: the table must fit an 80-column terminal.
@@ -150,8 +153,13 @@ def decision_line(result: ReportResult) -> str:
     "no_plots": "skip the PNG figures",
     "min_margin": "percent the runner-up must be slower, beyond the noise, for a point to be named "
                   "best (default 1)",
+    "export": "write the best point's settings to FILE as `export NAME=value` lines a job can source "
+              "(refused without a single best point unless --pick names one)",
+    "export_preset": "write the best point's settings as config/nccl/NAME.yaml, for fab launch "
+                     "--nccl-preset NAME (its channels and threads included)",
+    "pick": "the point to export where no single one is best: CxT[,NAME=VALUE...], e.g. --pick 4x256",
 })
-def report(c, path, out=None, no_plots=False, min_margin=None):
+def report(c, path, out=None, no_plots=False, min_margin=None, export=None, export_preset=None, pick=None):
     """Summarise a run or a sweep: results.csv, report.md (best point, trade-off), PNG figures."""
     target = cli_path(path)
     try:
@@ -162,7 +170,54 @@ def report(c, path, out=None, no_plots=False, min_margin=None):
     except OSError as err:
         raise Exit(f"report: cannot write into {out or target}: {err.strerror or err}; "
                    "choose another directory with --out", code=1) from None
-    print_report(make_console(), result)
+    console = make_console()
+    print_report(console, result)
+    if export or export_preset or pick:
+        write_exports(console, result, export, export_preset, pick)
+
+
+def write_exports(console: Console, result: ReportResult, export: str | None, preset: str | None,
+                  pick: str | None) -> None:
+    """--export FILE and --export-preset NAME; Exit 1 without a point to export, 2 for a bad name."""
+    from tasks.lib.report import export as exporting
+    from tasks.lib.render import NCCL_PRESETS_DIR
+
+    if not (export or preset):
+        raise Exit("report: --pick chooses the point to export: give --export FILE or --export-preset NAME",
+                   code=EXIT_USAGE)
+    if preset and not PRESET_NAME.match(preset):
+        raise Exit(f"report: --export-preset {preset!r}: use lower-case letters, digits, - and _ "
+                   "(it names config/nccl/NAME.yaml)", code=EXIT_USAGE)
+    preset_path = NCCL_PRESETS_DIR / f"{preset}.yaml" if preset else None
+    if preset_path is not None and preset_path.exists():
+        raise Exit(f"report: {preset_path} exists; choose another preset name or remove it first",
+                   code=EXIT_USAGE)
+    try:
+        chosen = exporting.build_export(result.rows, result.decision, result.runs, result.input.sweep,
+                                        str(result.input.root), pick)
+    except exporting.ExportError as err:
+        raise Exit(f"report: {err}", code=EXIT_USAGE if pick else 1) from None
+    targets = []
+    if export:
+        targets.append((cli_path(export), exporting.export_script(chosen)))
+    if preset_path is not None:
+        targets.append((preset_path, exporting.export_preset(chosen, preset)))
+    for path, text in targets:
+        try:
+            write_text_atomic(path, text)
+        except OSError as err:
+            raise Exit(f"report: cannot write {path}: {err.strerror or err}", code=1) from None
+        console.print(f"exported {chosen.point.label} to {path}", highlight=False)
+
+
+PRESET_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def parse_margin(value: object) -> float:

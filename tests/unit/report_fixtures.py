@@ -6,6 +6,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+from tasks.lib.runspec import nccl_env
+
 STEP_KEYS = ("iter_ms", "compute_ms", "comm_ms", "overlap_ms", "exposed_comm_ms", "exposed_comm_fraction",
              "gemm_tflops", "comm_bytes", "local_algbw_gbps", "local_busbw_gbps", "contention_slowdown",
              "gemm_contention_slowdown", "control_ms")
@@ -48,7 +50,8 @@ def make_run(parent: Path, channels: int, threads: int, *, iter_ms: float = 100.
              status: str = "completed", summary: bool = True, slow_rank: int | None = None,
              run_id: str | None = None, late_rank: int | None = None, wait_ms: float = 0.5,
              sm_clock: float | None = None, calibration_clock: float | None = None,
-             noise: float = 0.0, seed: int = 0, pooled: bool = False) -> Path:
+             noise: float = 0.0, seed: int = 0, pooled: bool = False,
+             settings: dict[str, str] | None = None, accelerator: str = "cuda") -> Path:
     """A run directory: run.json, <T>thread_<C>channels/ with rank jsonl files and summary.json
     in the train package's layout. late_rank: the rank the others waited `wait_ms` for (the
     summary's cross-rank analysis); sm_clock/calibration_clock: telemetry of measured and
@@ -61,7 +64,10 @@ def make_run(parent: Path, channels: int, threads: int, *, iter_ms: float = 100.
     run_status = "succeeded" if status == "completed" else status
     (run_dir / "run.json").write_text(json.dumps({
         "schema": 1, "run_id": run_id, "status": run_status, "output_dir": out.name,
-        "flags": {"channels": channels, "threads": threads, "nproc": world_size // nodes},
+        "flags": {"channels": channels, "threads": threads, "nproc": world_size // nodes,
+                  "accelerator": accelerator, "pin_channels": True, "env": dict(settings or {})},
+        # What env.sh exported for every node, as the launch records it (tasks/run/plan.py).
+        "env": {**nccl_env(channels, threads, pin_channels=True, accelerator=accelerator), **(settings or {})},
         "nnodes": nodes, "nproc_per_node": world_size // nodes, "world_size": world_size,
         "nodes": [{"node_rank": i, "host": f"node{i}"} for i in range(nodes)],
         "first_failure": None if status == "completed" else {
@@ -183,7 +189,7 @@ def make_repeated_sweep(experiments: Path, configs: list[tuple[int, int, dict[st
                 entry["status"] = "pending"
             else:
                 make_run(experiments, channels, threads, run_id=run_id, iter_ms=medians[round_], noise=noise,
-                         seed=seed * 7919 + index, steps=steps, **options)
+                         seed=seed * 7919 + index, steps=steps, settings=settings, **options)
                 entry.update(status=options.get("status", "completed"), run_id=run_id, run_dir=f"../{run_id}")
             points.append(entry)
     (sweep_dir / "sweep.json").write_text(json.dumps({

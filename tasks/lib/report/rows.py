@@ -9,6 +9,7 @@ from typing import Any
 from tasks.lib.report.read import (
     COMPLETED, MISSING, NOT_RUN, OUTPUT_DIR_RE, RUN_ID_RE, PointSpec, ReportInput, RunData, error_line_in_logs, read_run,
 )
+from tasks.lib.report.axes import check_axes
 from tasks.lib.report.stats import Interval, run_sample
 from tasks.lib.report.values import _fmt_int, _get, _integer, _number, _string, quantile
 
@@ -72,6 +73,7 @@ class PointRow:
     samples: list[tuple[int, float]] = field(default_factory=list)
     output_dir: str | None = None          # the point's own directory (a pool shares run_dir)
     pooled: bool = False                   # run by a rank pool: one launch ran several points
+    effective_env: dict[str, str] = field(default_factory=dict)  # axis variables as the library read them
     # A point with repeats: its runs' rows, and the interval of its iteration time.
     runs: list[PointRow] = field(default_factory=list)
     runs_planned: int | None = None
@@ -180,6 +182,7 @@ def _fill_identity(row: PointRow, data: RunData, spec: PointSpec | None) -> None
     if data.output_dir is not None:
         row.output_dir = str(data.output_dir)
     row.pooled = _get(data.summary, "pool", "mode") == "in_process"
+    check_axes(row, data.summary)
 
 
 def _fill_effective(row: PointRow, summary: Mapping[str, Any] | None) -> None:
@@ -226,7 +229,8 @@ def flag_shared_settings(rows: Sequence[PointRow], sweep: Mapping[str, Any] | No
     for row in rows:
         if row.effective_channels is None:
             continue
-        key = (row.effective_channels, row.effective_threads, row.effective_algorithms)
+        key = (row.effective_channels, row.effective_threads, row.effective_algorithms,
+               tuple(sorted(row.effective_env.items())))
         by_effective.setdefault(key, []).append(row)
     for same in by_effective.values():
         asked = {(r.channels, r.threads, tuple(r.settings.items())) for r in same}

@@ -123,7 +123,8 @@ def _effective_lines(rows: Sequence[PointRow]) -> list[str]:
         built = (f"NCCL built {_fmt_int(row.effective_channels)} channels, threads "
                  f"{row.effective_threads or 'not reported'}"
                  + (f", {row.effective_algorithms}" if row.effective_algorithms else "")
-                 + (f", via {row.effective_transports}" if row.effective_transports else ""))
+                 + (f", via {row.effective_transports}" if row.effective_transports else "")
+                 + "".join(f", {name} read as {value}" for name, value in row.effective_env.items()))
         if row.settings_flag:
             lines.append(f"- **{row.label}: FLAGGED**: {built}; " + "; ".join(row.settings_flags) + ".")
         else:
