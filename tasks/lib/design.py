@@ -66,8 +66,7 @@ def restart_key(point: GridPoint) -> tuple[Hashable, ...]:
 def restart_reason(axes: Sequence[Axis], threads: Sequence[int]) -> str:
     """Which axes force a restart, in words (printed when pools are planned)."""
     forcing = (["threads (NCCL reads NCCL_NTHREADS once per process)"] if len(threads) > 1 else []) + [
-        f"{axis.name} (process environment, read by NCCL when it sets up a communicator)"
-        for axis in axes if len(axis.values) > 1]
+        f"{axis.name} (process environment: one value per launch)" for axis in axes if len(axis.values) > 1]
     return "; ".join(forcing) if forcing else "nothing: every point shares one launch"
 
 

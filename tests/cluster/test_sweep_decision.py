@@ -4,13 +4,14 @@
   nothing) a 2 x 2 sweep with --repeat 3 crowns no single winner, and a second identical sweep
   reaches the same conclusion;
 - on 2 nodes of the simulated cluster, with one knob made to matter (the points of one
-  NCCL_PROTO value get a 40 ms delay per step through the train package's debug.delay_ms), the
+  NCCL_PROTO value get a 200 ms delay per step (far beyond a loaded 2-core machine's noise) through the train package's debug.delay_ms), the
   report names the other value's point, the axis is a results.csv column and forced a restart;
 - an interrupted --no-pool sweep with repeats resumes in its recorded order.
 """
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import shutil
@@ -141,7 +142,7 @@ def test_a_knob_made_to_matter_is_named_on_the_cluster(cluster3: SimCluster, swe
     result = fab(config, "sweep", "-c", "8", "-t", "256", "--axis", "NCCL_PROTO=Simple,LL128",
                  "--repeat", "2", "--override", STEPS,
                  "--point-override", "*x*,NCCL_PROTO=LL128:debug.delay_rank=0",
-                 "--point-override", "*x*,NCCL_PROTO=LL128:debug.delay_ms=40")
+                 "--point-override", "*x*,NCCL_PROTO=LL128:debug.delay_ms=200")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "a new launch for each value of NCCL_PROTO" in result.stdout
@@ -149,14 +150,16 @@ def test_a_knob_made_to_matter_is_named_on_the_cluster(cluster3: SimCluster, swe
     document = json.loads((sweep_dir / "sweep.json").read_text())
     assert len(list(experiments.glob("multinode_*"))) == 4   # every run its own launch
     report = (sweep_dir / "report.md").read_text()
-    assert "**Best point: 8ch × 256th NCCL_PROTO=Simple** (channels=8, threads=256, NCCL_PROTO=Simple)" in report
+    decision = report.split("## Iteration time per point")[0]
+    assert "**Best point: 8ch × 256th NCCL_PROTO=Simple** (channels=8, threads=256, NCCL_PROTO=Simple)" in report, \
+        decision
     with (sweep_dir / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["NCCL_PROTO"], r["decision"], r["runs"]) for r in rows] == [
         ("Simple", "best", "2"), ("LL128", "slower beyond noise", "2")]
     # Every run ran with its axis value in its environment (the ranks record what env.sh set).
     for point in document["points"]:
-        out = next((sweep_dir / point["run_dir"]).resolve().glob("*thread_*channels"))
+        out = (sweep_dir / point["run_dir"]).resolve() / point["output_dir"]
         summary = json.loads((out / "summary.json").read_text())
         assert summary["env"]["NCCL_PROTO"] == point["settings"]["NCCL_PROTO"]
 
@@ -173,3 +176,41 @@ def test_a_knob_made_to_matter_is_named_on_the_cluster(cluster3: SimCluster, swe
         recorded = json.loads(((sweep_dir / point["run_dir"]).resolve() / "run.json").read_text())["env"]
         assert got == {k: v for k, v in recorded.items() if k.startswith(("NCCL_", "RCCL_"))
                        and k != "NCCL_SOCKET_IFNAME"}
+
+
+@pytest.mark.cluster
+def test_fab_tune_finds_the_point_made_to_matter_in_40_percent_of_the_grids_runs(cluster3: SimCluster,
+                                                                                 sweep_env) -> None:
+    """A 6 x 4 x 2 space (channels x threads x NCCL_PROTO) on 2 nodes, each point slowed on
+    purpose by its distance from 16ch x 256th Simple (rank 0 sleeps 20 ms there, 15 ms more per
+    channel step, 20 ms per thread step, 30 ms for LL128): the full grid at 3 runs each would be
+    144 runs; the tune names that point best in at most 40 % of them and exports it."""
+    config, experiments = sweep_env
+    channels, threads = [2, 4, 8, 16, 32, 64], [64, 128, 256, 512]
+    overrides = ["--point-override", "*x*:debug.delay_rank=0"]
+    for (i, c), (j, t), (k, proto) in itertools.product(enumerate(channels), enumerate(threads),
+                                                        enumerate(["Simple", "LL128"])):
+        delay = 20 + 15 * abs(i - 3) + 20 * abs(j - 2) + 30 * k
+        overrides += ["--point-override", f"{c}x{t},NCCL_PROTO={proto}:debug.delay_ms={delay}"]
+    exported = experiments / "tuned.env"
+    result = fab(config, "tune", "-c", ",".join(map(str, channels)), "-t", ",".join(map(str, threads)),
+                 "--axis", "NCCL_PROTO=Simple,LL128", "--override", STEPS, *overrides,
+                 "--export", str(exported), timeout=1800)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "(48 points; the full grid at 3 runs each would be 144 runs)" in result.stdout
+    # Each round is printed: the first line starts from the middle of every axis.
+    assert "tune: pass 1, channels line at 128th NCCL_PROTO=Simple: 6 point(s) with 1 run(s) each" in result.stdout
+    assert "tune: pass 1: channels moves to 16ch" in result.stdout
+    sweep_dir = only_sweep(experiments)
+    document = json.loads((sweep_dir / "sweep.json").read_text())
+    assert document["kind"] == "tune" and document["status"] == "completed"
+    runs = len(document["points"])
+    assert runs <= 0.40 * 144 and document["tune"]["runs"] == runs, (runs, document["tune"]["messages"])
+    assert f"tune: {runs} runs ({runs / 144:.0%} of the full grid's 144)" in result.stdout
+    # Every run its own directory, none run twice.
+    assert len({(p["run_dir"], p.get("output_dir")) for p in document["points"]}) == runs
+    report = (sweep_dir / "report.md").read_text()
+    assert "**Best point: 16ch × 256th NCCL_PROTO=Simple**" in report, report.split("## Iteration")[0]
+    sourced = subprocess.run(["sh", "-c", f". {exported} && env"], capture_output=True, text=True, check=True)
+    assert "NCCL_PROTO=Simple" in sourced.stdout.splitlines()

@@ -124,7 +124,8 @@ def test_pools_restart_for_threads_and_every_axis_and_say_so() -> None:
     batches = design.pool_batches(sorted(runs, key=lambda r: design._sortable(design.restart_key(r[2]))))
     assert sorted(len(b) for b in batches) == [2, 2, 2, 2]   # 2 channel values share each launch
     reason = design.restart_reason(parsed, [256, 512])
-    assert reason.startswith("threads (NCCL reads NCCL_NTHREADS once per process); NCCL_PROTO (")
+    assert reason == ("threads (NCCL reads NCCL_NTHREADS once per process); NCCL_PROTO (process "
+                      "environment: one value per launch)")
     assert "NCCL_ALGO" not in reason   # one value: it forces nothing
 
 
