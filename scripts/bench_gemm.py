@@ -393,8 +393,11 @@ def run_cli(name: str, out_dir: Path, config: str, overrides: list[str]) -> dict
             solo_tflops=((s.get("solo") or {}).get("gemm_tflops") or {}).get("median"),
             gemm_contention_slowdown=pick("gemm_contention_slowdown"),
             overlapped_gemm_fraction=pick("overlapped_gemm_fraction"),
-            collective_ms=pick("collective_ms"),
-            busbw_gbps=pick("busbw_gbps"),
+            stream_collective_ms=pick("stream_collective_ms"),
+            stream_busbw_gbps=pick("stream_busbw_gbps"),
+            kernel_collective_ms=pick("kernel_collective_ms"),
+            kernel_busbw_gbps=pick("kernel_busbw_gbps"),
+            kernel_active=s.get("kernel_active"),
             wait_ms=pick("wait_ms"),
             control_ms=pick("control_ms"),
             reduce_local_ms=pick("reduce_local_ms"),
@@ -403,6 +406,8 @@ def run_cli(name: str, out_dir: Path, config: str, overrides: list[str]) -> dict
             temperature_c=pick("temperature_c"),
             telemetry_source=(s.get("telemetry") or {}).get("source"),
             clock_drift=(s.get("telemetry") or {}).get("clock_drift"),
+            clock_drift_flag=(s.get("telemetry") or {}).get("clock_drift_flag"),
+            clock_drift_tolerance=(s.get("telemetry") or {}).get("tolerance"),
             launch_delay=s.get("launch_delay_ms"),
             comm_stream=s.get("comm_stream"),
             null_reasons=s.get("null_reasons"),
@@ -558,11 +563,15 @@ def main() -> int:
         print(
             f"    gemm_contention={entry.get('gemm_contention_slowdown')} "
             f"overlapped={entry.get('overlapped_gemm_fraction')} "
-            f"collective={entry.get('collective_ms')} busbw={entry.get('busbw_gbps')} "
+            f"collective stream={entry.get('stream_collective_ms')} "
+            f"kernel={entry.get('kernel_collective_ms')} busbw stream="
+            f"{entry.get('stream_busbw_gbps')} kernel={entry.get('kernel_busbw_gbps')} "
             f"wait={entry.get('wait_ms')} control={entry.get('control_ms')} "
             f"reduce_local={entry.get('reduce_local_ms')} SM={entry.get('sm_clock_mhz')} "
             f"P={entry.get('power_w')} T={entry.get('temperature_c')} "
             f"src={entry.get('telemetry_source')} drift={entry.get('clock_drift')} "
+            f"(flag {entry.get('clock_drift_flag')}, tolerance "
+            f"{entry.get('clock_drift_tolerance')}) "
             f"blocks={entry.get('calibration_blocks')}\n"
             f"    launch_delay={entry.get('launch_delay')}\n    comm_stream="
             f"{entry.get('comm_stream')} null={entry.get('null_reasons')}"

@@ -4,7 +4,7 @@
 Runs the configuration of tests/train/test_train_straggler.py (rank 1 sleeps --delay-ms before
 the backward pass of every even measured step; the odd steps of the same run are the undelayed
 reference) --runs times and prints, per run: the busbw ratio delayed / undelayed steps
-(medians of the summary's per-step busbw_gbps), the wait the delay added (rank 0's wait minus
+(medians of the summary's per-step stream_busbw_gbps), the wait the delay added (rank 0's wait minus
 rank 1's on each step's first gradient collective, from collectives.jsonl, delayed minus
 undelayed medians), the median of the
 per-step maximum wait on delayed steps, rank 0's own local_busbw ratio (waits counted as
@@ -62,8 +62,8 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
     per_step = summary["per_step"]
     delayed = [s for s in per_step if s["step"] % 2 == 0]
     undelayed = [s for s in per_step if s["step"] % 2]
-    busbw = (statistics.median(s["busbw_gbps"] for s in delayed)
-             / statistics.median(s["busbw_gbps"] for s in undelayed))
+    busbw = (statistics.median(s["stream_busbw_gbps"] for s in delayed)
+             / statistics.median(s["stream_busbw_gbps"] for s in undelayed))
     # rank 0's wait minus rank 1's on each step's first gradient collective (the one the
     # delay lands on); signed, so centred on 0 without a delay
     first: dict[int, tuple[int, float]] = {}
@@ -85,7 +85,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         "local_busbw_ratio_rank0": local,
         "slowest_rank": summary["slowest_rank"]["rank"],
         "slowest_by": summary["slowest_rank"]["by"],
-        "busbw_gbps_undelayed": statistics.median(s["busbw_gbps"] for s in undelayed),
+        "busbw_gbps_undelayed": statistics.median(s["stream_busbw_gbps"] for s in undelayed),
         "load_1min": load,
     }
 

@@ -18,8 +18,9 @@ def check(c, hosts=None):
     """Preflight every node at once: reachability, GPUs, route to the master, checkout, Docker.
 
     Exits non-zero when anything would block a launch (unreachable host, host key, checkout
-    different from this one, too few GPUs for the launch's nproc, busy master port, no Docker
-    engine where launch would use it); warnings do not. nproc, the master port and Docker are
+    different from this one, too few GPUs for the launch's nproc, busy master port, a node that
+    cannot connect to node 0's master port from the interface its ranks use, no Docker engine
+    where launch would use it); warnings do not. nproc, the master port and Docker are
     what `fab launch` would use: launch.* config, else $NPROC_PER_NODE / $MASTER_PORT, else
     built-ins; Docker per docker.enabled, except on this machine alone, which runs bare.
     """

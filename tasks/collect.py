@@ -8,7 +8,6 @@ are copied (tasks/lib/localfs.py); the rest is refused and named.
 import os
 import posixpath
 import re
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,14 +56,13 @@ def collect_outputs(session: ClusterSession, remote_output_dir: str, target: Pat
                     nodes: Sequence[Node] | None = None) -> NodeResults[NodeCollection]:
     """Copy every node's <T>thread_<C>channels/ into the controller's run dir, unless the same file
     (same size at the same place) is already there: local runs and shared filesystems copy nothing.
-    A name another node already delivered with different content goes under node_<rank>/.
+    A name several nodes list goes to the lowest node rank (node 0's summary.json is the run's,
+    whichever node answers first); the others' copies go under node_<rank>/.
     A host without the output directory, or whose files cannot be listed or copied, fails.
 
     A node is not trusted: only regular files with plain relative names are copied, each written
     beneath `target` without following a symlink (tasks.lib.localfs); the rest is refused and
     the node's other files still arrive."""
-    claimed: dict[str, int] = {}
-    lock = threading.Lock()
     chosen = list(session.nodes if nodes is None else nodes)
     # One listing round first: nodes sharing one output directory (a shared filesystem, the
     # usual Slurm site) are copied once, from the lowest node rank, not once per node.
@@ -72,6 +70,12 @@ def collect_outputs(session: ClusterSession, remote_output_dir: str, target: Pat
         node.run(list_files_command(remote_output_dir), timeout=60).stdout))
     leaders = shared_output_leaders({node.index: [name for _, name in listing.files]
                                      for node, listing in listings.ok.items()})
+    # Who gets each plain name, decided before any copy starts (not by who copies first).
+    owner: dict[str, int] = {}
+    for node, listing in listings.ok.items():
+        if leaders.get(node.index, node.index) == node.index:
+            for _, relative in listing.files:
+                owner[relative] = min(owner.get(relative, node.index), node.index)
 
     def collect(node: Node) -> NodeCollection:
         listing = listings.ok[node]
@@ -83,16 +87,10 @@ def collect_outputs(session: ClusterSession, remote_output_dir: str, target: Pat
             done.skipped = len(listing.files)  # node `leader` copies the shared directory
             return done
         for size, relative in listing.files:
-            local = relative
-            with lock:
-                same = regular_file_size(target, relative) == size
-                if same and claimed.get(local) in (None, node.index):
-                    done.skipped += 1
-                    claimed.setdefault(local, node.index)
-                    continue
-                if claimed.get(local, node.index) != node.index:
-                    local = f"node_{node.index}/{relative}"
-                claimed[local] = node.index
+            local = relative if owner[relative] == node.index else f"node_{node.index}/{relative}"
+            if regular_file_size(target, local) == size:
+                done.skipped += 1
+                continue
             try:
                 with write_beneath(target, local) as handle:
                     node.get_file(posixpath.join(remote_output_dir, relative), handle)

@@ -1,7 +1,7 @@
 """`fab diagnose`: what every process of a run is doing, from every host, without stopping it.
 
 The same collection is what the launch's hang watchdog runs before it stops a hung run
-(`collect_diagnostics(..., kind="hang")` into `<run dir>/hang/`).
+(`collect_diagnostics(..., kind="hang")` into `<run dir>/hang/`, tasks/run/hangwatch.py).
 """
 from __future__ import annotations
 
@@ -22,13 +22,10 @@ from tasks.lib.console import make_console
 from tasks.lib.registry import RegistryError, validate_run_id
 from tasks.lib.runrecord import RUN_JSON
 from tasks.lib.settings import Settings
-from tasks.lib.watchdog import HangReport, HangWatchdog, parse_progress_poll, progress_poll_command
+from tasks.lib.untrusted import terminal_text
 from tasks.cluster.node_errors import describe_error
 from tasks.cluster.nodes import Node, on_each
 from tasks.cluster.session import EXIT_USAGE, ClusterSession, project_path
-
-# How long the ranks get to write their flight recorder before the stacks are taken.
-FLIGHT_DUMP_SETTLE_S = 2.0
 
 ACTIVE_STATUSES = ("running", "detached", "starting")
 # Per py-spy call; the node command as a whole gets room for a few dumps per rank plus GPU tools.
@@ -84,76 +81,9 @@ def write_diagnostics(dest_dir: Path, reports: Iterable[diag.NodeReport],
 
 def print_summary(console: Console, summary: diag.DiagnosticsSummary, dest_dir: Path) -> None:
     for index, line in enumerate(diag.summary_lines(summary)):
-        style = "bold red" if index == 0 and summary.kind == "hang" else None
-        console.print(escape(line), style=style, highlight=False)
+        style = "bold red" if index == 0 and summary.kind in ("hang", "startup") else None
+        console.print(escape(terminal_text(line)), style=style, highlight=False)
     console.print(f"diagnostics: {escape(str(dest_dir))}/", highlight=False)
-
-
-# -- the launch's hang watchdog --------------------------------------------------------------------
-
-class HangMonitor:
-    """The watch loop's hang watchdog: polls every node's per-rank metrics files now and then,
-    feeds a HangWatchdog, and on a hang collects the diagnostics into `<run dir>/hang/`.
-
-    `tick` is cheap to call often (it polls at most every `poll_s`); its SSH calls run in parallel
-    and a node that does not answer a poll is simply not counted (the heartbeat finds lost nodes).
-    """
-
-    def __init__(self, session: ClusterSession, run_id: str, output_dir: str, timeout_s: float, *,
-                 world_size: int, started_at: float, startup_timeout_s: float | None = None,
-                 poll_s: float | None = None, step_multiple: float | None = None):
-        self.session = session
-        self.run_id = run_id
-        self.output_dir = output_dir
-        self.world_size = world_size
-        self.watchdog = HangWatchdog(timeout_s=timeout_s, started_at=started_at,
-                                     expected_ranks=range(world_size),
-                                     startup_timeout_s=startup_timeout_s,
-                                     step_multiple=step_multiple)
-        # Often enough that detection lands within a few seconds of the timeout, rarely enough
-        # that a 600 s timeout costs no SSH traffic to speak of.
-        self.poll_s = poll_s if poll_s is not None else min(10.0, max(1.0, timeout_s / 10))
-        self.next_poll = started_at
-        self.command = progress_poll_command(output_dir)
-
-    def poll(self, nodes: Iterable[Node], now: float) -> list[int]:
-        """Read every node's metrics files once; the ranks that advanced."""
-        results = on_each(list(nodes), lambda node: node.run(self.command, warn=True, timeout=30).stdout)
-        snapshot: dict[int, tuple[int, int | None]] = {}
-        for text in results.ok.values():
-            snapshot.update(parse_progress_poll(text))
-        return self.watchdog.observe_poll(snapshot, now)
-
-    def tick(self, open_nodes: Iterable[Node], now: float, alive: bool = True) -> HangReport | None:
-        open_nodes = list(open_nodes)
-        if now >= self.next_poll and open_nodes:
-            self.poll(open_nodes, now)
-            self.next_poll = now + self.poll_s
-        return self.watchdog.check(now, alive=alive and bool(open_nodes))
-
-    def request_flight_dumps(self, settle_s: float = FLIGHT_DUMP_SETTLE_S) -> None:
-        """Every rank writes PyTorch's flight recorder next to its outputs (train.flight polls a
-        trigger file): the collective each rank last issued, taken while the hang is live. The
-        dumps come back with the outputs; the report names the rank out of step."""
-        on_each(list(self.session.nodes), lambda node: node.run(
-            diag.flight_dump_command(self.output_dir), warn=True, timeout=15))
-        time.sleep(settle_s)  # the ranks poll every 0.5 s
-
-    def diagnose(self, report: HangReport, run_dir: Path, *, container: str | None,
-                 console: Console) -> dict[str, Any]:
-        """Collect `<run dir>/hang/`, print the summary; returns run.json's `hang` record."""
-        dest = run_dir / diag.HANG_DIR
-        console.print(f"[bold red]launch: no rank advanced for {report.stalled_for_s:.0f} s "
-                      f"(hang timeout {report.timeout_s:.0f} s): collecting diagnostics from "
-                      f"{len(self.session.nodes)} host(s) before stopping[/bold red]")
-        self.request_flight_dumps()
-        summary = collect_diagnostics(self.session, self.run_id, dest, kind="hang",
-                                      hang=report.as_dict(), expected_ranks=range(self.world_size),
-                                      container=container)
-        print_summary(console, summary, dest)
-        record = diag.hang_record(summary, diag.HANG_DIR)
-        record["detected_at"] = datetime.now().astimezone().isoformat(timespec="seconds")
-        return record
 
 
 # -- finding the run ------------------------------------------------------------------------------

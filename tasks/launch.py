@@ -13,7 +13,6 @@ first) or a host could not be reached; 2 bad flags, config or cluster state (not
 """
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import time
@@ -30,12 +29,15 @@ from rich.console import Console
 from rich.table import Table
 
 from tasks.collect import collect_outputs, record_collection, refusal_lines
+from tasks.lib.blame import pin_on_flight_recorder
 from tasks.lib.console import make_console
+from tasks.lib.diagnostics import flight_recorder_findings, read_flight_dumps
 from tasks.lib.probe import gpu_busy_message
 from tasks.lib.profiling import profiler_wrapper_argv
 from tasks.lib.quoting import sh_join
 from tasks.lib.runrecord import HEADLINE_METRICS, headline_metrics, now_iso
 from tasks.lib.runspec import LaunchFlags, RunSpec
+from tasks.lib import untrusted
 from tasks.cluster.node_errors import describe_error
 from tasks.run.plan import (
     COMPOSE_FILE,
@@ -59,6 +61,7 @@ from tasks.run.startup import (
     check_facts,
     check_profiler,
     probe_cluster,
+    prove_rendezvous,
     push_bundle,
     refuse_if_busy,
     start_launchers,
@@ -104,6 +107,7 @@ def print_dry_run(session: ClusterSession, spec: RunSpec, console: Console) -> N
     plan = build_plan(session, spec, run_id=run_id, run_dir=experiments_dir / run_id, nproc=nproc,
                       master_addr=master_addr, master_port=port, ifnames=ifnames, facts=None)
     out = console.out
+    out(entry_line(spec))
     out(f"dry run of {run_id}: no host contacted, nothing written.")
     out("assumed (the probe decides at launch time):")
     out(f"  master address: {master_addr} (node 0's address on its interface toward the workers)")
@@ -121,7 +125,7 @@ def print_dry_run(session: ClusterSession, spec: RunSpec, console: Console) -> N
         out(f"\nnode {node.index} ({node.label}{where}):")
         out(f"  push to {plan.node_run_dir}/:")
         for path, content in sorted(bundle_for(plan).items()):
-            out(f"    {posixpath.basename(path)} ({len(content)} bytes)")
+            out(f"    {posixpath.relpath(path, plan.node_run_dir)} ({len(content)} bytes)")
         out(f"    {NODE_LAUNCHER} ({len(plan.launcher)} bytes)")
         out("  run:")
         out("    probe: sh -c <tasks/lib/probe.py probe_script> (GPUs, interface, checkout)")
@@ -133,6 +137,13 @@ def print_dry_run(session: ClusterSession, spec: RunSpec, console: Console) -> N
         out(f"    ranks: {sh_join(argv)}")
     out(f"\n{ENV_SCRIPT}:")  # secret-looking values as *** (GEMM_MASKED_VARS names them)
     out(plan.shown(ENV_SCRIPT).rstrip("\n"))
+
+
+def entry_line(spec: RunSpec) -> str:
+    """The launch's first line: what every rank runs (after torchrun's own options)."""
+    if spec.entry is None:
+        return f"entry: {spec.entry_display}"
+    return f"entry: {spec.entry.describe()}"
 
 
 def print_summary(console: Console, plan: Plan, watcher: Watcher | None) -> None:
@@ -166,8 +177,16 @@ def print_summary(console: Console, plan: Plan, watcher: Watcher | None) -> None
     if failure is not None:
         console.out(f"first failure: node {failure.node_rank} ({failure.host}), ranks "
                     f"{failure.ranks}: {failure.reason}", highlight=False)
+        if failure.basis and failure.basis not in ("own failure", "first sign"):
+            console.out(f"  blamed by {failure.basis}: {'; '.join(failure.evidence[:4])}",
+                        highlight=False)
+        for line in failure.consequences[:6]:
+            console.out(f"  consequence: {line}", highlight=False)
+        if len(failure.consequences) > 6:
+            console.out(f"  ... and {len(failure.consequences) - 6} more consequence(s) in "
+                        "run.json", highlight=False)
         for line in failure.last_lines[-10:]:
-            console.out(f"  | {line}", highlight=False)
+            console.out(f"  | {untrusted.terminal_text(line)}", highlight=False)
     console.out(f"run dir: {plan.run_dir}", highlight=False)
 
 
@@ -196,17 +215,29 @@ def finish(session: ClusterSession, plan: Plan, watcher: Watcher, status: str,
         console.out(f"launch: node {node.index} ({node.label}) was lost: its outputs stay there; "
                     f"once it answers: fab collect --run {plan.run_id}", highlight=False)
     clock.mark("collect")
+    dumps = read_flight_dumps(plan.run_dir)
+    pin_on_flight_recorder(record, flight_recorder_findings(dumps) if dumps else None, status,
+                           now_iso())
     summary_path = plan.run_dir / plan.spec.output_dir_name / "summary.json"
     if summary_path.is_file():
+        # The nodes wrote it: bounded and checked (tasks/lib/untrusted.py); a summary that
+        # cannot be read costs the headline, never run.json's end.
         try:
-            record.headline = headline_metrics(json.loads(summary_path.read_text()))
-        except (OSError, ValueError):
-            pass
+            summary = untrusted.read_json(summary_path)
+            if not isinstance(summary, dict):
+                raise ValueError("not a JSON object")
+            record.headline = headline_metrics(summary)
+        except (OSError, ValueError) as err:
+            console.out(f"launch: {summary_path.name} from the nodes is unreadable "
+                        f"({str(err)[:200]}); no headline", highlight=False)
     code = {"succeeded": 0, "hung": EXIT_HUNG}.get(status, EXIT_FAILED)
     record.finish(status=status, exit_status=code, at=now_iso())
     write_record(plan)
     print_summary(console, plan, watcher)
-    if status == "hung" and record.hang:
+    if status == "hung" and record.hang and record.hang.get("startup"):
+        console.out(f"run stuck in start-up: {record.hang['startup'].get('headline')}; "
+                    f"diagnostics in {plan.run_dir / 'hang'}/", highlight=False)
+    elif status == "hung" and record.hang:
         console.out(f"run hung: rank(s) {record.hang.get('first_stalled_ranks')} stopped advancing "
                     f"first; diagnostics in {plan.run_dir / 'hang'}/", highlight=False)
     write_run_report(plan, console)
@@ -261,7 +292,9 @@ def detach_message(run_id: str) -> str:
         "nccl_preset": "NCCL settings from config/nccl/<name>.yaml: ib, ethernet, debug",
         "override": "train config override section.key=value (repeatable), "
                     "e.g. training.max_steps=50",
-        "env": "extra variable KEY=VALUE for every rank (repeatable); the value arrives literally",
+        "env": "extra variable KEY=VALUE for every rank (repeatable); the value arrives "
+               "literally. KEY alone takes KEY's value from this environment (keeps a secret "
+               "out of the command line, which ps shows to every user)",
         "docker": "run the ranks in the experiment container (fab docker-up) on every node",
         "no_docker": "run the ranks bare on every node (activating cluster.venv)",
         "detach": "return right after the start, printing the run id (fab logs/status/stop)",
@@ -276,13 +309,21 @@ def detach_message(run_id: str) -> str:
         "time": "with --slurm: the time limit (sbatch --time, e.g. 30 or 1:00:00)",
         "account": "with --slurm: the account to charge (sbatch --account)",
         "nodes": "with --slurm: nodes to allocate (default: the inventory's host count)",
+        "entry": "run your own training instead of the GEMM experiment: what you would type "
+                 "after torchrun, quoted as one value: --entry \"train.py --config my.yaml\" "
+                 "or --entry \"-m pkg.train --lr 3e-4\" (default: launch.entry). A script "
+                 "outside this checkout is pushed with its directory; the ranks start there",
+        "metric": "the objective of an --entry run for reports and sweeps: trace (step time of "
+                  "its PyTorch profiler traces), json:FIELD or a regex with one group in its "
+                  "ranks' output lines; max: first when higher is better (default: launch.metric)",
     },
 )
 def launch(c, channels=None, threads=None, nproc=None, config=None, rocprof=False, stats=False,
            rocprof_input=None, nsys=False, torch_profile=False, master_port=None,
            nccl_preset=None, override=None, env=None, docker=False, no_docker=False,
            detach=False, dry_run=False, force=False, pin_channels=True, hang_timeout=None,
-           hosts=None, slurm=False, partition=None, time=None, account=None, nodes=None):
+           hosts=None, slurm=False, partition=None, time=None, account=None, nodes=None,
+           entry=None, metric=None):
     """Run the GEMM training on every node: validate, probe, push, start, watch, collect.
 
     With no inventory this machine alone runs it, without SSH (GPU if present, else 2 CPU ranks
@@ -298,7 +339,7 @@ def launch(c, channels=None, threads=None, nproc=None, config=None, rocprof=Fals
         docker=True if docker else (False if no_docker else None), rocprof=rocprof, stats=stats,
         rocprof_input=rocprof_input, nsys=nsys, torch_profile=torch_profile,
         hang_timeout=hang_timeout, pin_channels=pin_channels, detach=detach, dry_run=dry_run,
-        force=force)
+        force=force, entry=entry, metric=metric)
     started = monotonic()
     if not slurm and any(v is not None for v in (partition, time, account, nodes)):
         raise Exit("launch: --partition, --time, --account and --nodes go with --slurm",
@@ -310,7 +351,8 @@ def launch(c, channels=None, threads=None, nproc=None, config=None, rocprof=Fals
                 nodes=nodes, partition=partition, time_limit=time, account=account,
                 default_nodes=0 if session.inventory.is_local else len(session.nodes),
                 experiments_dir=project_path(session.settings.cluster.experiments_dir),
-                dry_run=spec.dry_run, console=console)
+                dry_run=spec.dry_run, console=console,
+                secret_patterns=session.settings.launch.secret_env_patterns)
             if code:
                 raise Exit(code=code)
             return
@@ -360,6 +402,7 @@ def _run_launch(session: ClusterSession, spec: RunSpec, console: Console, outcom
                 started: float) -> int:
     clock = PhaseClock(started)
     clock.mark("validate")
+    console.out(entry_line(spec), highlight=False)
     for warning in spec.warnings:
         console.out(f"warning: {warning}", highlight=False)
     facts, port = probe_cluster(session, spec)
@@ -370,6 +413,8 @@ def _run_launch(session: ClusterSession, spec: RunSpec, console: Console, outcom
         if busy:
             console.out(f"warning: node {f.node_index} ({f.label}): {busy}", highlight=False)
     clock.mark("probe")
+    port = prove_rendezvous(session, spec, facts, port, console)
+    clock.mark("rendezvous")
     refuse_if_busy(session, spec.force, console)
     clock.mark("busy_check")
 

@@ -10,10 +10,13 @@ from invoke import Collection, task
 from invoke.exceptions import Exit
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tasks.lib import report as rep
+from tasks.lib import traces
 from tasks.lib.console import make_console
+from tasks.lib.untrusted import terminal_text
 from tasks.cluster.session import EXIT_USAGE, cli_path
 
 
@@ -36,10 +39,13 @@ class ReportResult:
 
 
 def write_report(path: Path, out_dir: Path | None = None, plots: bool = True,
-                 min_margin: float = rep.MIN_MARGIN) -> ReportResult:
+                 min_margin: float = rep.MIN_MARGIN, comm_pattern: str | None = None,
+                 compute_pattern: str | None = None) -> ReportResult:
     """Read `path` (run, sweep or directory of runs) and write results.csv, report.md and PNGs
     into `out_dir` (default: `path`). Raises rep.ReportError only when nothing can be read;
-    per-point problems end up in the rows. Used by the report task, sweeps and launches."""
+    per-point problems end up in the rows. Used by the report task, sweeps and launches.
+    comm_pattern / compute_pattern: the kernels the trace analysis counts as communication /
+    compute (tasks/lib/traces.py; defaults: NCCL's and RCCL's / every other kernel)."""
     report_input = rep.discover(path)
     rows, run_rows, runs = rep.collect_points(report_input)
     decision = rep.decide_rows(rows, min_margin=min_margin)
@@ -57,7 +63,7 @@ def write_report(path: Path, out_dir: Path | None = None, plots: bool = True,
             if row.run_dir not in runs:
                 continue
             name = (row.label + (f" run {(row.repeat or 0) + 1}" if repeated else "")
-                    + ("" if row.status == rep.COMPLETED else f" ({row.status})"))
+                    + ("" if row.status == rep.COMPLETED else f" ({figures_lib.status_label(row.status)})"))
             panels.append((name, rep.per_rank_step_times(runs[row.run_dir])))
             if row.slowest_by == "caused_wait":
                 notes[name] = (f"slowest: rank {row.slowest_rank} (others waited "
@@ -76,8 +82,12 @@ def write_report(path: Path, out_dir: Path | None = None, plots: bool = True,
         runs_path.write_text(rep.results_csv(run_rows, out_dir))
         written.append(runs_path)
     md_path = out_dir / rep.REPORT_MD
-    md_path.write_text(rep.report_markdown(report_input, rows, [f.name for f in figures], single_run,
-                                           decision))
+    text = rep.report_markdown(report_input, rows, [f.name for f in figures], single_run, decision)
+    output_dirs = [runs[r.run_dir].output_dir for r in run_rows if r.run_dir in runs]
+    text += "\n".join(traces.report_lines(
+        [d for d in output_dirs if d is not None],
+        comm_pattern=comm_pattern or traces.DEFAULT_COMM_PATTERN, compute_pattern=compute_pattern))
+    md_path.write_text(text)
     return ReportResult(report_input, rows, decision, out_dir, [*written, md_path, *figures], run_rows, runs)
 
 
@@ -98,22 +108,30 @@ def results_table(result: ReportResult) -> Table:
         table.add_column(header, justify="left" if header == "status" else "right", no_wrap=True)
     for row in result.rows:
         style = "bold green" if row is result.best else ("red" if row.status != rep.COMPLETED else None)
-        ch, th, nodes, ranks, status, steps, p50, _, *rest = rep.table_cells(row, rep.TERMINAL_MD_COLUMNS)
+        # Cells are markup to rich: a node's status ("[/]") would raise, or restyle the table.
+        ch, th, nodes, ranks, status, steps, p50, _, *rest = (
+            _plain(cell) for cell in rep.table_cells(row, rep.TERMINAL_MD_COLUMNS))
         spread = f"±{row.interval.half_width:.2f}" if row.interval is not None else "-"
         cells = [ch, th, f"{nodes}/{ranks}", status, steps, p50, spread, *rest]
         if axes:
-            cells.insert(0, "/".join(row.settings.get(name, "-") for name in axes))
+            cells.insert(0, _plain("/".join(row.settings.get(name, "-") for name in axes)))
         table.add_row(*cells, style=style)
     return table
+
+
+def _plain(value: object) -> str:
+    """A value read from the run's files (the nodes' word) inside rich markup: shown as it is."""
+    return escape(terminal_text(str(value)))
 
 
 def print_report(console: Console, result: ReportResult) -> None:
     console.print(results_table(result))
     for row in result.rows:
         if row.problems:
-            console.print(f"[yellow]{row.label}[/]: " + "; ".join(row.problems), highlight=False)
+            console.print(f"[yellow]{row.label}[/]: " + _plain("; ".join(row.problems)),
+                          highlight=False)
         if row.slowest_by == "caused_wait" and (row.world_size or 0) > 1:
-            console.print(f"{row.label}: slowest rank {row.slowest_rank} ({row.slowest_host}): the "
+            console.print(f"{row.label}: slowest rank {row.slowest_rank} ({_plain(row.slowest_host)}): the "
                           f"others waited {row.caused_wait_ms_median or 0:.3g} ms per step for it",
                           highlight=False)
         if row.clock_flag:
@@ -124,25 +142,25 @@ def print_report(console: Console, result: ReportResult) -> None:
 
 
 def decision_line(result: ReportResult) -> str:
-    """The decision in one terminal line."""
+    """The decision in one terminal line (names and reasons escaped: markup to rich)."""
     decision = result.decision
     rows = {row.label: row for row in result.rows}
     if decision.status == rep.WINNER:
         best = rows[decision.winner]  # type: ignore[index]
         interval = best.interval
-        return (f"best point: [bold]{best.label}[/] (median iteration "
+        return (f"best point: [bold]{_plain(best.label)}[/] (median iteration "
                 + (f"{interval.estimate:.2f} ms, {interval.level * 100:g} % CI {interval.low:.2f}–{interval.high:.2f}"
                    if interval else f"{best.iter_ms_median:.2f} ms")
-                + f"), {decision.margin * 100:.1f} % ahead of {decision.runner_up} beyond the noise")
+                + f"), {decision.margin * 100:.1f} % ahead of {_plain(decision.runner_up)} beyond the noise")
     if decision.status == rep.NO_POINT:
         return "[red]no completed point with unflagged settings: no best point[/]"
     if decision.status == rep.ONLY_POINT:
-        return f"one point ({decision.leader}): nothing to compare, no best point named"
+        return f"one point ({_plain(decision.leader)}): nothing to compare, no best point named"
     text = (f"[yellow]no single best point[/]: {len(decision.within_noise)} points within noise "
-            f"({', '.join(decision.within_noise)})" if decision.status == rep.WITHIN_NOISE
-            else f"[yellow]no decision[/]: {decision.reason}")
+            f"({_plain(', '.join(decision.within_noise))})" if decision.status == rep.WITHIN_NOISE
+            else f"[yellow]no decision[/]: {_plain(decision.reason)}")
     if decision.secondary_pick:
-        text += f"; by the secondary criterion: {decision.secondary_pick}"
+        text += f"; by the secondary criterion: {_plain(decision.secondary_pick)}"
     return text
 
 
@@ -158,13 +176,27 @@ def decision_line(result: ReportResult) -> str:
     "export_preset": "write the best point's settings as config/nccl/NAME.yaml, for fab launch "
                      "--nccl-preset NAME (its channels and threads included)",
     "pick": "the point to export where no single one is best: CxT[,NAME=VALUE...], e.g. --pick 4x256",
+    "comm_kernels": "trace analysis: regex of the kernels that are communication (default: "
+                    "NCCL's and RCCL's, (?i)nccl|rccl), e.g. a copy kernel at world size 1",
+    "compute_kernels": "trace analysis: regex of the kernels that are compute (default: every "
+                       "kernel that is not communication)",
 })
-def report(c, path, out=None, no_plots=False, min_margin=None, export=None, export_preset=None, pick=None):
-    """Summarise a run or a sweep: results.csv, report.md (best point, trade-off), PNG figures."""
+def report(c, path, out=None, no_plots=False, min_margin=None, export=None, export_preset=None, pick=None,
+           comm_kernels=None, compute_kernels=None):
+    """Summarise a run or a sweep: results.csv, report.md (the decision, trade-off, the trace
+    analysis of any PyTorch profiler traces), PNG figures; --export the chosen point."""
     target = cli_path(path)
+    for flag, pattern in (("--comm-kernels", comm_kernels), ("--compute-kernels", compute_kernels)):
+        if pattern:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise Exit(f"report: {flag} {pattern!r}: not a regular expression ({err})",
+                           code=EXIT_USAGE) from None
     try:
         result = write_report(target, cli_path(out) if out else None, plots=not no_plots,
-                              min_margin=parse_margin(min_margin))
+                              min_margin=parse_margin(min_margin), comm_pattern=comm_kernels,
+                              compute_pattern=compute_kernels)
     except rep.ReportError as err:
         raise Exit(f"report: {err}", code=EXIT_USAGE) from None
     except OSError as err:

@@ -8,11 +8,10 @@ else's `python train.py` or `torchrun` survives them.
 """
 from __future__ import annotations
 
-import io
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -20,8 +19,10 @@ from invoke import Collection, task
 from invoke.exceptions import Exit, UnexpectedExit
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from tasks.lib.console import make_console
+from tasks.lib.nodestream import LineSplitter
 from tasks.lib.registry import (
     EXIT_NO_SUCH_RUN,
     KILL_CONFIRM_POLLS,
@@ -38,6 +39,7 @@ from tasks.lib.registry import (
     stop_command,
     validate_run_id,
 )
+from tasks.lib.untrusted import int_text, short_text, terminal_text
 from tasks.cluster.node_errors import NodeError
 from tasks.cluster.nodes import Node, NodeResults, on_each
 from tasks.cluster.session import EXIT_USAGE, HOSTS_HELP, ClusterSession
@@ -47,7 +49,7 @@ STATUS_TIMEOUT_S = 30.0
 # Beyond the grace period, what the node's stop command may take (SIGKILL, confirmations).
 STOP_MARGIN_S = (KILL_CONFIRM_POLLS + LAUNCHER_RECORD_POLLS) * STOP_POLL_SECONDS + 30.0
 
-LineSink = Callable[[Node, int, str], None]
+LinesSink = Callable[[Node, int, list[str]], None]
 
 
 # -- helpers the launch and the sweep use ----------------------------------------------------------
@@ -100,78 +102,64 @@ class LogStream:
     lines: int
 
 
-class LineStream(io.TextIOBase):
-    """A text stream for Invoke's out_stream that hands whole lines (no newline, no trailing
-    CR) to `on_line`; `close_partial()` hands over an unterminated last line."""
-
-    def __init__(self, on_line: Callable[[str], None]):
-        self._on_line = on_line
-        self._partial = ""
-
-    def write(self, text: str) -> int:
-        *complete, self._partial = (self._partial + text).split("\n")
-        for line in complete:
-            self._on_line(line.rstrip("\r"))
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def close_partial(self) -> None:
-        if self._partial:
-            partial, self._partial = self._partial, ""
-            self._on_line(partial.rstrip("\r"))
-
-
 class _NodeLog:
     """One host's log lines to a sink, under the node rank its `@@ node_rank N` header names."""
 
-    def __init__(self, node: Node, sink: LineSink):
+    def __init__(self, node: Node, sink: LinesSink):
         self.node = node
         self.sink = sink
         self.node_rank: int | None = None
+        self.header_seen = False
         self.lines = 0
-        self.stream = LineStream(self._line)
+        self.splitter = LineSplitter(self._lines)
 
-    def _line(self, line: str) -> None:
-        if self.node_rank is None and line.startswith("@@ node_rank "):
-            rank = line.split()[-1]
-            self.node_rank = int(rank) if rank.isdigit() else self.node.index
-            return
-        self.lines += 1
-        self.sink(self.node, self.node.index if self.node_rank is None else self.node_rank, line)
+    def _lines(self, lines: list[str]) -> None:
+        if not self.header_seen:
+            self.header_seen = True
+            if lines[0].startswith("@@ node_rank "):
+                rank = int_text(lines[0].split()[-1])
+                self.node_rank = self.node.index if rank is None else rank
+                lines = lines[1:]
+                if not lines:
+                    return
+        self.lines += len(lines)
+        self.sink(self.node, self.node.index if self.node_rank is None else self.node_rank, lines)
 
 
 _print_lock = threading.Lock()
 
 
-def print_prefixed(node: Node, node_rank: int, line: str) -> None:
-    """The default sink: `[node N] line` on stdout (plain text: log lines may hold markup)."""
+def print_prefixed(node: Node, node_rank: int, lines: list[str]) -> None:
+    """The default sink: `[node N] line` on stdout, plain text (log lines may hold markup) with
+    control characters shown, never acted on by the terminal; one write per batch."""
+    prefix = f"[node {node_rank}] "
+    text = terminal_text(prefix + ("\n" + prefix).join(lines), keep_newlines=True) + "\n"
     with _print_lock:
-        sys.stdout.write(f"[node {node_rank}] {line}\n")
+        sys.stdout.write(text)
         sys.stdout.flush()
 
 
 def follow_logs(session: ClusterSession, run_id: str, *, follow: bool = True,
-                lines: int | None = None, sink: LineSink = print_prefixed) -> NodeResults[LogStream]:
-    """Stream every host's output log of the run to `sink(node, node_rank, line)`.
+                lines: int | None = None, sink: LinesSink = print_prefixed) -> NodeResults[LogStream]:
+    """Stream every host's output log of the run to `sink(node, node_rank, lines)`.
 
     follow: until each host's launcher has exited (the last lines included); else what is there.
     lines: only the last N lines first (None: from the start). Hosts without the run report
     LogStream(node_rank=None). Ctrl-C propagates at once (the remote tails end with the session).
+    Memory stays bounded whatever a node sends (tasks/lib/nodestream.py).
     """
     command = logs_command(session.settings.cluster.registry_dir, run_id, follow, lines)
 
     def stream(node: Node) -> LogStream:
         log = _NodeLog(node, sink)
         try:
-            result = node.run(command, warn=True, hide="err", out_stream=log.stream)
+            end = node.stream(command, log.splitter.feed)
         finally:
-            log.stream.close_partial()
-        if result.exited == EXIT_NO_SUCH_RUN:
+            log.splitter.close()
+        if end.exited == EXIT_NO_SUCH_RUN:
             return LogStream(None, 0)
-        if result.exited not in (0, None) and log.node_rank is None:
-            raise UnexpectedExit(result)
+        if end.exited != 0 and log.node_rank is None:
+            raise UnexpectedExit(end.as_result(command))
         return LogStream(log.node_rank, log.lines)
 
     # on_each waits for its threads; run it aside so Ctrl-C reaches this (main) thread at once.
@@ -198,11 +186,17 @@ def latest_run(session: ClusterSession) -> str:
 # -- presentation -----------------------------------------------------------------------------------
 
 def _parse_time(text: str | None) -> datetime | None:
+    """A registry time (the node's word): aware, within what local time can show, else None
+    (a naive time minus an aware one, or year 1 in local time, would raise)."""
     if not text:
         return None
     try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        moment.astimezone()
+        return moment
+    except (ValueError, OverflowError):
         return None
 
 
@@ -224,9 +218,37 @@ def state_text(record: NodeRunRecord) -> str:
     return record.state
 
 
+def _node_text(value: str) -> Text:
+    """A value from a node's registry for a rich table: shown as it is, never read as markup
+    or terminal control."""
+    return Text(terminal_text(short_text(value) or ""))
+
+
 def _started_text(record: NodeRunRecord) -> str:
     started = _parse_time(record.started_at)
     return started.astimezone().strftime("%m-%d %H:%M:%S") if started else "-"
+
+
+def status_table(registries: Mapping[Node, list[NodeRunRecord]]) -> tuple[Table, int]:
+    """`fab status`'s table of every host's registry entries (newest first), and its row count."""
+    table = Table(title="runs (from the nodes' registries)")
+    for column in ("host", "run", "node", "state", "exit", "steps", "procs", "started",
+                   "duration"):
+        table.add_column(column, no_wrap=column in ("run", "started"),
+                         justify="right" if column in ("node", "exit", "steps", "procs")
+                         else "left")
+    rows = 0
+    for node in sorted(registries, key=lambda n: n.index):
+        for record in sorted(registries[node], key=lambda r: r.started_at or "", reverse=True):
+            rows += 1
+            # Text, not markup: run id and state are the node's word ("[/]" would raise).
+            table.add_row(
+                node.label, _node_text(record.run_id), str(record.node_rank),
+                _node_text(state_text(record)),
+                "-" if record.exit_code is None else str(record.exit_code),
+                "-" if record.steps_done is None else str(record.steps_done),
+                str(record.procs), _started_text(record), duration_text(record))
+    return table, rows
 
 
 def print_step_states(console: Console, session: ClusterSession, run_id: str | None) -> None:
@@ -284,8 +306,10 @@ def _print_stop_results(console: Console, results: NodeResults[list[StopOutcome]
         for outcome in outcomes:
             code = "-" if outcome.exit_code is None else outcome.exit_code
             whose = f" of user {outcome.user}" if show_user and outcome.user else ""
+            note = "" if outcome.recorded else " (not recorded: root writes nothing into " \
+                "another user's registry)"
             console.out(f"node {node.index} ({node.label}): run {outcome.run_id}{whose} node "
-                        f"{outcome.node_rank} {verb}: {outcome.state}, exit code {code}",
+                        f"{outcome.node_rank} {verb}: {outcome.state}, exit code {code}{note}",
                         highlight=False)
 
 
@@ -308,21 +332,7 @@ def status(c, run=None, recent=DEFAULT_RECENT, hosts=None):
     console = make_console()
     with ClusterSession(c, hosts) as session:
         results = node_statuses(session, run_id, recent)
-        table = Table(title="runs (from the nodes' registries)")
-        for column in ("host", "run", "node", "state", "exit", "steps", "procs", "started",
-                       "duration"):
-            table.add_column(column, no_wrap=column in ("run", "started"),
-                             justify="right" if column in ("node", "exit", "steps", "procs")
-                             else "left")
-        rows = 0
-        for node in sorted(results.ok, key=lambda n: n.index):
-            for record in sorted(results.ok[node], key=lambda r: r.started_at or "", reverse=True):
-                rows += 1
-                table.add_row(
-                    node.label, record.run_id, str(record.node_rank),
-                    state_text(record), "-" if record.exit_code is None else str(record.exit_code),
-                    "-" if record.steps_done is None else str(record.steps_done),
-                    str(record.procs), _started_text(record), duration_text(record))
+        table, rows = status_table(results.ok)
         if rows:
             console.print(table)
         elif results.ok:
@@ -407,4 +417,4 @@ def emergency_stop(c, hosts=None, all_users=False):
 ns = Collection(status, logs, stop, emergency_stop)
 
 __all__ = ["ns", "status", "logs", "stop", "emergency_stop", "node_statuses", "active_runs",
-           "stop_run", "follow_logs", "latest_run", "LogStream", "LineStream", "print_prefixed"]
+           "stop_run", "follow_logs", "latest_run", "LogStream", "print_prefixed", "status_table"]

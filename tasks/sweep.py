@@ -95,7 +95,7 @@ def sweep(c, channels=None, threads=None, axis=None, repeat=None, seed=None, res
           point_timeout=None, point_override=None, no_report=False, pool=True, nproc=None, config=None,
           rocprof=False, stats=False, rocprof_input=None, nsys=False, torch_profile=False, master_port=None,
           nccl_preset=None, override=None, env=None, docker=False, no_docker=False, force=False,
-          pin_channels=True, hang_timeout=None, hosts=None):
+          pin_channels=True, hang_timeout=None, hosts=None, entry=None, metric=None):
     """Run every point of the grid as a launch, --repeat times in shuffled rounds; report and decide.
 
     fab sweep --channels 28,42,56,70 --threads 256,512 [--axis NCCL_PROTO=Simple,LL128] [--repeat 3]
@@ -110,7 +110,7 @@ def sweep(c, channels=None, threads=None, axis=None, repeat=None, seed=None, res
         nsys=nsys, torch_profile=torch_profile, master_port=master_port, nccl_preset=nccl_preset,
         override=override, env=env, docker=True if docker else (False if no_docker else None),
         force=force, pin_channels=pin_channels, hang_timeout=hang_timeout, hosts=hosts,
-        point_override=point_override)
+        point_override=point_override, entry=entry, metric=metric)
     secrets = load_settings(c).launch.secret_env_patterns
     try:
         plan = plan_sweep(given, channels, threads, resume, secrets, axis=axis, repeat=repeat, seed=seed)

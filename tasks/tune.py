@@ -128,7 +128,7 @@ def tune(c, channels=None, threads=None, axis=None, budget=None, max_runs=3, res
          point_timeout=None, point_override=None, pool=True, nproc=None, config=None, rocprof=False,
          stats=False, rocprof_input=None, nsys=False, torch_profile=False, master_port=None, nccl_preset=None,
          override=None, env=None, docker=False, no_docker=False, force=False, pin_channels=True,
-         hang_timeout=None, hosts=None, export=None, export_preset=None, pick=None):
+         hang_timeout=None, hosts=None, entry=None, metric=None, export=None, export_preset=None, pick=None):
     """Search the grid for its best point in far fewer runs than a sweep; report, decide, export.
 
     fab tune -c 2,4,8,16,32,64 -t 64,128,256,512 --axis NCCL_PROTO=Simple,LL128 [--budget 40]
@@ -150,7 +150,7 @@ def tune(c, channels=None, threads=None, axis=None, budget=None, max_runs=3, res
         nsys=nsys, torch_profile=torch_profile, master_port=master_port, nccl_preset=nccl_preset,
         override=override, env=env, docker=True if docker else (False if no_docker else None),
         force=force, pin_channels=pin_channels, hang_timeout=hang_timeout, hosts=hosts,
-        point_override=point_override)
+        point_override=point_override, entry=entry, metric=metric)
     secrets = load_settings(c).launch.secret_env_patterns
     try:
         plan = plan_sweep(given, channels, threads, resume, secrets, axis=axis, seed=0 if not resume else None)

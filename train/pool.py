@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from train.config import TrainConfig, load_config, pool_channels, pool_point_overrides
+from train.exchange import all_gather_json
 from train.nccl_debug import CHANNEL_KNOBS
 from train.outputs import SUMMARY_NAME, check_output_dir, write_json_atomic
 from train.runtime import RuntimePlan, init_distributed, nccl_options, shutdown_distributed
@@ -240,8 +241,7 @@ class Pool:
         mine = {"rank": self.rank, "pid": os.getpid(), "status": status, "error": error, "leak": leak,
                 "first_growth": first_growth,
                 "destroy_s": round(destroy_s, 6), "point_s": round(finished - began, 6)}
-        gathered: list[Any] = [None] * plan.world_size
-        dist.all_gather_object(gathered, mine)
+        gathered = all_gather_json(mine, device=plan.device)
         if self.rank == 0:
             self.record_point(out, info, gathered, status, error)
         ended = time.perf_counter()

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from train.config import ConfigError, TrainConfig
+from train.rendezvous import take_secret, verify_store
 from train.telemetry import DeviceIdentity
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -152,10 +153,12 @@ def nccl_options(high_priority: bool, timeout: datetime.timedelta) -> object | N
 
 
 def init_distributed(plan: RuntimePlan, timeout_s: float, high_priority: bool = True) -> None:
-    """Starts the default process group (env:// rendezvous, as torchrun sets it up).
+    """Starts the default process group (env:// rendezvous, as torchrun sets it up), once the
+    store is known to be this run's (train.rendezvous; started by `fab launch`).
 
     Run without torchrun (``python -m train``), this makes a one-rank group on loopback.
     """
+    secret = take_secret(os.environ)
     if "MASTER_ADDR" not in os.environ:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
     if "MASTER_PORT" not in os.environ:
@@ -175,8 +178,15 @@ def init_distributed(plan: RuntimePlan, timeout_s: float, high_priority: bool = 
         options = nccl_options(high_priority, timeout)
         if options is not None:
             device["pg_options"] = options
-    dist.init_process_group(backend=plan.backend, init_method="env://", timeout=timeout,
-                            rank=plan.rank, world_size=plan.world_size, **device)
+    # The store env:// would make, made here so it is checked before the group uses it.
+    store, rank, world_size = next(dist.rendezvous("env://", plan.rank, plan.world_size,
+                                                   timeout=timeout))
+    store.set_timeout(timeout)
+    if secret is not None:
+        verify_store(store, rank, secret,
+                     f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
+    dist.init_process_group(backend=plan.backend, store=store, timeout=timeout, rank=rank,
+                            world_size=world_size, **device)
 
 
 _BLOCKING_WAIT_VARS = ("TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT")  # the second: old name

@@ -397,8 +397,12 @@ class Stepper:
     def _submit_stop_flag(self, pending: PendingStep, slot: int, stop: bool) -> None:
         """Queues a one-element MAX all-reduce of the local stop request on the comm stream,
         before this step's buckets: every rank then reads the same decision for this step.
-        On GPU it runs alongside the forward GEMMs; it is timed as the step's control_ms (and
-        recorded as a collective, so a rank late at the step's start shows as wait)."""
+        It runs beside the forward GEMMs, from the step's start: on GPU the comm stream first
+        waits for the step's start event, since nothing else holds it back and it would run
+        the flag right after the previous step's last bucket, beside that step's update, before
+        this step has begun (on CPU the worker is idle until the step submits the flag). It is
+        timed as the step's control_ms (and recorded as a collective, so a rank late at the
+        step's start shows as wait)."""
         flag, host = self._flags[slot], self._flags_host[slot]
         clock = pending.clock
         issued = time.perf_counter()
@@ -414,6 +418,7 @@ class Stepper:
                 )
 
         if self.is_cuda:
+            self.comm_stream.wait_event(clock.start)
             with torch.cuda.stream(self.comm_stream):
                 agree()
         else:

@@ -21,10 +21,11 @@ from train.collectives import (
     unpack,
     wait_intervals,
 )
+from train.clockdrift import telemetry_summary
 from train.intervals import intersection_length
+from train.kernelactive import kernel_active
 from train.metrics import (
     AGGREGATED,
-    TELEMETRY_FIELDS,
     WORLD_SIZE_ONE,
     distribution,
     env_differences,
@@ -35,9 +36,6 @@ from train.metrics import (
 # slowest rank.
 OUTLIER_FACTOR = 1.10
 MAX_OUTLIERS_LISTED = 20
-# Measured steps whose SM clock median differs from the GEMM-only calibration's by more than
-# this are flagged: their contention figures compare two power states.
-CLOCK_DRIFT_TOLERANCE = 0.02
 PER_RANK_MEDIANS = ("iter_ms", "compute_ms", "comm_ms", "gemm_tflops", "local_busbw_gbps")
 PER_RANK_FIELDS = (
     "exposed_comm_ms", "overlap_ms", "contention_slowdown", "gemm_contention_slowdown",
@@ -138,9 +136,12 @@ def aggregate(
         bandwidth_null = f"no cross-rank collective analysis: {analysis.reason}"
 
     # -- collective time, bandwidth and waits, one value per step (all ranks agree) ---------
+    # stream_*: from the comm stream's events (queueing behind GEMM blocks included);
+    # kernel_*: the same with each collective's queued time taken off (train.kernelactive).
     train_comm = [analysis.steps[k] for k in sorted(analysis.steps) if k[0] == TRAIN_PHASE]
     cal_comm = [analysis.steps[k] for k in sorted(analysis.steps) if k[0] == COMM_PHASE]
-    out["collective_ms"] = distribution(c.collective_ms for c in train_comm if c.comm_bytes)
+    out["stream_collective_ms"] = distribution(c.collective_ms for c in train_comm
+                                               if c.comm_bytes)
     cal_block = {s.get("step"): s.get("calibration_block") for s in
                  (reports[0].get("calibration_comm", []) if reports else [])}
     solo_collective: dict[int, list[float]] = {}
@@ -152,20 +153,25 @@ def aggregate(
     step_block = {s.get("step"): s.get("calibration_block")
                   for s in (reports[0].get("steps", []) if reports else [])}
     if bandwidth_null is None:
-        out["algbw_gbps"] = distribution(c.algbw_gbps() for c in train_comm)
-        out["busbw_gbps"] = distribution(c.busbw_gbps() for c in train_comm)
+        out["stream_algbw_gbps"] = distribution(c.algbw_gbps() for c in train_comm)
+        out["stream_busbw_gbps"] = distribution(c.busbw_gbps() for c in train_comm)
         slowdowns = []
         for c in train_comm:
             solo = solo_by_block.get(step_block.get(c.step))  # type: ignore[arg-type]
             if solo and c.comm_bytes:
                 slowdowns.append(c.collective_ms / solo - 1.0)
-        out["comm_slowdown"] = distribution(slowdowns)
-        if out["comm_slowdown"] is None:
-            null_reasons["comm_slowdown"] = "no comm-only calibration steps to compare with"
+        out["stream_comm_slowdown"] = distribution(slowdowns)
+        if out["stream_comm_slowdown"] is None:
+            null_reasons["stream_comm_slowdown"] = "no comm-only calibration steps to compare with"
     else:
-        for key in ("algbw_gbps", "busbw_gbps", "comm_slowdown"):
+        for key in ("stream_algbw_gbps", "stream_busbw_gbps", "stream_comm_slowdown"):
             out[key] = None
             null_reasons[key] = bandwidth_null
+    kernel = kernel_active(reports, analysis, world_size, step_block=step_block,
+                           cal_block=cal_block)
+    out.update(kernel["fields"])
+    null_reasons.update(kernel["null_reasons"])
+    out["kernel_active"] = kernel["section"]
     if analysis.ok:
         out["wait_ms"] = distribution(w for c in train_comm for w in c.wait_ms)
         exposed = [_exposed_wait(analysis, r, c.step) for r in reports for c in train_comm]
@@ -174,8 +180,8 @@ def aggregate(
         out["wait_ms"] = out["exposed_wait_ms"] = None
         null_reasons["wait_ms"] = null_reasons["exposed_wait_ms"] = (
             f"no cross-rank collective analysis: {analysis.reason}")
-    if out["collective_ms"] is None and "collective_ms" not in null_reasons:
-        null_reasons["collective_ms"] = (
+    if out["stream_collective_ms"] is None and "stream_collective_ms" not in null_reasons:
+        null_reasons["stream_collective_ms"] = (
             analysis.reason if not analysis.ok else "no gradient collective was timed")
     if world_size == 1:
         null_reasons["local_busbw_gbps"] = null_reasons["local_algbw_gbps"] = WORLD_SIZE_ONE
@@ -186,13 +192,14 @@ def aggregate(
         "gemm_tflops": distribution(s.get("gemm_tflops") for s in compute_cal),
         "comm_ms": distribution(s.get("comm_ms") for s in comm_cal),
         "local_busbw_gbps": distribution(s.get("local_busbw_gbps") for s in comm_cal),
-        "collective_ms": distribution(c.collective_ms for c in cal_comm if c.comm_bytes),
+        "stream_collective_ms": distribution(c.collective_ms for c in cal_comm if c.comm_bytes),
     }
     if bandwidth_null is None:
-        solo["algbw_gbps"] = distribution(c.algbw_gbps() for c in cal_comm)
-        solo["busbw_gbps"] = distribution(c.busbw_gbps() for c in cal_comm)
+        solo["stream_algbw_gbps"] = distribution(c.algbw_gbps() for c in cal_comm)
+        solo["stream_busbw_gbps"] = distribution(c.busbw_gbps() for c in cal_comm)
     else:
-        solo["algbw_gbps"] = solo["busbw_gbps"] = None
+        solo["stream_algbw_gbps"] = solo["stream_busbw_gbps"] = None
+    solo.update(kernel["solo"])
     out["solo"] = solo
 
     # -- per step: the slowest rank, not the average ------------------------------------------
@@ -209,8 +216,11 @@ def aggregate(
             rank, value = _argmax(list(enumerate(comm.wait_ms)))
             entry["wait_ms_max"], entry["wait_ms_max_rank"] = _r(value, 4), rank
             entry["waited_for_rank"] = comm.waited_for_rank
-            entry["collective_ms"] = _r(comm.collective_ms, 4)
-            entry["busbw_gbps"] = None if bandwidth_null else _r(comm.busbw_gbps(), 3)
+            entry["stream_collective_ms"] = _r(comm.collective_ms, 4)
+            entry["stream_busbw_gbps"] = None if bandwidth_null else _r(comm.busbw_gbps(), 3)
+        kernel_step = kernel["per_step"].get(step, {})
+        entry["kernel_collective_ms"] = kernel_step.get("kernel_collective_ms")
+        entry["kernel_busbw_gbps"] = kernel_step.get("kernel_busbw_gbps")
         per_step.append(entry)
     out["per_step"] = per_step
     out["step_max"] = {
@@ -276,7 +286,7 @@ def aggregate(
         "clock_offset_ms": [round(o, 4) for o in analysis.offsets_ms],
         "end_residual_ms": distribution(analysis.end_residual_ms),
     }
-    out["telemetry"] = _telemetry(reports, steps, compute_cal, comm_cal, sample_every)
+    out["telemetry"] = telemetry_summary(reports, steps, compute_cal, comm_cal, sample_every)
     out["calibration_blocks"] = _blocks(compute_cal, comm_cal, analysis, cal_block)
     out["launch_delay_ms"] = _launch_delay(reports)
     out["comm_stream"] = reports[0].get("comm_stream") if reports else None
@@ -316,33 +326,6 @@ def _slowest(per_rank: Sequence[Mapping[str, Any]], analysis: Analysis,
     }
 
 
-def _telemetry(reports: Sequence[Mapping[str, Any]], steps: Sequence[Mapping[str, Any]],
-               compute_cal: Sequence[Mapping[str, Any]], comm_cal: Sequence[Mapping[str, Any]],
-               sample_every: int) -> dict[str, Any]:
-    described = reports[0].get("telemetry") if reports else None
-    described = described if isinstance(described, Mapping) else {}
-
-    def fields(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        return {f: distribution(s.get(f) for s in records) for f in TELEMETRY_FIELDS}
-
-    train, calibration = fields(steps), fields(compute_cal)
-    train_clock = (train["sm_clock_mhz"] or {}).get("median")
-    cal_clock = (calibration["sm_clock_mhz"] or {}).get("median")
-    drift = train_clock / cal_clock - 1.0 if train_clock and cal_clock else None
-    return {
-        "source": described.get("source"),
-        "reason": described.get("reason"),
-        "sources": sorted({str((r.get("telemetry") or {}).get("source")) for r in reports}),
-        "sample_every": sample_every,
-        "train": train,
-        "calibration_compute": calibration,
-        "calibration_comm": fields(comm_cal),
-        "clock_drift": _r(drift),
-        "clock_drift_flag": None if drift is None else abs(drift) > CLOCK_DRIFT_TOLERANCE,
-        "tolerance": CLOCK_DRIFT_TOLERANCE,
-    }
-
-
 def _blocks(compute_cal: Sequence[Mapping[str, Any]], comm_cal: Sequence[Mapping[str, Any]],
             analysis: Analysis, cal_block: Mapping[Any, Any]) -> dict[str, Any]:
     compute = _block_medians(compute_cal, "compute_ms")
@@ -359,7 +342,7 @@ def _blocks(compute_cal: Sequence[Mapping[str, Any]], comm_cal: Sequence[Mapping
             "block": b,
             "after_step": after.get(b),
             "compute_ms": _r(compute.get(b)),
-            "collective_ms": _r(median(collective.get(b, []))),
+            "stream_collective_ms": _r(median(collective.get(b, []))),
             "sm_clock_mhz": _r(clocks.get(b)),
         }
         for b in blocks

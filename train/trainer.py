@@ -29,7 +29,8 @@ import torch.distributed as dist
 
 from train.collectives import COMM_PHASE, CONTROL, TRAIN_PHASE, OpRecord, pack, timeline_lines
 from train.config import TrainConfig
-from train.launchdelay import launch_check, launch_delays
+from train.exchange import gather_json
+from train.launchdelay import kernel_activity_by_step, launch_check, launch_delays
 from train.metrics import AGGREGATED, TELEMETRY_FIELDS, Baseline, collect_env, median, step_metrics
 from train import startup
 from train.flight import FlightDumper, flight_recorder_env
@@ -94,6 +95,10 @@ def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _median_of(summary: dict[str, Any], key: str) -> float | None:
+    return (summary.get(key) or {}).get("median")
+
+
 def _fmt(value: float | None, spec: str, unit: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{unit}"
 
@@ -155,9 +160,12 @@ class Trainer:
         return metrics
 
     def _sample(self, kind: str) -> dict[str, float | None] | None:
-        """Device counters, read on the host while the step runs (before its synchronize).
-        Calibration steps are always sampled: they are the clocks the train steps are
-        compared with."""
+        """Device counters, read on the host right after the step's synchronize returned:
+        at the end of the step, for every kind of step. Read before the synchronize, a
+        calibration step (queued right after an idle gap: the host waits for each one) was
+        read at its start with the clocks still high, a train step (queued a step ahead) under
+        continuous load. Calibration steps are always sampled: they are the clocks the train
+        steps are compared with."""
         if self.telemetry.source is None:
             return None
         if kind == TRAIN:
@@ -209,9 +217,8 @@ class Trainer:
         stop = False
 
         def resolve() -> StepResult:
-            sample = self._sample(kind)
             result = self.stepper.resolve(pending.popleft())
-            result.telemetry = sample
+            result.telemetry = self._sample(kind)
             return result
 
         for index in range(first_index, first_index + count):
@@ -459,9 +466,12 @@ class Trainer:
         return False
 
     def _sample_launch_delay(self) -> dict[str, Any]:
-        """A few extra train steps, each under torch.profiler (GPU only), after the measured
-        ones so the profiler's cost touches no measured step: when did each collective kernel
-        start, against the moment its stream reached it (train.launchdelay)."""
+        """A few extra train steps, each under torch.profiler, then as many comm-only steps
+        under one more (GPU only), after the measured ones so the profiler's cost touches no
+        measured step:
+        when did each collective kernel start, against the moment its stream reached it, and
+        how long did it run (train.launchdelay). The summary takes each collective's queued
+        time off the measured steps' stream-event durations (train.kernelactive)."""
         steps = self.config.profiling.launch_delay_steps
         if not self.plan.is_cuda:
             return {"samples": [], "reason": "CPU run: no kernels to profile"}
@@ -484,17 +494,39 @@ class Trainer:
                     samples.append(self._launch_delay_of(prof, result, Path(tmp) / f"{i}.json"))
                 except Exception as exc:  # noqa: BLE001 - one unreadable trace, one sample lost
                     samples.append({"delays": [], "reason": f"trace unreadable: {exc}"[:300],
-                                    "kernels": 0, "collective_kernels": 0})
-        return {"samples": samples, "reason": None}
+                                    "kernels": 0, "collective_kernels": 0, "kernel_active": []})
+            # The comm-only steps share one profiler session (their kernels pair with their
+            # collectives in order, no clock fit needed): one session's cost, not `steps`.
+            with torch.profiler.profile(activities=activities) as prof:
+                results = [self.stepper.resolve(self.stepper.run(COMM, i + 1))
+                           for i in range(steps)]
+            try:
+                comm_samples = self._kernel_activity_of(prof, results, Path(tmp) / "comm.json")
+            except Exception as exc:  # noqa: BLE001 - an unreadable trace loses these samples
+                comm_samples = [{"kernel_active": [], "reason": f"trace unreadable: {exc}"[:300]}]
+        return {"samples": samples, "comm_samples": comm_samples, "reason": None}
+
+    @staticmethod
+    def _timed_ops(result: StepResult) -> list[tuple[str, int, float, float]]:
+        times = result.times
+        ops = ([times.control] if times.control else []) + list(times.comm or [])
+        return [(op.collective, op.bucket, op.start_ms, op.end_ms) for op in ops]
+
+    @staticmethod
+    def _kernel_activity_of(prof: Any, results: list[StepResult],
+                            path: Path) -> list[dict[str, Any]]:
+        """One sample per step of a profiler session that ran these steps back to back."""
+        prof.export_chrome_trace(str(path))
+        found = kernel_activity_by_step(json.loads(path.read_text()),
+                                        [Trainer._timed_ops(result) for result in results])
+        return [{"kernel_active": [list(row) for row in step.active], "reason": step.reason}
+                for step in found]
 
     @staticmethod
     def _launch_delay_of(prof: Any, result: StepResult, path: Path) -> dict[str, Any]:
         prof.export_chrome_trace(str(path))
         trace = json.loads(path.read_text())
-        times = result.times
-        ops = ([times.control] if times.control else []) + list(times.comm or [])
-        found = launch_delays(trace, times.gemm or [],
-                              [(op.collective, op.bucket, op.start_ms) for op in ops])
+        found = launch_delays(trace, result.times.gemm or [], Trainer._timed_ops(result))
         return {
             "delays": [list(d) for d in found.delays],
             "reason": found.reason,
@@ -503,6 +535,7 @@ class Trainer:
             "alignment": found.alignment,
             "alignment_residual_ms": found.alignment_residual_ms,
             "collective_launches": found.collective_launches,
+            "kernel_active": [list(a) for a in found.kernel_active],
         }
 
     def run(self) -> int:
@@ -577,7 +610,8 @@ class Trainer:
             # The kernels' own launch configuration (sampled under the profiler, GPU only):
             # evidence beside NCCL's account of what it built.
             found["kernel_launch"] = launch_check(self.launch_delay.get("samples", []),
-                                                  found.get("channels"), asked.threads, CONTROL)
+                                                  found.get("channels"), asked.threads, CONTROL,
+                                                  found.get("launch_expectation"))
             found["flags"] = [*found.get("flags", []), *found["kernel_launch"]["flags"]]
             return found
         except Exception as exc:  # noqa: BLE001 - a parse problem must not fail the run
@@ -602,10 +636,9 @@ class Trainer:
         partial = True
         if self.status != "failed" and dist.is_initialized():
             try:
-                gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
-                dist.gather_object(report, gathered, dst=0, group=self.group)
+                gathered = gather_json(report, device=self.plan.device, dst=0, group=self.group)
                 if gathered is not None:
-                    reports = [r for r in gathered if r is not None]
+                    reports = [r for r in gathered if isinstance(r, dict)]
                 partial = False
             except Exception as exc:  # noqa: BLE001 - a peer died while gathering
                 self.status = "failed"
@@ -630,8 +663,10 @@ class Trainer:
             self.log(
                 f"train: slowest rank {slowest['rank']} ({slowest.get('host')}), by "
                 f"{slowest['by']}: the others waited {_fmt(waited, '.3f', ' ms')} per step for "
-                f"it; busbw {_fmt((summary.get('busbw_gbps') or {}).get('median'), '.2f', ' GB/s')}"
-                f" (rank skew left out)"
+                f"it; busbw {_fmt(_median_of(summary, 'stream_busbw_gbps'), '.2f', ' GB/s')} "
+                f"from stream events, "
+                f"{_fmt(_median_of(summary, 'kernel_busbw_gbps'), '.2f', ' GB/s')} "
+                f"kernel-active (rank skew left out)"
             )
 
     def _summary(self, reports: list[dict[str, Any]], status: str, partial: bool,
@@ -647,6 +682,12 @@ class Trainer:
                 "gemm_flops_per_step": stack.gemm_flops,
                 "bucket_count": len(stack.buckets),
                 "bucket_bytes": [stack.bucket_bytes(b) for b in stack.buckets],
+                # the layers (forward numbering) each bucket holds: it goes out after the dW
+                # of the last one listed
+                "bucket_layers": [
+                    [stack.layers - 1 - p for p in range(b.layers[0], b.layers[1] + 1)]
+                    for b in stack.buckets
+                ],
                 "param_bytes": stack.layers * stack.layer_numel * stack.element_size,
             }
         return {

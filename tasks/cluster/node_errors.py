@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import socket
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import paramiko
 from fabric import Connection
@@ -19,8 +19,13 @@ from tasks.cluster.hostkeys import fingerprint as _fingerprint
 from tasks.lib.knownhosts import known_hosts_name
 from tasks.lib.quoting import sh_quote
 
-if TYPE_CHECKING:
-    from tasks.cluster.nodes import Node
+
+class SshNode(Protocol):
+    """What a message about a host needs of its node (tasks.cluster.nodes.Node, which imports
+    this module: the messages stay below the nodes). Its `known_hosts`, where it has one, is the
+    file a host-key message names."""
+
+    def ssh_hops(self) -> list[Connection]: ...
 
 
 class NodeError(Exception):
@@ -31,7 +36,7 @@ class NodeError(Exception):
 _UNKNOWN_HOST_KEY = re.compile(r"Server '(.*)' not found in known_hosts")
 
 
-def _hop_named(node: Node | None, name: str) -> Connection | None:
+def _hop_named(node: SshNode | None, name: str) -> Connection | None:
     """The connection of `node`'s chain a host-key error is about: the node or a jump host."""
     chain = node.ssh_hops() if node is not None else []
     if not chain:
@@ -40,7 +45,7 @@ def _hop_named(node: Node | None, name: str) -> Connection | None:
     return named[0] if named else chain[0]
 
 
-def _hop_role(node: Node | None, hop: Connection | None) -> str:
+def _hop_role(node: SshNode | None, hop: Connection | None) -> str:
     chain = node.ssh_hops() if node is not None else []
     if hop is not None and chain and hop is not chain[0]:
         return "jump host "
@@ -51,7 +56,7 @@ def _name(connection: Connection) -> str:
     return known_hosts_name(connection.host, connection.port)
 
 
-def describe_error(error: BaseException, node: Node | None = None) -> str:
+def describe_error(error: BaseException, node: SshNode | None = None) -> str:
     """One line that says what went wrong on a host and, where known, how to fix it.
 
     With the node, host-key messages name the known_hosts file and the entry to fix.

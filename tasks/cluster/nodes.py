@@ -51,6 +51,23 @@ UPLOAD_TIMEOUT_S = 600.0
 CHANNEL_OPEN_TIMEOUT_S = 15.0
 # An SFTP transfer that receives nothing for this long is dead, not slow.
 SFTP_STALL_TIMEOUT_S = 120.0
+# Node output is read in chunks of up to this size (paramiko hands over what has arrived).
+STREAM_CHUNK_BYTES = 1024 * 1024
+# Of a streamed command's stderr only the end is kept: it says why the command failed.
+STREAM_STDERR_KEEP = 4096
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """How a streamed command ended: its exit status and the end of its stderr."""
+
+    exited: int
+    stderr: str
+
+    def as_result(self, command: str) -> Result:
+        """An invoke Result (no stdout: it went to the stream) for UnexpectedExit."""
+        return Result(stdout="", stderr=self.stderr, command=command, exited=self.exited,
+                      hide=("stdout", "stderr"))
 
 
 class Node:
@@ -83,6 +100,17 @@ class Node:
         return self.spec.local
 
     def run(self, command: str, *, warn: bool = False, timeout: float | None = None, **kwargs) -> Result:
+        raise NotImplementedError
+
+    def stream(self, command: str, on_data: Callable[[bytes], None]) -> StreamEnd:
+        """Run `command`, handing its stdout to `on_data` chunk by chunk as it arrives; no
+        timeout (a follower ends with the command or the connection).
+
+        Node output is not handed to Invoke's out_stream: Invoke keeps every chunk and re-joins
+        the whole buffer per chunk (quadratic in the output a node sends). Here nothing is kept
+        but the last STREAM_STDERR_KEEP bytes of stderr. Raises NodeError when the command ended
+        without an exit status (the connection broke).
+        """
         raise NotImplementedError
 
     def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o600,
@@ -139,6 +167,25 @@ class LocalNode(Node):
         kwargs.setdefault("hide", True)
         kwargs.setdefault("in_stream", False)
         return self._context.run(command, warn=warn, timeout=timeout, **kwargs)
+
+    def wrap(self, command: str, stdin: bool = False) -> str:
+        """The shell command that runs `command` on this node (srun wraps it in a step)."""
+        return command
+
+    def stream(self, command: str, on_data: Callable[[bytes], None]) -> StreamEnd:
+        with subprocess.Popen(["/bin/sh", "-c", self.wrap(command)], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+            assert process.stdout is not None and process.stderr is not None
+            stderr = _StderrTail(process.stderr.read1)
+            fd = process.stdout.fileno()
+            try:
+                while chunk := os.read(fd, STREAM_CHUNK_BYTES):
+                    on_data(chunk)
+            except BaseException:
+                process.kill()  # a follower (tail -F) would never end by itself
+                raise
+            status = process.wait()
+        return StreamEnd(status, stderr.text())
 
     def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o600,
                   dirs: Iterable[str] = ()) -> None:
@@ -199,6 +246,24 @@ class SshNode(Node):
         kwargs.setdefault("in_stream", False)
         self.transport()
         return self.connection.run(command, warn=warn, timeout=timeout, **kwargs)
+
+    def stream(self, command: str, on_data: Callable[[bytes], None]) -> StreamEnd:
+        channel = self.transport().open_session()
+        try:
+            channel.exec_command(command)
+            # Read aside: unread stderr would hold the channel's window, and stdout with it.
+            stderr = _StderrTail(channel.recv_stderr)
+            while chunk := channel.recv(STREAM_CHUNK_BYTES):
+                on_data(chunk)
+            channel.status_event.wait()
+            status = channel.exit_status
+        finally:
+            channel.close()
+        text = stderr.text()
+        if status < 0:
+            raise NodeError("the SSH channel closed before the command ended"
+                            + (f": {text.strip()[-200:]}" if text.strip() else ""))
+        return StreamEnd(status, text)
 
     def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o600,
                   dirs: Iterable[str] = ()) -> None:
@@ -262,6 +327,27 @@ class SshNode(Node):
 
 def _partial_name(name: str) -> str:
     return f".{name}.part-{uuid.uuid4().hex[:12]}"
+
+
+class _StderrTail:
+    """Reads a command's stderr in a thread of its own to the end, keeping only its end."""
+
+    def __init__(self, read: Callable[[int], bytes]):
+        self._read = read
+        self._kept = b""
+        self._thread = threading.Thread(target=self._run, daemon=True, name="stderr")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while chunk := self._read(65536):
+                self._kept = (self._kept + chunk)[-STREAM_STDERR_KEEP:]
+        except (OSError, ValueError, EOFError):
+            pass
+
+    def text(self, wait_s: float = 5.0) -> str:
+        self._thread.join(wait_s)
+        return self._kept.decode("utf-8", "replace")
 
 
 def _drain(channel: paramiko.Channel, into: bytearray) -> None:

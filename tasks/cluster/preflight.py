@@ -37,9 +37,11 @@ from tasks.lib.probe import (
     mismatch_hint,
     parse_probe_output,
     sh_command,
+    probe_input,
     probe_script,
     resolve_master_side,
 )
+from tasks.lib.rendezvous import reach_cell
 from tasks.lib.runspec import (
     LaunchFlags,
     LaunchValues,
@@ -50,6 +52,7 @@ from tasks.lib.runspec import (
 from tasks.lib.settings import Settings
 from tasks.cluster.node_errors import describe_error
 from tasks.cluster.nodes import Node, NodeResults, SshNode, on_each
+from tasks.cluster.rendezvous import RendezvousCheck, check_rendezvous_auto
 from tasks.cluster.session import EXIT_USAGE, PROJECT_ROOT, ClusterSession, project_path
 
 PROBE_TIMEOUT_S = 60  # a hung nvidia-smi or docker must not hold the whole check
@@ -185,14 +188,14 @@ def probe_all(
     venv = node_venv(settings.cluster.venv, session.workdir)
 
     def probe(node: Node) -> HostFacts:
-        script = probe_script(
-            master,
-            session.workdir,
-            master_port=master_port if node.index == 0 else None,
-            container=container,
-            venv=venv,
-        )
-        result = node.run(sh_command(script), timeout=PROBE_TIMEOUT_S)
+        check_port = node.index == 0 and master_port is not None
+        command = sh_command(probe_script(master, session.workdir, check_port=check_port,
+                                          container=container, venv=venv))
+        if check_port:  # the port on stdin: never in an argv (tasks/lib/probe.py)
+            result = node.run_with_input(command, probe_input(master_port),
+                                         timeout=PROBE_TIMEOUT_S)
+        else:
+            result = node.run(command, timeout=PROBE_TIMEOUT_S)
         return parse_probe_output(node.index, node.label, result.stdout)
 
     results = on_each(session.nodes, probe)
@@ -225,6 +228,8 @@ def findings_for(
             nproc=settings.launch.nproc if nproc is None else nproc,
             docker_enabled=docker,
             socket_ifname=settings.cluster.socket_ifname,
+            # This machine alone: the node's checkout is this one, whatever it is (git or not).
+            compare_checkout=not session.inventory.is_local,
         )
     found += judge_cluster(facts)
     return found
@@ -286,6 +291,7 @@ def facts_table(
     local: CheckoutState,
     title: str,
     launch: LaunchValues | None = None,
+    rendezvous: RendezvousCheck | None = None,
 ):
     settings = session.settings
     nproc = settings.launch.nproc if launch is None else launch.nproc
@@ -304,6 +310,7 @@ def facts_table(
         "docker",
         "port",
         "shm",
+        *(("rendezvous",) if rendezvous else ()),
     ):
         table.add_column(column, overflow="fold")
     by_index = {node.index: node for node in session.nodes}
@@ -311,7 +318,8 @@ def facts_table(
         node = by_index[index]
         if node in results.failed:
             table.add_row(
-                str(index), node.label, "[red]no[/]", "", "", "", "", "", "", "", "", style="red"
+                str(index), node.label, "[red]no[/]", "", "", "", "", "", "", "", "",
+                *([""] if rendezvous else []), style="red"
             )
             continue
         fact = results.ok[node]
@@ -323,7 +331,7 @@ def facts_table(
             fact.address or "?",
             settings.cluster.socket_ifname or fact.ifname or "[red]?[/]",
             _gpu_cell(fact, nproc),
-            _checkout_cell(fact, local),
+            _checkout_cell(fact, local, session.inventory.is_local),
             _docker_cell(fact) if docker else "off",
             ""
             if index != 0
@@ -333,6 +341,8 @@ def facts_table(
                 else f"{master_port} {_port_state(fact.port_free)}"
             ),
             format_bytes(fact.shm_bytes) if fact.shm_bytes is not None else "?",
+            *([reach_cell(rendezvous.reports.get(index), index, rendezvous.port)]
+              if rendezvous else []),
         )
     return table
 
@@ -351,11 +361,12 @@ def _gpu_cell(fact: HostFacts, nproc: int | str) -> str:
     return text
 
 
-def _checkout_cell(fact: HostFacts, local: CheckoutState) -> str:
+def _checkout_cell(fact: HostFacts, local: CheckoutState, same: bool = False) -> str:
+    """same: the host's workdir is this checkout (this machine alone): shown, never compared."""
     if not fact.workdir_exists:
         return "[red]no workdir[/]"
     if fact.commit is None and fact.tree_hash is None:
-        return "[red]none[/]"
+        return "this one (no git)" if same else "[red]none[/]"
     text = (
         f"{fact.branch or 'detached'} @ {fact.commit[:12]}"
         if fact.commit
@@ -365,7 +376,7 @@ def _checkout_cell(fact: HostFacts, local: CheckoutState) -> str:
         text += " [yellow]dirty[/]"
     if fact.synced:
         text += " (synced)"
-    return text if checkout_mismatch(fact, local) is None else f"[red]{text}[/]"
+    return text if same or checkout_mismatch(fact, local) is None else f"[red]{text}[/]"
 
 
 def _docker_cell(fact: HostFacts) -> str:
@@ -390,19 +401,30 @@ class Preflight:
     local: CheckoutState
     results: NodeResults[HostFacts]
     findings: list[Finding]
+    rendezvous: RendezvousCheck | None = None
 
 
 def run_preflight(session: ClusterSession, config: object, console: Console,
-                  title: Callable[[CheckoutState], str] | None = None) -> Preflight:
-    """Probe every node with the values `fab launch` would use, print the facts table (titled
-    by `title` of this checkout's state, else the node count) and the findings; `fab check` and
-    `fab setup` share it."""
+                  title: Callable[[CheckoutState], str] | None = None,
+                  rendezvous: bool = True) -> Preflight:
+    """Probe every node with the values `fab launch` would use, then (rendezvous) prove the
+    path from every node to node 0's master port; print the facts table (titled by `title` of
+    this checkout's state, else the node count) and the findings. `fab check` and `fab setup`
+    share it."""
     launch = launch_defaults(session, config, dict(os.environ))
     local = local_checkout_state(excluded_dirs=sync_excludes(session.settings))
     results = probe_all(session, master_port=launch.master_port)
     findings = list(findings_for(session, results, local, nproc=launch.nproc))
+    reach = None
+    facts = sorted(results.ok.values(), key=lambda f: f.node_index)
+    if rendezvous and facts and facts[0].port_free is not False:
+        container = (session.settings.docker.container
+                     if launch_context(session).docker_default else None)
+        reach = check_rendezvous_auto(session, facts, launch.master_port, container=container)
+        if reach is not None:
+            findings += reach.findings
     console.print(facts_table(session, results, local,
                               title(local) if title else f"{len(session.nodes)} node(s) probed",
-                              launch))
+                              launch, reach))
     print_findings(console, findings)
-    return Preflight(launch, local, results, findings)
+    return Preflight(launch, local, results, findings, reach)

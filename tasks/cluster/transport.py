@@ -15,12 +15,12 @@ task by tasks/lib/transports.choose_transport (pure), with the reason the launch
 """
 from __future__ import annotations
 
-import base64
 import os
 import posixpath
 import pwd
 import re
-import shutil
+import selectors
+import signal
 import subprocess
 import time
 import uuid
@@ -39,13 +39,20 @@ from tasks.lib.registry import launcher_start_command, launcher_step_command, pa
 from tasks.lib.settings import ClusterSettings
 from tasks.lib.transports import TransportChoice, TransportError, choose_transport
 from tasks.cluster.node_errors import NodeError
-from tasks.cluster.nodes import LocalNode, Node, NodeResults, on_each, open_nodes
+from tasks.cluster.nodes import (
+    SFTP_STALL_TIMEOUT_S,
+    LocalNode,
+    Node,
+    NodeResults,
+    on_each,
+    open_nodes,
+)
 
 EXIT_USAGE = 2
 START_TIMEOUT_S = 30.0        # a launcher registers itself within a second; a step may queue
 SLURM_TOOL_TIMEOUT_S = 30.0
-# One command line stays well below the kernel's 128 KiB limit for a single argument.
-MAX_SCRIPT_BYTES = 96 * 1024
+# A copy from a node that receives nothing for this long is dead, not slow (as over SFTP).
+GET_STALL_TIMEOUT_S = SFTP_STALL_TIMEOUT_S
 _PID = re.compile(r"(\d+)\s*$")
 
 
@@ -139,38 +146,76 @@ class SrunNode(LocalNode):
 
     def put_files(self, files: Mapping[str, str | bytes], mode: int = 0o600,
                   dirs: Iterable[str] = ()) -> None:
-        """Each file written beside its target and renamed over it, as over SFTP: one step per
-        ~96 KiB of (base64) content. On a shared filesystem every node writes the same bytes."""
+        """Each file written beside its target and renamed over it, as over SFTP, in one step.
+        The contents travel on the step's stdin (srun --input=all), never in an argv: env.sh
+        holds the --env secrets, and every user of the controller and the node reads argvs
+        (ps), as does sacct (SubmitLine). On a shared filesystem every node writes the same
+        bytes."""
         self.prepare_dirs(files, dirs)
+        if not files:
+            return
         script: list[str] = []
-        size = 0
+        payload = bytearray()
         for path, content in files.items():
             data = content.encode() if isinstance(content, str) else content
-            encoded = base64.b64encode(data).decode()
-            partial = posixpath.join(posixpath.dirname(path),
-                                     f".{posixpath.basename(path)}.part-{uuid.uuid4().hex[:12]}")
-            line = (f"printf '%s' {encoded} | base64 -d >{sh_quote(partial)} && chmod "
-                    f"{mode:o} {sh_quote(partial)} && mv -f -- {sh_quote(partial)} "
-                    f"{sh_quote(path)}")
-            if script and size + len(line) > MAX_SCRIPT_BYTES:
-                self.run("umask 077 && " + " && ".join(script))
-                script, size = [], 0
-            script.append(line)
-            size += len(line)
-        if script:
-            self.run("umask 077 && " + " && ".join(script))
+            partial = sh_quote(posixpath.join(
+                posixpath.dirname(path), f".{posixpath.basename(path)}.part-{uuid.uuid4().hex[:12]}"))
+            # GNU head -c reads exactly that many bytes from a pipe: the next file's are left.
+            script.append(f"head -c {len(data)} >{partial} && [ \"$(wc -c <{partial})\" -eq "
+                          f"{len(data)} ] && chmod {mode:o} {partial} && mv -f -- {partial} "
+                          f"{sh_quote(path)}")
+            payload += data
+        self.run_with_input("umask 077 && " + " && ".join(script), bytes(payload))
 
     def get_file(self, remote_path: str, into: BinaryIO) -> None:
+        """As SFTP's get, bounded the same way: a node that stops sending for
+        GET_STALL_TIMEOUT_S is dead, not slow (its step is killed, NodeError)."""
         # Never through a symlink swapped in after the listing (as O_NOFOLLOW locally).
         command = f"[ ! -L {sh_quote(remote_path)} ] && exec cat -- {sh_quote(remote_path)}"
+        stalled = False
+        error = bytearray()
         with subprocess.Popen(["/bin/sh", "-c", self.wrap(command)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL) as process:
-            assert process.stdout is not None
-            shutil.copyfileobj(process.stdout, into)
-            error = process.stderr.read().decode(errors="replace") if process.stderr else ""
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                              start_new_session=True) as process:
+            assert process.stdout is not None and process.stderr is not None
+            with selectors.DefaultSelector() as selector:
+                selector.register(process.stdout, selectors.EVENT_READ, into.write)
+                selector.register(process.stderr, selectors.EVENT_READ,
+                                  lambda chunk: error.extend(chunk[:4096 - len(error)]))
+                while selector.get_map():
+                    ready = selector.select(GET_STALL_TIMEOUT_S)
+                    if not ready:
+                        stalled = True
+                        _kill_session(process)
+                        break
+                    for key, _ in ready:
+                        chunk = os.read(key.fd, 1 << 16)
+                        if chunk:
+                            key.data(chunk)
+                        else:
+                            selector.unregister(key.fileobj)
+        if stalled:
+            raise NodeError(f"reading {remote_path}: nothing arrived for "
+                            f"{GET_STALL_TIMEOUT_S:.0f} s (the node or its step stalled)")
         if process.returncode != 0:
+            text = error.decode(errors="replace").strip()[-200:]
             raise NodeError(f"reading {remote_path} failed (exit {process.returncode}): "
-                            f"{error.strip()[-200:] or 'a symlink, or no such file'}")
+                            f"{text or 'a symlink, or no such file'}")
+
+
+def _kill_session(process: subprocess.Popen) -> None:
+    """End a node command's srun: SIGTERM first (srun then cancels its step, which SIGKILL
+    would leave behind in the job), SIGKILL if it does not go."""
+    for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 class SrunTransport(Transport):

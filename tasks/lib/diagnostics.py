@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.lib import diagnostics_node
+from tasks.lib import diagnostics_node, untrusted
+from tasks.lib.nodereport import clean_node_report
 from tasks.lib.quoting import sh_quote
 
 NODE_SCRIPT = Path(diagnostics_node.__file__).read_text()
@@ -63,15 +64,33 @@ def node_diagnostics_command(
     args = {"run_id": run_id, "node_rank": node_rank, "registry_dir": registry_dir,
             "pyspy": pyspy, "container": container, "output_log": output_log, "native": native,
             "log_lines": log_lines, "timeout": timeout}
-    args_json = sh_quote(json.dumps(args, sort_keys=True))
-    src = f"{diagnostics_node.SOURCE_ENV}={sh_quote(NODE_SCRIPT)}; export {diagnostics_node.SOURCE_ENV}; "
-    host_run = f'python3 -c "${diagnostics_node.SOURCE_ENV}" {args_json}'
+    return _collector_command(args, container)
+
+
+def _collector_command(args: dict[str, Any], container: str | None) -> str:
+    """Run the node collector (diagnostics_node.py, handed over in an environment variable, not
+    an argv) with these arguments: on the host, or inside the container when the host has no
+    python3."""
+    env_name = diagnostics_node.SOURCE_ENV
+    src = f"{env_name}={sh_quote(NODE_SCRIPT)}; export {env_name}; "
+    host_run = f'python3 -c "${env_name}" {sh_quote(json.dumps(args, sort_keys=True))}'
     if not container:
         return src + host_run
     inner_args = sh_quote(json.dumps(dict(args, inside_container=True), sort_keys=True))
-    container_run = (f'docker exec -e {diagnostics_node.SOURCE_ENV} {sh_quote(container)} '
-                     f'python3 -c "${diagnostics_node.SOURCE_ENV}" {inner_args}')
+    container_run = (f'docker exec -e {env_name} {sh_quote(container)} '
+                     f'python3 -c "${env_name}" {inner_args}')
     return f"{src}if command -v python3 >/dev/null 2>&1; then {host_run}; else {container_run}; fi"
+
+
+def node_phases_command(run_id: str, node_rank: int, registry_dir: str | None, *,
+                        master_port: int | None, output_dir: str | None,
+                        container: str | None = None, timeout: float = 10.0) -> str:
+    """Shell command that prints one JSON line: the start-up watch's view of a node
+    (diagnostics_node.phases_report: processes, their states and TCP sockets, progress)."""
+    args = {"mode": "phases", "run_id": run_id, "node_rank": node_rank,
+            "registry_dir": registry_dir, "master_port": master_port, "output_dir": output_dir,
+            "container": container, "timeout": timeout}
+    return _collector_command(args, container)
 
 
 # -- parsing -----------------------------------------------------------------------------------
@@ -211,13 +230,20 @@ class NodeReport:
 
 
 def parse_node_report(stdout: str, node_rank: int | None, host: str) -> NodeReport:
-    """The collector's JSON (the last JSON line of stdout: env scripts may print before it)."""
+    """The collector's JSON (the last JSON line of stdout: env scripts may print before it),
+    bounded and checked (tasks/lib/nodereport.py): what cannot be read is dropped and listed in
+    the report's "unreadable", never raised later on the way to stopping a hung run."""
     for line in reversed(stdout.strip().splitlines()):
         if line.startswith("{"):
             try:
-                return NodeReport(node_rank, host, json.loads(line))
-            except ValueError:
-                break
+                data = untrusted.loads(line)
+            except ValueError as err:
+                raise ValueError(f"the diagnostics report of {host} is unreadable: "
+                                 f"{str(err)[:200]}") from None
+            clean, problems = clean_node_report(data)
+            if problems:
+                clean["unreadable"] = problems
+            return NodeReport(node_rank, host, clean)
     raise ValueError(f"no diagnostics report in the output of {host}: {stdout.strip()[-200:]!r}")
 
 
@@ -351,7 +377,7 @@ class DiagnosticsSummary:
     """Written as summary.json next to the per-node files; what report.md and the terminal show."""
 
     run_id: str
-    kind: str                               # "hang" or "diagnose"
+    kind: str                               # "hang", "startup" (stuck before the first step) or "diagnose"
     collected_at: float
     ranks: list[RankStack]
     first_stalled_ranks: list[int] = field(default_factory=list)
@@ -400,6 +426,11 @@ def build_summary(
     suspects = suspect_ranks(stacks, expected)
     progress_first = list(hang.get("first_stalled_ranks", [])) if hang else least_progress(steps)
     chosen, basis = first_stalled(progress_first, suspects)
+    startup = (hang or {}).get("startup")
+    if isinstance(startup, Mapping):
+        # The start-up watch decided on phases: its ranks are the answer, whatever the states.
+        chosen = list(startup.get("ranks") or progress_first)
+        basis = f"start-up phase '{startup.get('phase')}', rule {startup.get('rule')}"
     return DiagnosticsSummary(run_id=run_id, kind=kind, collected_at=collected_at, ranks=stacks,
                               first_stalled_ranks=chosen, basis=basis, suspects=suspects,
                               rank_steps=dict(sorted(steps.items())),
@@ -432,7 +463,11 @@ def hang_record(summary: DiagnosticsSummary, diag_dir_name: str) -> dict[str, An
 def summary_lines(summary: DiagnosticsSummary) -> list[str]:
     """Plain lines for the terminal (the task prints them; rich markup is not used here)."""
     lines = []
-    if summary.kind == "hang" and summary.hang:
+    startup = startup_record(summary)
+    phases = (startup or {}).get("phases") or {}
+    if startup:
+        lines.append(f"run {summary.run_id} STUCK IN START-UP: {startup.get('headline')}")
+    elif summary.kind == "hang" and summary.hang:
         lines.append(f"run {summary.run_id} HUNG: no rank advanced for "
                      f"{summary.hang.get('stalled_for_s', summary.hang.get('timeout_s'))} s "
                      f"(hang timeout {summary.hang.get('timeout_s')} s)")
@@ -443,8 +478,10 @@ def summary_lines(summary: DiagnosticsSummary) -> list[str]:
                      f"({summary.basis})")
     for stack in summary.ranks:
         state = f"state {stack.state}" + (f" ({stack.state_note})" if stack.state_note else "")
+        where = (f"phase {phases[str(stack.rank)]}" if str(stack.rank) in phases
+                 else f"step {'-' if stack.step is None else stack.step}")
         lines.append(f"  rank {stack.rank} (node {stack.node_rank}, {stack.host}, pid {stack.pid}): "
-                     f"step {'-' if stack.step is None else stack.step}, {state}")
+                     f"{where}, {state}")
         if stack.frames:
             for frame in stack.frames:
                 lines.append(f"      {frame}")
@@ -457,16 +494,22 @@ def summary_lines(summary: DiagnosticsSummary) -> list[str]:
     seen = {s.rank for s in summary.ranks}
     for rank, step in summary.rank_steps.items():
         if rank not in seen:
-            lines.append(f"  rank {rank}: step {'-' if step is None else step}, no process found")
+            where = (f"phase {phases[str(rank)]}" if str(rank) in phases
+                     else f"step {'-' if step is None else step}")
+            lines.append(f"  rank {rank}: {where}, no process found")
     for host, error in summary.node_errors.items():
         lines.append(f"  {host}: no diagnostics: {error}")
     return lines
 
 
 def summary_markdown(summary: DiagnosticsSummary, diag_dir_name: str) -> str:
-    title = "Hang" if summary.kind == "hang" else "Diagnostics"
+    startup = startup_record(summary)
+    title = ("Stuck in start-up" if startup else "Hang" if summary.kind == "hang"
+             else "Diagnostics")
     out = [f"## {title}: {summary.run_id}", ""]
-    if summary.hang:
+    if startup:
+        out.append(f"{_md_escape(str(startup.get('headline')))}; the run was stopped.")
+    elif summary.hang:
         out.append(f"No rank advanced for {summary.hang.get('stalled_for_s')} s "
                    f"(hang timeout {summary.hang.get('timeout_s')} s); the run was stopped.")
     if summary.first_stalled_ranks and _singles_out(summary):
@@ -478,14 +521,14 @@ def summary_markdown(summary: DiagnosticsSummary, diag_dir_name: str) -> str:
     for s in summary.ranks:
         seen.add(s.rank)
         state = s.state + (f" ({s.state_note})" if s.state_note else "")
-        frames = "<br>".join(f"`{_md_escape(f)}`" for f in s.frames) if s.frames else \
+        frames = "<br>".join(_md_cell_code(f) for f in s.frames) if s.frames else \
             f"no stack: {_md_escape(s.dump_error or '')}"
         if s.train_frame and s.train_frame not in s.frames:
-            frames += f"<br>… in `{_md_escape(s.train_frame)}`"
+            frames += f"<br>… in {_md_cell_code(s.train_frame)}"
         for thread in s.threads:
-            frames += f"<br>thread `{_md_escape(thread)}`"
+            frames += f"<br>thread {_md_cell_code(thread)}"
         out.append(f"| {s.rank} | {s.node_rank} | {_md_escape(s.host)} | "
-                   f"{'-' if s.step is None else s.step} | {state} | {frames} |")
+                   f"{'-' if s.step is None else s.step} | {_md_escape(state)} | {frames} |")
     for rank, step in summary.rank_steps.items():
         if rank not in seen:
             out.append(f"| {rank} | | | {'-' if step is None else step} | no process | |")
@@ -495,18 +538,31 @@ def summary_markdown(summary: DiagnosticsSummary, diag_dir_name: str) -> str:
     return "\n".join(out)
 
 
+def startup_record(summary: DiagnosticsSummary) -> dict[str, Any] | None:
+    """The start-up watch's record (startwatch.StartupStall.as_dict) when it fired, else None."""
+    startup = (summary.hang or {}).get("startup")
+    return dict(startup) if isinstance(startup, Mapping) else None
+
+
 def _first_label(summary: DiagnosticsSummary) -> str:
-    return "stopped advancing first" if summary.kind == "hang" else "behind the others"
+    if startup_record(summary):
+        return "stuck in start-up"
+    return "stopped advancing first" if summary.kind in ("hang", "startup") else "behind the others"
 
 
 def _singles_out(summary: DiagnosticsSummary) -> bool:
     """A hang always names its first ranks; an on-demand snapshot only when some ranks lag."""
     everyone = set(summary.rank_steps) | {s.rank for s in summary.ranks}
-    return summary.kind == "hang" or set(summary.first_stalled_ranks) != everyone
+    return summary.kind in ("hang", "startup") or set(summary.first_stalled_ranks) != everyone
 
 
 def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return untrusted.md_text(text)
+
+
+def _md_cell_code(text: str) -> str:
+    """A code span inside a table cell: GFM splits cells at "|" even inside code spans."""
+    return untrusted.md_code(text).replace("|", "\\|")
 
 
 # -- reading back from a run directory ---------------------------------------------------------
@@ -527,8 +583,9 @@ def hang_summary_markdown(run_dir: str | Path) -> str:
     text = summary_markdown(summary, HANG_DIR)
     dumps = read_flight_dumps(run_dir)
     if dumps:
+        findings = untrusted.md_text(flight_recorder_findings(dumps)["summary"], 2000)
         text = text.rstrip("\n") + ("\n\nFlight recorder (PyTorch, dumped at the hang): "
-                                    f"{flight_recorder_findings(dumps)['summary']}.\n")
+                                    f"{findings}.\n")
     return text
 
 
@@ -536,13 +593,20 @@ def hang_summary_markdown(run_dir: str | Path) -> str:
 
 FLIGHT_DIR = "flight_recorder"
 FLIGHT_TRIGGER = "DUMP"
-FLIGHT_RANK_RE = re.compile(r"^rank_(\d+)\.json$")
+FLIGHT_RANK_RE = re.compile(r"^rank_([0-9]{1,9})\.json$")
 
 
 def flight_dump_command(output_dir: str) -> str:
-    """Asks every rank of a node to dump its flight recorder (train.flight polls this file)."""
+    """Asks every rank of a node to dump its flight recorder: our train package polls the
+    trigger file (train.flight); any other PyTorch job's ProcessGroupNCCL reads the named pipe
+    TORCH_NCCL_DEBUG_INFO_PIPE_FILE<rank>.pipe the launch gave it (tasks/lib/entry.py) and dumps
+    to TORCH_NCCL_DEBUG_INFO_TEMP_FILE<rank> (torch's own pickle format: collected, never
+    unpickled here). A pipe nobody reads any more would block the writer: 2 s at most."""
     target = posixpath.join(output_dir, FLIGHT_DIR)
-    return f"mkdir -p {sh_quote(target)} && touch {sh_quote(posixpath.join(target, FLIGHT_TRIGGER))}"
+    pipes = sh_quote(target) + "/*.pipe"
+    return (f"mkdir -p {sh_quote(target)} && touch {sh_quote(posixpath.join(target, FLIGHT_TRIGGER))}"
+            f"; for p in {pipes}; do [ -p \"$p\" ] && timeout 2 sh -c 'printf 1 > \"$1\"' "
+            "gemm-dump \"$p\" 2>/dev/null; done; true")
 
 
 def read_flight_dumps(run_dir: str | Path) -> dict[int, Any]:
@@ -554,7 +618,7 @@ def read_flight_dumps(run_dir: str | Path) -> dict[int, Any]:
             if not match:
                 continue
             try:
-                dumps[int(match.group(1))] = json.loads(path.read_text())
+                dumps[int(match.group(1))] = untrusted.read_json(path)
             except (OSError, ValueError):
                 dumps[int(match.group(1))] = {"error": f"{path.name} unreadable"}
         if dumps:
@@ -573,7 +637,9 @@ def flight_recorder_findings(dumps: Mapping[int, Any]) -> dict[str, Any]:
         for entry in entries or []:
             if not isinstance(entry, Mapping) or entry.get("is_p2p"):
                 continue
-            group = entry.get("process_group") or [entry.get("pg_id")]
+            group = entry.get("process_group")
+            if not isinstance(group, list) or not group:
+                group = [entry.get("pg_id")]
             pg = str(group[0])
             seq = entry.get("collective_seq_id")
             if not isinstance(seq, int):

@@ -5,6 +5,11 @@ The controller sends this file's source as `python3 -c SOURCE ARGS_JSON` (see
 node, and the same text runs inside a container when the host cannot see the run's processes.
 It prints one JSON document on stdout and never stops or signals any process.
 
+Two modes: the full collection (stacks, GPU state, log tail: `fab diagnose`, the hang
+watchdog), and "phases" (`"mode": "phases"`): the start-up watch's poll, cheap enough for every
+few seconds: the run's processes with their states and TCP sockets (store connection, peer
+connections), and the ranks' metrics progress. No py-spy, no GPU tools.
+
 Which processes: every process whose environment carries GEMM_RUN_ID=<run id> (and
 GEMM_NODE_RANK=<rank> when given) -- the markers the node launcher exports -- plus, where the
 environment cannot be read, the sessions/process groups recorded in the run registry.
@@ -15,6 +20,7 @@ import glob
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -190,16 +196,45 @@ def run_command(argv: list[str], timeout: float) -> dict[str, Any]:
     return out
 
 
-def find_pyspy(candidates: list[str]) -> str | None:
-    for candidate in candidates:
-        if os.sep in candidate:
-            if os.access(candidate, os.X_OK):
-                return candidate
-        else:
-            found = shutil.which(candidate)
-            if found:
-                return found
+def untrusted_because(path: str) -> str | None:
+    """Why a user other than root or us could change the program at `path` (None: nobody can).
+
+    This collector runs as root where py-spy needs it: a py-spy in a venv another user can
+    write would run their code as root. Every entry from / down to the file is judged, on its
+    own path and on the path its symlinks lead to, as tasks/lib/nodefs.py does on the shell side.
+    """
+    uid = os.getuid()
+    for full in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
+        current = "/"
+        for part in [""] + [p for p in full.split("/") if p]:
+            current = os.path.join(current, part) if part else "/"
+            try:
+                info = os.lstat(current)
+            except OSError as err:
+                return f"{current}: {err.strerror}"
+            if info.st_uid not in (0, uid):
+                return f"{current} is owned by uid {info.st_uid}"
+            if stat.S_ISLNK(info.st_mode):
+                continue
+            sticky_dir = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+            if info.st_mode & 0o022 and not sticky_dir:
+                return f"{current} is writable by other users (mode {info.st_mode & 0o7777:o})"
     return None
+
+
+def find_pyspy(candidates: list[str]) -> tuple[str | None, list[str]]:
+    """The first candidate that exists, is executable and nobody else can change; and why any
+    that exist were refused."""
+    refused = []
+    for candidate in candidates:
+        found = candidate if os.sep in candidate else shutil.which(candidate)
+        if not found or not os.access(found, os.X_OK):
+            continue
+        why = untrusted_because(found)
+        if why is None:
+            return found, refused
+        refused.append(f"{found}: not run ({why})")
+    return None, refused
 
 
 def dump_stack(proc: dict[str, Any], pyspy: str | None, container: str | None, native: bool,
@@ -316,11 +351,13 @@ def collect(args: dict[str, Any]) -> dict[str, Any]:
         sessions |= {i for e in entries for name, i in e["ids"].items() if name == "container.pid"}
     processes, unreadable = scan_processes(run_id, node_rank, sessions,
                                            inside_container=bool(args.get("inside_container")))
-    pyspy = find_pyspy(list(args.get("pyspy") or []) + ["py-spy"])
+    pyspy, pyspy_refused = find_pyspy(list(args.get("pyspy") or []) + ["py-spy"])
     for proc in processes:
         if proc["python"]:
             proc["stack"] = dump_stack(proc, pyspy, None if args.get("inside_container") else container,
                                        bool(args.get("native", True)), timeout)
+            if not proc["stack"]["ok"]:
+                proc["stack"]["errors"] = pyspy_refused + proc["stack"]["errors"]
     report = {
         "format": 1,
         "hostname": os.uname().nodename,
@@ -332,6 +369,7 @@ def collect(args: dict[str, Any]) -> dict[str, Any]:
         "registry": [{"dir": e["dir"], "state": e["state"], "ids": e["ids"]} for e in entries],
         "container": container,
         "pyspy": pyspy,
+        "pyspy_refused": pyspy_refused,
         "processes": processes,
         "unreadable_environments": unreadable,
         "gpu": gpu_state(timeout),
@@ -356,11 +394,149 @@ def collect(args: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
+# -- the start-up watch's poll --------------------------------------------------------------------
+
+TCP_STATES = {"01": "established", "02": "syn_sent", "03": "syn_recv", "0A": "listen"}
+MAX_PORTS = 64  # per process: enough to map a peer's address:port to its rank
+
+
+def hex_address(text: str) -> tuple[str, int]:
+    """(address, port) of a /proc/net/tcp{,6} field: little-endian 32-bit words, port as is."""
+    host, _, port = text.partition(":")
+    raw = bytes.fromhex(host)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    if len(words) == 4:
+        address = ".".join(str(b) for b in words)
+    elif words[:12] == b"\0" * 10 + b"\xff\xff":  # IPv4-mapped: the address torch's sockets show
+        address = ".".join(str(b) for b in words[12:])
+    else:
+        address = ":".join(words[i:i + 2].hex() for i in range(0, 16, 2))
+    return address, int(port, 16)
+
+
+def tcp_table(pid: int) -> dict[int, dict[str, Any]]:
+    """inode -> socket of the network namespace `pid` lives in (/proc/PID/net/tcp and tcp6)."""
+    table: dict[int, dict[str, Any]] = {}
+    for name in ("tcp", "tcp6"):
+        for line in (read_text(f"/proc/{pid}/net/{name}") or "").splitlines()[1:]:
+            fields = line.split()
+            if len(fields) < 10 or not fields[9].isdigit():
+                continue
+            try:
+                local, remote = hex_address(fields[1]), hex_address(fields[2])
+            except ValueError:
+                continue
+            table[int(fields[9])] = {"local": local, "remote": remote,
+                                     "state": TCP_STATES.get(fields[3], fields[3])}
+    return table
+
+
+def socket_inodes(pid: int) -> set[int]:
+    found = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return found
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(int(target[8:-1]))
+    return found
+
+
+def process_sockets(pid: int, master_port: int | None,
+                    tables: dict[int, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    """What a process's TCP sockets say about its start-up: its store connection (to or on the
+    master port), how many established connections to peers, how many listening sockets."""
+    try:
+        netns = os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        netns = -pid
+    if netns not in tables:
+        tables[netns] = tcp_table(pid)
+    table = tables[netns]
+    store = None
+    peers = listening = 0
+    ports: list[str] = []
+    rank_order = {"established": 0, "listen": 1, "syn_sent": 2, "syn_recv": 3}
+    for inode in sorted(socket_inodes(pid)):
+        sock = table.get(inode)
+        if sock is None:
+            continue
+        state = sock["state"]
+        to_master = master_port is not None and sock["remote"][1] == master_port
+        on_master = master_port is not None and sock["local"][1] == master_port
+        if to_master or (on_master and state == "listen"):
+            word = "listen" if on_master and state == "listen" else state
+            if store is None or rank_order.get(word, 9) < rank_order.get(store, 9):
+                store = word
+            continue
+        if on_master:
+            continue  # the store server's side of a client's connection
+        if state == "established":
+            peers += 1
+        elif state == "listen":
+            listening += 1
+        if state in ("established", "listen") and len(ports) < MAX_PORTS:
+            ports.append(f"{sock['local'][0]}:{sock['local'][1]}")
+    return {"store": store, "peers": peers, "listening": listening, "ports": ports}
+
+
+def phases_report(args: dict[str, Any]) -> dict[str, Any]:
+    """The start-up watch's view of this node: launcher state, the run's processes (role, rank,
+    process state, store connection, peer connections) and the ranks' metrics progress."""
+    run_id = args["run_id"]
+    node_rank = args.get("node_rank")
+    registry_dir = args.get("registry_dir") or f"/tmp/gemm-runs-{os.getuid()}"
+    entries = registry_entries(registry_dir, run_id, node_rank)
+    meta = entries[0]["meta"] if entries else {}
+    container = meta["container"] if "container" in meta else args.get("container")
+    output_dir = args.get("output_dir") or meta.get("output_dir")
+    sessions = {i for e in entries for name, i in e["ids"].items() if name == "launcher.pid"}
+    inside = bool(args.get("inside_container"))
+    if inside:
+        sessions |= {i for e in entries for name, i in e["ids"].items() if name == "container.pid"}
+    processes, unreadable = scan_processes(run_id, node_rank, sessions, inside_container=inside)
+    master_port = args.get("master_port")
+    tables: dict[int, dict[int, dict[str, Any]]] = {}
+    found = []
+    for proc in processes:
+        if proc["role"] not in ("rank", "torchrun"):
+            continue
+        entry = {"pid": proc["pid"], "role": proc["role"], "rank": proc["rank"],
+                 "state": proc["state"]}
+        entry.update(process_sockets(proc["pid"], master_port, tables))
+        found.append(entry)
+    report = {"format": 1, "mode": "phases", "node_rank": node_rank, "collected_at": time.time(),
+              "registry": [{"state": e["state"]} for e in entries], "processes": found,
+              "unreadable_environments": unreadable, "progress": metrics_progress(output_dir)}
+    # As in collect: a host user that cannot read the container's environments looks inside.
+    if container and not inside and unreadable and not any(p["role"] == "rank" for p in found):
+        source = os.environ.get(SOURCE_ENV)
+        if source:
+            result = run_command(["docker", "exec", "-e", f"{SOURCE_ENV}", container, "python3",
+                                  "-c", source, json.dumps(dict(args, inside_container=True))],
+                                 float(args.get("timeout", 10)))
+            try:
+                inner = json.loads(result["stdout"])
+                report["processes"] += inner.get("processes", [])
+            except ValueError:
+                report["container_error"] = f"rc={result['rc']}: {last_line(result['stderr'])}"
+    return report
+
+
 def main(argv: list[str]) -> int:
     args = json.loads(argv[1]) if len(argv) > 1 else {}
     if "run_id" not in args:
         print("usage: diagnostics_node.py '{\"run_id\": ..., \"node_rank\": ...}'", file=sys.stderr)
         return 2
+    if args.get("mode") == "phases":
+        json.dump(phases_report(args), sys.stdout)
+        sys.stdout.write("\n")
+        return 0
     json.dump(collect(args), sys.stdout)
     sys.stdout.write("\n")
     return 0

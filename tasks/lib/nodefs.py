@@ -129,6 +129,24 @@ gemm_safe_file() {
     return 1
   fi
 }
+# gemm_safe_venv VENV: the venv the ranks' Python comes from (activated by the launcher, its
+# py-spy run by diagnose, as root there) can be changed by nobody but us or root: every directory
+# down to its bin/, what the venv and its bin/ hold (followed where they are symlinks: python is
+# one) and its site-packages directories. Deeper files are not walked (a venv holds thousands).
+gemm_safe_venv() {
+  local venv=$1 bad
+  gemm_path_risk "$venv/bin"
+  [ -z "$GEMM_RISK" ] || { echo "refusing the venv (cluster.venv) $venv: $GEMM_RISK" >&2; return 1; }
+  bad=$(find -L "$venv" "$venv/bin" -maxdepth 1 \( ! -uid 0 ! -uid "$GEMM_UID" -o -perm /022 \
+          ! \( -type d -perm -1000 \) \) -printf '%p|%u|%m\n' 2>/dev/null | head -n 1)
+  [ -n "$bad" ] || bad=$(find -L "$venv"/lib*/python*/site-packages -maxdepth 0 \
+          \( ! -uid 0 ! -uid "$GEMM_UID" -o -perm /022 \) -printf '%p|%u|%m\n' 2>/dev/null | head -n 1)
+  if [ -n "$bad" ]; then
+    IFS='|' read -r bad owner mode <<<"$bad"
+    echo "refusing the venv (cluster.venv) $venv: $bad is owned by $owner with mode $mode; another user could change what the ranks run. Make it $(gemm_trusted)'s and writable only by its owner, or choose another venv" >&2
+    return 1
+  fi
+}
 # --- end of node filesystem safety ---
 """
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.lib.report import COMPLETED, Decision, PointRow, pareto_front
+from tasks.lib.untrusted import short_text
 
 ITERATION_HEATMAP = "heatmap_iter_ms.png"
 CONTENTION_HEATMAP = "heatmap_contention_slowdown.png"
@@ -21,10 +22,18 @@ PARETO = "pareto_contention_exposed.png"
 STATUS_SHORT = {"not_run": "not run", "no_output": "no output"}
 
 
+def status_label(status: str) -> str:
+    """A point's status on a figure: short words for ours, a node's own cut to fit a cell."""
+    return STATUS_SHORT.get(status) or short_text(status, 24) or "?"
+
+
 def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
+    # Statuses, hosts and notes on the figures come from the nodes: drawn as plain text, never
+    # parsed as mathtext (a "$\\frac{$" in a status would make savefig raise).
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     return plt
@@ -61,9 +70,9 @@ def plot_heatmap(rows: Sequence[PointRow], value_of: Callable[[PointRow], float 
             labels[y][x] = cell_format(value)
         elif value is not None:
             # Partial figures of a failed run stay grey: they must not compete with real points.
-            labels[y][x] = f"{cell_format(value)}\n({STATUS_SHORT.get(row.status, row.status)})"
+            labels[y][x] = f"{cell_format(value)}\n({status_label(row.status)})"
         else:
-            labels[y][x] = STATUS_SHORT.get(row.status, row.status)
+            labels[y][x] = status_label(row.status)
 
     width = max(5.5, 1.35 * len(channels) + 3.0)
     height = max(3.2, 0.95 * len(threads) + 2.0)

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from tasks.lib.containers import COMPOSE_VARIANT_SH, DOCKER_MISSING
+from tasks.lib.ports import PORT_HOLDERS_SH, held_by, parse_port_holders
 from tasks.lib.quoting import section_function, sh_command, sh_quote, split_sections
 
 SECTION_MARK = "@@gemm-probe "
@@ -64,6 +65,7 @@ class HostFacts:
     shm_bytes: int | None
     tools: frozenset[str]
     port_free: bool | None  # the master port is free (master only)
+    port_holders: tuple[str, ...] = ()  # who listens on it, when busy (tasks/lib/ports.py)
     # Beyond the shared contract: what the judgement and the master fix-up need.
     master_ip: str | None = None  # the master's address as this host resolves it
     interfaces: tuple[tuple[str, str], ...] = ()  # (ifname, IPv4) pairs of this host
@@ -130,26 +132,37 @@ class Finding:
 # -- the script -----------------------------------------------------------------------------------
 
 
+def probe_input(master_port: int) -> bytes:
+    """The master's probe stdin: the port to check (probe_script's check_port)."""
+    if not 1 <= master_port <= 65535:
+        raise ValueError(f"master port {master_port} out of range")
+    return f"{master_port}\n".encode()
+
+
 def probe_script(
     master_host: str,
     workdir: str,
     *,
-    master_port: int | None,
+    check_port: bool,
     container: str | None,
     venv: str | None,
 ) -> str:
     """The sh script for one host; run it as `sh -c <script>` (the login shell may not be sh).
 
-    master_port: probe whether it is free (pass it for the master only).
+    check_port: read the master port from stdin (probe_input) and report whether it is free and
+    who holds it (for the master only). Not in the script: an argv is readable by every user of
+    the node, and the port is where our rendezvous will listen (train/rendezvous.py).
     container: ask Docker for the engine version and this container's state (None: skip Docker).
     venv: its bin/ goes first on PATH for the tool lookup when the directory exists.
     """
-    if master_port is not None and not 1 <= master_port <= 65535:
-        raise ValueError(f"master port {master_port} out of range")
     lines = [
         f"M={sh_quote(master_host)}",
         f"W={sh_quote(workdir)}",
-        f"P={sh_quote(master_port if master_port is not None else '')}",
+        "P=" if not check_port else "IFS= read -r P || P=",
+        'case $P in *[!0-9]*) P=;; esac',
+        # The report is stdout alone: the master's comes back with stderr mixed in (its port
+        # arrives on stdin, run_with_input), where a stray message would land in a section.
+        "exec 2>/dev/null",
         f"C={sh_quote(container or '')}",
         f"V={sh_quote(venv or '')}",
         "export LC_ALL=C",
@@ -217,11 +230,12 @@ def probe_script(
         + " ".join(TOOLS)
         + '; do command -v "$t" >/dev/null 2>&1 && echo "$t"; done',
         "s port",
-        # /proc/net rather than ss: always there. A listener in state 0A on the port = busy.
+        # /proc/net rather than ss: always there. A listener in state 0A on the port = busy,
+        # followed by who holds it (tasks/lib/ports.py).
+        PORT_HOLDERS_SH,
         'if [ -n "$P" ]; then',
-        "  HP=$(printf '%04X' \"$P\")",
-        '  awk -v p=":$HP" \'$4 == "0A" && substr($2, length($2) - 4) == p {n++} '
-        'END {print (n ? "busy" : "free")}\' /proc/net/tcp /proc/net/tcp6 2>/dev/null',
+        '  PH=$(gemm_port_holders "$P")',
+        '  if [ -n "$PH" ]; then echo busy; printf \'%s\\n\' "$PH"; else echo free; fi',
         "fi",
         "s docker",
         'if [ -n "$C" ]; then',
@@ -430,7 +444,7 @@ def parse_probe_output(node_index: int, label: str, text: str) -> HostFacts:
     docker_section = sections.get("docker", "")
     docker_engine, container_state, docker_error = _parse_docker(docker_section)
     docker_values = parse_key_values(docker_section)
-    port_text = sections.get("port", "")
+    port_text, *holder_lines = sections.get("port", "").splitlines() or [""]
     shm_text = sections.get("shm", "")
     uid, user = parse_user(sections.get("user", ""))
     return HostFacts(
@@ -451,6 +465,7 @@ def parse_probe_output(node_index: int, label: str, text: str) -> HostFacts:
         shm_bytes=int(shm_text) * 1024 if shm_text.isdigit() else None,
         tools=frozenset(t for t in sections.get("tools", "").split() if t in TOOLS),
         port_free={"free": True, "busy": False}.get(port_text),
+        port_holders=parse_port_holders(holder_lines),
         master_ip=master_ip,
         interfaces=interfaces,
         workdir_exists=sections.get("workdir", "yes") != "no",
@@ -609,8 +624,14 @@ def judge_host(
     nproc: int | str,
     docker_enabled: bool,
     socket_ifname: str | None = None,
+    compare_checkout: bool = True,
 ) -> list[Finding]:
-    """Errors and warnings about one host on its own."""
+    """Errors and warnings about one host on its own.
+
+    compare_checkout: False where the host's workdir is the controller's own checkout (this
+    machine alone), or where the caller compared it already: there is nothing to compare, so a
+    checkout that is no git repository (an unpacked release, a user's own directory) is fine.
+    """
     found: list[Finding] = []
 
     def error(message: str) -> None:
@@ -625,7 +646,7 @@ def judge_host(
         error(f"workdir {workdir} does not exist: run `fab sync` or set cluster.workdir")
     elif facts.checkout_owner is not None:
         error(f"{checkout_mismatch(facts, local)}; {mismatch_hint(facts, local, workdir)}")
-    else:
+    elif compare_checkout:
         why = checkout_mismatch(facts, local)
         if why:
             error(f"checkout differs from this one ({why}): {mismatch_hint(facts, local, workdir)}")
@@ -661,7 +682,8 @@ def judge_host(
     if busy:
         warning(busy)
     if facts.port_free is False:
-        error("the master port is in use: pick another with --master-port (launch.master_port)")
+        error(f"the master port is in use{held_by(facts.port_holders)}: pick another "
+              "with --master-port (launch.master_port)")
     if facts.shm_bytes is not None and facts.shm_bytes < MIN_SHM_BYTES and not docker_enabled:
         warning(
             f"/dev/shm is only {format_bytes(facts.shm_bytes)}: NCCL's shared-memory "
@@ -730,6 +752,7 @@ __all__ = [
     "CheckoutState",
     "Finding",
     "probe_script",
+    "probe_input",
     "sh_command",
     "parse_probe_output",
     "resolve_master_side",

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tasks.lib.nodefs import SAFE_FS_SH
+from tasks.lib.ports import PORT_HOLDERS_SH
 from tasks.lib.quoting import sh_join, sh_quote
 from tasks.lib.templating import render_template
 
@@ -104,13 +105,32 @@ gemm_now() { date -u +%Y-%m-%dT%H:%M:%S.%3NZ; }
 # Atomic write: readers never see a half-written value (mktemp: a fresh name nobody chose).
 gemm_put() { local t; t=$(mktemp -- "$1.XXXXXX") && printf '%s\n' "$2" >"$t" && mv -f -- "$t" "$1"; }
 gemm_get() { local v=; [ -r "$1" ] && IFS= read -r v <"$1"; printf '%s' "$v"; }
+# gemm_get for another user's registry (root's --all-users stop): a regular file only, opened by
+# a child that gives up after 2 s (a FIFO swapped in after the test would block an open of ours
+# for ever), its first line of at most 4 KiB.
+gemm_get_theirs() {
+  local v=; [ -f "$1" ] && [ ! -L "$1" ] || return 0
+  IFS= read -r v < <(timeout 2 head -c 4096 -- "$1" 2>/dev/null); printf '%s' "$v"
+}
 gemm_json() {
   local s=$1; s=${s//\\/\\\\}; s=${s//\"/\\\"}; s=${s//$'\n'/\\n}; s=${s//$'\r'/\\r}
   s=${s//$'\t'/\\t}; printf '"%s"' "$s"
 }
 # The registry is this user's alone (mode 0700, see tasks/lib/nodefs.py): nobody else can plant
 # entries, symlinks or a fake "running" run in it.
-gemm_make_registry() { gemm_safe_dir "$1" "the run registry (cluster.registry_dir)" private; }
+gemm_make_registry() {
+  local why owner
+  why=$(gemm_safe_dir "$1" "the run registry (cluster.registry_dir)" private 2>&1) && return 0
+  owner=$(stat -c %u -- "$1" 2>/dev/null)
+  if [ "$1" = "/tmp/gemm-runs-$GEMM_UID" ] && [ -n "$owner" ] && [ "$owner" != "$GEMM_UID" ]; then
+    # Someone else made our default first (/tmp is everyone's): only they or root can remove
+    # it. Name them, and a path of ours nobody can guess to use until then. One line: the
+    # controller shows a node's last line.
+    why="$why. $1 is squatted by $(gemm_user_of "$owner"): ask them or root to remove it; until then set cluster.registry_dir to a directory of yours, e.g. /tmp/gemm-runs-$GEMM_UID-$(od -An -N4 -tx4 /dev/urandom | tr -d ' '), in fabric.yaml or your fab -f file (every fab command then uses it)"
+  fi
+  printf '%s\n' "$why" >&2
+  return 1
+}
 # For readers: a registry that does not exist yet holds no runs; one we cannot trust is refused.
 gemm_open_registry() { [ -e "$1" ] || [ -L "$1" ] || return 0; gemm_make_registry "$1"; }
 # A process's start time (clock ticks since boot, /proc/PID/stat field 22): with the pid it names
@@ -150,20 +170,23 @@ gemm_pids_of() { gemm_procs_of "$@" | cut -d' ' -f1; }
 # Signal $2 with $1 only while it is still the process that started at $3.
 gemm_kill() { [ "$(gemm_start_time "$2")" = "$3" ] && kill -s "$1" "$2" 2>/dev/null; }
 # Entries of this host (a registry on a filesystem shared by several nodes holds theirs too).
+# $3: the reader of the entries' values (gemm_get; gemm_get_theirs for another user's).
 gemm_entries() {
-  local reg=$1 run=${2:-} host e h
+  local reg=$1 run=${2:-} get=${3:-gemm_get} host e h
   host=$(uname -n)
   for e in "$reg"/${run:-*}/node_*; do
     [ -d "$e" ] && [ ! -L "$e" ] && [ -f "$e/run_id" ] || continue
-    h=$(gemm_get "$e/host"); [ -z "$h" ] || [ "$h" = "$host" ] || continue
+    h=$($get "$e/host"); [ -z "$h" ] || [ "$h" = "$host" ] || continue
     printf '%s\n' "$e"
   done
 }
-# A pid file ($1: "pid start", or a bare pid from an older launcher) as "pid start" when that
-# process is alive and one of the entry's ($2: scan, $3 run, $4 rank, $5 uid); else nothing.
-gemm_recorded_proc() {
+# A pid file's content ($1: "pid start", or a bare pid from an older launcher) as "pid start"
+# when that process is alive and one of the entry's ($2: scan, $3 run, $4 rank, $5 uid); else
+# nothing. gemm_recorded_proc: the same, $1 the pid file.
+gemm_recorded_proc() { gemm_live_proc "$(gemm_get "$1")" "${@:2}"; }
+gemm_live_proc() {
   local pid start line
-  read -r pid start <<<"$(gemm_get "$1")"; [ -n "$pid" ] || return 1
+  read -r pid start <<<"$1"; [ -n "$pid" ] || return 1
   line=$(gemm_procs_of "$2" "$3" "$4" "${5-}" | awk -v p="$pid" '$1 == p' | head -n 1)
   [ -n "$line" ] || return 1
   [ -z "$start" ] || [ "${line#* }" = "$start" ] || return 1
@@ -180,20 +203,6 @@ gemm_finalize() {
   [ -s "$1/exit_code" ] || gemm_put "$1/exit_code" "$3"
   gemm_put "$1/ended_at" "$(gemm_now)"
   gemm_put "$1/state" "$2"
-}
-# Signal one entry's processes: host pids from the scan (container processes included when this
-# user may see them) and, for a dockerized run, the same scan inside the container, because a
-# killed `docker exec` client leaves its process running there. $3: a pid to spare (the launcher),
-# $5: the entry's owner (default: us).
-gemm_signal_entry() {
-  local e=$1 sig=$2 spare=${3:-} scan=$4 owner=${5-} run rank c p st
-  run=$(gemm_get "$e/run_id"); rank=$(gemm_get "$e/node_rank"); c=$(gemm_get "$e/container")
-  while read -r p st; do
-    [ -n "$p" ] && [ "$p" != "$spare" ] && gemm_kill "$sig" "$p" "$st"
-  done < <(gemm_procs_of "$scan" "$run" "$rank" "$owner")
-  if [ -n "$c" ]; then
-    docker exec "$c" sh -c "$GEMM_SCAN_KILL" gemm-kill "$sig" "$run" "$rank" >/dev/null 2>&1 &
-  fi
 }
 # Steps done: the largest "step" of the last line of the node's rank_XX_metrics.jsonl files.
 gemm_steps() {
@@ -302,7 +311,13 @@ done < <(printf '%s' "$rows" | sort -k1,1r -k2,2r)
 _STOP_SH = r"""reg=$(gemm_registry "$1") run=$2 mode=$3 grace_polls=$4 scope=$5
 scan=$(gemm_scan)
 targets=()
-declare -A vanished=() owner_of=()
+# Per target entry, read once: its owner's uid, run id, node rank, pid files, container, user.
+# theirs: an entry of another user's registry (root with --all-users). It is read with bounded
+# reads and never written: its owner can swap any file or directory there for a symlink (or a
+# FIFO) between our look and our use, and a write of root's through it would replace a file
+# anywhere. Their launcher records how its run ended; a SIGKILLed one leaves its entry "lost".
+declare -A vanished=() owner_of=() theirs=() run_of=() rank_of=() launcher_of=() child_of=() \
+  container_of=() user_of=() final_of=()
 registries=("$reg")
 if [ "$scope" = all ]; then
   if [ "$GEMM_UID" != 0 ]; then
@@ -318,54 +333,82 @@ else
 fi
 for r in "${registries[@]}"; do
   [ -d "$r" ] && [ ! -L "$r" ] || continue
-  owner=$(stat -c %u -- "$r")
+  owner=$(stat -c %u -- "$r") || continue
+  get=gemm_get_theirs
+  # Ours to write only when it is a registry we could have made: ours, 0700, safe path.
+  [ "$owner" = "$GEMM_UID" ] && gemm_open_registry "$r" 2>/dev/null && get=gemm_get
   while IFS= read -r e; do
     [ -n "$e" ] || continue
-    k=$(gemm_get "$e/node_rank"); rr=$(gemm_get "$e/run_id")
-    if [ -n "$run" ] || ! gemm_is_final "$e" || [ -n "$(gemm_pids_of "$scan" "$rr" "$k" "$owner")" ]; then
-      targets+=("$e"); owner_of[$e]=$owner
+    k=$($get "$e/node_rank"); rr=$($get "$e/run_id")
+    # What no launcher writes is no run's: skipped (and never printed as one).
+    [[ $rr =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$ && $k =~ ^[0-9]{1,9}$ ]] || continue
+    final=0; case $($get "$e/state") in exited|stopped|killed) final=1;; esac
+    pids=$(gemm_pids_of "$scan" "$rr" "$k" "$owner")
+    if [ -n "$run" ] || [ "$final" = 0 ] || [ -n "$pids" ]; then
+      targets+=("$e"); owner_of[$e]=$owner; run_of[$e]=$rr; rank_of[$e]=$k; final_of[$e]=$final
+      launcher_of[$e]=$($get "$e/launcher.pid"); child_of[$e]=$($get "$e/child.pid")
+      c=$($get "$e/container"); [[ $c =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] || c=
+      container_of[$e]=$c
+      if [ "$get" = gemm_get ]; then user_of[$e]=$(gemm_get "$e/user")
+      else theirs[$e]=1; user_of[$e]=$(gemm_user_of "$owner")
+      fi
       # Nothing of it left (its launcher died unrecorded): record it killed, exit code unknown.
-      [ -n "$(gemm_pids_of "$scan" "$rr" "$k" "$owner")" ] || vanished[$e]=1
+      [ -n "$pids" ] || vanished[$e]=1
     fi
-  done < <(gemm_entries "$r" "$run")
+  done < <(gemm_entries "$r" "$run" "$get")
 done
 if [ "${#targets[@]}" = 0 ]; then
   echo "nothing to stop on $(uname -n)${run:+ for run $run}"; exit 0
 fi
+# Writes into an entry of ours only.
+put() { [ -n "${theirs[$1]-}" ] || gemm_put "$1/$2" "$3"; }
 # Are any of the targets' processes (launchers included) still there? Refreshes $scan.
 any_alive() {
   local e
   scan=$(gemm_scan)
   for e in "${targets[@]}"; do
-    [ -n "$(gemm_pids_of "$scan" "$(gemm_get "$e/run_id")" "$(gemm_get "$e/node_rank")" "${owner_of[$e]}")" ] && return 0
+    [ -n "$(gemm_pids_of "$scan" "${run_of[$e]}" "${rank_of[$e]}" "${owner_of[$e]}")" ] && return 0
   done
   return 1
+}
+# Signal one entry's processes: host pids from the scan (container processes included when this
+# user may see them) and, for a dockerized run, the same scan inside the container, because a
+# killed `docker exec` client leaves its process running there. $3: a pid to spare (the launcher).
+signal_entry() {
+  local e=$1 sig=$2 spare=${3:-} p st
+  while read -r p st; do
+    [ -n "$p" ] && [ "$p" != "$spare" ] && gemm_kill "$sig" "$p" "$st"
+  done < <(gemm_procs_of "$scan" "${run_of[$e]}" "${rank_of[$e]}" "${owner_of[$e]}")
+  if [ -n "${container_of[$e]}" ]; then
+    docker exec "${container_of[$e]}" sh -c "$GEMM_SCAN_KILL" gemm-kill "$sig" "${run_of[$e]}" \
+      "${rank_of[$e]}" >/dev/null 2>&1 &
+  fi
 }
 kill_all() {  # $1: also the launchers (1) or spare them so they record the end (0)
   local e spare
   for e in "${targets[@]}"; do
-    spare=; [ "$1" = 1 ] || spare=$(gemm_get "$e/launcher.pid" | cut -d' ' -f1)
-    gemm_signal_entry "$e" KILL "$spare" "$scan" "${owner_of[$e]}"
+    spare=; [ "$1" = 1 ] || spare=${launcher_of[$e]%% *}
+    signal_entry "$e" KILL "$spare"
   done
   wait
 }
 escalated=0
 if [ "$mode" = kill ]; then
-  for e in "${targets[@]}"; do gemm_put "$e/stop_requested" kill; done
+  for e in "${targets[@]}"; do put "$e" stop_requested kill; done
   kill_all 1; escalated=1
 else
   for e in "${targets[@]}"; do
-    gemm_is_final "$e" || gemm_put "$e/stop_requested" stop
-    r=$(gemm_get "$e/run_id"); k=$(gemm_get "$e/node_rank"); o=${owner_of[$e]}
-    if proc=$(gemm_recorded_proc "$e/launcher.pid" "$scan" "$r" "$k" "$o"); then
+    [ "${final_of[$e]}" = 1 ] || put "$e" stop_requested stop
+    r=${run_of[$e]} k=${rank_of[$e]} o=${owner_of[$e]}
+    if proc=$(gemm_live_proc "${launcher_of[$e]}" "$scan" "$r" "$k" "$o"); then
       # The launcher forwards SIGTERM to torchrun's process group (in the container too) and
       # records how it ended; torchrun passes it to its workers once.
       gemm_kill TERM $proc
-    elif proc=$(gemm_recorded_proc "$e/child.pid" "$scan" "$r" "$k" "$o"); then
+    elif proc=$(gemm_live_proc "${child_of[$e]}" "$scan" "$r" "$k" "$o"); then
       # No launcher to forward it: torchrun's group, while its leader is still the one recorded.
       [ "$(gemm_start_time "${proc% *}")" = "${proc#* }" ] && kill -s TERM -- "-${proc% *}" 2>/dev/null
     else
-      gemm_signal_entry "$e" TERM "" "$scan" "$o"
+      signal_entry "$e" TERM ""
     fi
   done
   wait
@@ -373,7 +416,9 @@ else
   while [ "$i" -lt "$grace_polls" ] && any_alive; do sleep 0.2; i=$((i+1)); done
   if any_alive; then
     escalated=1
-    for e in "${targets[@]}"; do gemm_is_final "$e" || gemm_put "$e/stop_requested" kill; done
+    for e in "${targets[@]}"; do
+      [ -n "${theirs[$e]-}" ] || gemm_is_final "$e" || gemm_put "$e/stop_requested" kill
+    done
     kill_all 0
     i=0
     while [ "$i" -lt LAUNCHER_RECORD_POLLS ] && any_alive; do sleep 0.2; i=$((i+1)); done
@@ -384,18 +429,25 @@ i=0
 while [ "$i" -lt KILL_CONFIRM_POLLS ] && any_alive; do kill_all 1; sleep 0.2; i=$((i+1)); done
 status=0
 for e in "${targets[@]}"; do
-  r=$(gemm_get "$e/run_id"); k=$(gemm_get "$e/node_rank")
-  if [ -n "${vanished[$e]-}" ]; then gemm_finalize "$e" killed ""
-  elif [ "$escalated" = 1 ]; then gemm_finalize "$e" killed 137
-  else gemm_finalize "$e" stopped 143
+  r=${run_of[$e]} k=${rank_of[$e]}
+  if [ -n "${vanished[$e]-}" ]; then state=killed code=
+  elif [ "$escalated" = 1 ]; then state=killed code=137
+  else state=stopped code=143
+  fi
+  if [ -n "${theirs[$e]-}" ]; then
+    recorded=no
+  else
+    recorded=yes
+    gemm_finalize "$e" "$state" "$code"
+    state=$(gemm_get "$e/state") code=$(gemm_get "$e/exit_code")
   fi
   left=$(gemm_pids_of "$scan" "$r" "$k" "${owner_of[$e]}" | tr '\n' ',' | sed 's/,$//')
   if [ -n "$left" ]; then
     status=1
     echo "run $r node $k: pid(s) $left survived SIGKILL (uninterruptible sleep? see ps -o stat)" >&2
   fi
-  printf 'stopped run=%s node=%s state=%s exit_code=%s survivors=%s user=%s\n' "$r" "$k" \
-    "$(gemm_get "$e/state")" "$(gemm_get "$e/exit_code")" "${left:--}" "$(gemm_get "$e/user")"
+  printf 'stopped run=%s node=%s state=%s exit_code=%s survivors=%s recorded=%s user=%s\n' "$r" \
+    "$k" "$state" "$code" "${left:--}" "$recorded" "${user_of[$e]//[[:space:]]/_}"
 done
 exit "$status"
 """
@@ -542,19 +594,24 @@ def render_node_launcher(
     container: str | None,
     venv: str | None,
     venv_required: bool = True,
+    master_port: int | str = "",
+    ranks_dir: str | None = None,
 ) -> str:
     """The node launcher (bash), one file for every node: `bash node_launcher.sh NODE_RANK`.
 
     It adds `--node-rank=<rank>` right after torchrun_argv[0] and runs
-    `[wrapper_argv...] torchrun --node-rank=<rank> torchrun_argv[1:]...` in `workdir` with env.sh
-    sourced, bare (venv activated) or through `docker exec` into `container`. A venv that is
-    not `venv_required` (the <workdir>/.venv default) is activated only where it exists.
+    `[wrapper_argv...] torchrun --node-rank=<rank> torchrun_argv[1:]...` in `ranks_dir`
+    (default: `workdir`; an entry script's own directory) with env.sh sourced, bare (venv
+    activated) or through `docker exec` into `container`. A venv that is not `venv_required`
+    (the <workdir>/.venv default) is activated only where it exists.
+    On node 0 it refuses to start torchrun while someone listens on `master_port`, naming them.
     """
     validate_run_id(run_id)
     _registry_arg(registry_dir)
+    ranks_dir = ranks_dir or workdir
     for value, what in ((run_dir, "run_dir"),
                         (output_dir, "output_dir"), (env_script, "env_script"),
-                        (workdir, "workdir")):
+                        (workdir, "workdir"), (ranks_dir, "ranks_dir")):
         validate_node_path(value, what)
     if venv is not None:
         validate_node_path(venv, "venv")
@@ -573,13 +630,15 @@ def render_node_launcher(
         output_dir=output_dir,
         env_script=env_script,
         workdir=workdir,
+        ranks_dir=ranks_dir,
         torchrun_argv=list(torchrun_argv),
         wrapper_argv=list(wrapper_argv or []),
         container=container or "",
         venv=venv or "",
         venv_required=venv_required,
         command_json=json.dumps([*(wrapper_argv or []), *torchrun_argv]),
-        shell_lib=SHELL_LIB,
+        master_port=master_port,
+        shell_lib=SHELL_LIB + PORT_HOLDERS_SH,
     )
 
 
@@ -678,6 +737,8 @@ class StopOutcome:
     exit_code: int | None
     survivors: tuple[int, ...]
     user: str | None = None      # whose run it was (emergency-stop --all-users reaches others')
+    # False for another user's entry (root's --all-users): signalled, never written to.
+    recorded: bool = True
 
 
 def parse_stop_output(text: str) -> list[StopOutcome]:
@@ -697,6 +758,7 @@ def parse_stop_output(text: str) -> list[StopOutcome]:
             exit_code=_int_or_none(fields.get("exit_code")),
             survivors=tuple(int(p) for p in survivors.split(",") if p.isdigit()),
             user=fields.get("user") or None,
+            recorded=fields.get("recorded") != "no",
         ))
     return outcomes
 

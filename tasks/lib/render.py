@@ -59,6 +59,8 @@ def render_env_script(
     run_id: str,
     common_env: Mapping[str, object],
     node_env: Sequence[Mapping[str, object]],
+    master_port: int | str | None = None,
+    rendezvous_secret: str | None = None,
     secret_patterns: Sequence[str] = DEFAULT_SECRET_ENV_PATTERNS,
     masked: bool = False,
 ) -> str:
@@ -68,6 +70,10 @@ def render_env_script(
     per-node value (the socket interface resolved on that host) wins over a common one (a preset's
     NCCL_SOCKET_IFNAME). An unknown NODE_RANK makes sourcing fail instead of running
     half-configured.
+
+    The master port (torchrun's PET_MASTER_PORT) and the run's rendezvous secret (`fab launch`
+    gives both) are here and in no argv (train/rendezvous.py); the secret is in no list of
+    variables the ranks record, and `masked` shows it as "***".
 
     Variables whose name matches `secret_patterns` (tasks.lib.masking) are listed in
     GEMM_MASKED_VARS, so the ranks record them as "***"; `masked` renders the controller's copy,
@@ -94,6 +100,8 @@ def render_env_script(
         node_env=node_items,
         env_var_names=" ".join(names),
         masked_var_names=" ".join(secrets),
+        master_port=master_port,
+        rendezvous_secret=MASK if masked and rendezvous_secret is not None else rendezvous_secret,
     )
 
 

@@ -14,12 +14,17 @@ Schema (version 1), top level:
   nodes [{node_rank, host, hostname, address, ifname, gpus, gpu_names, commit, branch, ranks,
           launcher_pid, state, exit_code, started_at, ended_at, steps_done, steps_total, log,
           collected, collect_error, collect_refused}],
-  first_failure {node_rank, host, ranks, exit_code, reason, at, last_lines} | null (a push or
-    start failure: reason "<phase> failed on node N (host)", last_lines one line per host),
+  first_failure {node_rank, host, ranks, exit_code, reason, at, last_lines, basis, evidence,
+    consequences} | null (a push or start failure: reason "<phase> failed on node N (host)",
+    last_lines one line per host; a rank's failure: the rank the others waited for, basis and
+    evidence say why (tasks/lib/blame.py), consequences the waiting ranks' errors),
   headline {metric: value} (from summary.json, when there is one),
-  timings {phase: seconds} (validate, probe, busy_check, render, push, start, watch, collect),
+  timings {phase: seconds} (validate, probe, rendezvous, busy_check, render, push, start, watch,
+    collect),
   hang {first_stalled_ranks, basis, suspect_ranks, rank_steps, stalled_for_s, timeout_s,
-        detected_at, diagnostics} | null (when the watchdog stopped a run that made no progress).
+        detected_at, diagnostics, startup} | null (when the watchdog stopped a run that made no
+    progress; startup: the start-up watch's record when it was stuck before its first step:
+    rule, phase, missing, ranks, nodes, limit_s, waited_s, detail, headline, phases).
 """
 from __future__ import annotations
 
@@ -32,8 +37,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tasks.lib.blame import WaitSign, is_error_line, line_rank, waiting_sign
 from tasks.lib.localfs import name_problem, shown_name
 from tasks.lib.quoting import sh_quote
+from tasks.lib.untrusted import finite_number, plain_int, short_text
 from tasks.lib.watchdog import STEP_LINE
 
 SCHEMA_VERSION = 1
@@ -91,6 +98,11 @@ class Failure:
     reason: str
     at: str
     last_lines: list[str]
+    # Why this rank is blamed (tasks/lib/blame.py: own failure, store keys, peer address, ...),
+    # what shows it, and the errors of the ranks that failed waiting for it.
+    basis: str | None = None
+    evidence: list[str] = field(default_factory=list)
+    consequences: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -269,6 +281,22 @@ def parse_progress(line: str) -> tuple[int, int] | None:
     return (int(match.group("step")), int(match.group("total"))) if match else None
 
 
+def last_progress(block: str) -> tuple[int, int] | None:
+    """parse_progress of the last progress line in a block of lines ("\\n"-joined), found
+    from the end with str.rfind: a block of ten thousand lines costs no Python loop over them."""
+    end = len(block)
+    while end > 0:
+        found = max(block.rfind(word, 0, end) for word in ("step", "Step", "STEP"))
+        if found < 0:
+            return None
+        start = block.rfind("\n", 0, found) + 1
+        stop = block.find("\n", found)
+        if (progress := parse_progress(block[start:stop if stop >= 0 else len(block)])):
+            return progress
+        end = start
+    return None
+
+
 def exit_reason(state: str, exit_code: int | None) -> str:
     """One phrase for how a node ended."""
     if state == "lost":
@@ -289,32 +317,43 @@ HEADLINE_METRICS: tuple[tuple[str, str], ...] = (
     ("exposed_comm_ms", "exposed comm ms"),
     ("overlap_fraction", "overlap"),
     ("gemm_tflops", "GEMM TFLOP/s"),
-    ("busbw_gbps", "busbw GB/s"),
+    ("stream_busbw_gbps", "busbw GB/s (stream events)"),
+    ("kernel_busbw_gbps", "busbw GB/s (kernel-active)"),
     ("contention_slowdown", "contention slowdown"),
 )
 
 
 def headline_metrics(summary: Mapping[str, Any]) -> dict[str, Any]:
     """Medians of the summary's aggregates, plus status and step counts, for the final table."""
+    # summary.json comes from a node: only values of the expected kinds are kept (a string
+    # where a number belongs must not break the table, nor a 4000-digit integer a float()).
     headline: dict[str, Any] = {
-        "status": summary.get("status"),
-        "world_size": summary.get("world_size"),
-        "backend": summary.get("backend"),
-        "steps_completed": summary.get("steps_completed"),
-        "steps_per_s": summary.get("steps_per_s"),
+        "status": short_text(summary.get("status"), 40),
+        "world_size": plain_int(summary.get("world_size")),
+        "backend": short_text(summary.get("backend"), 40),
+        "steps_completed": plain_int(summary.get("steps_completed")),
+        "steps_per_s": finite_number(summary.get("steps_per_s")),
     }
     for key, _ in HEADLINE_METRICS:
         value = summary.get(key)
-        headline[key] = value.get("median") if isinstance(value, Mapping) else None
+        headline[key] = finite_number(value.get("median")) if isinstance(value, Mapping) else None
     return headline
 
 
 # -- failure evidence in the nodes' output -------------------------------------------------------
 
-_AGENT_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
-_AGENT_CLOSING = re.compile(r"Sending process \d+ closing signal")
+# ASCII digits, bounded: a node's line is its own word ("\d" also takes "٣", and int() of a
+# 5000-digit number raises).
+_AGENT_FAILED = re.compile(r"failed \(exitcode: (-?[0-9]{1,9})\) local_rank: ([0-9]{1,9})\b")
+_AGENT_CLOSING = re.compile(r"Sending process [0-9]+ closing signal")
 AGENT_DEATH_SIGNAL = re.compile(r"Received \S+ death signal")
-_RANK_FAILED = re.compile(r"train: rank (\d+) failed: (.*)")
+_RANK_FAILED = re.compile(r"train: rank ([0-9]{1,9}) failed: (.*)")
+# A block of lines without any of these holds no failure sign: the watcher looks at lines one by
+# one only when one is in it (str's search runs at memory speed; classify_line costs ~2 us a
+# line, and a verbose node sends ~500 000 lines a second). A superset of what classify_line
+# matches, a Python exception's last line ("...Error: ", "...Exception: ") included: keep it one.
+FAILURE_HINTS = ("failed (exitcode: ", "closing signal", "death signal", "train: rank ",
+                 "Error: ", "Exception: ")
 
 
 @dataclass
@@ -323,20 +362,26 @@ class Evidence:
 
     node_rank: int
     at: float                  # monotonic
-    kind: str        # rank-signal | rank-exit | agent-stopping | rank-error | node-exit | lost
+    # rank-signal | rank-exit | agent-stopping | rank-error | rank-waiting (failed waiting for a
+    # peer: tasks/lib/blame.py) | node-exit | lost
+    kind: str
     rank: int | None
     exit_code: int | None
     line: str
+    waits: WaitSign | None = None
 
 
 def classify_line(line: str, node_rank: int, nproc: int, at: float,
-                  stopping_from_outside: bool) -> Evidence | None:
+                  stopping_from_outside: bool, world_size: int | None = None) -> Evidence | None:
     """Failure signs in torchrun's and train's output.
 
     torchrun's agent logs "Sending process N closing signal" as soon as a local rank died (it then
     waits for the others, up to 30 s) and "failed (exitcode: X) local_rank: L" after; the same
     closing lines follow "Received SIGTERM death signal" when the node was told to stop, which
-    is not a failure of its own.
+    is not a failure of its own. A rank's error that says it was waiting for a peer (a store
+    key, a closed pair, a collective timeout) is "rank-waiting": a consequence, whose cause
+    tasks/lib/blame.py looks for. Error lines without a rank (a traceback's last line) are
+    returned with rank None: context for the blame, not a failure sign by themselves.
     """
     if stopping_from_outside:
         return None
@@ -346,16 +391,41 @@ def classify_line(line: str, node_rank: int, nproc: int, at: float,
                         node_rank * nproc + local_rank, code, line)
     if _AGENT_CLOSING.search(line):
         return Evidence(node_rank, at, "agent-stopping", None, None, line)
+    # train's own failure line counts wherever it sits in the line (after a node's escape
+    # sequences, say); other error lines only at its start, as Python prints an exception.
+    if not is_error_line(line) and not _RANK_FAILED.search(line):
+        return None
+    rank = line_rank(line)
+    waits = waiting_sign(line, world_size or 1 << 30)
+    if waits is not None:
+        return Evidence(node_rank, at, "rank-waiting", rank, None, line, waits)
     if (match := _RANK_FAILED.search(line)):
         return Evidence(node_rank, at, "rank-error", int(match.group(1)), None, line)
+    if rank is not None:
+        return Evidence(node_rank, at, "rank-error", rank, None, line)
     return None
+
+
+def is_failure_sign(evidence: Evidence) -> bool:
+    """Whether this evidence alone says the run failed (a waiting error without a rank is a
+    traceback's last line: context for the blame, which its rank's own line or torchrun's
+    report of the exit will confirm)."""
+    return not (evidence.kind == "rank-waiting" and evidence.rank is None)
 
 
 def choose_first_failure(evidence: Sequence[Evidence]) -> Evidence:
     """The culprit among near-simultaneous failures: a rank killed by a signal did not die because
     of a peer (peers raise errors, they are not signalled), so it wins; otherwise the earliest."""
     signalled = [e for e in evidence if e.kind == "rank-signal"]
-    return min(signalled or evidence, key=lambda e: e.at)
+    first = min(signalled or evidence, key=lambda e: e.at)
+    if first.kind == "agent-stopping":
+        # torchrun's agent starts closing the node's ranks as soon as one exited, and names it
+        # ("failed (exitcode: 1) local_rank: L") only once they are closed: that one is the
+        # culprit (a program without our `train: rank N failed` lines has no earlier name).
+        named = [e for e in evidence if e.node_rank == first.node_rank and e.kind == "rank-exit"]
+        if named:
+            return min(named, key=lambda e: e.at)
+    return first
 
 
 def failure_reason(culprit: Evidence) -> str:
@@ -430,6 +500,7 @@ __all__ = [
     "RunRecord", "NodeRecord", "Failure", "RunRecordError", "new_record", "global_ranks",
     "now_iso", "parse_progress", "exit_reason", "headline_metrics", "HEADLINE_METRICS",
     "SCHEMA_VERSION", "RUN_JSON", "FINAL_NODE_STATES", "Evidence", "classify_line",
-    "choose_first_failure", "failure_reason", "AGENT_DEATH_SIGNAL", "list_files_command",
+    "choose_first_failure", "failure_reason", "AGENT_DEATH_SIGNAL", "FAILURE_HINTS",
+    "last_progress", "list_files_command", "is_failure_sign",
     "parse_file_list", "FileListing", "refusal_line", "write_json_atomic",
 ]

@@ -17,6 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from tasks.lib.entry import Entry, EntryError, resolve_entry
+from tasks.lib.objective import MetricError, parse_metric
 from tasks.lib.profiling import (
     ProfilerChoice,
     ProfilingError,
@@ -68,9 +70,13 @@ RESERVED_ENV: dict[str, str] = {
     "RCCL_THREADS_PER_BLOCK": "--threads", "NCCL_NTHREADS": "--threads",
     "NCCL_SOCKET_IFNAME": "cluster.socket_ifname", "GLOO_SOCKET_IFNAME": "cluster.socket_ifname",
     "MASTER_ADDR": "the inventory's first host", "MASTER_PORT": "--master-port",
+    "GEMM_RENDEZVOUS_SECRET": "the launch",
     "NODE_RANK": "the inventory order", "RANK": "torchrun", "LOCAL_RANK": "torchrun",
     "WORLD_SIZE": "--nproc and the inventory", "LOCAL_WORLD_SIZE": "--nproc",
     "GEMM_RUN_ID": "the launch", "GEMM_NODE_RANK": "the launch",
+    "GEMM_OUTPUT_DIR": "the launch (the run's output directory)",
+    "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "the launch (it marks each line with its rank)",
+    "PET_LOG_DIR": "the launch (torchrun's per-rank logs go to the output directory)",
 }
 # The launch points training.output_dir at the run directory; collection depends on it.
 RESERVED_OVERRIDES: tuple[str, ...] = ("training.output_dir",)
@@ -107,6 +113,8 @@ class LaunchFlags:
     detach: bool = False
     dry_run: bool = False
     force: bool = False
+    entry: object = None             # your own training (tasks/lib/entry.py); None: -m train
+    metric: str | None = None        # the objective of an entry run (tasks/lib/objective.py)
 
 
 @dataclass(frozen=True)
@@ -117,7 +125,7 @@ class RunSpec:
     threads: int
     nproc: int | Literal["auto"]
     config: str                      # as resolved (relative to the checkout, or absolute)
-    config_path: Path                # the file on the controller, validated
+    config_path: Path | None         # the file on the controller, validated (None: an entry)
     overrides: tuple[str, ...]       # user overrides, one section.key=value each
     env: tuple[tuple[str, str], ...]  # --env pairs in order
     accelerator: Accelerator
@@ -136,6 +144,16 @@ class RunSpec:
     # The hang limit is the launch's default (below distributed.timeout_s) and shrinks to a
     # multiple of the slowest step once steps are seen (tasks.lib.watchdog).
     hang_auto: bool = False
+    entry: Entry | None = None       # your own training instead of our train package
+    metric: str | None = None        # the objective of an entry run, as given (validated)
+
+    @property
+    def entry_display(self) -> str:
+        """What the ranks run, as typed after torchrun (the launch's first line)."""
+        if self.entry is not None:
+            return self.entry.display
+        overrides = " ".join(f"--override {pair}" for pair in self.train_overrides)
+        return f"-m train --config {self.config}" + (f" {overrides}" if overrides else "")
 
     @property
     def output_dir_name(self) -> str:
@@ -162,6 +180,8 @@ class RunSpec:
             "hang_timeout": self.hang_timeout, "hang_auto": self.hang_auto,
             "pin_channels": self.pin_channels, "detach": self.detach, "force": self.force,
             "sources": dict(self.sources),
+            "entry": self.entry.record() if self.entry is not None else None,
+            "metric": self.metric,
         }
 
 
@@ -288,7 +308,14 @@ def resolve_run_spec(
     channels, threads, nproc = values.channels, values.threads, values.nproc
     master_port, config_text, hang_timeout = values.master_port, values.config, values.hang_timeout
     overrides = parse_overrides(flags.overrides)
-    env = parse_env_pairs(flags.env)
+    env = parse_env_pairs(flags.env, environ)
+    entry = resolve_entry_value(flags, config, project_root, sources)
+    metric = flags.metric or config.get("metric") or None
+    if metric is not None:
+        try:
+            parse_metric(metric)
+        except MetricError as err:
+            raise RunSpecError(str(err)) from None
 
     nccl_preset = flags.nccl_preset or config.get("nccl_preset") or None
     sources["nccl_preset"] = "flag" if flags.nccl_preset else ("config" if nccl_preset else "none")
@@ -319,16 +346,23 @@ def resolve_run_spec(
         if not rocprof_input.is_file():
             raise RunSpecError(f"--rocprof-input {flags.rocprof_input}: no such file")
 
-    config_path = _project_file(config_text, project_root)
-    (validate_config or load_train_config)(
-        config_path, overrides + tuple(torch_profile_overrides(profilers)))
+    warnings = [*preset_warnings, *thread_warnings(threads, accelerator)]
+    config_path: Path | None = None
+    if entry is None:
+        config_path = _project_file(config_text, project_root)
+        (validate_config or load_train_config)(
+            config_path, overrides + tuple(torch_profile_overrides(profilers)))
+    else:
+        warnings += entry_warnings(entry, flags, sources, overrides, profilers)
 
     docker = docker_default if flags.docker is None else bool(flags.docker)
     sources["docker"] = "built-in" if flags.docker is None else "flag"
 
-    warnings = [*preset_warnings, *thread_warnings(threads, accelerator)]
-    collective_timeout = collective_timeout_s(config_path, overrides)
-    hang_auto = sources.get("hang_timeout") == "built-in" and hang_timeout > 0
+    collective_timeout = collective_timeout_s(config_path, overrides) if config_path else None
+    # An entry's progress is its output lines, not steps: no step-derived limit (a quiet
+    # evaluation would read as a hang).
+    hang_auto = (sources.get("hang_timeout") == "built-in" and hang_timeout > 0
+                 and entry is None)
     if hang_auto:
         hang_timeout = default_hang_timeout(hang_timeout, collective_timeout)
     elif (warning := hang_timeout_warning(hang_timeout, collective_timeout)):
@@ -341,6 +375,7 @@ def resolve_run_spec(
         profilers=profilers, rocprof_input=rocprof_input, hang_timeout=hang_timeout,
         pin_channels=pin_channels, detach=flags.detach, dry_run=flags.dry_run,
         force=flags.force, sources=sources, warnings=tuple(warnings), hang_auto=hang_auto,
+        entry=entry, metric=metric,
     )
 
 
@@ -370,6 +405,44 @@ def preset_launch_values(name: str, preset: Mapping[str, str], channels: int, th
     if wanted_channels is not None and sources.get("channels") == where:
         pin_channels = preset.get("NCCL_MIN_NCHANNELS") == wanted_channels
     return channels, threads, pin_channels, warnings
+
+
+def resolve_entry_value(flags: LaunchFlags, config: Mapping[str, Any], project_root: Path,
+                        sources: dict[str, str]) -> Entry | None:
+    """--entry, else launch.entry, validated (tasks.lib.entry); None: our train package."""
+    value, where = flags.entry, "--entry"
+    if value in (None, "", [], ()):
+        value, where = config.get("entry"), "launch.entry"
+    if value in (None, "", [], ()):
+        sources["entry"] = "built-in"
+        return None
+    sources["entry"] = "flag" if where == "--entry" else "config"
+    try:
+        return resolve_entry(value, project_root, what=where)
+    except EntryError as err:
+        raise RunSpecError(str(err)) from None
+
+
+def entry_warnings(entry: Entry, flags: LaunchFlags, sources: Mapping[str, str],
+                   overrides: Sequence[str], profilers: ProfilerChoice) -> list[str]:
+    """The train package's flags mean nothing to another program: given on the command line
+    they are refused; a default from the config or the environment is said to be unused."""
+    given = [name for name, value in (("--config", flags.config), ("--override", overrides),
+                                      ("--torch-profile", profilers.torch_profile)) if value]
+    if given:
+        raise RunSpecError(
+            f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} the train package's and "
+            f"--entry runs your own program: give its options in the entry itself, e.g. "
+            f"--entry \"{entry.argv[0]} --config my.yaml\" (files next to the script are "
+            "pushed with it), and have it write profiler traces under $GEMM_OUTPUT_DIR")
+    warnings = []
+    if sources.get("config") not in (None, "built-in"):
+        warnings.append(f"{sources['config'].removeprefix('env ')} names a train package config; "
+                        "with --entry it is not used")
+    if entry.skipped:
+        shown = ", ".join(entry.skipped[:5]) + (" ..." if len(entry.skipped) > 5 else "")
+        warnings.append(f"entry: not pushed (symlinks or special files): {shown}")
+    return warnings
 
 
 def collective_timeout_s(config_path: Path, overrides: Sequence[str]) -> float | None:
@@ -462,19 +535,32 @@ def parse_hang_timeout(value: object, what: str = "--hang-timeout") -> float:
     return seconds
 
 
-def parse_env_pairs(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
-    """--env KEY=VALUE items; the value is kept byte for byte (quotes, $(...), newlines)."""
+def parse_env_pairs(items: Sequence[str],
+                    environ: Mapping[str, str] | None = None) -> tuple[tuple[str, str], ...]:
+    """--env KEY=VALUE items; the value is kept byte for byte (quotes, $(...), newlines).
+
+    `--env KEY` alone takes KEY's value from `environ` (this process's environment), as
+    `docker run -e KEY` does: a secret given so never sits in an argv (`ps` shows every user
+    the command line of `fab` itself), and `fab launch --slurm` hands its batch job secrets
+    that way (tasks/run/submit.py)."""
     pairs: dict[str, str] = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep:
-            raise RunSpecError(f"--env {item!r} is not KEY=VALUE (e.g. --env NCCL_DEBUG=INFO)")
+        if not sep and environ is not None and is_env_name(name) and name in environ:
+            value = environ[name]
+        elif not sep:
+            raise RunSpecError(f"--env {item!r} is not KEY=VALUE (e.g. --env NCCL_DEBUG=INFO), "
+                               "nor the name of a variable set in this environment")
         if not is_env_name(name):
             raise RunSpecError(f"--env {name!r} is not a valid variable name (letters, digits "
                                "and _, not starting with a digit)")
         if name in RESERVED_ENV:
             raise RunSpecError(f"--env {name} is set by the launch; "
                                f"use {RESERVED_ENV[name]} instead")
+        if name.startswith("PET_"):
+            # torchrun's flags from the environment: one could switch its rendezvous to the
+            # c10d backend, whose state torchrun unpickles from a store anyone can write.
+            raise RunSpecError(f"--env {name}: torchrun's settings (PET_*) are the launch's")
         if name in pairs:
             raise RunSpecError(f"--env {name} is given twice; keep one")
         if "\0" in value:
@@ -607,20 +693,29 @@ def torchrun_argv(
     nnodes: int,
     nproc: int | str,          # str only for --dry-run's placeholders
     master_addr: str,
-    master_port: int | str,
     config_path: str,
     output_dir: str,
     overrides: Sequence[str],
+    entry: Sequence[str] | None = None,
 ) -> list[str]:
     """torchrun for one node, the node rank left out: the node launcher adds it (same file on
-    every node). No restarts: a failed rank must end the run so fail-fast sees it."""
+    every node). No restarts: a failed rank must end the run so fail-fast sees it.
+
+    No master port: torchrun reads it from PET_MASTER_PORT, which env.sh sets. An argv is
+    readable by every user of the node, and whoever binds that port first serves the store
+    our other nodes join (train/rendezvous.py, docs/SECURITY.md).
+    entry: what runs instead of `-m train` (tasks.lib.entry.entry_argv); its ranks' output is
+    teed to per-rank files and marked with the rank in the node's log (--tee=3)."""
     argv = [
         "torchrun",
         f"--nnodes={nnodes}",
         f"--nproc-per-node={nproc}",
         f"--master-addr={master_addr}",
-        f"--master-port={master_port}",
         "--max-restarts=0",
+    ]
+    if entry is not None:
+        return [*argv, "--tee=3", *entry]
+    argv += [
         "-m", "train",
         "--config", config_path,
         "--override", f"training.output_dir={output_dir}",

@@ -108,6 +108,12 @@ class LaunchSettings:
     nccl_preset: str | None = None          # ib | ethernet | debug (config/nccl/<name>.yaml)
     hang_timeout: float = 600.0             # seconds without progress before the watchdog acts
     stop_grace: float = 15.0                # SIGTERM to SIGKILL, seconds
+    # Your own training instead of `-m train` (tasks/lib/entry.py): "train.py --config my.yaml",
+    # "-m pkg.train ARGS", or the same as a list of arguments. None: our GEMM experiment.
+    entry: str | tuple | None = None
+    # The objective of a sweep of an entry (tasks/lib/objective.py): "trace", a regex with one
+    # group, or "json:FIELD" in the ranks' output lines; "max:" first when higher is better.
+    metric: str | None = None
     # --env variables whose name contains one of these (any case) are shown and recorded as ***
     secret_env_patterns: tuple = DEFAULT_SECRET_ENV_PATTERNS
 

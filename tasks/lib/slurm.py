@@ -383,13 +383,16 @@ class BatchRequest:
 
 
 def render_batch_script(request: BatchRequest, *, launch_argv: Sequence[str], workdir: str,
-                        env: Mapping[str, str] | None = None) -> str:
+                        env: Mapping[str, str] | None = None,
+                        source_once: str | None = None) -> str:
     """The batch script: `cd workdir && exec <launch_argv>` inside the allocation.
 
     #SBATCH lines hold only validated values (sbatch parses them itself, not the shell); the
     command and every environment value are shell-quoted. `launch_argv` is the same
     `fab ... launch ...` the user typed, minus --slurm and its options: inside the allocation
-    the launch finds SLURM_JOB_ID and starts its step with srun.
+    the launch finds SLURM_JOB_ID and starts its step with srun. `env` is for values anyone may
+    read: Slurm keeps the script with the job. Secrets go in `source_once`, a file the script
+    sources (bash reads it: no argv holds a value) and removes before the launch starts.
     """
     if not launch_argv:
         raise SlurmError("the batch script needs the launch command")
@@ -404,6 +407,9 @@ def render_batch_script(request: BatchRequest, *, launch_argv: Sequence[str], wo
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
             raise SlurmError(f"not an environment variable name: {key!r}")
         lines.append(f"export {key}={sh_quote(value)}")
+    if source_once is not None:
+        lines += ["# --env secrets: exported from a file of this user's alone, then removed.",
+                  f". {sh_quote(source_once)}", f"rm -f -- {sh_quote(source_once)}"]
     lines.append(f"exec {sh_join(launch_argv)}")
     return "\n".join(lines) + "\n"
 

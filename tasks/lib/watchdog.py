@@ -9,20 +9,24 @@ often tie: the diagnostics (process states, stacks) narrow that down afterwards.
 """
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tasks.lib import untrusted
 from tasks.lib.quoting import sh_quote
 
-METRICS_FILE = re.compile(r"rank_(\d+)_metrics\.jsonl$")
-# "step 12/100", optionally prefixed by "[rank 3]" or "rank 3:" (torchrun's --tee prefixes "[3]:").
-STEP_LINE = re.compile(
-    r"(?:\[(?:rank\s*)?(?P<rank1>\d+)\]\s*:?|\brank\s*(?P<rank2>\d+)\s*[:|])?.*?\bstep\s+(?P<step>\d+)\s*/\s*(?P<total>\d+)",
-    re.IGNORECASE,
-)
+METRICS_FILE = re.compile(r"rank_([0-9]{1,9})_metrics\.jsonl$")
+# "step 12/100" anywhere in a line, optionally prefixed by "[rank 3]" or "rank 3:" at its start
+# (torchrun's --tee prefixes "[3]:"). Two patterns, each linear in the line: one pattern with
+# ".*?" between prefix and step retried the rest of the line from every position (a 16 KiB
+# line without "step" took 1.5 s, a hostile 44 KiB one 25 s). ASCII digits, bounded.
+STEP_LINE = re.compile(r"\bstep\s+(?P<step>[0-9]{1,12})\s*/\s*(?P<total>[0-9]{1,12})(?![0-9])",
+                       re.IGNORECASE)
+RANK_PREFIX = re.compile(
+    r"\[(?:rank\s*)?(?P<rank1>[0-9]{1,9})\]\s*:?|\brank\s*(?P<rank2>[0-9]{1,9})\s*[:|]",
+    re.IGNORECASE)
 
 
 @dataclass
@@ -212,17 +216,19 @@ def parse_progress_line(line: str) -> tuple[int, int] | None:
     text = line.strip()
     if text.startswith("{"):
         try:
-            record = json.loads(text)
+            record = untrusted.loads(text, max_bytes=untrusted.MAX_JSON_LINE_BYTES)
         except ValueError:
             return None
-        if isinstance(record, dict) and isinstance(record.get("rank"), int) \
-                and isinstance(record.get("step"), int):
-            return record["rank"], record["step"]
+        if isinstance(record, dict):
+            rank, step = untrusted.plain_int(record.get("rank")), untrusted.plain_int(record.get("step"))
+            if rank is not None and step is not None:
+                return rank, step
         return None
-    match = STEP_LINE.search(text)
+    prefix = RANK_PREFIX.match(text)
+    match = STEP_LINE.search(text, prefix.end() if prefix else 0)
     if not match:
         return None
-    rank = match.group("rank1") or match.group("rank2") or "0"
+    rank = (prefix.group("rank1") or prefix.group("rank2")) if prefix else "0"
     return int(rank), int(match.group("step"))
 
 
@@ -248,7 +254,8 @@ def parse_progress_poll(text: str) -> dict[int, tuple[int, int | None]]:
         if len(parts) < 2:
             continue
         match = METRICS_FILE.search(parts[0])
-        if not match or not parts[1].strip().isdigit():
+        count = untrusted.int_text(parts[1])
+        if not match or count is None or count < 0:
             continue
         # wc counts newlines, so a half-written last line is not counted and does not parse.
         step = None
@@ -257,5 +264,5 @@ def parse_progress_poll(text: str) -> dict[int, tuple[int, int | None]]:
             if parsed is not None:
                 step = parsed[1]
                 break
-        snapshot[int(match.group(1))] = (int(parts[1].strip()), step)
+        snapshot[int(match.group(1))] = (count, step)
     return snapshot

@@ -23,6 +23,7 @@ from invoke.exceptions import Exit
 
 from tasks.cluster.preflight import launch_context
 from tasks.lib.diagnostics import node_venv
+from tasks.lib.entry import FLIGHT_DIR, entry_argv, entry_bundle, entry_env, torchrun_log_env
 from tasks.lib.masking import DEFAULT_SECRET_ENV_PATTERNS, mask_assignments, mask_env
 from tasks.lib.nodefs import registry_for_uid
 from tasks.lib.probe import GIT_SAFE_OPTIONS, HostFacts
@@ -52,6 +53,8 @@ COMPOSE_FILE = "docker-compose.yaml"
 NODE_LAUNCHER = "node_launcher.sh"
 # Under srun: the run step's own output (srun's messages, the tasks' start lines), on the controller.
 STEP_OUTPUT = "srun_step.txt"
+# PyTorch's flight recorder depth for an entry's ranks (train's distributed.flight_recorder_entries).
+FLIGHT_RECORDER_ENTRIES = 2000
 
 
 # -- resolution before any host --------------------------------------------------------------------
@@ -104,6 +107,8 @@ class Plan:
     # What the controller shows and keeps of `files` where it differs: env.sh with *** for the
     # values of secret-looking variables (the nodes get the real ones).
     shown_files: dict[str, str] = field(default_factory=dict)
+    # Directories made on every node with the push (beside the files' own parents).
+    dirs: list[str] = field(default_factory=list)
 
     def shown(self, name: str) -> str:
         return self.shown_files.get(name, str(self.files[name]))
@@ -158,19 +163,38 @@ def build_plan(session: ClusterSession, spec: RunSpec, *, run_id: str, run_dir: 
                                accelerator=spec.accelerator))
     common_env.update(dict(spec.env))
     node_env = [socket_env(ifname) for ifname in ifnames]
-
-    files: dict[str, str | bytes] = {CONFIG_NAME_ON_NODE: spec.config_path.read_bytes()}
+    files: dict[str, str | bytes] = {}
+    dirs: list[str] = []
+    ranks_dir = workdir
+    if spec.entry is None:
+        files[CONFIG_NAME_ON_NODE] = spec.config_path.read_bytes()
+        run_argv: list[str] | None = None
+    else:
+        # Your own training: what it needs from the launch is in env.sh (every rank sources it,
+        # bare and in Docker); its directory, when outside the checkout, comes with the bundle.
+        common_env.update(entry_env(common_env, output_dir=output_dir,
+                                    accelerator=spec.accelerator,
+                                    flight_entries=FLIGHT_RECORDER_ENTRIES))
+        node_env = [{**env, **torchrun_log_env(output_dir, rank)}
+                    for rank, env in enumerate(node_env)]
+        files.update({posixpath.relpath(path, remote_run_dir): content for path, content in
+                      entry_bundle(spec.entry, remote_run_dir).items()})
+        run_argv, ranks_dir = entry_argv(spec.entry, workdir=workdir, node_run_dir=remote_run_dir)
+        dirs.append(posixpath.join(output_dir, FLIGHT_DIR))
     profilers = spec.profilers
     if spec.rocprof_input is not None:
         node_input = rocprof_input_node_path(remote_run_dir, str(spec.rocprof_input))
         files[posixpath.basename(node_input)] = spec.rocprof_input.read_bytes()
         profilers = replace(profilers, rocprof_input=node_input)
     secret_patterns = settings.launch.secret_env_patterns
+    # The run's own: every rank checks with it that node 0's store is this run's
+    # (train/rendezvous.py). It exists only in the nodes' env.sh (0600).
+    rendezvous = {"master_port": master_port, "rendezvous_secret": secrets.token_hex(32)}
     files[ENV_SCRIPT] = render_env_script(run_id=run_id, common_env=common_env, node_env=node_env,
-                                          secret_patterns=secret_patterns)
+                                          secret_patterns=secret_patterns, **rendezvous)
     shown_files = {ENV_SCRIPT: render_env_script(
         run_id=run_id, common_env=common_env, node_env=node_env, secret_patterns=secret_patterns,
-        masked=True)}
+        masked=True, **rendezvous)}
     if spec.docker:
         # A record of the container's shape (docker-up started it): the master's registry.
         uid = facts[0].uid if facts and facts[0].uid is not None else os.getuid()
@@ -178,18 +202,18 @@ def build_plan(session: ClusterSession, spec: RunSpec, *, run_id: str, run_dir: 
             docker=settings.docker, workdir=workdir,
             registry_dir=registry_for_uid(settings.cluster.registry_dir, uid))
     argv = torchrun_argv(nnodes=len(session.nodes), nproc=nproc, master_addr=master_addr,
-                         master_port=master_port,
                          config_path=posixpath.join(remote_run_dir, CONFIG_NAME_ON_NODE),
-                         output_dir=output_dir, overrides=spec.train_overrides)
+                         output_dir=output_dir, overrides=spec.train_overrides, entry=run_argv)
     wrapper = profiler_wrapper_argv(profilers, output_dir)
     venv = ranks_venv(session)
     launcher = render_node_launcher(
         run_id=run_id, registry_dir=settings.cluster.registry_dir, run_dir=remote_run_dir,
         output_dir=output_dir, env_script=posixpath.join(remote_run_dir, ENV_SCRIPT),
         workdir=workdir, torchrun_argv=[str(a) for a in argv], wrapper_argv=wrapper,
+        master_port=master_port,
         container=settings.docker.container if spec.docker else None,
         venv=None if spec.docker else venv,
-        venv_required=bool(settings.cluster.venv))
+        venv_required=bool(settings.cluster.venv), ranks_dir=ranks_dir)
 
     record = new_record(run_id=run_id, run_dir=str(run_dir), node_run_dir=remote_run_dir,
                         output_dir=spec.output_dir_name,
@@ -212,7 +236,7 @@ def build_plan(session: ClusterSession, spec: RunSpec, *, run_id: str, run_dir: 
     return Plan(spec=spec, run_id=run_id, run_dir=run_dir, node_run_dir=remote_run_dir,
                 output_dir=output_dir, nproc=nproc, torchrun=[str(a) for a in argv],
                 profilers=profilers, files=files,
-                launcher=launcher, record=record, shown_files=shown_files)
+                launcher=launcher, record=record, shown_files=shown_files, dirs=dirs)
 
 
 def masked_flags(flags: Mapping[str, Any], secret_patterns: Sequence[str]) -> dict[str, Any]:

@@ -11,6 +11,8 @@ from invoke.exceptions import Exit
 from rich.console import Console
 
 from tasks.cluster.preflight import probe_all, require_matching_checkout
+from tasks.cluster.rendezvous import check_rendezvous
+from tasks.lib.ports import held_by
 from tasks.lib.probe import CheckoutState, HostFacts, judge_cluster, judge_host
 from tasks.lib.profiling import (
     missing_tools_message,
@@ -19,6 +21,7 @@ from tasks.lib.profiling import (
     required_tools,
     tool_check_command,
 )
+from tasks.lib.rendezvous import AUTO_PORT_RANGE, master_address
 from tasks.lib.runrecord import now_iso
 from tasks.lib.runspec import RunSpec, RunSpecError, resolve_nproc
 from tasks.cluster.node_errors import describe_error
@@ -33,7 +36,6 @@ EXIT_BUSY = 3
 EXIT_HUNG = 4
 EXIT_DETACHED = 130
 
-AUTO_PORT_RANGE = (29500, 29999)
 AUTO_PORT_TRIES = 5
 
 
@@ -50,8 +52,9 @@ def probe_cluster(session: ClusterSession, spec: RunSpec) -> tuple[list[HostFact
         if facts[0].port_free is not False:
             break
         if spec.master_port:
-            raise Exit(f"launch: master port {port} is in use on {session.master.label}: pick "
-                       "another with --master-port (or auto)", code=EXIT_USAGE)
+            raise Exit(f"launch: master port {port} is in use on {session.master.label}"
+                       f"{held_by(facts[0].port_holders)}: pick another with --master-port "
+                       "(or auto)", code=EXIT_USAGE)
         port = random.randint(*AUTO_PORT_RANGE)
     else:
         raise Exit(f"launch: no free master port found on {session.master.label} after "
@@ -65,15 +68,16 @@ def launch_refusals(facts: Sequence[HostFacts], *, workdir: str, socket_ifname: 
     """What `fab check` calls an error (probe.judge_host per host, judge_cluster across hosts),
     plus launch's own rule that a dockerized run needs its container running (check only warns).
 
-    The checkout is not judged here: require_matching_checkout did that with the same facts
-    (each host is compared with its own state). nproc is resolve_nproc's to judge.
+    The checkout is not judged here: require_matching_checkout did that with the same facts (and
+    on this machine alone there is nothing to compare). nproc is resolve_nproc's to judge.
     """
     problems: list[str] = []
     for f in facts:
         own_checkout = CheckoutState(f.branch, f.commit, f.dirty, f.tree_hash, f.diff_hash)
         problems += [finding.line().removeprefix("error: ")
                      for finding in judge_host(f, local=own_checkout, workdir=workdir, nproc="auto",
-                                               docker_enabled=docker, socket_ifname=socket_ifname)
+                                               docker_enabled=docker, socket_ifname=socket_ifname,
+                                               compare_checkout=False)
                      if finding.is_error]
         if docker and f.docker_engine is not None and f.container_state != "running":
             problems.append(f"node {f.node_index} ({f.label}): container {container} is "
@@ -98,10 +102,7 @@ def check_facts(session: ClusterSession, spec: RunSpec,
         problems.append(str(err))
         nproc = 0
     master = facts[0]
-    master_addr = master.address
-    if socket_ifname:
-        master_addr = next((addr for name, addr in master.interfaces if name == socket_ifname),
-                           master_addr)
+    master_addr = master_address(facts, socket_ifname)
     if session.inventory.is_local:
         master_addr = "127.0.0.1"  # one node: rendezvous never leaves this machine
     if not master_addr:
@@ -110,6 +111,32 @@ def check_facts(session: ClusterSession, spec: RunSpec,
         raise Exit("launch: refused before starting anything:\n  " + "\n  ".join(problems),
                    code=EXIT_USAGE)
     return nproc, ifnames, str(master_addr)
+
+
+def prove_rendezvous(session: ClusterSession, spec: RunSpec, facts: Sequence[HostFacts],
+                     port: int, console: Console) -> int:
+    """Node 0 listens on the run's master port, every other node connects to it over the
+    interfaces its ranks will use (tasks/cluster/rendezvous.py), before anything is pushed: a
+    node cut off from the port is named with the address, port, interface and likely cause
+    (Exit 2) instead of torchrun's agents waiting minutes for it. Returns the port proven (an
+    auto port taken since the probe is replaced by another free one)."""
+    container = session.settings.docker.container if spec.docker else None
+    for _ in range(1 if spec.master_port else AUTO_PORT_TRIES):
+        checked = check_rendezvous(session, facts, port, container=container)
+        if checked is None:
+            return port
+        if not checked.busy or spec.master_port:
+            break
+        port = random.randint(*AUTO_PORT_RANGE)
+    errors = [finding.line().removeprefix("error: ") for finding in checked.findings
+              if finding.is_error]
+    for finding in checked.findings:
+        if not finding.is_error:
+            console.out(finding.line(), highlight=False)
+    if errors:
+        raise Exit("launch: refused before starting anything: the rendezvous path is broken:\n  "
+                   + "\n  ".join(errors), code=EXIT_USAGE)
+    return port
 
 
 def check_profiler(session: ClusterSession, spec: RunSpec) -> None:
@@ -151,7 +178,7 @@ def push_bundle(session: ClusterSession, plan: Plan) -> None:
     The launcher needs no execute bit: it is started as `bash node_launcher.sh RANK`."""
     files = {**bundle_for(plan), launcher_path(plan): plan.launcher}
     # Profilers write where the ranks cannot create the directory first (nsys' report parent).
-    dirs = profiler_output_dirs(plan.profilers, plan.output_dir)
+    dirs = [*profiler_output_dirs(plan.profilers, plan.output_dir), *plan.dirs]
 
     def push(node: Node) -> None:
         node.put_files(files, mode=0o600, dirs=dirs)

@@ -14,31 +14,42 @@ from typing import Any
 
 from rich.console import Console
 
-from tasks.diagnose import HangMonitor
+from tasks.lib.blame import Culprit, find_culprit, own_failures
+from tasks.lib.console import write_plain
+from tasks.lib.entry import count_rank_lines
 from tasks.lib.quoting import sh_quote
 from tasks.lib.registry import parse_status, status_command
+from tasks.lib.nodestream import LineSplitter
 from tasks.lib.runrecord import (
     AGENT_DEATH_SIGNAL,
+    FAILURE_HINTS,
     FINAL_NODE_STATES,
     Evidence,
     choose_first_failure,
     classify_line,
     exit_reason,
     failure_reason,
+    is_failure_sign,
     now_iso,
-    parse_progress,
+    last_progress,
 )
 from tasks.lib.runspec import log_file_name
+from tasks.lib.startwatch import StartupStall, StartupWatch
 from tasks.lib.watchdog import HANG_STEP_MULTIPLE
 from tasks.cluster.node_errors import describe_error
 from tasks.cluster.nodes import Node, on_each
+from tasks.run.hangwatch import HangMonitor
 from tasks.run.plan import Plan
-from tasks.runs import LineStream, stop_run
+from tasks.lib.untrusted import terminal_text
+from tasks.runs import stop_run
 from tasks.cluster.session import ClusterSession
 
 # A failure is rarely alone: the ranks of other nodes fail right after, as victims. Waiting this
 # long after the first sign lets the real culprit's report (a rank killed by a signal) arrive.
 FAILURE_SETTLE_S = 2.0
+# When every sign so far is a rank failing *waiting* for a peer (store timeout, closed pair), the
+# cause may still be on its way (a rank that dies a moment later): wait this long for it.
+CONSEQUENCE_SETTLE_S = 5.0
 FAIL_FAST_GRACE_S = 3.0        # SIGTERM -> SIGKILL when stopping the survivors of a failure
 HEARTBEAT_S = 2.0              # how often each node's registry state is read while attached
 HEARTBEAT_TIMEOUT_S = 15.0
@@ -50,16 +61,19 @@ TAIL_POLL_S = 0.5
 # After the registry says every node ended, a tail may still be delivering the last lines (it
 # notices the launcher's exit at its next poll): wait this long for the streams to end.
 TAIL_DRAIN_S = 5.0
+# run.json keeps a failed node's last lines, each cut to this (a node's line may be 64 Ki long).
+LAST_LINE_CHARS = 2000
 
 
 def next_move(failure_seen: bool, all_ended: bool, stop_requested: bool,
-              first_seen: float | None, now: float) -> str:
+              first_seen: float | None, now: float, settle_s: float = FAILURE_SETTLE_S) -> str:
     """What the watch loop does this turn, from one snapshot of its state: "fail-fast" (stop
     every node, name the culprit), "end" (every node ended, nothing left to decide) or "wait".
-    A failure is acted on once it settled, or at once when no node is left to report more."""
+    A failure is acted on once it settled (settle_s), or at once when no node is left to
+    report more."""
     if failure_seen and not stop_requested:
         assert first_seen is not None
-        if all_ended or now - first_seen >= FAILURE_SETTLE_S:
+        if all_ended or now - first_seen >= settle_s:
             return "fail-fast"
     # Ended with a failure not yet acted on is not an end: the next turn names the culprit.
     if all_ended and (stop_requested or not failure_seen):
@@ -110,13 +124,14 @@ class NodeWatch:
     def ended(self) -> bool:
         return self.ended_at is not None
 
-    def write_line(self, line: str) -> bool:
-        """Append to the controller's log; False once it is closed (a stream that outlived the
-        wait: the line is still in the node's own output log)."""
+    def write_lines(self, block: str) -> bool:
+        """Append lines (joined, without the last newline) to the controller's log; False once
+        it is closed (a stream that outlived the wait: the lines are still in the node's own
+        output log)."""
         with self.log_lock:
             if self.log_file.closed:
                 return False
-            self.log_file.write(line + "\n")
+            self.log_file.write(block + "\n")
             self.log_file.flush()
             return True
 
@@ -138,6 +153,8 @@ class Watcher:
         self.console = console
         self.lock = threading.Lock()
         self.evidence: list[Evidence] = []
+        # Error lines without a rank (a traceback's last line): what the blame reads beside.
+        self.context: list[Evidence] = []
         self.nproc = int(plan.nproc)
         logs_dir = plan.run_dir / "logs"
         logs_dir.mkdir(parents=True, exist_ok=True)
@@ -156,11 +173,22 @@ class Watcher:
         self.heartbeat: threading.Thread | None = None
         self.hang = None
         if plan.spec.hang_timeout > 0:
-            # Imports, rendezvous and calibration come before the first metrics line: allow more.
+            # Armed as the launchers start: start-up phases first (processes and sockets seen
+            # from outside, so any script under torchrun is covered), then steps. Imports,
+            # rendezvous and calibration come before the first metrics line: the step
+            # watchdog allows more before it.
+            startup = StartupWatch(nnodes=len(session.nodes), nproc=self.nproc, started_at=now,
+                                   hang_timeout_s=plan.spec.hang_timeout)
+            master_port = plan.record.master.get("port")
             self.hang = HangMonitor(session, plan.run_id, plan.output_dir, plan.spec.hang_timeout,
                                     world_size=plan.record.world_size, started_at=now,
                                     startup_timeout_s=max(plan.spec.hang_timeout, 300.0),
-                                    step_multiple=HANG_STEP_MULTIPLE if plan.spec.hang_auto else None)
+                                    step_multiple=HANG_STEP_MULTIPLE if plan.spec.hang_auto else None,
+                                    startup=startup,
+                                    master_port=master_port if isinstance(master_port, int) else None,
+                                    container=(session.settings.docker.container
+                                               if plan.spec.docker else None),
+                                    line_progress=plan.spec.entry is not None)
         self.last_progress_text = ""
 
     # the tail threads ---------------------------------------------------------------------------
@@ -177,29 +205,42 @@ class Watcher:
         thread.start()
 
     def _tail(self, watch: NodeWatch, from_start: bool) -> None:
-        sink = LineStream(lambda line: self._on_line(watch, line))
+        splitter = LineSplitter(lambda lines: self._on_lines(watch, lines))
         command = tail_command(node_log_path(self.plan, watch.rank), watch.pid, from_start)
         try:
-            watch.node.run(command, warn=True, hide="err", out_stream=sink)
+            watch.node.stream(command, splitter.feed)
         except BaseException as err:  # noqa: BLE001 - reported through the heartbeat
             watch.tail_error = err
         finally:
-            sink.close_partial()
+            splitter.close()
             watch.tail_done.set()
 
-    def _on_line(self, watch: NodeWatch, line: str) -> None:
+    def _on_lines(self, watch: NodeWatch, lines: list[str]) -> None:
+        """A batch of a node's lines (one per chunk that arrived): the log, progress, failure
+        evidence and the console, at the rate a node can send (a verbose or hostile node must not
+        delay fail-fast). Work per line is in C (str.find, replace, join); a line is looked at
+        in Python only where the block holds a progress or failure sign."""
         now = time.monotonic()
-        watch.write_line(line)
-        watch.lines.append(line)
-        if (progress := parse_progress(line)):
+        block = "\n".join(lines)
+        watch.write_lines(block)
+        watch.lines.extend(lines)
+        if (progress := last_progress(block)):
             watch.steps_done, watch.steps_total = progress
-        if AGENT_DEATH_SIGNAL.search(line):
-            watch.stopping_from_outside = True
-        evidence = classify_line(line, watch.rank, self.nproc, now, watch.stopping_from_outside)
-        if evidence is not None:
-            with self.lock:
-                self.evidence.append(evidence)
-        self.console.out(f"[node {watch.rank}] {line}", highlight=False)
+        if self.hang is not None and self.hang.line_progress:
+            self.hang.count_lines(count_rank_lines(block))
+        if any(hint in block for hint in FAILURE_HINTS):
+            for line in lines:
+                if AGENT_DEATH_SIGNAL.search(line):
+                    watch.stopping_from_outside = True
+                evidence = classify_line(line, watch.rank, self.nproc, now,
+                                         watch.stopping_from_outside, self.plan.record.world_size)
+                if evidence is not None:
+                    with self.lock:
+                        (self.evidence if is_failure_sign(evidence)
+                         else self.context).append(evidence)
+        prefix = f"[node {watch.rank}] "
+        write_plain(self.console, terminal_text(prefix + block.replace("\n", "\n" + prefix),
+                                                keep_newlines=True) + "\n")
 
     # the main loop --------------------------------------------------------------------------------
 
@@ -259,10 +300,14 @@ class Watcher:
         "succeeded", "failed", "stopped" or "hung"."""
         self.heartbeat = threading.Thread(target=self._heartbeat, daemon=True, name="heartbeat")
         self.heartbeat.start()
+        if self.hang is not None:
+            self.hang.start(lambda: [w.node for w in self.watches if not w.ended])
         try:
             status = self._wait()
         finally:
             self.done.set()
+            if self.hang is not None:
+                self.hang.close()
         for rank in self.drain():
             self.console.out(f"launch: the log stream of node {rank} did not end within "
                              f"{TAIL_DRAIN_S:.0f} s; its last lines are in the node's output log",
@@ -309,8 +354,10 @@ class Watcher:
                 evidence = list(self.evidence)
                 all_ended = all(w.ended for w in self.watches)
             first_seen = first_seen or (min(e.at for e in evidence) if evidence else None)
+            # Only ranks that failed waiting for a peer so far: give the cause time to show.
+            settle = FAILURE_SETTLE_S if own_failures(evidence) else CONSEQUENCE_SETTLE_S
             move = next_move(bool(evidence), all_ended, self.stop_requested_at is not None,
-                             first_seen, time.monotonic())
+                             first_seen, time.monotonic(), settle)
             if move == "fail-fast":
                 if all_ended:
                     # Every launcher is gone; the lines that name the rank that died (a signal,
@@ -318,7 +365,7 @@ class Watcher:
                     self.wait_for_streams(FAILURE_SETTLE_S)
                     with self.lock:
                         evidence = list(self.evidence)
-                self.fail_fast(choose_first_failure(evidence))
+                self.fail_fast(self.culprit(evidence))
             if self.hang is not None and self.stop_requested_at is None:
                 report = self.hang.tick([w.node for w in self.watches if not w.ended],
                                         time.monotonic())
@@ -343,11 +390,32 @@ class Watcher:
         processes), then stop everything; hung ranks ignore SIGTERM, so the grace is short."""
         container = self.session.settings.docker.container if self.plan.spec.docker else None
         assert self.hang is not None
-        self.plan.record.hang = self.hang.diagnose(report, self.plan.run_dir, container=container,
-                                                   console=self.console)
         self.hung = True
         self.stop_requested_at = time.monotonic()
-        self.stop_all()
+        try:
+            try:
+                self.plan.record.hang = self.hang.diagnose(
+                    report, self.plan.run_dir, container=container, console=self.console)
+            except Exception as err:  # noqa: BLE001 - stop anyway
+                self.plan.record.hang = {
+                    **report.as_dict(),
+                    "diagnostics_error": f"{type(err).__name__}: {str(err)[:300]}"}
+                self.console.out(f"launch: hang diagnostics failed ({type(err).__name__}: "
+                                 f"{terminal_text(str(err)[:300])}); stopping the run anyway",
+                                 highlight=False)
+            if isinstance(report, StartupStall):
+                # Stuck before its first step: the run's first failure is the rank that never
+                # got on.
+                if isinstance(self.plan.record.hang, dict):
+                    self.plan.record.hang["startup"] = report.as_dict()
+                node = report.nodes[0]
+                self.plan.record.record_failure(
+                    node, reason=report.headline(), exit_code=None, at=now_iso(),
+                    last_lines=[line[:LAST_LINE_CHARS] for line in self.watches[node].lines])
+                failure = self.plan.record.first_failure
+                failure.ranks = list(report.ranks)  # type: ignore[union-attr]
+        finally:
+            self.stop_all()
 
     def stop_all(self, *, signal_nodes: bool = True) -> None:
         """Stop every node's launcher (SIGTERM, grace, SIGKILL), name each host where that
@@ -369,14 +437,46 @@ class Watcher:
             if not watch.ended:
                 watch.state, watch.ended_at = "lost", time.monotonic()
 
-    def fail_fast(self, culprit: Evidence) -> None:
+    def culprit(self, evidence: list[Evidence]) -> Culprit:
+        """Who the failure is pinned on: the rank the others waited for (tasks/lib/blame.py),
+        else the earliest sign (a signal death first)."""
+        with self.lock:
+            context = list(self.context)
+        ports: dict[int, list[str]] = {}
+        phases: dict[int, str] = {}
+        laggards: list[int] = []
+        startup = self.hang.startup if self.hang is not None else None
+        if startup is not None:
+            with self.hang.lock:  # type: ignore[union-attr]
+                ports = startup.rank_ports()
+                phases = startup.phases()
+                laggards = startup.laggards()
+        addresses = {node.node_rank: node.address for node in self.plan.record.nodes
+                     if node.address}
+        found = find_culprit([*evidence, *context], nproc=self.nproc,
+                             world_size=self.plan.record.world_size, node_addresses=addresses,
+                             rank_ports=ports, phases=phases, laggards=laggards)
+        if found is not None:
+            return found
+        first = choose_first_failure(evidence)
+        return Culprit(first.node_rank, [first.rank] if first.rank is not None else [],
+                       failure_reason(first), "first sign", [first.line.strip()[:300]],
+                       [], first.exit_code, first)  # type: ignore[arg-type]
+
+    def fail_fast(self, culprit: Culprit) -> None:
         watch = self.watches[culprit.node_rank]
         record = self.plan.record
-        reason = failure_reason(culprit)
+        reason = culprit.reason
         record.record_failure(culprit.node_rank, reason=reason, exit_code=culprit.exit_code,
-                              at=now_iso(), last_lines=list(watch.lines))
-        if culprit.rank is not None:
-            record.first_failure.ranks = [culprit.rank]  # type: ignore[union-attr]
+                              at=now_iso(),
+                              last_lines=[line[:LAST_LINE_CHARS] for line in watch.lines])
+        failure = record.first_failure
+        if failure is not None:
+            if culprit.ranks:
+                failure.ranks = list(culprit.ranks)
+            failure.basis = culprit.basis
+            failure.evidence = list(culprit.evidence)
+            failure.consequences = list(culprit.consequences)
         self.stop_requested_at = time.monotonic()
         self.console.out(f"launch: node {culprit.node_rank} ({watch.node.label}) failed first: "
                          f"{reason}; stopping every node (SIGTERM, {FAIL_FAST_GRACE_S:.0f} s, "

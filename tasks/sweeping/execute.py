@@ -36,6 +36,8 @@ def sweep_mode(pool: bool, flags_record: Mapping[str, Any],
     unless --no-pool is given now."""
     if not pool:
         return False, "--no-pool"
+    if flags_record.get("entry"):
+        return False, "--entry runs your own program, which has no rank pool"
     if resumed is not None and not resumed.get("pool"):
         return False, "the resumed sweep began with one launch per point"
     profilers = [name for name in PROCESS_PROFILERS if flags_record.get(name)]

@@ -242,7 +242,7 @@ def test_hang_monitor_and_diagnose_on_a_detached_launch(cluster3: SimCluster, tm
     from invoke import Context
     from rich.console import Console
 
-    from tasks.diagnose import HangMonitor
+    from tasks.run.hangwatch import HangMonitor
     from tasks.cluster.session import ClusterSession
 
     timeout_s = 15.0

@@ -149,6 +149,9 @@ def render_slurm_conf(
             f"AccountingStoragePort={dbd_port}",
             # The munge socket for talking to slurmdbd (its default would be /run/munge's).
             f"AccountingStoragePass={layout.munge_socket}",
+            # Keep batch scripts and environments in the database, as sites that want
+            # `sacct --batch-script/--env-vars` do: what a job leaves there is testable.
+            "AccountingStoreFlags=job_script,job_env",
         ] if dbd_port else [
             "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none",

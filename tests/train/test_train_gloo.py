@@ -205,13 +205,22 @@ def test_summary(all_reduce_run: tuple[Path, Any]) -> None:
     ):
         assert summary[key]["n"] == 16, key  # every step of every rank
         assert summary[key]["p10"] <= summary[key]["median"] <= summary[key]["p95"], key
-    for key in ("busbw_gbps", "algbw_gbps", "collective_ms", "comm_slowdown"):
+    for key in ("stream_busbw_gbps", "stream_algbw_gbps", "stream_collective_ms",
+                "stream_comm_slowdown"):
         assert summary[key]["n"] == 8, key  # one figure per step, from every rank's records
+    # CPU: no kernels, so no kernel-active figure, and the summary says why.
+    for key in ("kernel_collective_ms", "kernel_busbw_gbps", "kernel_algbw_gbps",
+                "kernel_comm_slowdown", "kernel_comm_ms", "kernel_overlap_ms",
+                "kernel_overlap_fraction"):
+        assert summary[key] is None, key
+        assert summary["null_reasons"][key] == "CPU run: no kernels to profile", key
+    assert summary["kernel_active"]["reason"] == "CPU run: no kernels to profile"
     assert summary["wait_ms"]["n"] == 16
     # Calibration: the first block's 2 GEMM-only steps, then 1 more after measured step 4.
     assert summary["solo"]["compute_ms"]["n"] == 6  # 3 steps x 2 ranks
     assert [b["after_step"] for b in summary["calibration_blocks"]["blocks"]] == [0, 4]
-    assert summary["solo"]["busbw_gbps"]["median"] > 0
+    assert summary["solo"]["stream_busbw_gbps"]["median"] > 0
+    assert summary["solo"]["kernel_busbw_gbps"] is None
     # CPU: no clock, power or temperature to read, and none invented.
     assert summary["telemetry"]["source"] is None
     assert summary["telemetry"]["train"]["sm_clock_mhz"] is None
@@ -225,7 +234,9 @@ def test_summary(all_reduce_run: tuple[Path, Any]) -> None:
     doc = documented_names()
     names = [*summary, *summary["per_step"][0], *summary["telemetry"], *summary["solo"],
              *summary["collective_analysis"], *summary["launch_delay_ms"], *summary["model"],
-             *summary["comm_stream"], *lines(out / "rank_00_metrics.jsonl")[0]]
+             *summary["comm_stream"], *summary["kernel_active"],
+             *summary["calibration_blocks"]["blocks"][0],
+             *lines(out / "rank_00_metrics.jsonl")[0]]
     names += list(summary["per_rank"][0])  # <name>_median: documented by <name>
     assert not [n for n in names if n not in doc and n.removesuffix("_median") not in doc]
     # collectives.jsonl: 8 steps x (control + 4 buckets) + 3 comm-only steps x 4 buckets
@@ -280,8 +291,8 @@ def test_other_collectives_keep_data_parallel_semantics(
         [r["local_algbw_gbps"] / 2 for r in records], rel=0.01, abs=1e-3  # rounded to 3 digits
     )
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["busbw_gbps"]["median"] == pytest.approx(
-        summary["algbw_gbps"]["median"] / 2, rel=1e-3)
+    assert summary["stream_busbw_gbps"]["median"] == pytest.approx(
+        summary["stream_algbw_gbps"]["median"] / 2, rel=1e-3)
     if no_overlap:
         # collectives only start after the last GEMM: nothing can overlap
         assert record["overlap_ms"] == 0.0

@@ -228,6 +228,36 @@ def test_summary_files_and_markdown_from_a_real_collection(fake_run, tmp_path):
     assert record["first_stalled_ranks"] == [1] and record["diagnostics"] == "hang"
 
 
+def test_a_start_up_stall_summary_names_rank_phase_and_rule(fake_run, tmp_path):
+    from tasks.lib.startwatch import StartupStall
+
+    report = collect(fake_run)
+    stall = StartupStall(rule="behind", phase="worker", missing="store", ranks=(0,), nodes=(0,),
+                         limit_s=24.0, waited_s=25.0, detail="rank 1 (node 0) reached 'store' "
+                         "25 s before (limit 24 s)", phases={0: "worker", 1: "store"},
+                         detected_at=1.0)
+    hang = {"timeout_s": 24.0, "stalled_for_s": 25.0, "first_stalled_ranks": [0],
+            "rank_steps": {"0": None, "1": None}, "startup": stall.as_dict()}
+    # The phases decide, not the process states (rank 1 is the stopped one here).
+    summary = build_summary(fake_run["run_id"], "startup", [report], 1.0, hang=hang)
+    assert summary.first_stalled_ranks == [0]
+    assert summary.basis == "start-up phase 'worker', rule behind"
+    text = "\n".join(summary_lines(summary))
+    assert text.splitlines()[0] == (f"run {fake_run['run_id']} STUCK IN START-UP: rank 0 (node 0) "
+                                    "stuck in start-up phase 'worker' (rank process started), "
+                                    "never reached 'store': rank 1 (node 0) reached 'store' 25 s "
+                                    "before (limit 24 s)")
+    assert "stuck in start-up: rank(s) 0" in text
+    assert re.search(r"rank 0 \(node 0, node-a, pid \d+\): phase worker", text)
+    assert re.search(r"rank 1 \(node 0, node-a, pid \d+\): phase store, state T", text)
+    run_dir = tmp_path / "run"
+    (run_dir / "hang").mkdir(parents=True)
+    (run_dir / "hang" / "summary.json").write_text(json.dumps(summary.as_dict()))
+    markdown = hang_summary_markdown(run_dir)
+    assert markdown.startswith(f"## Stuck in start-up: {fake_run['run_id']}")
+    assert "Stuck in start-up: **rank 0**" in markdown
+
+
 def test_progress_ties_are_narrowed_by_the_frozen_process(fake_run):
     report = collect(fake_run)
     hang = {"timeout_s": 5, "first_stalled_ranks": [0, 1], "rank_steps": {"0": 6, "1": 6}}
@@ -263,7 +293,7 @@ def test_hang_monitor_polls_real_files_fires_and_writes_the_hang_dir(fake_run, t
     from invoke import Config, Context
     from rich.console import Console
 
-    from tasks.diagnose import HangMonitor
+    from tasks.run.hangwatch import HangMonitor
     from tasks.lib.settings import default_config
     from tasks.cluster.session import ClusterSession
 

@@ -79,3 +79,10 @@ def test_a_stopped_container_is_refused_though_check_only_warns():
 def test_the_checkout_is_left_to_require_matching_checkout():
     # A host on another commit is require_matching_checkout's to name (before this runs).
     assert refusals([facts(0), facts(1, commit="b" * 40, branch="dev")]) == []
+
+
+def test_a_checkout_without_git_or_sync_record_is_no_launch_refusal():
+    """An unpacked release archive (no .git, never synced): launch compares checkouts in
+    require_matching_checkout (skipped on this machine alone), not here."""
+    unpacked = facts(0, branch=None, commit=None, tree_hash=None, has_git=False)
+    assert refusals([unpacked]) == []

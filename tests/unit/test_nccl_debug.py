@@ -1,8 +1,8 @@
 """train.nccl_debug: NCCL's own account of each communicator, read from recorded debug output.
 
 The nccl-2.28.9_h100_* files are real (tests/unit/data/nccl/README.md says how they were made);
-the synthetic_* files are written by hand in NCCL's format for what one GPU cannot show (TUNING
-tables, several ranks, transports, older numeric lines) and are labelled so there.
+what one GPU cannot show (TUNING tables, several ranks, transports, per-collective lines) is
+rebuilt from the releases' own format strings (tests/unit/nccl_source_logs.py, src_* files).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import assert_imports_none_of
+from tests.unit import nccl_source_logs as src
 from train.nccl_debug import (
     Asked,
     asked_from_env,
@@ -84,15 +85,17 @@ def test_effective_settings_flag_a_clamped_point() -> None:
                             process=whole)
     assert ok["channels"] == 8
     assert ok["flags"] == []
-    # Without the process part of the file the variables NCCL read are unknown: no-op warnings.
+    # Without the process part of the file neither the library nor the variables it read are
+    # known: said as unknowns, not flagged as no-ops.
     alone = effective_settings(parse_nccl_log(text[matching_start:]), asked_from_env(env, 8, 8), env)
-    assert any("NCCL never reported reading it" in f for f in alone["flags"])
+    assert alone["vendor"] is None and alone["flags"] == []
+    assert any(n.startswith("unknown whether NCCL_MIN_NCHANNELS=4 was read") for n in alone["notes"])
 
 
 def test_no_op_knobs_are_named() -> None:
     log = parse_nccl_log(read("nccl-2.28.9_h100_world1_default.log"))
     env = {"RCCL_THREADS_PER_BLOCK": "512", "NCCL_NTHREADS": "512"}
-    warnings = knob_warnings(env, log, "nccl")
+    warnings = [text for _, text in knob_warnings(env, log, "nccl")]
     assert any(w.startswith("RCCL_THREADS_PER_BLOCK=512 is a no-op") for w in warnings)
     # This process had no NCCL_NTHREADS, so NCCL never said it read one: flagged too.
     assert any(w.startswith("NCCL_NTHREADS=512 was set but NCCL never") for w in warnings)
@@ -101,59 +104,21 @@ def test_no_op_knobs_are_named() -> None:
     assert knob_warnings(env, parse_nccl_log(""), "nccl") == []  # no capture: no verdict
 
 
-def test_synthetic_two_node_tuning_and_transport() -> None:
-    """SYNTHETIC (hand-written in NCCL 2.21's format): rank 0 prints the TUNING table and one
-    line per collective; rank 1 prints neither."""
-    rank0 = parse_nccl_log(read("synthetic_nccl-2.21_2node_rank00.log"))
-    split = rank0.communicators[1]
-    assert (split.kind, split.parent, split.min_ctas, split.max_ctas, split.channels) == (
-        "split", "0x55d0c000", 8, 8, 8)
-    assert split.transports == ["NET/Socket"] and split.network == "Socket"
-    assert split.max_threads["RING/SIMPLE"] == 256
-    # The parent's table came in two blocks of three algorithms: both are kept.
-    assert rank0.communicators[0].max_threads["NVLS/SIMPLE"] == 640
-    by_proto = {e["protocol"]: e for e in split.collectives.values()}
-    assert by_proto["SIMPLE"]["count"] == 4 and by_proto["SIMPLE"]["threads"] == 256
-    assert by_proto["SIMPLE"]["channels_used"] == 8
-    # The parent was destroyed after the split: collectives went to the live split.
-    assert rank0.communicators[0].collectives == {}
-
+def test_ib_asked_but_sockets_used_is_flagged() -> None:
+    """Rebuilt from NCCL 2.21.5's formats (tests/unit/nccl_source_logs.py): the preset asked
+    for InfiniBand, NCCL found no IB device and used sockets."""
+    text = src.nccl_2_2x("2.21", network="Socket")
     env = {"NCCL_NTHREADS": "256", "NCCL_IB_DISABLE": "0"}
-    text = read("synthetic_nccl-2.21_2node_rank00.log")
-    start = text.rfind("\n", 0, text.index("Comm config Blocking")) + 1
+    start = text.rfind("\n", 0, text.index("Comm config Min CTAs")) + 1
     point = effective_settings(parse_nccl_log(text[start:]), asked_from_env(env, 8, 8), env,
-                               process=rank0)
+                               process=parse_nccl_log(text))
     assert point["channels"] == 8 and point["max_ctas"] == 8
-    assert point["threads"] == [256]  # the 4-byte LL stop flag is not a data collective
-    assert point["algorithms"] == ["RING/SIMPLE"]
+    assert point["transports"] == ["NET/Socket"] and point["network"] == "Socket"
     assert any("InfiniBand" in f and "Socket" in f for f in point["flags"])
     assert not [f for f in point["flags"] if f.startswith(("channels", "threads"))]
     # The whole file's first communicator is the default group (no collectives of its own).
-    assert effective_settings(rank0, asked_from_env(env), env)["channels"] == 32
-
-    rank1 = parse_nccl_log(read("synthetic_nccl-2.21_2node_rank01.log"))
-    assert rank1.communicators[1].channels == 8 and not rank1.communicators[1].collectives
-    assert effective_settings(rank1, asked_from_env(env), env)["threads"] is None
-
-
-def test_synthetic_thread_mismatch_is_flagged() -> None:
-    log = parse_nccl_log(read("synthetic_nccl-2.21_2node_rank00.log"))
-    env = {"NCCL_NTHREADS": "512"}  # asked 512, the table says Ring/Simple ran with 256
-    text = read("synthetic_nccl-2.21_2node_rank00.log")
-    start = text.rfind("\n", 0, text.index("Comm config Blocking")) + 1
-    flags = effective_settings(parse_nccl_log(text[start:]), Asked(channels=None, threads=512),
-                               env, process=log)["flags"]
-    assert any(f.startswith("threads: asked 512") for f in flags), flags
-
-
-def test_synthetic_old_numeric_lines() -> None:
-    """SYNTHETIC (NCCL 2.12's format): one Latency/AlgBw header, numeric Algo/proto."""
-    log = parse_nccl_log(read("synthetic_nccl-2.12_numeric.log"))
-    comm = log.communicators[0]
-    assert comm.transports == ["P2P", "SHM", "NET/IB"] and comm.network == "IB"
-    assert comm.channels == 2 and comm.thread_thresholds.startswith("8/8/64")
-    kinds = {(e["algorithm"], e["protocol"], e["threads"]) for e in comm.collectives.values()}
-    assert kinds == {("RING", "SIMPLE", 512), ("TREE", "LL", 512)}
+    whole = parse_nccl_log(text)
+    assert effective_settings(whole, asked_from_env(env), env)["channels"] == 32
 
 
 def test_lines_outside_nccl_format_are_ignored() -> None:

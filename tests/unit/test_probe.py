@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import socket
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from tasks.lib.probe import (
     parse_gpus,
     parse_probe_output,
     parse_route,
+    probe_input,
     probe_script,
     resolve_master_side,
     route_from_proc,
@@ -55,11 +58,14 @@ def repo(tmp_path) -> Path:
 
 def run_probe(workdir: Path, **kwargs) -> HostFacts:
     master = kwargs.pop("master", "localhost")
-    options = {"master_port": None, "container": None, "venv": None, **kwargs}
+    port = kwargs.pop("master_port", None)
+    options = {"check_port": port is not None, "container": None, "venv": None, **kwargs}
     script = probe_script(master, str(workdir), **options)
-    # Through a login-shell-like layer, as Fabric does: sh_command wraps it for sh.
+    # Through a login-shell-like layer, as Fabric does: sh_command wraps it for sh. The port
+    # comes on stdin, as probe_all sends it.
     result = subprocess.run(
-        ["bash", "-c", sh_command(script)], capture_output=True, text=True, timeout=60
+        ["bash", "-c", sh_command(script)], capture_output=True, text=True, timeout=60,
+        input=probe_input(port).decode() if port is not None else "",
     )
     assert result.returncode == 0, result.stderr
     return parse_probe_output(3, "label", result.stdout)
@@ -110,12 +116,22 @@ def test_probe_master_port_free_or_busy(tmp_path):
     listener.listen()
     port = listener.getsockname()[1]
     try:
-        assert run_probe(tmp_path, master_port=port).port_free is False
+        busy = run_probe(tmp_path, master_port=port)
+        assert busy.port_free is False
+        # Who holds it: this process, as the kernel's socket table and /proc name it.
+        me = f"uid {os.getuid()} ({pwd.getpwuid(os.getuid()).pw_name}), pid {os.getpid()}: "
+        assert len(busy.port_holders) == 1 and busy.port_holders[0].startswith(me), busy
+        assert sys.executable.split("/")[-1] in busy.port_holders[0]
+        assert any(f"master port is in use (held by {me}" in e
+                   for e in errors(judge(replace(busy, node_index=0)))), busy
     finally:
         listener.close()
-    assert run_probe(tmp_path, master_port=port).port_free is True
+    free = run_probe(tmp_path, master_port=port)
+    assert free.port_free is True and free.port_holders == ()
     with pytest.raises(ValueError):
-        probe_script("m", "/w", master_port=70000, container=None, venv=None)
+        probe_input(70000)
+    # The port is never part of the script (an argv on the node).
+    assert str(port) not in probe_script("m", "/w", check_port=True, container=None, venv=None)
 
 
 def test_hostile_master_and_workdir_arrive_literally(tmp_path):
@@ -552,7 +568,7 @@ def test_the_probe_names_who_holds_the_gpus(repo, tmp_path):
                         f"'{recorded}';; *) exit 0;; esac\n")
         tool.chmod(0o755)
         env_path = f"{bin_dir}:{os.environ['PATH']}"
-        script = probe_script("localhost", str(repo), master_port=None, container=None, venv=None)
+        script = probe_script("localhost", str(repo), check_port=False, container=None, venv=None)
         result = subprocess.run(["bash", "-c", sh_command(script)], capture_output=True,
                                 text=True, timeout=60, env={**os.environ, "PATH": env_path})
         found = parse_probe_output(0, "n", result.stdout)
@@ -581,3 +597,14 @@ def test_gpus_held_by_another_user_are_a_warning_naming_owner_and_pid():
 def test_gpu_process_lines_that_do_not_parse_are_skipped():
     assert parse_gpu_processes("x y z\n12 ? - \n\n99 carol 12 a b c\n") == (
         GpuProcess(12, "?", None, ""), GpuProcess(99, "carol", 12, "a b c"))
+
+
+def test_a_checkout_that_is_this_one_is_not_compared():
+    """This machine alone: its workdir is this checkout, git or not (an unpacked archive)."""
+    unpacked = facts(0, branch=None, commit=None, tree_hash=None, has_git=False)
+    no_git = CheckoutState(None, None, None, None)
+    assert "neither a git checkout" in errors(judge(unpacked, local=no_git))[0]
+    assert errors(judge(unpacked, local=no_git, compare_checkout=False)) == []
+    # A missing workdir is still an error.
+    assert errors(judge(replace(unpacked, workdir_exists=False), local=no_git,
+                        compare_checkout=False))

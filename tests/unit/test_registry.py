@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -460,3 +462,78 @@ def test_a_registry_that_is_a_symlink_is_refused_and_not_written_through(
     assert list(target.iterdir()) == []
     status = node.sh(status_command(node.registry), check=False)
     assert status.returncode == 1 and "it is a symlink" in status.stderr
+
+
+# -- the rendezvous port on node 0 ----------------------------------------------------------------
+
+def listener() -> socket.socket:
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    return held
+
+
+def holder_phrase(pid: int) -> str:
+    return f"uid {os.getuid()} ({pwd.getpwuid(os.getuid()).pw_name}), pid {pid}: "
+
+
+def test_node_0_never_starts_torchrun_while_someone_listens_on_the_rendezvous_port(
+        make_node: Callable[..., LocalNode]) -> None:
+    """Someone who took the port before our torchrun would serve the other nodes their store:
+    node 0's launcher stops first, naming them; the other nodes' launchers do not look."""
+    held = listener()
+    port = held.getsockname()[1]
+    try:
+        node = make_node(master_port=port)
+        node.start(0)
+        [record] = node.wait_for(lambda rs: bool(rs) and rs[0].state == "exited")
+        log = (node.output_dir / "node_0_output.log").read_text()
+        assert record.exit_code == 1, log
+        assert (f"[launcher] node 0: rendezvous port {port} on {socket.gethostname()} is held "
+                f"by {holder_phrase(os.getpid())}") in log, log
+        assert "another process holds the port; torchrun not started" in log
+        assert "fake torchrun" not in log
+        # The same file on node 1 starts its torchrun (it joins node 0's store, checked there).
+        other = make_node(master_port=port)
+        other.start(1)
+        other.wait_for(lambda rs: any(r.node_rank == 1 and (r.steps_done or 0) >= 1 for r in rs))
+    finally:
+        held.close()
+
+
+def test_node_0_starts_torchrun_when_the_rendezvous_port_is_free(
+        make_node: Callable[..., LocalNode]) -> None:
+    with listener() as closed:
+        port = closed.getsockname()[1]
+    node = make_node(master_port=port)
+    node.start(0)
+    node.wait_for(running_with_steps)
+
+
+def test_node_0_names_who_took_the_port_when_torchrun_failed(
+        make_node: Callable[..., LocalNode], tmp_path: Path) -> None:
+    """Taken after the launcher looked (torchrun imports torch for seconds): torchrun fails, and
+    the launcher says who holds the port. Here env.sh, sourced right before torchrun, starts the
+    listener and fails as torchrun would."""
+    with listener() as probe:
+        port = probe.getsockname()[1]
+    ready = tmp_path / "listening"
+    env_text = (f"{sys.executable} -c 'import socket, time; s = socket.create_server((\"127.0.0.1\","
+                f" {port})); open(\"{ready}\", \"w\").close(); time.sleep(30)' &\n"
+                f"while [ ! -e {ready} ]; do sleep 0.05; done\n"
+                "echo 'EADDRINUSE (as torchrun says it)' >&2; exit 1\n")
+    node = make_node(master_port=port, env_text=env_text)
+    node.start(0)
+    [record] = node.wait_for(lambda rs: bool(rs) and rs[0].state == "exited")
+    log = (node.output_dir / "node_0_output.log").read_text()
+    assert record.exit_code == 1, log
+    holder = subprocess.run(["pgrep", "-f", f"create_server.*{port}"], capture_output=True,
+                            text=True).stdout.split()
+    try:
+        assert len(holder) == 1, holder
+        assert (f"[launcher] node 0: rendezvous port {port} on {socket.gethostname()} is held by "
+                f"{holder_phrase(int(holder[0]))}") in log, log
+        assert "another process holds the port" in log
+    finally:
+        for pid in holder:
+            os.kill(int(pid), signal.SIGKILL)

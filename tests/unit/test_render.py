@@ -116,7 +116,8 @@ def test_env_script_message_quotes_the_run_id(tmp_path: Path, shell: str) -> Non
     script = tmp_path / "env.sh"
     script.write_text(render_template("env.sh.j2", run_id=run_id, common_env=[],
                                       node_env=[[("B", "x")]], env_var_names="B",
-                                      masked_var_names=""))
+                                      masked_var_names="", master_port=None,
+                                      rendezvous_secret=None))
     code, env, err = source_and_dump(shell, script, "7")
     assert code != 0 and "B" not in env
     assert f"env.sh: unknown NODE_RANK '7' (run {run_id} has 1 node(s): 0..0)" in err

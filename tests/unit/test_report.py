@@ -56,11 +56,14 @@ def test_real_run_row_matches_the_train_summary(real_run: Path) -> None:
     assert (row.channels, row.threads, row.world_size, row.steps) == (42, 512, 2, 4)
     assert row.iter_ms_median == summary["iter_ms"]["median"]
     assert row.iter_ms_p90 == summary["iter_ms"]["p90"]
-    assert row.busbw_gbps_median == summary["busbw_gbps"]["median"]
+    assert row.busbw_gbps_median == summary["stream_busbw_gbps"]["median"]
     assert row.contention_slowdown_median == summary["contention_slowdown"]["median"]
     assert row.gemm_tflops_median == summary["gemm_tflops"]["median"]
     assert row.exposed_comm_fraction_median == summary["exposed_comm_fraction"]["median"]
-    assert row.algbw_gbps_median == summary["algbw_gbps"]["median"]
+    assert row.algbw_gbps_median == summary["stream_algbw_gbps"]["median"]
+    # gloo: no kernels, so no kernel-active figure, and the notes say why
+    assert row.kernel_busbw_gbps_median is None
+    assert "kernel_busbw_gbps null: CPU run: no kernels to profile" in row.notes
     # The report's own aggregation of the jsonl lines agrees with the train package's.
     lines = data.steps
     assert rep.quantile([line["iter_ms"] for line in lines], 50) == pytest.approx(summary["iter_ms"]["median"], abs=1e-4)
@@ -72,7 +75,8 @@ def test_real_run_report_files(real_run: Path, tmp_path: Path) -> None:
     rows = list(csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text())))
     assert len(rows) == 1 and rows[0]["status"] == "completed" and rows[0]["channels"] == "42"
     summary = json.loads((real_run / "512thread_42channels" / "summary.json").read_text())
-    for column, key in (("gemm_tflops_median", "gemm_tflops"), ("busbw_gbps_median", "busbw_gbps"),
+    for column, key in (("gemm_tflops_median", "gemm_tflops"),
+                        ("busbw_gbps_median", "stream_busbw_gbps"),
                         ("exposed_comm_fraction_median", "exposed_comm_fraction")):
         assert float(rows[0][column]) == pytest.approx(summary[key]["median"], rel=1e-6), column
     markdown = (tmp_path / "report.md").read_text()
@@ -202,7 +206,7 @@ def test_world_size_one_has_no_bandwidth_trade_off(tmp_path: Path) -> None:
     assert all(r.busbw_gbps_median is None and r.local_busbw_gbps_median is None for r in rows)
     markdown = (sweep_dir / "report.md").read_text()
     assert "busbw is null at world size 1" in markdown
-    assert "busbw_gbps null: world size 1: no data crosses ranks" in markdown
+    assert "stream_busbw_gbps null: world size 1: no data crosses ranks" in markdown
     csv_rows = list(csv.DictReader(io.StringIO((sweep_dir / "results.csv").read_text())))
     assert csv_rows[0]["busbw_gbps_median"] == "" and "world size 1" in csv_rows[0]["notes"]
     # One run per point: the run-to-run noise is unknown, so 42 leads but is not named best.
@@ -485,3 +489,29 @@ def test_every_results_column_is_documented() -> None:
     spans = {word for span in re.findall(r"`([^`]+)`", doc)
              for word in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", span)}
     assert not [name for name in rep.CSV_FIELDS if name not in spans]
+
+
+def test_summaries_from_before_the_stream_names_still_fill_the_row(tmp_path: Path) -> None:
+    """A summary.json written before busbw/algbw/collective_ms became stream_*: same columns."""
+    sweep_dir = make_sweep(tmp_path, [(28, 256, dict(iter_ms=100.0, busbw=40.0))])
+    summary_path = next(tmp_path.rglob("summary.json"))
+    summary = json.loads(summary_path.read_text())
+    for new, old in rep.RENAMED_SUMMARY_KEYS.items():
+        summary[old] = summary.pop(new)
+    del summary["kernel_busbw_gbps"], summary["kernel_collective_ms"]
+    summary_path.write_text(json.dumps(summary))
+    row = rep.collect_rows(rep.discover(sweep_dir))[0][0]
+    assert row.busbw_gbps_median == pytest.approx(40.0)
+    assert row.collective_ms_median == pytest.approx(30.0)
+    assert row.kernel_busbw_gbps_median is None
+
+
+def test_kernel_active_columns_come_from_the_summary(tmp_path: Path) -> None:
+    sweep_dir = make_sweep(tmp_path, [(28, 256, dict(iter_ms=100.0, busbw=40.0))])
+    write_report(sweep_dir)
+    row = list(csv.DictReader(io.StringIO((sweep_dir / "results.csv").read_text())))[0]
+    assert float(row["busbw_gbps_median"]) == pytest.approx(40.0)
+    assert float(row["kernel_busbw_gbps_median"]) == pytest.approx(50.0)
+    assert float(row["kernel_collective_ms_median"]) == pytest.approx(24.0)
+    markdown = (sweep_dir / "report.md").read_text()
+    assert "24 ms kernel-active" in markdown and "kernel-active busbw 50 GB/s" in markdown

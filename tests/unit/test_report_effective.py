@@ -108,6 +108,35 @@ def test_pool_points_read_their_own_directory(tmp_path: Path) -> None:
     assert "several output directories; reading 256thread_4channels" in bad.problems
 
 
+def test_threads_the_library_clamped_to_one_value_are_one_point(tmp_path: Path) -> None:
+    """RCCL of ROCm 6.x takes NCCL_NTHREADS only as 256 (minimum 4 warps of 64, maximum 256:
+    its "Invalid NCCL_NTHREADS" lines): the 64 and the 512 point ran the same, and say so.
+    Points the library ran with their own value stay apart (world size 1: no kernel block)."""
+    sweep = make_sweep(tmp_path, [(4, 64, {}), (4, 512, {})])
+    for i, threads in enumerate((64, 512)):
+        set_effective(tmp_path / f"multinode_4ch_{threads}th_20250101_12{i:02d}00", {
+            "capture": "on", "channels": 4, "threads": None, "algorithms": None,
+            "transports": None, "asked": {"channels": 4, "threads": threads},
+            "env_read": {"NCCL_NTHREADS": str(threads)},
+            "threads_knob": {"name": "NCCL_NTHREADS", "read": threads, "effective": 256},
+            "flags": [f"all ranks: threads: NCCL_NTHREADS={threads} is outside RCCL's range; RCCL ran 256"]})
+    low, high = rows_of(sweep)
+    assert low.effective_threads == high.effective_threads == "256 (NCCL_NTHREADS read)"
+    assert any(f.startswith("same effective settings as another point") for f in low.settings_flags)
+
+    apart = make_sweep(tmp_path / "b", [(4, 256, {}), (4, 512, {})])
+    for i, threads in enumerate((256, 512)):
+        set_effective(tmp_path / "b" / f"multinode_4ch_{threads}th_20250101_12{i:02d}00", {
+            "capture": "on", "channels": 4, "threads": None, "algorithms": None,
+            "threads_reason": "world size 1: no collective kernel",
+            "asked": {"channels": 4, "threads": threads},
+            "threads_knob": {"name": "NCCL_NTHREADS", "read": threads, "effective": threads},
+            "flags": []})
+    rows = rows_of(apart)
+    assert [r.settings_flag for r in rows] == [False, False]
+    assert [r.effective_threads for r in rows] == ["256 (NCCL_NTHREADS read)", "512 (NCCL_NTHREADS read)"]
+
+
 # -- --axis values read back ------------------------------------------------------------------------
 
 NCCL_DATA = Path(__file__).parent / "data" / "nccl"
@@ -150,10 +179,12 @@ def axis_sweep(tmp_path: Path, world_size: int) -> tuple[Path, list[Path]]:
 
 
 def test_a_protocol_the_collectives_did_not_use_is_flagged(tmp_path: Path) -> None:
-    """Two ranks (the 2-node sample's per-collective lines: AllReduce ... Algo RING proto SIMPLE):
-    the Simple point ran as asked; the LL128 one, which NCCL read but did not use, is flagged."""
+    """Two ranks (rank 0's log rebuilt from NCCL 2.28's format strings, src_nccl-2.28.9_rank00.log:
+    a split communicator of 2 ranks whose per-collective lines read AllReduce ... Algo RING proto
+    SIMPLE): the Simple point ran as asked; the LL128 one, which NCCL read but did not use, is
+    flagged."""
     sweep, (simple_run, ll128_run) = axis_sweep(tmp_path, 2)
-    logs = [(NCCL_DATA / f"synthetic_nccl-2.21_2node_rank0{r}.log").read_text() for r in (0, 1)]
+    logs = [(NCCL_DATA / "src_nccl-2.28.9_rank00.log").read_text()]
     env = {"NCCL_NTHREADS": "256", "NCCL_IB_DISABLE": "0"}
     set_effective(simple_run, effective_from_logs([with_env_line(t, "NCCL_PROTO", "Simple") for t in logs],
                                                   {**env, "NCCL_PROTO": "Simple"}, ctas=8))

@@ -351,12 +351,14 @@ def test_a_directory_already_there_is_never_taken_over(tmp_path):
 
 
 def test_torchrun_argv():
-    argv = torchrun_argv(nnodes=2, nproc=4, master_addr="10.0.0.1", master_port=29501,
+    argv = torchrun_argv(nnodes=2, nproc=4, master_addr="10.0.0.1",
                          config_path="/w/experiments/r/train_config.yaml", output_dir="/w/o",
                          overrides=("training.max_steps=3",))
     assert argv[0] == "torchrun"
-    assert {"--nnodes=2", "--nproc-per-node=4", "--master-addr=10.0.0.1", "--master-port=29501",
+    assert {"--nnodes=2", "--nproc-per-node=4", "--master-addr=10.0.0.1",
             "--max-restarts=0"} <= set(argv)
+    # The port is env.sh's PET_MASTER_PORT: an argv is every local user's to read.
+    assert not any("port" in a for a in argv)
     assert not any(a.startswith("--node-rank") for a in argv)  # the node launcher adds it
     module = argv.index("-m")
     assert argv[module:] == ["-m", "train", "--config", "/w/experiments/r/train_config.yaml",

@@ -131,7 +131,8 @@ def test_every_launch_flag_field_is_recorded_and_reaches_the_point() -> None:
     given = {"nproc": "2", "config": "c.yaml", "master_port": "29511", "nccl_preset": "debug",
              "override": ["a.b=1"], "env": ["K=V"], "docker": True, "rocprof": True, "stats": True,
              "rocprof_input": "in.yaml", "nsys": True, "torch_profile": True, "hang_timeout": "30",
-             "pin_channels": False, "force": True}
+             "pin_channels": False, "force": True, "entry": "train.py --config 'a b.yaml'",
+             "metric": "json:step_ms"}
     assert set(given) == {RECORD_NAMES.get(f.name, f.name) for f in passed}
     flags = launch_flags_for(launch_flags_record(**{**FLAG_DEFAULTS, **given}), sw.GridPoint(28, 256), [])
     for field in passed:

@@ -110,7 +110,8 @@ def test_extract_writes_the_tree_and_deletes_only_what_sync_wrote(tmp_path):
     assert os.access(workdir / "deep/a/b/c.sh", os.X_OK)
     assert os.readlink(workdir / "link.py") == "plain.py"
     # The probe recomputes the same hash from what was written: the node counts as synced.
-    probe = sh(probe_script("localhost", str(workdir), master_port=None, container=None, venv=None))
+    probe = sh(probe_script("localhost", str(workdir), check_port=False, container=None,
+                            venv=None))
     facts = parse_probe_output(0, "n", probe.stdout.decode())
     assert (
         facts.synced and facts.tree_hash == s.tree_hash(source, files) and facts.commit == "c" * 40

@@ -130,27 +130,53 @@ def sample_of(trace: dict[str, Any]) -> dict[str, Any]:
     return {"collective_launches": found.collective_launches}
 
 
+def expectation(threads: int) -> dict[str, Any]:
+    """The launch expectation of a point of NCCL 2.28 (rank 0, 8 channels, RING/SIMPLE) with
+    NCCL_NTHREADS=threads, from its debug output rebuilt from NCCL's format strings."""
+    from tests.unit import nccl_source_logs as src
+    from train.nccl_debug import asked_from_env, effective_settings, parse_nccl_log
+
+    text = src.nccl_2_2x("2.28", nthreads=threads)
+    start = text.rfind("\n", 0, text.index("Comm config Min CTAs")) + 1
+    env = {"NCCL_NTHREADS": str(threads)}
+    point = effective_settings(parse_nccl_log(text[start:]), asked_from_env(env, 8, 8), env,
+                               process=parse_nccl_log(text))
+    return point["launch_expectation"]
+
+
 def test_kernels_matching_the_settings_raise_no_flag() -> None:
     from train.launchdelay import launch_check
 
-    sample = sample_of(launched_with(8, 512))
+    # NCCL_NTHREADS=512 under RING/SIMPLE: NCCL launches 512 + one sync warp.
+    sample = sample_of(launched_with(8, 544))
     launches = sample["collective_launches"]
     assert [launch.get("op") for launch in launches] == ["control"] + ["all_reduce"] * 8
-    checked = launch_check([sample, sample], channels=8, threads=512, control_op="control")
+    checked = launch_check([sample, sample], channels=8, threads=512, control_op="control",
+                           expected=expectation(512))
     # 2 samples x 8 gradient kernels; the control kernel's grid of 1 is not counted
-    assert checked == {"kernels": 16, "grid_x": [8], "block_x": [512], "flags": [],
-                       "reason": None}
+    assert checked == {"kernels": 16, "grid_x": [8], "block_x": [544], "flags": [],
+                       "reason": None, "block_check": "compared with the library's launch rule"}
+    # block.x equal to the threads asked is not what NCCL launches: issue 23's false flag is
+    # gone, and the opposite (512 where NCCL adds a warp) is now the finding.
+    assert launch_check([sample_of(launched_with(8, 512))], 8, 512, "control",
+                        expectation(512))["flags"]
 
 
 def test_kernels_that_ignored_the_settings_are_flagged() -> None:
     from train.launchdelay import launch_check
 
     checked = launch_check([sample_of(launched_with(32, 256))], channels=8, threads=512,
-                           control_op="control")
-    assert checked["flags"] == [
-        "kernels: NCCL built 8 channels but its collective kernels ran with grid.x [32]",
-        "kernels: asked 512 threads, collective kernels ran with block.x [256]",
-    ]
+                           control_op="control", expected=expectation(512))
+    assert checked["flags"][0] == (
+        "kernels: NCCL built 8 channels but its collective kernels ran with grid.x [32]")
+    assert checked["flags"][1].startswith(
+        "kernels: asked 512 threads; collective kernels ran with block.x [256], which is not "
+        "what the library launches here (544: RING/SIMPLE: NCCL 2.28.9 RING/SIMPLE: Max "
+        "NThreads 512, +1 warp (sync warp))")
+    # Without an expectation the blocks are shown, not judged.
+    shown = launch_check([sample_of(launched_with(8, 256))], 8, 512, "control")
+    assert shown["flags"] == [] and shown["block_x"] == [256]
+    assert shown["block_check"].startswith("not compared")
 
 
 def test_no_kernels_or_no_launch_args_say_why() -> None:
@@ -169,7 +195,8 @@ def test_the_summary_merges_every_ranks_kernel_launch_check() -> None:
     ran = {"kernels": 8, "grid_x": [8], "block_x": [512], "flags": [], "reason": None}
     other = {"kernels": 8, "grid_x": [16], "block_x": [512], "flags": [], "reason": None}
     assert merge_kernel_launches([ran, other]) == {"kernels": 16, "grid_x": [8, 16],
-                                                   "block_x": [512], "reason": None}
+                                                   "block_x": [512], "block_check": None,
+                                                   "reason": None}
     none = {"kernels": 0, "grid_x": None, "block_x": None, "flags": [],
             "reason": "no collective kernel in the sampled steps"}
     assert merge_kernel_launches([none])["reason"] == "no collective kernel in the sampled steps"

@@ -25,3 +25,14 @@ def test_after_fail_fast_the_run_ends_once_every_node_ended():
 def test_a_clean_run_ends_when_every_node_ended():
     assert next_move(False, False, False, first_seen=None, now=1.0) == "wait"
     assert next_move(False, True, False, first_seen=None, now=1.0) == "end"
+
+
+def test_only_waiting_ranks_so_far_give_the_cause_longer_to_show():
+    from tasks.run.watch import CONSEQUENCE_SETTLE_S
+
+    assert CONSEQUENCE_SETTLE_S > FAILURE_SETTLE_S
+    later = 10.0 + FAILURE_SETTLE_S + 0.5
+    assert next_move(True, False, False, 10.0, later, CONSEQUENCE_SETTLE_S) == "wait"
+    assert next_move(True, False, False, 10.0, 10.0 + CONSEQUENCE_SETTLE_S,
+                     CONSEQUENCE_SETTLE_S) == "fail-fast"
+    assert next_move(True, True, False, 10.0, 10.1, CONSEQUENCE_SETTLE_S) == "fail-fast"

@@ -20,19 +20,19 @@ from tasks.lib.report.read import (
     sweep_point_source,
 )
 from tasks.lib.report.rows import (
-    AGGREGATE_COLUMNS, CSV_FIELDS, PointRow, PointSpec, collect_rows, flag_shared_settings, missing_row,
-    per_rank_step_times, summarize_run,
+    AGGREGATE_COLUMNS, CSV_FIELDS, RENAMED_SUMMARY_KEYS, PointRow, PointSpec, collect_rows, flag_shared_settings,
+    missing_row, per_rank_step_times, summarize_run,
 )
 from tasks.lib.report.values import quantile
 from tasks.lib.report.write import (
-    MD_COLUMNS, TERMINAL_MD_COLUMNS, report_markdown, results_csv, table_cells, table_headers,
+    MD_COLUMNS, TERMINAL_MD_COLUMNS, markdown_row, report_markdown, results_csv, table_cells, table_headers,
 )
 
 __all__ = [
     "MIN_MARGIN", "NO_POINT", "ONLY_POINT", "PARTIAL", "UNDECIDED", "WINNER", "WITHIN_NOISE", "Candidate", "Decision",
     "Interval", "bootstrap_interval", "collect_points", "decide", "decide_rows", "group_points",
     "pareto_front", "point_row", "RUNS_CSV",
-    "AGGREGATE_COLUMNS", "COMPLETED", "CSV_FIELDS", "MD_COLUMNS", "METRICS_RE", "MISSING",
+    "AGGREGATE_COLUMNS", "RENAMED_SUMMARY_KEYS", "markdown_row", "COMPLETED", "CSV_FIELDS", "MD_COLUMNS", "METRICS_RE", "MISSING",
     "NON_MEASURED_PHASES", "NOT_RUN", "OUTPUT_DIR_RE", "REPORT_MD", "RESULTS_CSV", "RUN_ID_RE",
     "SUMMARY_JSON", "TERMINAL_MD_COLUMNS", "PointRow", "PointSource", "PointSpec", "ReportError",
     "ReportInput", "RunData", "TradeOff", "best_point", "collect_rows", "discover",

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tasks.lib.report.decide import (
-    NO_POINT, ONLY_POINT, UNDECIDED, WINNER, Decision, TradeOff, pareto_front,
+    NO_POINT, ONLY_POINT, UNDECIDED, WINNER, Decision, TradeOff, pareto_front, reciprocal,
 )
 from tasks.lib.report.read import COMPLETED
+from tasks.lib.untrusted import md_code, md_text
 from tasks.lib.report.rows import PointRow
 from tasks.lib.report.values import _fmt, _fmt_int, _pct, _signed
 
@@ -21,6 +22,8 @@ def by_label(rows: Sequence[PointRow]) -> dict[str, PointRow]:
 def interval_text(row: PointRow, decision: Decision | None = None) -> str:
     """'3.78 ms (95 % CI 3.70–3.85, 3 runs, run-to-run spread 1.2 %)'."""
     interval = (decision.compared.get(row.label) if decision else None) or row.interval
+    if interval is not None and interval is not row.interval and row.objective_goal == "max":
+        interval = reciprocal(interval)   # compared as 1/x (decide.reciprocal); shown as measured
     if interval is None:
         return f"{_fmt(row.iter_ms_median, '.2f')} ms (no interval)"
     runs = f"{interval.runs} run" + ("s" if interval.runs != 1 else "")
@@ -40,9 +43,9 @@ def where_text(row: PointRow, root: Path) -> str:
         if not path:
             continue
         shown = os.path.relpath(path, root) if os.path.isabs(path) else path
-        text = f"`{shown}`"
+        text = md_code(shown)
         if run.pooled:
-            text += f" (one point of the rank-pool launch `{run.run_id}`)"
+            text += f" (one point of the rank-pool launch {md_code(run.run_id)})"
         places.append(text)
     if not places:
         return "no output directory"
@@ -91,7 +94,9 @@ def decision_lines(decision: Decision, rows: Sequence[PointRow], root: Path) -> 
                          f"`fab report {root} --export FILE --pick {pick.selector}` carries it out.")
     if decision.excluded:
         lines.append("")
-        lines.append("Never chosen: " + "; ".join(f"{key} ({why})" for key, why in decision.excluded.items()) + ".")
+        # A reason quotes the point's status or flags: a node's words, escaped like the rows'.
+        lines.append("Never chosen: " + "; ".join(f"{key} ({md_text(why)})" for key, why in decision.excluded.items())
+                     + ".")
     lines.append("")
     lines.append(f"Rule: the objective is the iteration time; a point is named best only when its "
                  f"{decision.level * 100:g} % bootstrap interval (runs and steps resampled) lies below every "

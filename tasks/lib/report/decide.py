@@ -29,10 +29,13 @@ from tasks.lib.report.rows import PointRow
 
 
 def best_point(rows: Sequence[PointRow]) -> PointRow | None:
-    """The completed point with the lowest median iteration time (ties: lower p90)."""
+    """The completed point with the lowest median iteration time (ties: lower p90); the highest
+    where the rows hold an objective named higher-is-better (max:)."""
     candidates = [r for r in rows if r.status == COMPLETED and r.iter_ms_median is not None]
     if not candidates:
         return None
+    if all(r.objective_goal == "max" for r in candidates):
+        return max(candidates, key=lambda r: r.iter_ms_median)
     return min(candidates, key=lambda r: (r.iter_ms_median, r.iter_ms_p90 if r.iter_ms_p90 is not None else math.inf))
 
 
@@ -221,16 +224,30 @@ def decide_rows(rows: Sequence[PointRow], *, min_margin: float = MIN_MARGIN) -> 
                   secondary_rule=SECONDARY_RULE)
 
 
+def reciprocal(interval: Interval) -> Interval:
+    """A higher-is-better objective (a throughput, `--metric max:...`) as the time it stands for:
+    1/x keeps the order reversed and the median (a monotone map), so the rule, margins included
+    (leader's throughput over the runner-up's), reads the same. Its own inverse."""
+    return Interval(1.0 / interval.estimate, 1.0 / interval.high, 1.0 / interval.low, interval.runs,
+                    interval.steps, tuple(1.0 / m for m in interval.run_medians), interval.level)
+
+
 def row_candidate(row: PointRow) -> Candidate:
     why_not = None
+    interval = row.interval
+    if row.objective_goal == "max" and interval is not None:
+        if interval.low > 0 and all(m > 0 for m in interval.run_medians):
+            interval = reciprocal(interval)
+        else:
+            why_not = "a higher-is-better objective with values <= 0: not comparable"
     if row.status != COMPLETED:
         why_not = (f"only {sum(r.status == COMPLETED for r in row.runs)} of {row.runs_planned} runs "
                    "completed" if row.status == "partial" else f"status {row.status}")
-    elif row.settings_flag:
+    elif why_not is None and row.settings_flag:
         why_not = "effective settings flagged: " + ("; ".join(row.settings_flags[:2]) or "see Effective settings")
     resources = (row.channels or 0) * (row.threads or 0) or math.inf
     spread = row.interval.run_spread if row.interval is not None else None
-    return Candidate(row.label, row.interval, why_not,
+    return Candidate(row.label, interval, why_not,
                      (float(resources), spread if spread is not None else math.inf))
 
 

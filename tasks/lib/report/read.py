@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.lib import untrusted
 from tasks.lib.report.values import _get, _integer, _string
 from tasks.lib.runrecord import RUN_JSON
 from tasks.lib.sweep import SWEEP_JSON
@@ -40,17 +41,18 @@ class ReportError(Exception):
 # -- reading files --------------------------------------------------------------------------------
 
 def read_json_file(path: Path) -> tuple[Any, str | None]:
-    """(document, None) or (None, one-line problem)."""
+    """(document, None) or (None, one-line problem). The file is a node's word: bounded in
+    size, depth and number length (tasks/lib/untrusted.py)."""
     try:
-        text = path.read_text()
+        return untrusted.read_json(path), None
     except FileNotFoundError:
         return None, f"{path.name} missing"
     except OSError as err:
         return None, f"{path.name} unreadable: {err.strerror or err}"
-    try:
-        return json.loads(text), None
     except json.JSONDecodeError as err:
         return None, f"{path.name} is not valid JSON (line {err.lineno}: {err.msg})"
+    except ValueError as err:
+        return None, f"{path.name} unreadable: {str(err)[:200]}"
 
 
 def read_jsonl_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -59,29 +61,32 @@ def read_jsonl_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     A last line without its newline is what a killed rank leaves behind: it is reported as
     truncated rather than corrupt, since nothing is wrong with the run's earlier steps.
     """
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as err:
-        return [], [f"{path.name} unreadable: {err.strerror or err}"]
     lines: list[dict[str, Any]] = []
     bad: list[int] = []
     truncated = False
-    raw_lines = text.split("\n")
-    for number, raw in enumerate(raw_lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            if number == len(raw_lines):  # no newline after it: the writer died mid-line
-                truncated = True
+    try:
+        # Line by line, each bounded: a line too long, too deep or with a 5000-digit number is
+        # one corrupt line, never the report's end.
+        for number, raw, complete in untrusted.read_lines(path):
+            if raw is None:
+                bad.append(number)
+                continue
+            if not raw.strip():
+                continue
+            try:
+                value = untrusted.loads(raw, max_bytes=untrusted.MAX_JSON_LINE_BYTES)
+            except ValueError:
+                if not complete:  # no newline after it: the writer died mid-line
+                    truncated = True
+                else:
+                    bad.append(number)
+                continue
+            if isinstance(value, dict):
+                lines.append(value)
             else:
                 bad.append(number)
-            continue
-        if isinstance(value, dict):
-            lines.append(value)
-        else:
-            bad.append(number)
+    except OSError as err:
+        return [], [f"{path.name} unreadable: {err.strerror or err}"]
     problems = []
     if bad:
         shown = ", ".join(str(n) for n in bad[:5]) + (" ..." if len(bad) > 5 else "")
@@ -175,6 +180,8 @@ def read_run(run_dir: Path, output_name: str | None = None) -> RunData:
         data.problems.append("no train outputs (no rank_XX_metrics.jsonl, no summary.json)")
         return data
     data.output_dir = output_dirs[0]
+    if _get(data.run_json, "flags", "entry"):
+        return data  # your own training: no summary.json, no metrics files (see report/entry.py)
 
     data.summary = _json_object(data.output_dir / SUMMARY_JSON, data.problems)
 
@@ -198,7 +205,8 @@ def _output_dir_name(run_json: Mapping[str, Any] | None) -> str | None:
 
 
 TRAIN_ERROR_RE = re.compile(r"train: error: .*")
-PYTHON_ERROR_RE = re.compile(r"^\s*(?:[\w.]+\.)?\w*(?:Error|Exception): .+")
+# An entry's rank lines carry torchrun's `[rankN]:` (tasks/lib/entry.py).
+PYTHON_ERROR_RE = re.compile(r"^(?:\[rank\d+\]:\s*)*(?:[\w.]+\.)?\w*(?:Error|Exception): .+")
 LOG_TAIL_BYTES = 256 * 1024
 ERROR_LINE_CHARS = 240
 

@@ -33,8 +33,9 @@ class PointRow:
     gemm_tflops_median: float | None = None
     contention_slowdown_median: float | None = None
     exposed_comm_fraction_median: float | None = None
-    busbw_gbps_median: float | None = None
+    busbw_gbps_median: float | None = None   # stream events (summary stream_busbw_gbps)
     algbw_gbps_median: float | None = None
+    kernel_busbw_gbps_median: float | None = None  # kernel-active (summary kernel_busbw_gbps)
     slowest_rank: int | None = None
     rank_spread: float | None = None     # slowest rank's median iter_ms over the fastest's
     iter_ms_p95: float | None = None
@@ -44,7 +45,8 @@ class PointRow:
     caused_wait_ms_median: float | None = None
     wait_ms_median: float | None = None
     wait_ms_p95: float | None = None
-    collective_ms_median: float | None = None
+    collective_ms_median: float | None = None  # stream events (summary stream_collective_ms)
+    kernel_collective_ms_median: float | None = None
     local_busbw_gbps_median: float | None = None
     gemm_contention_slowdown_median: float | None = None
     overlapped_gemm_fraction_median: float | None = None
@@ -62,6 +64,9 @@ class PointRow:
     effective_transports: str | None = None
     settings_flag: bool | None = None      # effective settings differ from the point's (None: unknown)
     settings_flags: list[str] = field(default_factory=list)
+    # A run of your own training: what its iter_ms columns hold (tasks/lib/objective.py).
+    objective: str | None = None
+    objective_goal: str = "min"
     launch_delay_reason: str | None = None  # why launch_delay_ms_median is null (not in the CSV)
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -99,6 +104,7 @@ CSV_FIELDS = (
     "channels", "threads", "nodes", "world_size", "status", "steps", "runs", "runs_planned",
     "iter_ms_median", "iter_ms_ci_low", "iter_ms_ci_high", "run_spread", "decision", "iter_ms_p90", "gemm_tflops_median", "contention_slowdown_median",
     "exposed_comm_fraction_median", "busbw_gbps_median", "algbw_gbps_median",
+    "kernel_busbw_gbps_median", "kernel_collective_ms_median",
     "slowest_rank", "rank_spread",
     "iter_ms_p95", "slowest_step_ms_p95", "slowest_host", "slowest_by", "caused_wait_ms_median",
     "wait_ms_median", "wait_ms_p95", "collective_ms_median", "local_busbw_gbps_median",
@@ -106,7 +112,7 @@ CSV_FIELDS = (
     "launch_delay_ms_median", "control_ms_median", "reduce_local_ms_median",
     "sm_clock_mhz_median", "clock_drift", "clock_flag", "comm_stream_priority", "outlier_steps",
     "effective_channels", "effective_threads", "effective_algorithms", "effective_transports",
-    "settings_flag", "settings_flags",
+    "settings_flag", "settings_flags", "objective",
     "notes", "run_id", "run_dir", "output_dir", "repeat", "problems",
 )
 # Columns computed for the CSV (not PointRow attributes); a sweep's --axis columns go after threads.
@@ -121,11 +127,13 @@ AGGREGATE_COLUMNS = {
     "gemm_tflops_median": ("gemm_tflops", "median"),
     "contention_slowdown_median": ("contention_slowdown", "median"),
     "exposed_comm_fraction_median": ("exposed_comm_fraction", "median"),
-    "busbw_gbps_median": ("busbw_gbps", "median"),
-    "algbw_gbps_median": ("algbw_gbps", "median"),
+    "busbw_gbps_median": ("stream_busbw_gbps", "median"),
+    "algbw_gbps_median": ("stream_algbw_gbps", "median"),
+    "kernel_busbw_gbps_median": ("kernel_busbw_gbps", "median"),
+    "kernel_collective_ms_median": ("kernel_collective_ms", "median"),
     "wait_ms_median": ("wait_ms", "median"),
     "wait_ms_p95": ("wait_ms", "p95"),
-    "collective_ms_median": ("collective_ms", "median"),
+    "collective_ms_median": ("stream_collective_ms", "median"),
     "local_busbw_gbps_median": ("local_busbw_gbps", "median"),
     "gemm_contention_slowdown_median": ("gemm_contention_slowdown", "median"),
     "overlapped_gemm_fraction_median": ("overlapped_gemm_fraction", "median"),
@@ -135,11 +143,19 @@ AGGREGATE_COLUMNS = {
 }
 STATISTIC_PERCENT = {"median": 50, "p90": 90, "p95": 95}
 # Summary fields that are null for a stated reason: the reason goes into the row's notes.
-NULL_REASON_FIELDS = ("busbw_gbps", "wait_ms")
+NULL_REASON_FIELDS = ("stream_busbw_gbps", "kernel_busbw_gbps", "wait_ms")
+# Summaries written before the stream-event figures were named so: new key -> old key.
+RENAMED_SUMMARY_KEYS = {"stream_busbw_gbps": "busbw_gbps", "stream_algbw_gbps": "algbw_gbps",
+                        "stream_collective_ms": "collective_ms",
+                        "stream_comm_slowdown": "comm_slowdown"}
 
 
 def summarize_run(data: RunData, spec: PointSpec | None = None, sweep_status: str | None = None) -> PointRow:
     """The results row of one run: the summary's cross-rank aggregates, else the metrics' own."""
+    if _get(data.run_json, "flags", "entry"):
+        from tasks.lib.report.entry import entry_row  # rows of your own training (--entry)
+
+        return entry_row(data, spec, sweep_status)
     steps = data.steps
     channels, threads = _grid_values(data, spec)
     row = PointRow(
@@ -162,6 +178,9 @@ def summarize_run(data: RunData, spec: PointSpec | None = None, sweep_status: st
         row.problems.insert(1 if failure else 0, cause)
     aggregates = _summary_aggregates(data.summary)
     for attribute, (key, statistic) in AGGREGATE_COLUMNS.items():
+        old = RENAMED_SUMMARY_KEYS.get(key)
+        if old is not None and key not in aggregates and old in aggregates:
+            key = old
         value = _number(_get(aggregates, key, statistic))
         if value is None and steps and not isinstance(_get(aggregates, "null_reasons", key), str):
             value = quantile([line.get(key) for line in steps], STATISTIC_PERCENT[statistic])
@@ -198,12 +217,18 @@ def _fill_effective(row: PointRow, summary: Mapping[str, Any] | None) -> None:
             if isinstance(values, list) and values:
                 setattr(row, attribute, ",".join(str(v) for v in values))
         if row.effective_threads is None:
-            # No TUNING table (world size 1, or not rank 0): the thread value NCCL reported
-            # reading stands in, so points of different threads are not taken for equal.
+            # No kernel block known (world size 1, or no per-collective line on any rank): the
+            # thread variable as the library used it stands in (after its own clamping, e.g.
+            # RCCL's NCCL_NTHREADS minimum), so points of different threads are not taken for
+            # equal, and points the library clamped to one value are.
+            knob = _get(effective, "threads_knob")
             read = _get(effective, "env_read") or {}
-            value = read.get("NCCL_NTHREADS") or read.get("RCCL_THREADS_PER_BLOCK") if isinstance(read, Mapping) else None
-            if value is not None:
-                row.effective_threads = f"{value} (read)"
+            if isinstance(knob, Mapping) and knob.get("read") is not None and knob.get("effective") is not None:
+                row.effective_threads = f"{knob['effective']} ({knob.get('name')} read)"
+            else:
+                value = read.get("NCCL_NTHREADS") or read.get("RCCL_THREADS_PER_BLOCK") if isinstance(read, Mapping) else None
+                if value is not None:
+                    row.effective_threads = f"{value} (read)"
         flags += [str(f) for f in effective.get("flags") or [] if isinstance(f, str)]
         row.notes += [str(n) for n in effective.get("notes") or [] if isinstance(n, str)]
         captured = effective.get("capture") == "on"
@@ -273,8 +298,9 @@ def _fill_cross_rank(row: PointRow, aggregates: Mapping[str, Any]) -> None:
     reasons = _get(aggregates, "null_reasons")
     if isinstance(reasons, Mapping):
         for key in NULL_REASON_FIELDS:
-            if isinstance(reasons.get(key), str):
-                row.notes.append(f"{key} null: {reasons[key]}")
+            reason = reasons.get(key, reasons.get(RENAMED_SUMMARY_KEYS.get(key, key)))
+            if isinstance(reason, str):
+                row.notes.append(f"{key} null: {reason}")
 
 
 def missing_row(spec: PointSpec | None, status: str, run_dir: str | None = None,

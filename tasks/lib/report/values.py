@@ -2,9 +2,10 @@
 quantiles, and the formatting shared by report.md and the terminal."""
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from tasks.lib import untrusted
 
 
 def quantile(values: Iterable[Any], q: float) -> float | None:
@@ -27,19 +28,15 @@ def _get(document: Any, *keys: str) -> Any:
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
+    return untrusted.finite_number(value)
 
 
 def _integer(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
-    return None
+    """An int of a document or a digit string, bounded (a node's summary may hold anything)."""
+    if isinstance(value, str):
+        text = value.strip()
+        return untrusted.int_text(text) if text.isascii() and text.isdigit() else None
+    return untrusted.plain_int(value)
 
 
 def _string(value: Any) -> str | None:

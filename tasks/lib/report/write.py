@@ -5,8 +5,11 @@ import csv
 import io
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
+
+from tasks.lib import untrusted
 
 from tasks.lib.report.conclusion import decision_lines, interval_table, trade_off_lines, verdict
 from tasks.lib.report.decide import Decision, decide_rows, trade_off
@@ -38,7 +41,7 @@ def results_csv(rows: Iterable[PointRow], base: Path | None = None,
         record["notes"] = "; ".join(row.notes)
         record["settings_flags"] = "; ".join(row.settings_flags)
         record["problems"] = "; ".join(row.problems)
-        writer.writerow({k: _csv_value(v) for k, v in record.items()})
+        writer.writerow({k: untrusted.csv_cell(_csv_value(v)) for k, v in record.items()})
     return buffer.getvalue()
 
 
@@ -63,11 +66,35 @@ def _csv_value(value: Any) -> Any:
     return value
 
 
+def markdown_row(row: PointRow) -> PointRow:
+    """The row as report.md shows it: every text field a node may have written (status, host,
+    notes, flags, problems, NCCL's names) escaped for Markdown/HTML on one line (a node's status
+    must not forge a "Best point" line or inject HTML). run_dir and output_dir stay (paths are
+    read from them; shown as code spans); the label (grid values, the sweep's own) is unchanged,
+    so the decision's keys still name the rows. A point's runs are escaped alike."""
+    escaped: dict[str, Any] = {}
+    for item in fields(row):
+        value = getattr(row, item.name)
+        if item.name in ("run_id", "run_dir", "output_dir"):
+            continue
+        if isinstance(value, str):
+            escaped[item.name] = untrusted.md_text(value)
+        elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            escaped[item.name] = [untrusted.md_text(v) for v in value]
+    if row.runs:
+        escaped["runs"] = [markdown_row(run) for run in row.runs]
+    return replace(row, **escaped)
+
+
 def report_markdown(report_input: ReportInput, rows: Sequence[PointRow], figures: Sequence[str],
                     single_run: RunData | None = None, decision: Decision | None = None) -> str:
     """report.md: what was measured, the decision, the trade-off, the problems, the figures."""
     decision = decision if decision is not None else decide_rows(rows)
-    lines = [f"# Report: {report_input.root.name}", ""]
+    rows = [markdown_row(row) for row in rows]
+    lines = [f"# Report: {untrusted.md_text(report_input.root.name)}", ""]
+    if (objectives := sorted({r.objective for r in rows if r.objective})):
+        lines.append(f"Objective (your own training; in the iter ms columns): {'; '.join(objectives)}.")
+        lines.append("")
     completed = sum(r.status == COMPLETED for r in rows)
     lines.append(f"{len(rows)} point(s), {completed} completed. Source: `{report_input.root}`"
                  + (f" ({_sweep_text(report_input.sweep)})" if report_input.sweep else "") + ".")
@@ -90,7 +117,7 @@ def report_markdown(report_input: ReportInput, rows: Sequence[PointRow], figures
         for row in problem_rows:
             detail = "; ".join(row.problems) or (
                 "not run yet (fab sweep --resume finishes it)" if row.status == NOT_RUN else "no detail recorded")
-            lines.append(f"- {row.label} (`{row.run_id or '-'}`): status {row.status}; {detail}")
+            lines.append(f"- {row.label} ({untrusted.md_code(row.run_id or '-')}): status {row.status}; {detail}")
     lines.extend(_effective_lines(rows))
     lines.extend(_straggler_lines(rows))
     lines.extend(_clock_lines(rows))
@@ -185,8 +212,11 @@ def _communication_lines(rows: Sequence[PointRow]) -> list[str]:
         return []
     lines = ["", "## Communication", ""]
     for row in shown:
-        parts = [f"collective {_fmt(row.collective_ms_median, '.3g')} ms per step (p50, rank skew "
-                 f"left out; local busbw with waits {_fmt(row.local_busbw_gbps_median, '.3g')} GB/s)",
+        parts = [f"collective {_fmt(row.collective_ms_median, '.3g')} ms per step from stream "
+                 f"events, {_fmt(row.kernel_collective_ms_median, '.3g')} ms kernel-active (p50, "
+                 f"rank skew left out; kernel-active busbw "
+                 f"{_fmt(row.kernel_busbw_gbps_median, '.3g')} GB/s; local busbw with waits "
+                 f"{_fmt(row.local_busbw_gbps_median, '.3g')} GB/s)",
                  (f"launch delay of the first collective {_fmt(row.launch_delay_ms_median, '.3g')} ms"
                   if row.launch_delay_ms_median is not None or not row.launch_delay_reason
                   else f"launch delay not measured ({row.launch_delay_reason})"),
@@ -266,7 +296,7 @@ def _per_rank_lines(data: RunData) -> list[str]:
         values = [line.get("iter_ms") for line in steps]
         numbers = [v for v in (_number(x) for x in values) if v is not None]
         entry = per_rank.get(rank, {})
-        cells = [str(rank), str(entry.get("host") or "-"), str(len(steps)),
+        cells = [str(rank), untrusted.md_text(entry.get("host") or "-"), str(len(steps)),
                  _fmt(quantile(values, 50), ".2f"), _fmt(quantile(values, 95), ".2f"),
                  _fmt(max(numbers) if numbers else None, ".2f")]
         for _, key, spec in extra:
