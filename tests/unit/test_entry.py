@@ -304,7 +304,7 @@ def entry_run(base: Path, name: str, values: list[float], status: str = "succeed
         "run_id": name, "status": status, "world_size": 2, "nodes": [{}, {}],
         "flags": {"channels": 28, "threads": 256, "entry": {"argv": ["train.py"]},
                   "metric": metric, "accelerator": "cpu"},
-        "common_env": {"NCCL_MAX_NCHANNELS": "28"}}))
+        "env": {"common": {"NCCL_MAX_NCHANNELS": "28"}, "per_node": [{}, {}]}}))
     (out / "node_0_output.log").write_text("".join(
         f"[rank{i % 2}]:{json.dumps({'step_ms': v})}\n" for i, v in enumerate(values)))
     return run
@@ -399,9 +399,10 @@ def test_an_entry_runs_effective_settings_come_from_its_ranks_nccl_debug_files(t
 
     run = entry_run(tmp_path, "multinode_28ch_256th_20260101_000000_dddddd", [1.0, 2.0])
     record = json.loads((run / "run.json").read_text())
-    # What the recording's process had (data/nccl/README.md), and the threads env.sh adds.
-    record["common_env"] = {"NCCL_MIN_NCHANNELS": "4", "NCCL_MAX_NCHANNELS": "4",
-                            "NCCL_NTHREADS": "256"}
+    # What the recording's process had (data/nccl/README.md), and the threads env.sh adds, where
+    # run.json keeps them (tasks/lib/runrecord.py: env.common, then env.per_node).
+    record["env"]["common"] = {"NCCL_MIN_NCHANNELS": "4", "NCCL_MAX_NCHANNELS": "4",
+                               "NCCL_NTHREADS": "256"}
     record["flags"]["accelerator"] = "cuda"
     (run / "run.json").write_text(json.dumps(record))
     (run / "256thread_28channels" / "nccl_debug_node0_4242.log").write_bytes(

@@ -55,7 +55,8 @@ def entry_row(data: RunData, spec: PointSpec | None, sweep_status: str | None) -
         # The k-th value of every rank is step k: the decision's interval resamples steps.
         row.samples = [(step, value) for values in objective.per_rank.values()
                        for step, value in enumerate(values)]
-    common_env = _get(data.run_json, "common_env") or {}
+    # run.json keeps env.sh's variables as env.common (tasks/lib/runrecord.py).
+    common_env = _get(data.run_json, "env", "common") or {}
     accelerator = _string(_get(data.run_json, "flags", "accelerator")) or "cuda"
     effective = effective_from_debug_logs(data.output_dir, common_env, accelerator)
     _fill_effective(row, {"effective_settings": effective} if effective else None)
