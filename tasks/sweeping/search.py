@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tasks.lib.report.decide import Candidate, Decision, decide
 from tasks.lib.report.stats import Interval, RunSample, bootstrap_interval
@@ -40,7 +40,7 @@ class Line:
     axis: int
     survivors: list[Point]
     runs_each: int = 1
-    log: list[str] = field(default_factory=list)
+    asked: bool = False   # this round asked for runs (a round of points already measured is not printed)
 
 
 class Search:
@@ -89,6 +89,7 @@ class Search:
             missing = [p for p in line.survivors if p not in self.failed
                        for _ in range(line.runs_each - len(self.runs.get(p, [])))]
             if missing:
+                line.asked = True
                 return missing
             self._finish_round()
         return []
@@ -132,11 +133,9 @@ class Search:
         keep = [p for p in keep if self.label(p) in decision.within_noise or p == ranked[0]] or ranked[:1]
         if self.incumbent in line.survivors and self.incumbent not in keep:
             keep.append(self.incumbent)
-        self.messages.append(
-            f"pass {self.pass_number}, {self.axis_name(line.axis)} line at {self.context(line.axis)}: "
-            f"{len(line.survivors)} point(s) with {line.runs_each} run(s) each; leader "
-            f"{self.value_name(line.axis, ranked[0])} ({self.estimate(ranked[0]):.3f} ms); keeping "
-            + ", ".join(self.value_name(line.axis, p) for p in keep))
+        if line.asked:
+            self._round_message(line, ranked, keep)
+        line.asked = False
         if line.runs_each < self.max_runs:
             line.survivors, line.runs_each = keep, line.runs_each + 1
             return
@@ -150,6 +149,13 @@ class Search:
                                  + ("" if beyond else " (not ahead beyond the noise: no new pass for it)"))
             self.incumbent = best
         self._next_axis()
+
+    def _round_message(self, line: Line, ranked: list[Point], keep: list[Point]) -> None:
+        self.messages.append(
+            f"pass {self.pass_number}, {self.axis_name(line.axis)} line at {self.context(line.axis)}: "
+            f"{len(line.survivors)} point(s) with {line.runs_each} run(s) each; leader "
+            f"{self.value_name(line.axis, ranked[0])} ({self.estimate(ranked[0]):.3f} ms); keeping "
+            + ", ".join(self.value_name(line.axis, p) for p in keep))
 
     def _next_axis(self) -> None:
         self.line = None

@@ -67,6 +67,8 @@ def test_the_search_prints_each_round_and_stops() -> None:
     assert search.done and search.next_batch() == []
     assert search.messages[0].startswith("pass 1, axis 1 line at 1 0: 6 point(s) with 1 run(s) each; leader ")
     assert any(m.startswith("pass 1: axis 1 moves to 4") for m in search.messages)
+    # The second pass walks lines measured in the first: nothing runs, nothing is printed.
+    assert not any(m.startswith("pass 2") for m in search.messages), search.messages
 
 
 def recorded_table(path: Path) -> tuple[tuple[int, ...], dict[Point, list], Callable[[Point], str],
