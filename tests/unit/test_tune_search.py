@@ -13,7 +13,7 @@ import pytest
 
 from tasks.lib import report as rep
 from tasks.sweeping.search import Point, Search
-from tests.unit.tune_surfaces import (BOUND, REPEAT, SURFACES, grid_decision, label, make_table, outcome,
+from tests.unit.tune_surfaces import (BOUND, SURFACES, grid_decision, label, make_table, outcome,
                                       random_surface, tune)
 
 DATA = Path(__file__).parent / "data" / "sweep_tables"
@@ -110,11 +110,13 @@ def test_on_a_recorded_sweep_table_the_search_reaches_the_grids_decision() -> No
         # The replay's grid decision is the report's, so the comparison below is with the real one.
         assert (grid.status, grid.winner, grid.within_noise) == (
             recorded["status"], recorded["winner"], recorded["within_noise"]), path.name
-        search = tune(table, sizes, point_name=name, seed_name=selector)
+        repeat = min(len(runs) for runs in table.values())   # the search replays at most these
+        search = tune(table, sizes, max_runs=repeat, point_name=name, seed_name=selector)
         found = search.decide()
         assert (found.status, found.winner) == (grid.status, grid.winner), (path.name, search.messages)
         assert found.leader in grid.within_noise, (path.name, found.leader, grid.within_noise)
-        assert search.runs_done <= 0.40 * len(table) * REPEAT, (path.name, search.runs_done)
+        if len(table) >= 48:   # the bound is the issue's, for spaces of 6 x 4 x 2 and up
+            assert search.runs_done <= 0.40 * len(table) * repeat, (path.name, search.runs_done)
     # At least one table has a point made to matter: the grid names a winner there.
     assert any(json.loads(path.read_text())["decision"]["status"] == rep.WINNER for path in tables)
 
