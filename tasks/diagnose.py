@@ -54,7 +54,7 @@ def collect_diagnostics(
         command = diag.node_diagnostics_command(
             run_id, node.index, settings.cluster.registry_dir, workdir=session.workdir,
             venv=settings.cluster.venv, container=container, native=native, timeout=DUMP_TIMEOUT_S)
-        result = node.run(command, warn=True, timeout=NODE_TIMEOUT_S)
+        result = node.run_fed(command, warn=True, timeout=NODE_TIMEOUT_S)
         return diag.parse_node_report(result.stdout, node.index, node.label)
 
     results = on_each(list(nodes) if nodes is not None else session.nodes, collect_one)

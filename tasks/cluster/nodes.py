@@ -36,6 +36,7 @@ from tasks.cluster.hostkeys import (
 from tasks.lib.inventory import HostSpec, Inventory
 from tasks.lib.knownhosts import known_hosts_name
 from tasks.lib.nodefs import registry_for_uid, safe_dirs_command
+from tasks.lib.quoting import FedCommand
 from tasks.lib.settings import ClusterSettings
 from tasks.cluster.node_errors import NodeError, describe_error
 
@@ -101,6 +102,10 @@ class Node:
 
     def run(self, command: str, *, warn: bool = False, timeout: float | None = None, **kwargs) -> Result:
         raise NotImplementedError
+
+    def run_fed(self, call: FedCommand, **kwargs) -> Result:
+        """Run `call.command` with `call.stdin` on its stdin (closed after it)."""
+        return self.run(call.command, in_stream=io.StringIO(call.stdin), **kwargs)
 
     def stream(self, command: str, on_data: Callable[[bytes], None]) -> StreamEnd:
         """Run `command`, handing its stdout to `on_data` chunk by chunk as it arrives; no

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tasks.lib.probe import Finding, HostFacts
+from tasks.lib.quoting import FedCommand
 from tasks.lib.rendezvous import (
     AUTO_PORT_RANGE,
     connect_command,
@@ -37,20 +38,20 @@ AUTO_PORT_TRIES = 3
 class _Listener:
     """Node 0's listener, run in a thread: its first line says whether it listens."""
 
-    def __init__(self, node: Node, command: str):
+    def __init__(self, node: Node, call: FedCommand):
         self.node = node
         self.ready = threading.Event()
         self.first: dict[str, Any] | None = None
         self.report: dict[str, Any] | BaseException | None = None
         self.partial = ""
-        self.thread = threading.Thread(target=self._run, args=(command,), daemon=True,
+        self.thread = threading.Thread(target=self._run, args=(call,), daemon=True,
                                        name="rendezvous-listener")
         self.thread.start()
 
-    def _run(self, command: str) -> None:
+    def _run(self, call: FedCommand) -> None:
         try:
-            result = self.node.run(command, warn=True, hide="err", out_stream=self,
-                                   timeout=REACH_TIMEOUT_S)
+            result = self.node.run_fed(call, warn=True, hide="err", out_stream=self,
+                                       timeout=REACH_TIMEOUT_S)
             self.report = parse_report(result.stdout)
         except Exception as err:  # noqa: BLE001 - reported as the listener's failure
             self.report = RuntimeError(describe_error(err, self.node))
@@ -120,17 +121,17 @@ def check_rendezvous(session: ClusterSession, facts: Sequence[HostFacts], port: 
     if first is not None and first.get("bound"):
         # Node 0 listens: every worker connects now, so a refusal is a refusal.
         results = on_each([by_index[index] for index in sorted(paths)], lambda node: parse_report(
-            node.run(connect_command(master, port, token, node.index, paths[node.index],
-                                     container=container),
-                     warn=True, hide=True, timeout=REACH_TIMEOUT_S).stdout))
+            node.run_fed(connect_command(master, port, token, node.index, paths[node.index],
+                                         container=container),
+                         warn=True, hide=True, timeout=REACH_TIMEOUT_S).stdout))
         reports.update({node.index: report for node, report in results.ok.items()})
         reports.update({node.index: RuntimeError(describe_error(error, node))
                         for node, error in results.failed.items()})
         if not all(isinstance(r, dict) and all(p.get("ok") for p in r.get("paths", [{}]))
                    for r in reports.values()):
             try:  # some hello never comes: end the listener now, not at its deadline
-                master_node.run(stop_command(port, token, container=container), warn=True,
-                                hide=True, timeout=REACH_TIMEOUT_S)
+                master_node.run_fed(stop_command(port, token, container=container), warn=True,
+                                    hide=True, timeout=REACH_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - it ends at its own deadline then
                 pass
     reports[0] = listener.result(REACH_TIMEOUT_S) or first or RuntimeError("no answer")

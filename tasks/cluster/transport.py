@@ -137,7 +137,8 @@ class SrunNode(LocalNode):
                                                command=command, stdin=stdin))
 
     def run(self, command: str, *, warn: bool = False, timeout: float | None = None, **kwargs):
-        return super().run(self.wrap(command), warn=warn, timeout=timeout, **kwargs)
+        fed = kwargs.get("in_stream") not in (None, False)  # run_fed: the step forwards stdin
+        return super().run(self.wrap(command, stdin=fed), warn=warn, timeout=timeout, **kwargs)
 
     def run_with_input(self, command: str, data: bytes, *, warn: bool = False,
                        timeout: float | None = 600.0):

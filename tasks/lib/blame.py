@@ -205,7 +205,9 @@ def find_culprit(signs: Sequence[Sign], *, nproc: int, world_size: int,
         ranks = [first.rank] if first.rank is not None else []
         reason = own_reason(first)
         phase = (phases or {}).get(first.rank) if first.rank is not None else None
-        if phase and phase != "step":
+        # A rank connected to its peers is past start-up (a script of yours that writes no
+        # metrics never shows a step to the scan): only an earlier phase says something.
+        if phase and phase not in ("group", "step"):
             reason = reason.replace(f"rank {first.rank} ",
                                     f"rank {first.rank} (start-up phase {phase}) ", 1)
         return Culprit(first.node_rank, ranks, reason, "own failure",

@@ -16,7 +16,7 @@ from typing import Any
 
 from tasks.lib import diagnostics_node, untrusted
 from tasks.lib.nodereport import clean_node_report
-from tasks.lib.quoting import sh_quote
+from tasks.lib.quoting import FedCommand, sh_quote
 
 NODE_SCRIPT = Path(diagnostics_node.__file__).read_text()
 SUMMARY_FILE = "summary.json"
@@ -53,7 +53,7 @@ def node_diagnostics_command(
     native: bool = True,
     log_lines: int = 200,
     timeout: float = 20.0,
-) -> str:
+) -> FedCommand:
     """Shell command that prints one JSON report of the run's processes on a node.
 
     py-spy is looked for in the run's venv, the checkout's .venv, then PATH. When the host has no
@@ -67,24 +67,27 @@ def node_diagnostics_command(
     return _collector_command(args, container)
 
 
-def _collector_command(args: dict[str, Any], container: str | None) -> str:
-    """Run the node collector (diagnostics_node.py, handed over in an environment variable, not
-    an argv) with these arguments: on the host, or inside the container when the host has no
-    python3."""
+def _collector_command(args: dict[str, Any], container: str | None) -> FedCommand:
+    """Run the node collector (diagnostics_node.py, handed over in an environment variable)
+    on the host, or inside the container when the host has no python3. Its arguments go on
+    stdin, never in an argv: the start-up scan's include the master port."""
     env_name = diagnostics_node.SOURCE_ENV
     src = f"{env_name}={sh_quote(NODE_SCRIPT)}; export {env_name}; "
-    host_run = f'python3 -c "${env_name}" {sh_quote(json.dumps(args, sort_keys=True))}'
+    host_run = f'python3 -c "${env_name}"'
+    stdin = json.dumps(args, sort_keys=True) + "\n"
     if not container:
-        return src + host_run
-    inner_args = sh_quote(json.dumps(dict(args, inside_container=True), sort_keys=True))
-    container_run = (f'docker exec -e {env_name} {sh_quote(container)} '
-                     f'python3 -c "${env_name}" {inner_args}')
-    return f"{src}if command -v python3 >/dev/null 2>&1; then {host_run}; else {container_run}; fi"
+        return FedCommand(src + host_run, stdin)
+    # The collector reads one line; the container's copy reads the next (inside_container set).
+    container_run = (f'{{ read -r _; docker exec -i -e {env_name} {sh_quote(container)} '
+                     f'python3 -c "${env_name}"; }}')
+    inner = json.dumps(dict(args, inside_container=True), sort_keys=True) + "\n"
+    return FedCommand(f"{src}if command -v python3 >/dev/null 2>&1; then {host_run}; "
+                      f"else {container_run}; fi", stdin + inner)
 
 
 def node_phases_command(run_id: str, node_rank: int, registry_dir: str | None, *,
                         master_port: int | None, output_dir: str | None,
-                        container: str | None = None, timeout: float = 10.0) -> str:
+                        container: str | None = None, timeout: float = 10.0) -> FedCommand:
     """Shell command that prints one JSON line: the start-up watch's view of a node
     (diagnostics_node.phases_report: processes, their states and TCP sockets, progress)."""
     args = {"mode": "phases", "run_id": run_id, "node_rank": node_rank,

@@ -180,11 +180,12 @@ def scan_processes(run_id: str, node_rank: int | None, sessions: set[int],
     return found, unreadable
 
 
-def run_command(argv: list[str], timeout: float) -> dict[str, Any]:
+def run_command(argv: list[str], timeout: float, stdin: str | None = None) -> dict[str, Any]:
     started = time.monotonic()
     try:
         done = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+                              **({"input": stdin} if stdin is not None
+                                 else {"stdin": subprocess.DEVNULL}))
         out = {"argv": argv, "rc": done.returncode, "stdout": done.stdout[-MAX_CMD_CHARS:],
                "stderr": done.stderr[-4000:]}
     except subprocess.TimeoutExpired as err:
@@ -385,8 +386,8 @@ def collect(args: dict[str, Any]) -> dict[str, Any]:
         if not source and "__file__" in globals():
             source = read_text(os.path.abspath(__file__))
         if source:
-            result = run_command(["docker", "exec", container, "python3", "-c", source,
-                                  json.dumps(inner_args)], timeout * 4)
+            result = run_command(["docker", "exec", "-i", container, "python3", "-c", source],
+                                 timeout * 4, stdin=json.dumps(inner_args) + "\n")
             try:
                 report["container_report"] = json.loads(result["stdout"])
             except ValueError:
@@ -517,9 +518,9 @@ def phases_report(args: dict[str, Any]) -> dict[str, Any]:
     if container and not inside and unreadable and not any(p["role"] == "rank" for p in found):
         source = os.environ.get(SOURCE_ENV)
         if source:
-            result = run_command(["docker", "exec", "-e", f"{SOURCE_ENV}", container, "python3",
-                                  "-c", source, json.dumps(dict(args, inside_container=True))],
-                                 float(args.get("timeout", 10)))
+            result = run_command(["docker", "exec", "-i", "-e", f"{SOURCE_ENV}", container,
+                                  "python3", "-c", source], float(args.get("timeout", 10)),
+                                 stdin=json.dumps(dict(args, inside_container=True)) + "\n")
             try:
                 inner = json.loads(result["stdout"])
                 report["processes"] += inner.get("processes", [])
@@ -529,9 +530,12 @@ def phases_report(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    args = json.loads(argv[1]) if len(argv) > 1 else {}
+    # The arguments come on stdin (tasks/lib/diagnostics.py): the master port stays out of argv.
+    line = argv[1] if len(argv) > 1 else sys.stdin.readline()
+    args = json.loads(line) if line.strip() else {}
     if "run_id" not in args:
-        print("usage: diagnostics_node.py '{\"run_id\": ..., \"node_rank\": ...}'", file=sys.stderr)
+        print("usage: echo '{\"run_id\": ..., \"node_rank\": ...}' | diagnostics_node.py",
+              file=sys.stderr)
         return 2
     if args.get("mode") == "phases":
         json.dump(phases_report(args), sys.stdout)

@@ -7,6 +7,15 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
+
+
+class FedCommand(NamedTuple):
+    """A shell command and the text it reads on stdin: its arguments, where one of them (a
+    master port) must stay out of every argv, which any user of the node reads in /proc."""
+
+    command: str
+    stdin: str
 
 
 def sh_quote(value: object) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 from tasks.lib import rendezvous_node
 from tasks.lib.probe import Finding, HostFacts
-from tasks.lib.quoting import sh_quote
+from tasks.lib.quoting import FedCommand, sh_quote
 
 NODE_SCRIPT = Path(rendezvous_node.__file__).read_text()
 # `fab launch --master-port auto` picks from this range (and so does `fab check`'s test).
@@ -77,26 +77,28 @@ def master_address(facts: Sequence[HostFacts], socket_ifname: str | None) -> str
     return master.address
 
 
-def _python_command(args: Mapping[str, Any], container: str | None) -> str:
+def _python_command(args: Mapping[str, Any], container: str | None) -> FedCommand:
     """python3 on the host; where the host has none, the run's container (host network: the
-    same ports and routes); else a JSON line saying so."""
-    run = f"python3 -c {sh_quote(NODE_SCRIPT)} {sh_quote(json.dumps(dict(args), sort_keys=True))}"
+    same ports and routes); else a JSON line saying so. The arguments (the master port among
+    them) go on stdin, never in an argv: the port is what a squatter needs."""
+    run = f"python3 -c {sh_quote(NODE_SCRIPT)}"
     missing = sh_quote(json.dumps({"error": "no python3 on this host"
                                    + (" or in its container" if container else "")}))
     command = f"if command -v python3 >/dev/null 2>&1; then {run}; "
     if container:
         command += (f"elif command -v docker >/dev/null 2>&1 && docker exec {sh_quote(container)} "
-                    f"true >/dev/null 2>&1; then docker exec {sh_quote(container)} {run}; ")
-    return command + f"else echo {missing}; fi"
+                    f"true >/dev/null 2>&1; then docker exec -i {sh_quote(container)} {run}; ")
+    return FedCommand(command + f"else echo {missing}; fi",
+                      json.dumps(dict(args), sort_keys=True) + "\n")
 
 
 def listen_command(port: int, token: str, expect: Sequence[str], *, container: str | None = None,
-                   window_s: float = CONNECT_WINDOW_S + LISTEN_SLACK_S) -> str:
+                   window_s: float = CONNECT_WINDOW_S + LISTEN_SLACK_S) -> FedCommand:
     return _python_command({"mode": "listen", "port": int(port), "token": token,
                             "expect": list(expect), "window_s": window_s}, container)
 
 
-def stop_command(port: int, token: str, *, container: str | None = None) -> str:
+def stop_command(port: int, token: str, *, container: str | None = None) -> FedCommand:
     """Ends node 0's listener early (the workers are done; some hello will never come)."""
     return _python_command({"mode": "stop", "port": int(port), "token": token}, container)
 
@@ -115,7 +117,7 @@ def parse_first_line(line: str) -> dict[str, Any] | None:
 
 def connect_command(master: str, port: int, token: str, node_index: int,
                     paths: Sequence[ReachPath], *, container: str | None = None,
-                    window_s: float = CONNECT_WINDOW_S) -> str:
+                    window_s: float = CONNECT_WINDOW_S) -> FedCommand:
     return _python_command({"mode": "connect", "master": master, "port": int(port),
                             "token": token, "node": int(node_index),
                             "paths": [p.as_arg() for p in paths], "window_s": window_s},

@@ -162,10 +162,12 @@ def stop(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    args = json.loads(argv[1]) if len(argv) > 1 else {}
+    # The arguments come on stdin (tasks/lib/rendezvous.py): the port stays out of our argv.
+    line = argv[1] if len(argv) > 1 else sys.stdin.readline()
+    args = json.loads(line) if line.strip() else {}
     modes = {"listen": listen, "connect": connect, "stop": stop}
     if args.get("mode") not in modes:
-        print("usage: rendezvous_node.py '{\"mode\": \"listen\"|\"connect\"|\"stop\", ...}'",
+        print("usage: echo '{\"mode\": \"listen\"|\"connect\"|\"stop\", ...}' | rendezvous_node.py",
               file=sys.stderr)
         return 2
     report = modes[args["mode"]](args)

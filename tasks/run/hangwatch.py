@@ -118,7 +118,7 @@ class HangMonitor:
                                                master_port=self.master_port,
                                                output_dir=self.output_dir,
                                                container=self.container)
-            result = node.run(command, warn=True, timeout=STARTUP_SCAN_TIMEOUT_S)
+            result = node.run_fed(command, warn=True, timeout=STARTUP_SCAN_TIMEOUT_S)
             return diag.parse_node_report(result.stdout, node.index, node.label).data
 
         results = on_each(list(nodes), scan)

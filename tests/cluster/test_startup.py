@@ -261,7 +261,10 @@ def test_store_timeouts_blame_the_rank_that_never_joined(sim, config, tmp_path):
     failure = json.loads((run_dir / "run.json").read_text())["first_failure"]
     assert (failure["node_rank"], failure["ranks"]) == (1, [3]), failure
     assert failure.get("basis") == "store keys", failure
-    assert failure["evidence"] == ["missing: /default_pg/0//cpu//0/3"], failure
+    # The key torch's own message names: /default_pg/... when the group makes its store, as
+    # here before the rendezvous check handed init_process_group the store it verified.
+    assert len(failure["evidence"]) == 1, failure
+    assert re.fullmatch(r"missing: (/default_pg)?/0//cpu//0/3", failure["evidence"][0]), failure
     assert {line.split(":")[0] for line in failure["consequences"]} == {"rank 0", "rank 1",
                                                                         "rank 2"}
     assert "first failure: node 1" in text and "blamed by store keys" in text

@@ -54,6 +54,19 @@ def test_a_rank_that_dies_after_its_peers_failed_is_still_the_cause():
     assert {c.split(":")[0] for c in culprit.consequences} == {"rank 0", "rank 1", "rank 2"}
 
 
+def test_a_rank_that_fails_in_the_group_is_not_said_to_be_starting():
+    """The start-up phase goes into the reason only before the rank joined its peers: a script
+    that writes no metrics is still at "group" when it raises at its fifth step."""
+    signs, context = replay("torch-2.13.0_gloo_rank3_died_in_init.log")
+    reasons = {phase: find_culprit(signs + context, nproc=2, world_size=4,
+                                   node_addresses=ADDRESSES, phases={3: phase}).reason
+               for phase in ("worker", "store", "group", "step")}
+    assert reasons["worker"].startswith("rank 3 (start-up phase worker) failed")
+    assert reasons["store"].startswith("rank 3 (start-up phase store) failed")
+    assert reasons["group"] == reasons["step"] == (
+        "rank 3 failed: RuntimeError: injected: rank 3 died during init")
+
+
 def test_before_the_cause_speaks_the_peer_addresses_point_at_it():
     # What the launch knows when it must decide before rank 3's own error arrives.
     signs, context = replay("torch-2.13.0_gloo_rank3_died_in_init.log",

@@ -163,7 +163,8 @@ def proc_state(pid: int) -> str:
 def collect(fake_run) -> NodeReport:
     command = node_diagnostics_command(fake_run["run_id"], 0, str(fake_run["registry"]),
                                        workdir=str(PROJECT_ROOT), log_lines=50)
-    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(["bash", "-c", command.command], input=command.stdin,
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return parse_node_report(done.stdout, 0, "node-a")
 
@@ -272,7 +273,8 @@ def test_no_hang_no_markdown(tmp_path):
 
 def test_collector_for_an_unknown_run_reports_nothing_found(tmp_path):
     command = node_diagnostics_command("no-such-run", 0, str(tmp_path), workdir=str(PROJECT_ROOT))
-    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(["bash", "-c", command.command], input=command.stdin,
+                          capture_output=True, text=True, timeout=60)
     report = parse_node_report(done.stdout, 0, "node-a")
     assert report.processes == [] and report.data["log_tail"]["error"]
     summary = build_summary("no-such-run", "diagnose", [report], 0.0, expected_ranks=[0, 1])

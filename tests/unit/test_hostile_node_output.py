@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from tasks.lib.quoting import FedCommand
 from tasks.lib import report as rep
 from tasks.lib.diagnostics import build_summary, parse_node_report, summary_markdown
 from tasks.lib.registry import NodeRunRecord
@@ -194,7 +195,7 @@ def test_the_hung_run_is_stopped_whatever_the_nodes_diagnostics_report_says(tmp_
     report_file = tmp_path / "report.json"
     report_file.write_text(hostile_report_json())
     monkeypatch.setattr(diagnostics, "node_diagnostics_command",
-                        lambda *args, **kwargs: f"cat {shlex.quote(str(report_file))}")
+                        lambda *args, **kwargs: FedCommand(f"cat {shlex.quote(str(report_file))}", ""))
     monkeypatch.setattr(diagnostics, "flight_dump_command", lambda output_dir: "true")
     session, plan, watcher = local_watcher(tmp_path, dead_pid(), hang_timeout="60")
     stops: list[bool] = []

@@ -4,6 +4,8 @@ The firewalled node itself is tests/cluster/test_startup.py's (iptables in a nod
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import subprocess
 import threading
@@ -13,6 +15,7 @@ from dataclasses import replace
 import pytest
 
 from tasks.lib.probe import HostFacts
+from tasks.lib.quoting import FedCommand
 from tasks.lib.rendezvous import (
     SOCKET_PATH,
     STORE_PATH,
@@ -31,9 +34,10 @@ from tasks.lib.rendezvous import (
 )
 
 
-def run_sh(command: str, env: dict[str, str] | None = None) -> str:
-    return subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, timeout=30,
-                          env=env, check=True).stdout
+def run_sh(call: FedCommand, env: dict[str, str] | None = None) -> str:
+    """A node command as a node runs it: the command, its arguments on stdin."""
+    return subprocess.run(["/bin/sh", "-c", call.command], input=call.stdin, capture_output=True,
+                          text=True, timeout=30, env=env, check=True).stdout
 
 
 def free_port() -> int:
@@ -57,9 +61,13 @@ LOOP = [ReachPath(STORE_PATH, "lo", "127.0.0.1")]
 def start_listener(port: int, token: str, expect: list[str], window_s: float
                    ) -> tuple[subprocess.Popen, dict]:
     """Node 0's listener, as the check starts it: its first line says it listens."""
-    proc = subprocess.Popen(["/bin/sh", "-c", listen_command(port, token, expect,
-                                                             window_s=window_s)],
+    call = listen_command(port, token, expect, window_s=window_s)
+    read_end, write_end = os.pipe()
+    os.write(write_end, call.stdin.encode())  # a few bytes: the pipe holds them
+    os.close(write_end)
+    proc = subprocess.Popen(["/bin/sh", "-c", call.command], stdin=read_end,
                             stdout=subprocess.PIPE, text=True)
+    os.close(read_end)
     assert proc.stdout is not None
     return proc, parse_first_line(proc.stdout.readline())
 
@@ -157,7 +165,18 @@ def test_without_python3_the_check_says_it_did_not_run():
     [finding] = judge_reach({"bound": True}, {1: ("h1", report)}, master="127.0.0.1",
                             master_label="h0", port=1)
     assert finding.severity == "warning" and "not checked: no python3" in finding.message
-    assert "or in its container" in connect_command("a", 1, "t", 1, LOOP, container="c")
+    assert "or in its container" in connect_command("a", 1, "t", 1, LOOP, container="c").command
+
+
+def test_the_port_travels_on_stdin_never_in_the_command_line():
+    """The command text is a shell's argv on the node (ps shows it to every user); the master
+    port is what a squatter needs (issue 26, finding 1)."""
+    port = 29745
+    for call in (listen_command(port, "tok", ["1/store"], container="c"),
+                 connect_command("10.0.0.1", port, "tok", 1, LOOP, container="c"),
+                 stop_command(port, "tok", container="c")):
+        assert str(port) not in call.command
+        assert json.loads(call.stdin)["port"] == port
 
 
 def test_judgement_names_each_cause():

@@ -75,7 +75,9 @@ def run(tmp_path):
 def test_the_scan_sees_processes_states_and_sockets(run):
     command = node_phases_command(run["run_id"], 0, str(run["registry"]),
                                   master_port=run["master_port"], output_dir=str(run["output_dir"]))
-    done = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, timeout=60)
+    assert str(run["master_port"]) not in command.command  # stdin only: no argv shows the port
+    done = subprocess.run(["/bin/sh", "-c", command.command], input=command.stdin,
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     data = parse_node_report(done.stdout, 0, "here").data
     by_pid = {p["pid"]: p for p in data["processes"]}
@@ -115,7 +117,8 @@ def test_proc_net_addresses():
 def test_the_scan_of_a_run_that_is_not_here_is_empty(tmp_path):
     command = node_phases_command("multinode_1ch_64th_none", 3, str(tmp_path), master_port=1,
                                   output_dir=str(tmp_path / "nothing"))
-    done = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(["/bin/sh", "-c", command.command], input=command.stdin,
+                          capture_output=True, text=True, timeout=60)
     data = parse_node_report(done.stdout, 3, "here").data
     assert (data["processes"], data["registry"], data["progress"]) == ([], [], {})
     assert Path(tmp_path).exists()
