@@ -4,12 +4,12 @@ The tasks are flat (`fab launch`, not `fab launch.launch`) to keep the original 
 """
 from invoke import Collection
 
-from tasks import check, collect, diagnose, docker, launch, report, runs, setup, sweep, sync
+from tasks import check, collect, diagnose, docker, launch, report, runs, setup, sweep, sync, tune
 from tasks.cluster import fab_hooks
 from tasks.lib.settings import default_config
 
 ns = Collection()
-for module in (check, setup, sync, docker, launch, collect, runs, sweep, report, diagnose):
+for module in (check, setup, sync, docker, launch, collect, runs, sweep, tune, report, diagnose):
     for name, task in module.ns.tasks.items():
         ns.add_task(task, name)
 ns.configure(default_config())

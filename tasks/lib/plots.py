@@ -10,13 +10,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.lib.report import COMPLETED, PointRow, best_point
+from tasks.lib.report import COMPLETED, Decision, PointRow, pareto_front
 from tasks.lib.untrusted import short_text
 
 ITERATION_HEATMAP = "heatmap_iter_ms.png"
 CONTENTION_HEATMAP = "heatmap_contention_slowdown.png"
 BUSBW_LINES = "busbw_vs_channels.png"
 PER_RANK_STEPS = "per_rank_step_time.png"
+PARETO = "pareto_contention_exposed.png"
 
 STATUS_SHORT = {"not_run": "not run", "no_output": "no output"}
 
@@ -47,7 +48,8 @@ def grid_axes(rows: Sequence[PointRow]) -> tuple[list[int], list[int]]:
 
 def plot_heatmap(rows: Sequence[PointRow], value_of: Callable[[PointRow], float | None], *,
                  title: str, colorbar_label: str, cell_format: Callable[[float], str],
-                 path: Path, mark: PointRow | None = None, mark_label: str = "") -> Path | None:
+                 path: Path, mark: PointRow | None = None, mark_label: str = "",
+                 also: Sequence[PointRow] = (), also_label: str = "") -> Path | None:
     """Channels across, threads up; each cell annotated with its value, or the point's status when
     it has none. Lower is better for both metrics we draw, so the colour map runs dark = low."""
     channels, threads = grid_axes(rows)
@@ -98,6 +100,14 @@ def plot_heatmap(rows: Sequence[PointRow], value_of: Callable[[PointRow], float 
                 # Dark text on the light (high) end of viridis, white on the dark end.
                 color = "black" if (value - vmin) / (vmax - vmin) > 0.55 else "white"
             ax.text(x, y, labels[y][x], ha="center", va="center", color=color, fontsize=10)
+    for other in also:
+        if other.channels in channels and other.threads in threads and other is not mark:
+            x, y = channels.index(other.channels), threads.index(other.threads)
+            ax.add_patch(plt.Rectangle((x - 0.45, y - 0.45), 0.9, 0.9, fill=False, edgecolor="#f0a202",
+                                       linewidth=2, linestyle="--"))
+    if also and also_label:
+        ax.text(0.0, -0.16 if len(threads) > 1 else -0.25, f"dashed: {also_label}", transform=ax.transAxes,
+                ha="left", va="top", fontsize=8, color="#b07800")
     if mark is not None and mark.channels in channels and mark.threads in threads:
         x, y = channels.index(mark.channels), threads.index(mark.threads)
         ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="#e4572e", linewidth=3))
@@ -210,20 +220,86 @@ def _median(values: Sequence[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
-def write_sweep_figures(rows: Sequence[PointRow], out_dir: Path) -> list[Path]:
-    """Heatmaps and the busbw lines; only when the rows span more than one grid point."""
+def settings_groups(rows: Sequence[PointRow]) -> list[tuple[str, list[PointRow]]]:
+    """The rows split by their --axis values (a channels × threads heatmap each), with a file-name
+    suffix per group ("" when the sweep has no other axis)."""
+    groups: dict[tuple[tuple[str, str], ...], list[PointRow]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.settings.items()), []).append(row)
+    named = []
+    for settings, members in groups.items():
+        suffix = "".join(f"_{_safe(k)}-{_safe(v)}" for k, v in settings)
+        named.append((suffix, members))
+    return named
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in text)[:40]
+
+
+def write_sweep_figures(rows: Sequence[PointRow], out_dir: Path,
+                        decision: Decision | None = None) -> list[Path]:
+    """Heatmaps (one per combination of the other axes), the busbw lines and the Pareto front;
+    only when the rows span more than one point. The heatmap boxes the best point in red, or,
+    where no point is ahead beyond the noise, the points that cannot be told apart in dashes."""
     channels, threads = grid_axes(rows)
-    if len(channels) * len(threads) < 2:
+    if len(rows) < 2 or (len(channels) * len(threads) < 2 and not any(r.settings for r in rows)):
         return []
-    best = best_point(rows)
-    written = [
-        plot_heatmap(rows, lambda r: r.iter_ms_median, title="Median iteration time (ms)",
-                     colorbar_label="iteration time, median (ms)", cell_format=lambda v: f"{v:.3g}",
-                     path=out_dir / ITERATION_HEATMAP, mark=best, mark_label="best point"),
-        plot_heatmap(rows, lambda r: None if r.contention_slowdown_median is None else r.contention_slowdown_median * 100,
-                     title="GEMM contention slowdown (%)",
-                     colorbar_label="GEMM time under overlap vs solo, median (%)",
-                     cell_format=lambda v: f"{v:.1f} %", path=out_dir / CONTENTION_HEATMAP),
-        plot_busbw_vs_channels(rows, out_dir / BUSBW_LINES),
-    ]
+    winner = decision.winner if decision else None
+    tied = set(decision.within_noise) if decision and not decision.decided else set()
+    written: list[Path | None] = []
+    for suffix, members in settings_groups(rows):
+        title_extra = (" " + " ".join(f"{k}={v}" for k, v in members[0].settings.items())) if suffix else ""
+        best = next((r for r in members if r.label == winner), None)
+        within = [r for r in members if r.label in tied]
+        written += [
+            plot_heatmap(members, lambda r: r.iter_ms_median, title="Median iteration time (ms)" + title_extra,
+                         colorbar_label="iteration time, median (ms)", cell_format=lambda v: f"{v:.3g}",
+                         path=out_dir / ITERATION_HEATMAP.replace(".png", f"{suffix}.png"), mark=best,
+                         mark_label="best point (ahead beyond the noise)", also=within,
+                         also_label="within noise of the leader: no single best point"),
+            plot_heatmap(members, lambda r: None if r.contention_slowdown_median is None else r.contention_slowdown_median * 100,
+                         title="GEMM contention slowdown (%)" + title_extra,
+                         colorbar_label="GEMM time under overlap vs solo, median (%)",
+                         cell_format=lambda v: f"{v:.1f} %",
+                         path=out_dir / CONTENTION_HEATMAP.replace(".png", f"{suffix}.png")),
+            plot_busbw_vs_channels(members, out_dir / BUSBW_LINES.replace(".png", f"{suffix}.png")),
+        ]
+    written.append(plot_pareto(rows, out_dir / PARETO, winner))
     return [p for p in written if p is not None]
+
+
+def plot_pareto(rows: Sequence[PointRow], path: Path, winner: str | None = None) -> Path | None:
+    """Contention slowdown against exposed communication, both lower-is-better: every completed
+    point, the Pareto front (no point better on both) joined and labelled."""
+    usable = [r for r in rows if r.status == COMPLETED and r.contention_slowdown_median is not None
+              and r.exposed_comm_fraction_median is not None]
+    if len(usable) < 2:
+        return None
+    front = pareto_front(usable)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.8, 4.6), dpi=120)
+    xs = [r.contention_slowdown_median * 100 for r in usable]  # type: ignore[operator]
+    ys = [r.exposed_comm_fraction_median * 100 for r in usable]  # type: ignore[operator]
+    ax.scatter(xs, ys, color="#9e9e9e", s=28, label="points", zorder=2)
+    fx = [r.contention_slowdown_median * 100 for r in front]  # type: ignore[operator]
+    fy = [r.exposed_comm_fraction_median * 100 for r in front]  # type: ignore[operator]
+    ax.step(fx, fy, where="post", color="#e4572e", linewidth=1.5, zorder=3)
+    ax.scatter(fx, fy, color="#e4572e", s=40, label="Pareto front", zorder=4)
+    for row, x, y in zip(front, fx, fy):
+        ax.annotate(row.label + (" (best)" if row.label == winner else ""), (x, y), textcoords="offset points",
+                    xytext=(5, 5), fontsize=7, color="#b00020")
+    chosen = [r for r in usable if r.label == winner and r not in front]
+    for row in chosen:
+        ax.annotate(row.label + " (best)", (row.contention_slowdown_median * 100,  # type: ignore[operator]
+                                            row.exposed_comm_fraction_median * 100),  # type: ignore[operator]
+                    textcoords="offset points", xytext=(5, -10), fontsize=7)
+    ax.set_xlabel("GEMM contention slowdown under overlap, median (%)")
+    ax.set_ylabel("exposed communication, median (% of the step)")
+    ax.set_title("Trade-off: contention vs exposed communication (lower is better)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

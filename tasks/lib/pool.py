@@ -1,12 +1,12 @@
 """A sweep's rank pools (`fab sweep`, unless --no-pool): which points share a process, and how
 one launch tells the train package to run them all (pure: no torch, no network).
 
-NCCL reads its thread count once per process, so the restart key of a point is its threads:
-points with the same threads run in one launch, one after another on a new communicator each
-(train.pool). Each point writes <T>thread_<C>channels/ inside the launch's own output
-directory (pool.layout=children): the launch collects that directory from every node, so
-the points come home with it.
-Pools run threads-major (all channels of the first thread value, then the next).
+NCCL reads its thread count once per process, and every --axis variable is process
+environment, so the restart key of a point is its threads and axis values
+(tasks/lib/design.py): consecutive runs of one round with the same key run in one launch, one
+after another on a new communicator each (train.pool). Each point writes <T>thread_<C>channels/
+inside the launch's own output directory (pool.layout=children): the launch collects that
+directory from every node, so the points come home with it.
 """
 from __future__ import annotations
 
@@ -14,17 +14,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tasks.lib.runspec import output_dir_name
-from tasks.lib.sweep import SweepError
+from tasks.lib.design import pool_batches
+from tasks.lib.sweep import SweepError, point_of
 
 
 def pool_groups(points: Sequence[Mapping[str, Any]], indexes: Sequence[int]) -> list[list[int]]:
-    """The pending point indexes grouped by restart key (threads), threads-major, channels in
-    grid order within a group."""
-    by_threads: dict[int, list[int]] = {}
-    for index in indexes:
-        by_threads.setdefault(int(points[index]["threads"]), []).append(index)
-    return [sorted(group, key=lambda i: (int(points[i]["channels"]), i))
-            for _, group in sorted(by_threads.items())]
+    """The pending runs (indexes, in the order they run) cut into pools: consecutive runs of one
+    round with the same restart key (threads, axis values) and distinct channels."""
+    return pool_batches([(i, int(points[i].get("repeat") or 0), point_of(points[i])) for i in indexes])
 
 
 def pool_overrides(points: Sequence[Mapping[str, Any]], group: Sequence[int]) -> list[str]:
@@ -35,6 +32,8 @@ def pool_overrides(points: Sequence[Mapping[str, Any]], group: Sequence[int]) ->
     threads = {int(points[i]["threads"]) for i in group}
     if len(threads) != 1:
         raise SweepError(f"a pool runs one thread value; got {sorted(threads)}")
+    if len({tuple(sorted((points[i].get("settings") or {}).items())) for i in group}) != 1:
+        raise SweepError("a pool runs one value of every --axis variable (they are process environment)")
     extra = []
     for index in group:
         for pair in points[index].get("overrides") or []:

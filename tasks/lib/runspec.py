@@ -288,6 +288,7 @@ def resolve_run_spec(
     project_root: Path,
     validate_config: Callable[[Path, Sequence[str]], None] | None = None,
     builtin_overrides: Mapping[str, Any] | None = None,
+    preset_loader: Callable[[str], Mapping[str, str]] | None = None,
 ) -> RunSpec:
     """Decide and validate every launch value (resolve_launch_values' order for those it owns).
 
@@ -297,6 +298,9 @@ def resolve_run_spec(
     neither --docker nor --no-docker was given. validate_config: raises RunSpecError for a bad
     config (default: train.config.load_config, torch-free). builtin_overrides: built-ins of this
     situation (the embedded default on a GPU machine uses nproc "auto": its own GPUs).
+    preset_loader: reads an NCCL preset's variables (render.load_nccl_preset); a preset that sets
+    the channel or thread variables (one written by `fab report --export-preset`) gives the
+    launch its channels and threads unless --channels/--threads do (preset_launch_values).
     """
     values = resolve_launch_values(flags, config, environ, accelerator=accelerator,
                                    builtin_overrides=builtin_overrides)
@@ -315,6 +319,15 @@ def resolve_run_spec(
 
     nccl_preset = flags.nccl_preset or config.get("nccl_preset") or None
     sources["nccl_preset"] = "flag" if flags.nccl_preset else ("config" if nccl_preset else "none")
+    pin_channels = flags.pin_channels
+    preset_warnings: list[str] = []
+    if nccl_preset and preset_loader is not None:
+        try:
+            preset_env = preset_loader(nccl_preset)
+        except ValueError as err:
+            raise RunSpecError(f"--nccl-preset: {err}") from None
+        channels, threads, pin_channels, preset_warnings = preset_launch_values(
+            nccl_preset, preset_env, channels, threads, pin_channels, sources)
 
     # The profiling flags' rules are tasks.lib.profiling's (--stats, --rocprof-input: --rocprof).
     try:
@@ -333,7 +346,7 @@ def resolve_run_spec(
         if not rocprof_input.is_file():
             raise RunSpecError(f"--rocprof-input {flags.rocprof_input}: no such file")
 
-    warnings = list(thread_warnings(threads, accelerator))
+    warnings = [*preset_warnings, *thread_warnings(threads, accelerator)]
     config_path: Path | None = None
     if entry is None:
         config_path = _project_file(config_text, project_root)
@@ -360,10 +373,38 @@ def resolve_run_spec(
         accelerator=accelerator,  # type: ignore[arg-type]
         docker=docker, master_port=master_port, nccl_preset=nccl_preset,
         profilers=profilers, rocprof_input=rocprof_input, hang_timeout=hang_timeout,
-        pin_channels=flags.pin_channels, detach=flags.detach, dry_run=flags.dry_run,
+        pin_channels=pin_channels, detach=flags.detach, dry_run=flags.dry_run,
         force=flags.force, sources=sources, warnings=tuple(warnings), hang_auto=hang_auto,
         entry=entry, metric=metric,
     )
+
+
+def preset_launch_values(name: str, preset: Mapping[str, str], channels: int, threads: int,
+                         pin_channels: bool, sources: dict[str, str]) -> tuple[int, int, bool, list[str]]:
+    """Channels, threads and pinning from a preset's channel/thread variables where no flag gave
+    them (the launch sets those variables itself from --channels/--threads, so without this a
+    preset's values would be silently replaced by the defaults); the warnings where a flag wins."""
+    warnings: list[str] = []
+    where = f"NCCL preset {name}"
+    wanted_channels = preset.get("NCCL_MAX_NCHANNELS") or preset.get("NCCL_MAX_CTAS")
+    wanted_threads = preset.get("NCCL_NTHREADS") or preset.get("RCCL_THREADS_PER_BLOCK")
+    for field_name, text in (("channels", wanted_channels), ("threads", wanted_threads)):
+        if text is None:
+            continue
+        value = (parse_channels if field_name == "channels" else parse_threads)(text, f"{where}: {field_name}")
+        current = channels if field_name == "channels" else threads
+        if sources.get(field_name) == "flag":
+            if value != current:
+                warnings.append(f"--{field_name} {current} replaces the {field_name} of {where} ({value})")
+            continue
+        sources[field_name] = where
+        if field_name == "channels":
+            channels = value
+        else:
+            threads = value
+    if wanted_channels is not None and sources.get("channels") == where:
+        pin_channels = preset.get("NCCL_MIN_NCHANNELS") == wanted_channels
+    return channels, threads, pin_channels, warnings
 
 
 def resolve_entry_value(flags: LaunchFlags, config: Mapping[str, Any], project_root: Path,

@@ -1,18 +1,26 @@
-"""A sweep over channels × threads: the grid, sweep.json, and which points still need a run.
+"""A sweep: its grid (channels × threads × --axis variables), sweep.json, and which runs still
+need to go. The design (repeats, run order, pools) is tasks/lib/design.py.
 
 Pure: the document is a plain dict (JSON-ready); reading and writing files is the task's job.
 
-sweep.json (schema 1):
-  schema, sweep_id, status (running|completed|partial|interrupted|aborted), created_at,
-  updated_at, ended_at, controller {host, user, cwd}, hosts [labels], fail_fast, point_timeout,
-  grid {channels [..], threads [..], order "channels-major"},
+sweep.json (schema 2; schema 1, written before repeats and axes, is read as one run per point):
+  schema, sweep_id, kind (sweep|tune), status (running|completed|partial|interrupted|aborted),
+  created_at, updated_at, ended_at, controller {host, user, cwd}, hosts [labels], fail_fast,
+  point_timeout,
+  grid {channels [..], threads [..], axes [{name, values [..]}], repeat, seed,
+        order "grid" | "rounds" (repeats: shuffled rounds), pools_by [restart axes]},
+  configs [{index, channels, threads, settings {NAME: value}, overrides [..]}] (the points),
+  order [run indexes in the order they run],
   launch_flags {the launch flags the sweep was given, channels/threads excluded; --env values
     of secret-looking variables as ***},
-  sessions [{started_at, ended_at, resumed, ran [point indexes]}],
-  points [{index, channels, threads, status (pending|running|completed|failed|stopped|hung|
-           interrupted|error), run_id, run_dir (relative to the sweep directory), attempts,
-           started_at, ended_at, launch_s, cleanup_wait_s, gap_before_s, idle_before_s,
-           startup_s, teardown_s, exit_status, error, overrides [point-only train overrides]}],
+  sessions [{started_at, ended_at, resumed, ran [run indexes]}],
+  points [{index, config, repeat, channels, threads, settings, status (pending|running|
+           completed|failed|stopped|hung|interrupted|error), run_id, run_dir (relative to the
+           sweep directory), output_dir (a pool's point: its directory inside run_dir),
+           attempts, started_at, ended_at, launch_s, cleanup_wait_s, gap_before_s,
+           idle_before_s, startup_s, teardown_s, exit_status, error,
+           overrides [point-only train overrides]}]  (one entry per run: config-major, repeat
+           inner; `order` says when each runs),
   dead_time {gap_s {median, max, n}, idle_s {median, max, n}}
 Point timing: launch_s is the launch call (probe to collection); cleanup_wait_s the wait after it
 until no process of the run is left on any host; gap_before_s the controller time between the
@@ -31,11 +39,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.lib import design
+from tasks.lib.design import GridPoint
+from tasks.lib.knobs import Axis
 from tasks.lib.masking import MASK, assignment_name, is_masked_assignment, mask_assignments
 from tasks.lib.quoting import sh_quote
 from tasks.lib.registry import SCAN_KILL_SH
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 SWEEP_JSON = "sweep.json"
 SWEEP_PREFIX = "sweep_"
 
@@ -55,16 +67,6 @@ SWEEP_ABORTED = "aborted"          # --fail-fast stopped it after a failed point
 
 class SweepError(ValueError):
     """A sweep input that cannot be used; one line saying what and how to fix."""
-
-
-@dataclass(frozen=True)
-class GridPoint:
-    channels: int
-    threads: int
-
-    @property
-    def label(self) -> str:
-        return f"{self.channels}ch × {self.threads}th"
 
 
 # -- the grid -------------------------------------------------------------------------------------
@@ -91,19 +93,21 @@ def parse_grid_values(values: str | Sequence[str] | None, flag: str) -> list[int
     return parsed
 
 
-def grid_points(channels: Sequence[int], threads: Sequence[int]) -> list[GridPoint]:
-    """Channels-major, like the original shell loop (for c in channels; for t in threads)."""
+def grid_points(channels: Sequence[int], threads: Sequence[int], axes: Sequence[Axis] = ()) -> list[GridPoint]:
+    """Channels-major, like the original shell loop (for c in channels; for t in threads), then
+    each --axis in the order given."""
     if not channels or not threads:
         raise SweepError("a sweep needs at least one value for --channels and one for --threads "
                          "(e.g. --channels 28,42,56,70 --threads 256,512)")
-    return [GridPoint(c, t) for c in channels for t in threads]
+    return design.grid_points(channels, threads, axes)
 
 
-_POINT_OVERRIDE = re.compile(r"^(\d+|\*)x(\d+|\*):(.+)$")
+_POINT_OVERRIDE = re.compile(r"^(\d+|\*)x(\d+|\*)((?:,[A-Za-z_]\w*=[^,:=]+)*):(.+)$")
 
 
 def parse_point_overrides(items: Iterable[str], points: Sequence[GridPoint]) -> dict[GridPoint, list[str]]:
-    """`CxT:section.key=value` (C or T may be `*`) as the extra train overrides of each point.
+    """`CxT[,NAME=VALUE...]:section.key=value` (C or T may be `*`; NAME=VALUE narrows to the points
+    with that --axis value) as the extra train overrides of each point.
 
     For what one point needs and the others must not get: profiling at the interesting point,
     more steps where the noise is. A selector that matches no grid point is an error (a typo
@@ -111,13 +115,15 @@ def parse_point_overrides(items: Iterable[str], points: Sequence[GridPoint]) -> 
     extra: dict[GridPoint, list[str]] = {point: [] for point in points}
     for item in items:
         match = _POINT_OVERRIDE.match(item.strip())
-        if not match or "=" not in match.group(3):
+        if not match or "=" not in match.group(4):
             raise SweepError(f"--point-override {item!r}: expected CHANNELSxTHREADS:section.key=value, "
-                             "e.g. 56x256:profiling.enabled=true (* for any)")
-        channels, threads, override = match.groups()
-        chosen = [p for p in points if channels in ("*", str(p.channels)) and threads in ("*", str(p.threads))]
+                             "e.g. 56x256:profiling.enabled=true (* for any; ,NAME=VALUE for an --axis)")
+        channels, threads, filters, override = match.groups()
+        wanted = {tuple(pair.split("=", 1)) for pair in filters.split(",") if pair}
+        chosen = [p for p in points if channels in ("*", str(p.channels)) and threads in ("*", str(p.threads))
+                  and wanted <= set(p.settings)]
         if not chosen:
-            raise SweepError(f"--point-override {item!r}: no grid point {channels}x{threads}")
+            raise SweepError(f"--point-override {item!r}: no grid point {channels}x{threads}{filters}")
         for point in chosen:
             extra[point].append(override)
     return extra
@@ -127,11 +133,16 @@ def parse_point_overrides(items: Iterable[str], points: Sequence[GridPoint]) -> 
 
 def new_sweep(*, sweep_id: str, channels: Sequence[int], threads: Sequence[int],
               launch_flags: Mapping[str, Any], hosts: Sequence[str], fail_fast: bool,
-              controller: Mapping[str, Any], created_at: str) -> dict[str, Any]:
-    points = grid_points(channels, threads)
-    return {
+              controller: Mapping[str, Any], created_at: str, axes: Sequence[Axis] = (),
+              repeat: int = 1, seed: int = 0, pools: bool = True, kind: str = "sweep") -> dict[str, Any]:
+    """A new sweep document: its points (`configs`), one entry per run in `points`, and the
+    order they run in (tasks/lib/design.py; `pools`: keep each pool's runs together)."""
+    grid = grid_points(channels, threads, axes)
+    runs = design.run_order(grid, repeat, seed, design.restart_key if pools else None)
+    document = {
         "schema": SCHEMA_VERSION,
         "sweep_id": sweep_id,
+        "kind": kind,
         "status": SWEEP_RUNNING,
         "created_at": created_at,
         "updated_at": created_at,
@@ -139,29 +150,76 @@ def new_sweep(*, sweep_id: str, channels: Sequence[int], threads: Sequence[int],
         "controller": dict(controller),
         "hosts": list(hosts),
         "fail_fast": fail_fast,
-        "grid": {"channels": list(channels), "threads": list(threads), "order": "channels-major"},
+        "grid": {"channels": list(channels), "threads": list(threads),
+                 "axes": [{"name": a.name, "values": list(a.values)} for a in axes],
+                 "repeat": repeat, "seed": seed, "order": "rounds" if repeat > 1 else "grid"},
+        "configs": [config_entry(index, point) for index, point in enumerate(grid)],
         "launch_flags": dict(launch_flags),
         "sessions": [],
-        "points": [new_point(index, point) for index, point in enumerate(points)],
+        "points": [new_point(config * repeat + r, point, config, r)
+                   for config, point in enumerate(grid) for r in range(repeat)],
+        "order": [run.config * repeat + run.repeat for run in runs],
         "dead_time": {},
     }
+    return document
 
 
-def new_point(index: int, point: GridPoint) -> dict[str, Any]:
+def config_entry(index: int, point: GridPoint) -> dict[str, Any]:
+    return {"index": index, "channels": point.channels, "threads": point.threads,
+            "settings": dict(point.settings)}
+
+
+def new_point(index: int, point: GridPoint, config: int | None = None, repeat: int = 0) -> dict[str, Any]:
     return {
-        "index": index, "channels": point.channels, "threads": point.threads, "status": PENDING,
+        "index": index, "config": index if config is None else config, "repeat": repeat,
+        "channels": point.channels, "threads": point.threads, "settings": dict(point.settings),
+        "status": PENDING,
         "run_id": None, "run_dir": None, "attempts": 0, "started_at": None, "ended_at": None,
         "launch_s": None, "cleanup_wait_s": None, "gap_before_s": None, "idle_before_s": None,
         "startup_s": None, "teardown_s": None, "exit_status": None, "error": None,
     }
 
 
+def point_of(entry: Mapping[str, Any]) -> GridPoint:
+    """The grid point of a sweep.json point (run) or configs entry."""
+    settings = entry.get("settings") or {}
+    return GridPoint(int(entry["channels"]), int(entry["threads"]),
+                     tuple((str(k), str(v)) for k, v in settings.items()))
+
+
+def run_label(point: Mapping[str, Any], document: Mapping[str, Any] | None = None) -> str:
+    """'4ch × 256th NCCL_PROTO=Simple' and, with repeats, ' (run 2/3)'."""
+    label = point_of(point).label
+    repeat = ((document or {}).get("grid") or {}).get("repeat") or 1
+    return label + (f" (run {int(point.get('repeat') or 0) + 1}/{repeat})" if repeat > 1 else "")
+
+
+def run_selector(point: Mapping[str, Any], document: Mapping[str, Any] | None = None) -> str:
+    """'42x512', '42x512,NCCL_PROTO=Simple', with repeats ' run 2' (how messages name a run)."""
+    text = ",".join([f"{point['channels']}x{point['threads']}",
+                     *(f"{k}={v}" for k, v in (point.get("settings") or {}).items())])
+    repeat = ((document or {}).get("grid") or {}).get("repeat") or 1
+    return text + (f" run {int(point.get('repeat') or 0) + 1}" if repeat > 1 else "")
+
+
+def axes_of(document: Mapping[str, Any]) -> list[Axis]:
+    return [Axis(str(a["name"]), tuple(str(v) for v in a["values"]))
+            for a in (document.get("grid") or {}).get("axes") or []]
+
+
+def run_order_of(document: Mapping[str, Any]) -> list[int]:
+    """The run indexes in the order they go (schema 1: grid order)."""
+    return list(document.get("order") or range(len(document["points"])))
+
+
 def validate_sweep(document: Any, source: str) -> dict[str, Any]:
-    """The document if it is a sweep.json this code can resume; SweepError otherwise."""
+    """The document if it is a sweep.json this code can resume (schema 1 upgraded in place to
+    schema 2: one run per point, grid order); SweepError otherwise."""
     if not isinstance(document, dict):
         raise SweepError(f"{source}: not a JSON object")
-    if document.get("schema") != SCHEMA_VERSION:
-        raise SweepError(f"{source}: schema {document.get('schema')!r} is not {SCHEMA_VERSION}")
+    if document.get("schema") not in READABLE_SCHEMAS:
+        raise SweepError(f"{source}: schema {document.get('schema')!r} is not one of "
+                         f"{', '.join(map(str, READABLE_SCHEMAS))}")
     points = document.get("points")
     if not isinstance(points, list) or not points:
         raise SweepError(f"{source}: no points")
@@ -171,12 +229,39 @@ def validate_sweep(document: Any, source: str) -> dict[str, Any]:
             raise SweepError(f"{source}: point {position} is malformed (needs index, channels, threads)")
         if point.get("status") not in POINT_STATES:
             raise SweepError(f"{source}: point {position} has unknown status {point.get('status')!r}")
+        settings = point.get("settings", {})
+        if not isinstance(settings, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in settings.items()):
+            raise SweepError(f"{source}: point {position} has malformed settings")
     if not isinstance(document.get("launch_flags"), dict):
         raise SweepError(f"{source}: launch_flags missing")
+    if document["schema"] == 1:
+        _upgrade_schema_1(document)
+    order = document.get("order")
+    if not isinstance(order, list) or sorted(order) != list(range(len(points))):
+        raise SweepError(f"{source}: order is not a permutation of the points")
+    configs = document.get("configs")
+    if not isinstance(configs, list) or any(not isinstance(p.get("config"), int)
+                                            or not 0 <= p["config"] < len(configs) for p in points):
+        raise SweepError(f"{source}: configs missing, or a point names no config")
     return document
 
 
-def check_resume_grid(document: Mapping[str, Any], channels: Sequence[int], threads: Sequence[int]) -> None:
+def _upgrade_schema_1(document: dict[str, Any]) -> None:
+    """A sweep.json of schema 1 (one run per point, no axes) as schema 2."""
+    for point in document["points"]:
+        point.setdefault("config", point["index"])
+        point.setdefault("repeat", 0)
+        point.setdefault("settings", {})
+    document["configs"] = [config_entry(p["index"], point_of(p)) for p in document["points"]]
+    document["order"] = list(range(len(document["points"])))
+    grid = document.setdefault("grid", {})
+    grid.update(axes=grid.get("axes") or [], repeat=1, seed=grid.get("seed", 0), order="grid")
+    document["schema"] = SCHEMA_VERSION
+
+
+def check_resume_grid(document: Mapping[str, Any], channels: Sequence[int], threads: Sequence[int],
+                      axes: Sequence[Axis] = (), repeat: int | None = None) -> None:
     """A resumed sweep keeps its grid: flags naming another grid are a mistake, not a request."""
     grid = document.get("grid", {})
     for flag, given, recorded in (("--channels", channels, grid.get("channels")),
@@ -184,6 +269,12 @@ def check_resume_grid(document: Mapping[str, Any], channels: Sequence[int], thre
         if given and list(given) != list(recorded or []):
             raise SweepError(f"{flag} {','.join(map(str, given))} differs from the resumed sweep's "
                              f"{','.join(map(str, recorded or []))}; drop the flag or start a new sweep")
+    if axes and list(axes) != axes_of(document):
+        shown = " ".join(f"--axis {a.name}={','.join(a.values)}" for a in axes_of(document)) or "no --axis"
+        raise SweepError(f"--axis differs from the resumed sweep's ({shown}); drop it or start a new sweep")
+    if repeat not in (None, 1) and repeat != grid.get("repeat", 1):
+        raise SweepError(f"--repeat {repeat} differs from the resumed sweep's {grid.get('repeat', 1)}; "
+                         "drop it or start a new sweep")
 
 
 def check_resume_flags(recorded: Mapping[str, Any], given: Mapping[str, Any],
@@ -235,13 +326,14 @@ def _normalise(value: Any) -> Any:
 
 
 def points_to_run(document: Mapping[str, Any], run_completed: Callable[[Mapping[str, Any]], bool]) -> list[int]:
-    """Indexes of the points a (resumed) sweep still has to run.
+    """Indexes of the runs a (resumed) sweep still has to run, in the order they go.
 
     A point is done when sweep.json says completed AND its run directory agrees
     (`run_completed(point)` reads it): a deleted or broken run directory is run again.
     """
-    return [p["index"] for p in document["points"]
-            if not (p.get("status") == COMPLETED and run_completed(p))]
+    points = document["points"]
+    return [index for index in run_order_of(document)
+            if not (points[index].get("status") == COMPLETED and run_completed(points[index]))]
 
 
 def sweep_status(document: Mapping[str, Any], *, interrupted: bool = False, aborted: bool = False) -> str:

@@ -68,7 +68,8 @@ def resolve_spec(session: ClusterSession, flags: LaunchFlags, c_config: Any,
                                 accelerator=context.accelerator,
                                 docker_default=context.docker_default,
                                 project_root=PROJECT_ROOT,
-                                builtin_overrides=context.builtin_overrides)
+                                builtin_overrides=context.builtin_overrides,
+                                preset_loader=load_nccl_preset)
         if spec.nccl_preset:
             try:
                 load_nccl_preset(spec.nccl_preset)

@@ -2,11 +2,11 @@
 launch, one rank pool.
 
 The sweep machinery is tasks/sweep.py's (sweep.json, leftover checks, watchdog, resume); this
-runner only changes what one launch covers. The first pending point of each thread value starts
-the launch with every point of that value (train.pool, one communicator per point); the others
-are then recorded from their own directories in the shared run directory, with the pool's
-in-process timings. A thread change is a new launch (NCCL reads NCCL_NTHREADS once per
-process), so pools run threads-major.
+runner only changes what one launch covers. The first pending run of each pool starts the
+launch with every point of the pool (train.pool, one communicator per point); the others are
+then recorded from their own directories in the shared run directory, with the pool's in-process
+timings. A thread or --axis change is a new launch (NCCL reads NCCL_NTHREADS once per process;
+axis variables are process environment): tasks/lib/design.py.
 """
 from __future__ import annotations
 
@@ -84,13 +84,15 @@ class PoolSweepRunner(SweepRunner):
                 member["error"] = "; ".join(row.problems[:2]) or f"run {row.status}"
         member.update(pool_lib.pool_point_record(data.summary))
         self.recorded.add(member["index"])
-        self.console.out(f"sweep: point {member['index'] + 1} {member['channels']}ch × "
-                         f"{member['threads']}th (in the pool of point {leader['index'] + 1}): "
+        self.console.out(f"sweep: point {member['index'] + 1} {sw.run_label(member, self.document)} "
+                         f"(in the pool of point {leader['index'] + 1}): "
                          f"{member['status']}" + (f" ({member['error']})" if member.get("error") else ""),
                          highlight=False)
 
 
 def order_and_group(document: dict[str, Any], pending: list[int]) -> tuple[list[int], list[list[int]]]:
+    """The pending runs in their order and cut into pools (the order already keeps a pool's runs
+    together; tasks/lib/design.py)."""
     groups = pool_lib.pool_groups(document["points"], pending)
     return [i for group in groups for i in group], groups
 

@@ -78,7 +78,8 @@ FLAG_DEFAULTS = _flag_defaults()
 
 def launch_flags_for(record: Mapping[str, Any], point: sw.GridPoint, extra_overrides: Sequence[str]) -> LaunchFlags:
     """One point's launch: every LaunchFlags field from the record (a flag the record lacks, in a
-    sweep.json older than the flag, keeps its default), the grid's channels and threads."""
+    sweep.json older than the flag, keeps its default), the grid's channels and threads, its
+    --axis values as --env items (after the sweep's own --env, which never names an axis)."""
     values: dict[str, Any] = {}
     for field in fields(LaunchFlags):
         if field.name in GRID_FLAGS | LAUNCH_ONLY_FLAGS:
@@ -88,7 +89,7 @@ def launch_flags_for(record: Mapping[str, Any], point: sw.GridPoint, extra_overr
             value = field.default if value is None else bool(value)
         values[field.name] = value if value is not None else field.default
     values["overrides"] = tuple(values["overrides"] or ()) + tuple(extra_overrides)
-    values["env"] = tuple(values["env"] or ())
+    values["env"] = tuple(values["env"] or ()) + tuple(point.env)
     return LaunchFlags(channels=point.channels, threads=point.threads, **values)
 
 
@@ -258,7 +259,7 @@ class SweepRunner:
             bar = progress.add_task("sweep", total=len(indexes), eta="?")
             for position, index in enumerate(indexes):
                 point = self.document["points"][index]
-                label = f"point {index + 1}/{total}: {point['channels']}ch × {point['threads']}th"
+                label = f"point {index + 1}/{total}: {sw.run_label(point, self.document)}"
                 progress.update(bar, description=label)
                 self.console.out(f"sweep: {label} ({position + 1} of {len(indexes)} to run)", highlight=False)
                 session_entry["ran"].append(index)
@@ -363,7 +364,7 @@ class SweepRunner:
         # Idle time is only defined between two consecutive points that both measured steps.
         self.previous_run_dir = run_dir if times else None
         write_sweep(self.sweep_dir, self.document)
-        self.console.out(f"sweep: point {point['index'] + 1} {point['channels']}ch × {point['threads']}th: "
+        self.console.out(f"sweep: point {point['index'] + 1} {sw.run_label(point, self.document)}: "
                          f"{point['status']}" + (f" ({point['error']})" if point.get("error") else "")
                          + f", {point['launch_s']:.1f} s", highlight=False)
 

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
+
+from tasks.lib.runspec import nccl_env
 
 STEP_KEYS = ("iter_ms", "compute_ms", "comm_ms", "overlap_ms", "exposed_comm_ms", "exposed_comm_fraction",
              "gemm_tflops", "comm_bytes", "local_algbw_gbps", "local_busbw_gbps", "contention_slowdown",
@@ -46,11 +49,14 @@ def make_run(parent: Path, channels: int, threads: int, *, iter_ms: float = 100.
              contention: float = 0.05, world_size: int = 4, nodes: int = 2, steps: int = 6,
              status: str = "completed", summary: bool = True, slow_rank: int | None = None,
              run_id: str | None = None, late_rank: int | None = None, wait_ms: float = 0.5,
-             sm_clock: float | None = None, calibration_clock: float | None = None) -> Path:
+             sm_clock: float | None = None, calibration_clock: float | None = None,
+             noise: float = 0.0, seed: int = 0, pooled: bool = False,
+             settings: dict[str, str] | None = None, accelerator: str = "cuda") -> Path:
     """A run directory: run.json, <T>thread_<C>channels/ with rank jsonl files and summary.json
     in the train package's layout. late_rank: the rank the others waited `wait_ms` for (the
     summary's cross-rank analysis); sm_clock/calibration_clock: telemetry of measured and
-    GEMM-only steps."""
+    GEMM-only steps; noise: the standard deviation (ms) of a step's random part, the same for
+    every rank of the step (seeded by `seed`); pooled: the summary of a rank pool's point."""
     run_id = run_id or f"multinode_{channels}ch_{threads}th_20250101_120000"
     run_dir = parent / run_id
     out = run_dir / f"{threads}thread_{channels}channels"
@@ -58,7 +64,10 @@ def make_run(parent: Path, channels: int, threads: int, *, iter_ms: float = 100.
     run_status = "succeeded" if status == "completed" else status
     (run_dir / "run.json").write_text(json.dumps({
         "schema": 1, "run_id": run_id, "status": run_status, "output_dir": out.name,
-        "flags": {"channels": channels, "threads": threads, "nproc": world_size // nodes},
+        "flags": {"channels": channels, "threads": threads, "nproc": world_size // nodes,
+                  "accelerator": accelerator, "pin_channels": True, "env": dict(settings or {})},
+        # What env.sh exported for every node, as the launch records it (tasks/run/plan.py).
+        "env": {**nccl_env(channels, threads, pin_channels=True, accelerator=accelerator), **(settings or {})},
         "nnodes": nodes, "nproc_per_node": world_size // nodes, "world_size": world_size,
         "nodes": [{"node_rank": i, "host": f"node{i}"} for i in range(nodes)],
         "first_failure": None if status == "completed" else {
@@ -66,10 +75,12 @@ def make_run(parent: Path, channels: int, threads: int, *, iter_ms: float = 100.
             "reason": "exited 1", "at": "2025-01-01T12:00:00Z", "last_lines": []},
     }))
     lines = []
+    jitter = random.Random(seed)
+    step_noise = [jitter.gauss(0.0, noise) if noise else 0.0 for _ in range(steps)]
     for rank in range(world_size):
         rank_lines = []
         for step in range(steps):
-            ms = iter_ms * (1.5 if rank == slow_rank else 1.0) + step * 0.1
+            ms = iter_ms * (1.5 if rank == slow_rank else 1.0) + step * 0.1 + step_noise[step]
             rank_lines.append(step_line(rank, world_size, step, ms, busbw=busbw, contention=contention))
         lines += rank_lines
         (out / f"rank_{rank:02d}_metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in rank_lines))
@@ -124,6 +135,7 @@ def make_run(parent: Path, channels: int, threads: int, *, iter_ms: float = 100.
             "measured_steps": {"per_rank_min": steps, "total": steps * world_size},
             "env": {"NCCL_MAX_NCHANNELS": str(channels), "RCCL_THREADS_PER_BLOCK": str(threads)},
             "hosts": [f"node{i}" for i in range(nodes)],
+            **({"pool": {"mode": "in_process", "leak_free": True}} if pooled else {}),
         }))
     return run_dir
 
@@ -151,6 +163,45 @@ def make_sweep(experiments: Path, grid: list[tuple[int, int, dict[str, Any]]], *
     (sweep_dir / "sweep.json").write_text(json.dumps({
         "schema": 1, "sweep_id": sweep_id,
         "grid": {"channels": sorted(set(channels_axis)), "threads": sorted(set(threads_axis))},
+        "points": points,
+    }))
+    return sweep_dir
+
+
+def make_repeated_sweep(experiments: Path, configs: list[tuple[int, int, dict[str, str], list[float], dict[str, Any]]],
+                        *, repeat: int, sweep_id: str = "sweep_20250102_120000", seed: int = 7,
+                        noise: float = 0.5, steps: int = 12) -> Path:
+    """A sweep of fab sweep --repeat N (sweep.json schema 2): `configs` are (channels, threads,
+    axis settings, the median iteration time of each of its runs, make_run options); the runs are
+    interleaved round by round, each its own run directory."""
+    sweep_dir = experiments / sweep_id
+    sweep_dir.mkdir(parents=True)
+    points = []
+    axes: dict[str, list[str]] = {}
+    for config, (_, _, settings, _, _) in enumerate(configs):
+        for name, value in settings.items():
+            axes.setdefault(name, [])
+            if value not in axes[name]:
+                axes[name].append(value)
+    for round_ in range(repeat):
+        for config, (channels, threads, settings, medians, options) in enumerate(configs):
+            index = len(points)
+            run_id = f"multinode_{channels}ch_{threads}th_20250102_{index:06d}"
+            entry: dict[str, Any] = {"index": index, "config": config, "repeat": round_,
+                                     "channels": channels, "threads": threads, "settings": dict(settings)}
+            if round_ >= len(medians):
+                entry["status"] = "pending"
+            else:
+                make_run(experiments, channels, threads, run_id=run_id, iter_ms=medians[round_], noise=noise,
+                         seed=seed * 7919 + index, steps=steps, settings=settings, **options)
+                entry.update(status=options.get("status", "completed"), run_id=run_id, run_dir=f"../{run_id}")
+            points.append(entry)
+    (sweep_dir / "sweep.json").write_text(json.dumps({
+        "schema": 2, "sweep_id": sweep_id,
+        "grid": {"channels": sorted({c[0] for c in configs}), "threads": sorted({c[1] for c in configs}),
+                 "axes": [{"name": n, "values": v} for n, v in axes.items()], "repeat": repeat, "seed": seed},
+        "configs": [{"index": i, "channels": c[0], "threads": c[1], "settings": dict(c[2])}
+                    for i, c in enumerate(configs)],
         "points": points,
     }))
     return sweep_dir

@@ -304,7 +304,7 @@ def entry_run(base: Path, name: str, values: list[float], status: str = "succeed
         "run_id": name, "status": status, "world_size": 2, "nodes": [{}, {}],
         "flags": {"channels": 28, "threads": 256, "entry": {"argv": ["train.py"]},
                   "metric": metric, "accelerator": "cpu"},
-        "common_env": {"NCCL_MAX_NCHANNELS": "28"}}))
+        "env": {"common": {"NCCL_MAX_NCHANNELS": "28"}, "per_node": [{}, {}]}}))
     (out / "node_0_output.log").write_text("".join(
         f"[rank{i % 2}]:{json.dumps({'step_ms': v})}\n" for i, v in enumerate(values)))
     return run
@@ -339,6 +339,34 @@ def test_the_best_point_follows_the_objectives_direction(tmp_path):
     assert failed.status == "failed" and rep.best_point([*rows, failed]).iter_ms_median == 20.0
 
 
+def test_the_decision_over_entry_runs_has_intervals_and_follows_a_max_objective(tmp_path):
+    """Each rank's k-th value is step k of the interval's resampling, so entry runs get the
+    report's decision, not only a minimum; a max: objective is compared as 1/x: the highest
+    throughput wins, by its ratio over the runner-up, and is shown as measured."""
+    from tasks.lib import report as rep
+
+    rows = []
+    for name, level in (("a", 100.0), ("b", 130.0)):
+        values = [level + (i % 5) for i in range(40)]
+        row = rep.summarize_run(rep.read_run(entry_run(tmp_path, f"multinode_28ch_256th_20260101_00000{name}_aaaaaa",
+                                                       values, metric="max:json:step_ms")))
+        assert len(row.samples) == 40 and {step for step, _ in row.samples} == set(range(20))
+        # Two runs' worth: the same values again (a real sweep would have --repeat 2).
+        point = rep.point_row([row, row], 2)
+        point.channels = 28 if name == "a" else 56
+        rows.append(point)
+    decision = rep.decide_rows(rows)
+    assert decision.status == rep.WINNER and decision.winner == rows[1].label, decision.reason
+    assert decision.margin == pytest.approx(132.0 / 102.0 - 1.0, rel=0.02)
+    from tasks.lib.report.conclusion import interval_text
+
+    assert interval_text(rows[1], decision).startswith("132.00 ms")
+    # Lower is better (the default): the same values crown the other point.
+    for row in rows:
+        row.objective_goal = "min"
+    assert rep.decide_rows(rows).winner == rows[0].label
+
+
 def test_a_sweep_of_an_entry_restarts_every_point():
     from tasks.sweep import sweep_mode
 
@@ -371,9 +399,10 @@ def test_an_entry_runs_effective_settings_come_from_its_ranks_nccl_debug_files(t
 
     run = entry_run(tmp_path, "multinode_28ch_256th_20260101_000000_dddddd", [1.0, 2.0])
     record = json.loads((run / "run.json").read_text())
-    # What the recording's process had (data/nccl/README.md), and the threads env.sh adds.
-    record["common_env"] = {"NCCL_MIN_NCHANNELS": "4", "NCCL_MAX_NCHANNELS": "4",
-                            "NCCL_NTHREADS": "256"}
+    # What the recording's process had (data/nccl/README.md), and the threads env.sh adds, where
+    # run.json keeps them (tasks/lib/runrecord.py: env.common, then env.per_node).
+    record["env"]["common"] = {"NCCL_MIN_NCHANNELS": "4", "NCCL_MAX_NCHANNELS": "4",
+                               "NCCL_NTHREADS": "256"}
     record["flags"]["accelerator"] = "cuda"
     (run / "run.json").write_text(json.dumps(record))
     (run / "256thread_28channels" / "nccl_debug_node0_4242.log").write_bytes(

@@ -315,7 +315,8 @@ def test_report_markdown_cannot_be_forged_by_a_node_value(tmp_path):
     report_input = rep.ReportInput("runs", tmp_path, [])
     markdown = rep.report_markdown(report_input, rows, [])
     lines = markdown.splitlines()
-    assert lines.count("## Best point") == 1 and lines.count("## Stragglers") == 1
+    assert lines.count("## Decision") == 1 and lines.count("## Stragglers") == 1
+    assert not any(line.startswith("## Best point") for line in lines)
     assert not any(line.startswith("**Best point: 64ch") for line in lines)
     assert "**Best point: 28ch × 256th**" not in markdown  # the forged row is not completed
     # Escaped (a backslash before it), the text shows; unescaped, it would be markup.
@@ -331,7 +332,7 @@ def test_fab_report_prints_node_values_as_text():
 
     rows = forged_sweep_rows()
     rows[0].problems.append("[/] [bold red]closing tags of nothing[/bold red] [/]")
-    result = ReportResult(rep.ReportInput("runs", Path("/x"), []), rows, rows[1], Path("/x"), [])
+    result = ReportResult(rep.ReportInput("runs", Path("/x"), []), rows, rep.decide_rows(rows), Path("/x"), [])
     out = io.StringIO()
     print_report(Console(file=out, width=10_000), result)
     assert "[/] [bold red]closing tags of nothing[/bold red] [/]" in out.getvalue()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tasks.lib import report as rep
-from tasks.lib.plots import BUSBW_LINES, CONTENTION_HEATMAP, ITERATION_HEATMAP, PER_RANK_STEPS
+from tasks.lib.plots import BUSBW_LINES, CONTENTION_HEATMAP, ITERATION_HEATMAP, PARETO, PER_RANK_STEPS
 from tasks.report import write_report
 from tests.helpers import FAB, assert_imports_none_of
 from tests.unit.report_fixtures import make_run, make_sweep
@@ -80,12 +80,14 @@ def test_real_run_report_files(real_run: Path, tmp_path: Path) -> None:
                         ("exposed_comm_fraction_median", "exposed_comm_fraction")):
         assert float(rows[0][column]) == pytest.approx(summary[key]["median"], rel=1e-6), column
     markdown = (tmp_path / "report.md").read_text()
-    assert "**Best point: 42ch × 512th**" in markdown
+    # One point: nothing to compare it with, so no best point; its own directory is named.
+    assert "One point: 42ch × 512th at " in markdown and "output: `512thread_42channels`" in markdown
     assert "## Per rank" in markdown
     assert is_png(tmp_path / PER_RANK_STEPS)
     # One point: a heatmap of a single cell says nothing, so none is drawn.
     assert not (tmp_path / ITERATION_HEATMAP).exists()
-    assert result.best is not None and result.best.run_id == real_run.name
+    assert result.best is None and result.decision.status == rep.ONLY_POINT
+    assert result.rows[0].run_id == real_run.name
 
 
 # -- damaged and partial runs ---------------------------------------------------------------------
@@ -207,7 +209,9 @@ def test_world_size_one_has_no_bandwidth_trade_off(tmp_path: Path) -> None:
     assert "stream_busbw_gbps null: world size 1: no data crosses ranks" in markdown
     csv_rows = list(csv.DictReader(io.StringIO((sweep_dir / "results.csv").read_text())))
     assert csv_rows[0]["busbw_gbps_median"] == "" and "world size 1" in csv_rows[0]["notes"]
-    assert result.best is not None and result.best.channels == 42
+    # One run per point: the run-to-run noise is unknown, so 42 leads but is not named best.
+    assert result.best is None and result.decision.status == rep.UNDECIDED
+    assert result.decision.leader == "42ch × 256th"
     assert not (sweep_dir / BUSBW_LINES).exists()  # nothing to draw
 
 
@@ -219,10 +223,12 @@ def test_sweep_with_a_failed_point_still_reports_the_others(tmp_path: Path) -> N
     assert [r["status"] for r in rows] == ["completed", "completed", "completed", "failed"]
     assert rows[3]["problems"].startswith("node 1 (node1): exited 1")
     assert rows[0]["run_dir"] == "../multinode_28ch_256th_20250101_120000"
-    # The failed point is faster on paper (50 ms) but must not be named best.
-    assert result.best is not None and (result.best.channels, result.best.threads) == (42, 256)
+    # The failed point is faster on paper (50 ms) but is never chosen, nor the leader.
+    assert result.decision.leader == "42ch × 256th" and result.best is None
+    assert result.decision.excluded == {"42ch × 512th": "status failed"}
     markdown = (sweep_dir / "report.md").read_text()
-    assert "**Best point: 42ch × 256th**" in markdown
+    assert "**No decision**: one run per point" in markdown
+    assert "Never chosen: 42ch × 512th (status failed)." in markdown
     assert "- 42ch × 512th (`multinode_42ch_512th_20250101_120300`): status failed" in markdown
     for name in (ITERATION_HEATMAP, CONTENTION_HEATMAP, BUSBW_LINES, PER_RANK_STEPS):
         assert is_png(sweep_dir / name), name
@@ -309,7 +315,7 @@ def test_quantile_matches_numpy_linear() -> None:
 def test_markdown_without_completed_points_names_no_best(tmp_path: Path) -> None:
     rows = [row(28, 256, 10.0, status="failed")]
     text = rep.report_markdown(rep.ReportInput("runs", tmp_path, []), rows, [])
-    assert "No completed point with metrics: no best point." in text
+    assert "No completed point with unflagged settings and metrics: **no best point**." in text
     assert "Not enough completed points" in text
 
 
@@ -324,7 +330,7 @@ def test_fab_report_cli(tmp_path: Path) -> None:
     ok = subprocess.run([fab, "report", str(sweep_dir), "--no-plots"], cwd=ROOT, capture_output=True,
                         text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
-    assert "best point: 42ch × 256th" in ok.stdout
+    assert "no decision: one run per point" in ok.stdout
     assert not (sweep_dir / ITERATION_HEATMAP).exists()
 
     missing = subprocess.run([fab, "report", str(tmp_path / "nope")], cwd=ROOT, capture_output=True,
@@ -399,7 +405,7 @@ def test_sweep_figures_have_labelled_axes_and_readable_values(
 
     monkeypatch.setattr(Figure, "savefig", spy)
     write_report(grid_2x2(tmp_path))
-    assert set(seen) == {ITERATION_HEATMAP, CONTENTION_HEATMAP, BUSBW_LINES, PER_RANK_STEPS}
+    assert set(seen) == {ITERATION_HEATMAP, CONTENTION_HEATMAP, BUSBW_LINES, PER_RANK_STEPS, PARETO}
 
     for name, colorbar_words in ((ITERATION_HEATMAP, "iteration time"),
                                  (CONTENTION_HEATMAP, "GEMM time")):
@@ -409,7 +415,8 @@ def test_sweep_figures_have_labelled_axes_and_readable_values(
         assert [t.get_text() for t in heatmap.get_xticklabels()] == ["28", "42"], name
         assert [t.get_text() for t in heatmap.get_yticklabels()] == ["256", "512"], name
         assert colorbar_words in colorbar.get_ylabel(), name
-        cells = [text.get_text() for text in heatmap.texts if "red box" not in text.get_text()]
+        cells = [text.get_text() for text in heatmap.texts
+                 if "red box" not in text.get_text() and "dashed" not in text.get_text()]
         assert len(cells) == 4 and all(cell.strip() for cell in cells), (name, cells)
 
     busbw = seen[BUSBW_LINES].axes[0]

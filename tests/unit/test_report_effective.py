@@ -135,3 +135,82 @@ def test_threads_the_library_clamped_to_one_value_are_one_point(tmp_path: Path) 
     rows = rows_of(apart)
     assert [r.settings_flag for r in rows] == [False, False]
     assert [r.effective_threads for r in rows] == ["256 (NCCL_NTHREADS read)", "512 (NCCL_NTHREADS read)"]
+
+
+# -- --axis values read back ------------------------------------------------------------------------
+
+NCCL_DATA = Path(__file__).parent / "data" / "nccl"
+
+
+def effective_from_logs(logs: list[str], environ: dict[str, str], ctas: int | None = None) -> dict:
+    """summary.json's effective_settings as the train package builds it from the ranks' logs; with
+    `ctas`, as a pool point does: the point's communicator is the split made with those min/max
+    CTAs (the log from its Init START on), the process's lines (version, ENV) from the whole file."""
+    from train.nccl_debug import asked_from_env, effective_settings, parse_nccl_log, summarize_ranks
+
+    per_rank = []
+    for text in logs:
+        start = text.rfind("\n", 0, text.index("ncclCommSplit")) + 1 if ctas else 0
+        per_rank.append(effective_settings(parse_nccl_log(text[start:]), asked_from_env(environ, ctas, ctas),
+                                           environ, process=parse_nccl_log(text)))
+    return {"capture": "on", **summarize_ranks(per_rank)}
+
+
+def with_env_line(text: str, name: str, value: str) -> str:
+    """A log with the line NCCL prints when it reads NCCL_PROTO / NCCL_ALGO: src/graph/tuning.cc
+    `INFO(NCCL_ENV, "NCCL_PROTO set by environment to %s", protoStr)` (NVIDIA/nccl v2.7.8 to
+    v2.2x; no trailing '.', unlike the NCCL_PARAM lines), after the log's first ENV line."""
+    lines = text.splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if "set by environment to" in line)
+    prefix = lines[at].split("NCCL INFO ")[0]
+    lines.insert(at + 1, f"{prefix}NCCL INFO {name} set by environment to {value}\n")
+    return "".join(lines)
+
+
+def axis_sweep(tmp_path: Path, world_size: int) -> tuple[Path, list[Path]]:
+    from tests.unit.report_fixtures import make_repeated_sweep
+
+    sweep = make_repeated_sweep(tmp_path, [(8, 256, {"NCCL_PROTO": "Simple"}, [10.0], {"world_size": world_size,
+                                                                                       "nodes": world_size}),
+                                           (8, 256, {"NCCL_PROTO": "LL128"}, [10.0], {"world_size": world_size,
+                                                                                      "nodes": world_size})],
+                                repeat=1)
+    return sweep, sorted(tmp_path.glob("multinode_*"))
+
+
+def test_a_protocol_the_collectives_did_not_use_is_flagged(tmp_path: Path) -> None:
+    """Two ranks (rank 0's log rebuilt from NCCL 2.28's format strings, src_nccl-2.28.9_rank00.log:
+    a split communicator of 2 ranks whose per-collective lines read AllReduce ... Algo RING proto
+    SIMPLE): the Simple point ran as asked; the LL128 one, which NCCL read but did not use, is
+    flagged."""
+    sweep, (simple_run, ll128_run) = axis_sweep(tmp_path, 2)
+    logs = [(NCCL_DATA / "src_nccl-2.28.9_rank00.log").read_text()]
+    env = {"NCCL_NTHREADS": "256", "NCCL_IB_DISABLE": "0"}
+    set_effective(simple_run, effective_from_logs([with_env_line(t, "NCCL_PROTO", "Simple") for t in logs],
+                                                  {**env, "NCCL_PROTO": "Simple"}, ctas=8))
+    set_effective(ll128_run, effective_from_logs([with_env_line(t, "NCCL_PROTO", "LL128") for t in logs],
+                                                 {**env, "NCCL_PROTO": "LL128"}, ctas=8))
+    simple, ll128 = rows_of(sweep)
+    assert simple.effective_env == {"NCCL_PROTO": "Simple"}
+    assert not any("NCCL_PROTO" in f for f in simple.settings_flags)
+    assert ll128.settings_flag and any(f.startswith("NCCL_PROTO=LL128 asked, but the collectives ran with SIMPLE")
+                                       for f in ll128.settings_flags)
+    md = rep.report_markdown(rep.discover(sweep), rep.group_points(rows_of(sweep), rep.discover(sweep)), [])
+    assert "NCCL_PROTO read as LL128" in md and "**8ch × 256th NCCL_PROTO=LL128: FLAGGED**" in md
+
+
+def test_at_world_size_one_the_protocol_read_is_shown_and_points_stay_apart(tmp_path: Path) -> None:
+    """The H100 recording (NCCL 2.28.9, one rank): no TUNING line, so no protocol per collective;
+    what NCCL read tells the two points apart (not 'same effective settings'), and a point whose
+    variable NCCL never reported reading says so in its notes, not as a flag."""
+    sweep, (simple_run, ll128_run) = axis_sweep(tmp_path, 1)
+    text = (NCCL_DATA / "nccl-2.28.9_h100_world1_nthreads256.log").read_text()
+    env = {"NCCL_NTHREADS": "256"}
+    set_effective(simple_run, effective_from_logs([with_env_line(text, "NCCL_PROTO", "Simple")],
+                                                  {**env, "NCCL_PROTO": "Simple"}))
+    set_effective(ll128_run, effective_from_logs([text], {**env, "NCCL_PROTO": "LL128"}))
+    simple, ll128 = rows_of(sweep)
+    assert simple.effective_env == {"NCCL_PROTO": "Simple"} and ll128.effective_env == {}
+    assert not any(f.startswith("same effective settings") for f in simple.settings_flags + ll128.settings_flags)
+    assert any("not reported read (world size 1" in n for n in ll128.notes)
+    assert any("no per-collective TUNING line" in n for n in simple.notes)

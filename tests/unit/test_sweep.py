@@ -16,7 +16,9 @@ from tasks.launch import launch
 from tasks.lib import sweep as sw
 from tasks.lib.registry import SCAN_KILL_SH
 from tasks.lib.runspec import LaunchFlags
-from tasks.sweep import SWEEP_HELP, SweepPlan, plan_sweep, sweep, sweep_mode
+from tasks.sweep import SWEEP_HELP, sweep
+from tasks.sweeping.execute import sweep_mode
+from tasks.sweeping.plan import SweepPlan, plan_sweep
 from tasks.sweeping.runner import (
     FLAG_DEFAULTS,
     GRID_FLAGS,
@@ -92,7 +94,8 @@ def test_launch_flags_for_a_point_add_its_overrides() -> None:
 
 # -- the sweep takes fab launch's flags ---------------------------------------------------------
 
-SWEEP_ONLY_FLAGS = {"resume", "fail_fast", "point_timeout", "point_override", "no_report", "pool"}
+SWEEP_ONLY_FLAGS = {"resume", "fail_fast", "point_timeout", "point_override", "no_report", "pool",
+                    "axis", "repeat", "seed"}
 
 
 def flag_names(task) -> set[str]:
@@ -172,13 +175,18 @@ def test_new_sweep_round_trips_through_the_file(tmp_path: Path) -> None:
     document = new_doc()
     write_sweep(tmp_path, document)
     loaded = load_sweep(tmp_path)
-    assert loaded["grid"] == {"channels": [28, 42], "threads": [256, 512], "order": "channels-major"}
+    assert loaded["grid"] == {"channels": [28, 42], "threads": [256, 512], "axes": [], "repeat": 1,
+                              "seed": 0, "order": "grid"}
+    # One run per point, pools threads-major: 28x256, 42x256, then 28x512, 42x512.
+    assert loaded["order"] == [0, 2, 1, 3]
     assert [p["status"] for p in loaded["points"]] == ["pending"] * 4
     assert not list(tmp_path.glob(".*tmp"))
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.update(schema=7), "schema 7 is not 1"),
+    (lambda d: d.update(schema=7), "schema 7 is not one of 1, 2"),
+    (lambda d: d.update(order=[0, 0, 1, 2]), "order is not a permutation"),
+    (lambda d: d["points"][3].update(config=9), "a point names no config"),
     (lambda d: d["points"][1].update(index=5), "point 1 is malformed"),
     (lambda d: d["points"][0].update(status="bogus"), "unknown status 'bogus'"),
     (lambda d: d.pop("launch_flags"), "launch_flags missing"),
@@ -211,7 +219,7 @@ def test_resume_runs_what_did_not_complete_and_what_lost_its_run(tmp_path: Path)
 
     todo = sw.points_to_run(document, lambda p: run_status_of(sweep_dir, p)[0] == "completed")
 
-    assert todo == [1, 2, 3]
+    assert todo == [i for i in document["order"] if i in (1, 2, 3)]   # in the order they run
     assert run_status_of(sweep_dir, document["points"][0])[0] == "completed"
     assert run_status_of(sweep_dir, document["points"][2])[0] == "missing"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from tasks.lib import pool as pool_lib
+from tasks.lib.design import run_order
 from tasks.lib.sweep import SweepError, grid_points
 from train.config import build_config
 
@@ -13,10 +14,23 @@ def points(channels: list[int], threads: list[int]) -> list[dict]:
             for i, p in enumerate(grid_points(channels, threads))]
 
 
-def test_groups_are_threads_major_and_keep_only_pending() -> None:
+def test_pools_cut_the_runs_in_order_and_keep_only_pending() -> None:
     grid = points([28, 42, 56], [512, 256])   # channels-major: 28x512, 28x256, 42x512, ...
-    assert pool_lib.pool_groups(grid, range(6)) == [[1, 3, 5], [0, 2, 4]]
-    assert pool_lib.pool_groups(grid, [4, 0, 3]) == [[3], [0, 4]]
+    order = [run.config for run in run_order(grid_points([28, 42, 56], [512, 256]), 1, 0)]
+    assert order == [1, 3, 5, 0, 2, 4]        # threads-major: the pool order
+    assert pool_lib.pool_groups(grid, order) == [[1, 3, 5], [0, 2, 4]]
+    assert pool_lib.pool_groups(grid, [3, 0, 4]) == [[3], [0, 4]]   # a resume: what is left
+
+
+def test_a_pool_never_spans_two_rounds_nor_repeats_a_channel_value() -> None:
+    grid = points([28, 42], [256])
+    for index, point in enumerate(grid):
+        point["repeat"] = 0
+    second = [dict(p, index=p["index"] + 2, repeat=1) for p in grid]
+    runs = grid + second
+    assert pool_lib.pool_groups(runs, [1, 0, 2, 3]) == [[1, 0], [2, 3]]
+    runs[2]["repeat"] = 0   # the same channel value twice: two launches
+    assert pool_lib.pool_groups(runs, [0, 2]) == [[0], [2]]
 
 
 def test_overrides_validate_with_the_train_loader() -> None:
