@@ -10,13 +10,12 @@ nothing); at world size 1 NCCL selects no algorithm at all, which the point's no
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tasks.lib.knobs import effective_mismatch
+from tasks.lib.report.point import PointRow
 from tasks.lib.report.values import _get
 
-if TYPE_CHECKING:  # rows.py calls check_axes: only the type comes from there
-    from tasks.lib.report.rows import PointRow
 
 LIBRARY_PREFIXES = ("NCCL_", "RCCL_")
 

@@ -5,9 +5,9 @@ NCCL's effective settings read from its debug files."""
 from __future__ import annotations
 
 from tasks.lib.report.read import COMPLETED, PointSpec, RunData, error_line_in_logs
-from tasks.lib.report.rows import (
-    RUN_OK_STATES, RUN_OPEN_STATES, VERDICTS, PointRow, _failure_problem, _fill_effective, _grid_values, _nodes,
-    _run_id, _world_size,
+from tasks.lib.report.point import (
+    RUN_OK_STATES, RUN_OPEN_STATES, VERDICTS, PointRow, _failure_problem, _fill_effective,
+    _grid_values, _nodes, _run_id, _world_size,
 )
 from tasks.lib.report.values import _get, _string
 
