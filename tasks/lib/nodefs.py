@@ -131,14 +131,18 @@ gemm_safe_file() {
 }
 # gemm_safe_venv VENV: the venv the ranks' Python comes from (activated by the launcher, its
 # py-spy run by diagnose, as root there) can be changed by nobody but us or root: every directory
-# down to its bin/, what the venv and its bin/ hold (followed where they are symlinks: python is
-# one) and its site-packages directories. Deeper files are not walked (a venv holds thousands).
+# down to its bin/, the venv's directories and pyvenv.cfg (Python reads its home from it), what
+# bin/ holds (followed where they are symlinks: python is one) and its site-packages directories.
+# Other files at the top (a uv .lock, CACHEDIR.TAG: an H100 image's venv has a 666 .lock) are
+# neither run nor read by Python; deeper files are not walked (a venv holds thousands).
 gemm_safe_venv() {
   local venv=$1 bad
   gemm_path_risk "$venv/bin"
   [ -z "$GEMM_RISK" ] || { echo "refusing the venv (cluster.venv) $venv: $GEMM_RISK" >&2; return 1; }
-  bad=$(find -L "$venv" "$venv/bin" -maxdepth 1 \( ! -uid 0 ! -uid "$GEMM_UID" -o -perm /022 \
-          ! \( -type d -perm -1000 \) \) -printf '%p|%u|%m\n' 2>/dev/null | head -n 1)
+  bad=$( { find -L "$venv" -maxdepth 1 \( -type d -o -name pyvenv.cfg \) -print0
+           find -L "$venv/bin" -maxdepth 1 -print0; } 2>/dev/null |
+         find -L -files0-from - -maxdepth 0 \( ! -uid 0 ! -uid "$GEMM_UID" -o -perm /022 \
+           ! \( -type d -perm -1000 \) \) -printf '%p|%u|%m\n' 2>/dev/null | head -n 1)
   [ -n "$bad" ] || bad=$(find -L "$venv"/lib*/python*/site-packages -maxdepth 0 \
           \( ! -uid 0 ! -uid "$GEMM_UID" -o -perm /022 \) -printf '%p|%u|%m\n' 2>/dev/null | head -n 1)
   if [ -n "$bad" ]; then

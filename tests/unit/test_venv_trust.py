@@ -58,12 +58,23 @@ def test_a_venv_of_ours_passes(base: Path) -> None:
     assert result.returncode == 0 and result.stderr == ""
 
 
+def test_files_python_never_reads_at_the_top_of_a_venv_are_not_judged(base: Path) -> None:
+    """uv's .lock, world-writable in the H100 image's /opt/torch/.venv, refused every launch
+    there; it is neither run nor read by Python (pyvenv.cfg is, and stays judged)."""
+    venv = fake_venv(base)
+    (venv / ".lock").write_text("")
+    (venv / ".lock").chmod(0o666)
+    result = safe_venv(venv)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
 @pytest.mark.parametrize("change, named", [
     ("activate owned by another user", "bin/activate is owned by nobody with mode 644"),
     ("bin/ group-writable", "bin is writable by other users (mode 775)"),
     ("python a symlink to another user's file", "bin/python is owned by nobody with mode 755"),
     ("site-packages world-writable", "site-packages is owned by root with mode 777"),
     ("the venv another user's", "venv is owned by nobody, not by root"),
+    ("pyvenv.cfg world-writable", "pyvenv.cfg is owned by root with mode 666"),
 ])
 def test_a_venv_others_can_change_is_refused_naming_what_and_why(base: Path, change: str,
                                                                  named: str) -> None:
@@ -79,6 +90,8 @@ def test_a_venv_others_can_change_is_refused_naming_what_and_why(base: Path, cha
         os.chown(theirs, NOBODY, NOBODY)
         (venv / "bin" / "python").unlink()
         (venv / "bin" / "python").symlink_to(theirs)
+    elif change == "pyvenv.cfg world-writable":
+        (venv / "pyvenv.cfg").chmod(0o666)
     elif change == "site-packages world-writable":
         next(venv.glob("lib/python*/site-packages")).chmod(0o777)
     else:
