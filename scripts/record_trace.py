@@ -87,7 +87,7 @@ def gemm_copy(out: Path, steps: int, size: int) -> str:
     src = torch.randn(64 << 20 if cuda else 1 << 20, device=device, dtype=torch.float32)
     dst = torch.empty_like(src, dtype=torch.bfloat16)
     side = torch.cuda.Stream() if cuda else None
-    for _ in range(3):  # cuBLAS heuristics, allocations, lazy kernel loading before anything is measured
+    for _ in range(3):  # cuBLAS heuristics, allocations, lazy kernel loads: all before measuring
         a @ b
         if cuda:  # the copy's first launch loads its kernel: 31.7 ms inside its events on an H100
             with torch.cuda.stream(side):
