@@ -104,8 +104,9 @@ class Node:
         raise NotImplementedError
 
     def run_fed(self, call: FedCommand, **kwargs) -> Result:
-        """Run `call.command` with `call.stdin` on its stdin (closed after it)."""
-        return self.run(call.command, in_stream=io.StringIO(call.stdin), **kwargs)
+        """Run `call.command` with `call.stdin` on its stdin, closed after it. The command
+        must read its stdin to the end (or Invoke may write to, or close, a finished channel)."""
+        return self.run(call.command, in_stream=_WholeStdin(call.stdin), **kwargs)
 
     def stream(self, command: str, on_data: Callable[[bytes], None]) -> StreamEnd:
         """Run `command`, handing its stdout to `on_data` chunk by chunk as it arrives; no
@@ -159,6 +160,14 @@ class Node:
 
     def __repr__(self) -> str:
         return f"Node({self.index}, {self.label})"
+
+
+class _WholeStdin(io.StringIO):
+    """Stdin that Invoke takes in one read: it reads a stream that is not a terminal one byte per
+    10 ms (invoke.terminals.bytes_to_read), 4 s for a 400-byte argument line."""
+
+    def read(self, size: int | None = -1) -> str:
+        return super().read()
 
 
 class LocalNode(Node):

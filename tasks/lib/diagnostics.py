@@ -16,7 +16,7 @@ from typing import Any
 
 from tasks.lib import diagnostics_node, untrusted
 from tasks.lib.nodereport import clean_node_report
-from tasks.lib.quoting import FedCommand, sh_quote
+from tasks.lib.quoting import FedCommand, drain_stdin_after, sh_quote
 
 NODE_SCRIPT = Path(diagnostics_node.__file__).read_text()
 SUMMARY_FILE = "summary.json"
@@ -76,13 +76,14 @@ def _collector_command(args: dict[str, Any], container: str | None) -> FedComman
     host_run = f'python3 -c "${env_name}"'
     stdin = json.dumps(args, sort_keys=True) + "\n"
     if not container:
-        return FedCommand(src + host_run, stdin)
+        return FedCommand(src + drain_stdin_after(host_run), stdin)
     # The collector reads one line; the container's copy reads the next (inside_container set).
     container_run = (f'{{ read -r _; docker exec -i -e {env_name} {sh_quote(container)} '
                      f'python3 -c "${env_name}"; }}')
     inner = json.dumps(dict(args, inside_container=True), sort_keys=True) + "\n"
-    return FedCommand(f"{src}if command -v python3 >/dev/null 2>&1; then {host_run}; "
-                      f"else {container_run}; fi", stdin + inner)
+    return FedCommand(src + drain_stdin_after(f"if command -v python3 >/dev/null 2>&1; then "
+                                              f"{host_run}; else {container_run}; fi"),
+                      stdin + inner)
 
 
 def node_phases_command(run_id: str, node_rank: int, registry_dir: str | None, *,

@@ -531,7 +531,8 @@ def phases_report(args: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     # The arguments come on stdin (tasks/lib/diagnostics.py): the master port stays out of argv.
-    line = argv[1] if len(argv) > 1 else sys.stdin.readline()
+    # All of it (a second line is for the container's copy): the sender closes stdin after it.
+    line = argv[1] if len(argv) > 1 else (sys.stdin.read().splitlines() or [""])[0]
     args = json.loads(line) if line.strip() else {}
     if "run_id" not in args:
         print("usage: echo '{\"run_id\": ..., \"node_rank\": ...}' | diagnostics_node.py",

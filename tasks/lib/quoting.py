@@ -18,6 +18,13 @@ class FedCommand(NamedTuple):
     stdin: str
 
 
+def drain_stdin_after(command: str) -> str:
+    """`command`, then the rest of stdin read and dropped, keeping its exit status: whichever
+    way it ends (a branch that reads nothing, an early failure), the sender of stdin never
+    writes to, or closes, a finished channel (Invoke raises there)."""
+    return f"{{ {command}; }}; gemm_rc=$?; cat >/dev/null; exit $gemm_rc"
+
+
 def sh_quote(value: object) -> str:
     """Quote one value for POSIX sh. None is refused: an unset value is a bug, not an empty string."""
     if value is None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from tasks.lib import rendezvous_node
 from tasks.lib.probe import Finding, HostFacts
-from tasks.lib.quoting import FedCommand, sh_quote
+from tasks.lib.quoting import FedCommand, drain_stdin_after, sh_quote
 
 NODE_SCRIPT = Path(rendezvous_node.__file__).read_text()
 # `fab launch --master-port auto` picks from this range (and so does `fab check`'s test).
@@ -88,7 +88,7 @@ def _python_command(args: Mapping[str, Any], container: str | None) -> FedComman
     if container:
         command += (f"elif command -v docker >/dev/null 2>&1 && docker exec {sh_quote(container)} "
                     f"true >/dev/null 2>&1; then docker exec -i {sh_quote(container)} {run}; ")
-    return FedCommand(command + f"else echo {missing}; fi",
+    return FedCommand(drain_stdin_after(command + f"else echo {missing}; fi"),
                       json.dumps(dict(args), sort_keys=True) + "\n")
 
 

@@ -163,7 +163,7 @@ def stop(args: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     # The arguments come on stdin (tasks/lib/rendezvous.py): the port stays out of our argv.
-    line = argv[1] if len(argv) > 1 else sys.stdin.readline()
+    line = argv[1] if len(argv) > 1 else (sys.stdin.read().splitlines() or [""])[0]
     args = json.loads(line) if line.strip() else {}
     modes = {"listen": listen, "connect": connect, "stop": stop}
     if args.get("mode") not in modes:
