@@ -292,7 +292,8 @@ def test_a_2x2_sweep_runs_in_one_allocation_pooled_and_per_point(slurm_fab: Slur
                               timeout=500)
     output = pooled.stdout + pooled.stderr
     assert pooled.returncode == 0, output[-4000:]
-    assert "sweep: rank pools: one launch per thread value" in output
+    assert "sweep: rank pools: channels change inside a launch (per communicator); a new launch " \
+           "for each value of threads" in output, output[-3000:]
     job_id = re.search(r"Granted job allocation (\d+)", output).group(1)
     steps = run_steps_of(slurm_fab, job_id, 2)
     assert [s.state for s in steps] == ["COMPLETED"] * 2

@@ -134,7 +134,7 @@ def interval_table(decision: Decision, rows: Sequence[PointRow]) -> list[str]:
         lines.append(f"| {row.label} | {done}/{planned} | {_fmt(interval.estimate if interval else None, '.2f')} | "
                      + (f"{interval.low:.2f}–{interval.high:.2f}" if interval else "-")
                      + f" | {_pct(spread)} | {_signed(versus, ' %') if versus is not None else '-'} | "
-                     f"{verdict(decision, row)} |")
+                     f"{md_text(verdict(decision, row))} |")  # its reason may quote a node's status
     return lines
 
 
