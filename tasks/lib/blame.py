@@ -27,6 +27,7 @@ The messages read, with their sources:
 from __future__ import annotations
 
 import re
+from signal import SIGABRT
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,10 +43,13 @@ _COLLECTIVE_TIMEOUT = re.compile(r"Timed out waiting \d+ms for (?:recv|send) ope
 _STORE_CONNECT = re.compile(r"client socket has (?:failed to connect|timed out after \d+ms while "
                             r"trying to connect) to .*?\((?P<addr>[^,()\s]+), (?P<port>\d+)\)")
 _RANK_PREFIX = re.compile(r"^\[rank(?P<rank>\d+)\]:")
+_RANK_MARKS = re.compile(r"^(?:\[rank\d+\]:\s*)+")
 _TRAIN_FAILED = re.compile(r"train: rank (?P<rank>\d+) failed: ")
 # A line that reports an error (not a warning that mentions one): an exception's last line,
 # torch's "[rankN]: XError: ..." or train's own "train: rank N failed: ...".
-_ERROR_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?(?:[A-Za-z_][\w.]*(?:Error|Exception)|"
+# torchrun's --tee marks a rank's lines "[rankN]:" and torch marks its uncaught exception the
+# same way: a user's script's error arrives as "[rank2]:[rank2]: RuntimeError: ...".
+_ERROR_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)*(?:[A-Za-z_][\w.]*(?:Error|Exception)|"
                          r"train: rank \d+ failed): ")
 
 
@@ -144,6 +148,8 @@ def own_failures(signs: Sequence[Sign]) -> list[Sign]:
         if sign.kind == "rank-exit" and (sign.rank in waiting_ranks or (
                 sign.node_rank in waiting_nodes and sign.rank not in erring_ranks)):
             continue  # torchrun's report of a rank that failed waiting: a consequence
+        if sign.kind == "rank-signal" and sign.exit_code == -SIGABRT and sign.rank in waiting_ranks:
+            continue  # gloo's "connection closed by peer", then C++ terminate: abort, a consequence
         own.append(sign)
     return own
 
@@ -183,7 +189,7 @@ def own_reason(sign: Sign) -> str:
         if sign.kind == "rank-error":
             text = sign.line.strip()
             message = text.split(" failed: ", 1)[1] if " failed: " in text else \
-                _RANK_PREFIX.sub("", text).strip()
+                _RANK_MARKS.sub("", text).strip()
         return f"rank {sign.rank} failed" + (f": {message[:200]}" if message else "")
     return "a rank failed"
 

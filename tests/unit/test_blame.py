@@ -67,6 +67,17 @@ def test_a_rank_that_fails_in_the_group_is_not_said_to_be_starting():
         "rank 3 failed: RuntimeError: injected: rank 3 died during init")
 
 
+def test_the_rank_that_raised_is_blamed_not_the_peer_that_aborted_on_the_closed_pair():
+    """A user's script through torchrun --tee: its exception line carries two rank marks; the
+    rank beside it aborts on gloo's closed pair (SIGABRT, torchrun's "root cause")."""
+    signs, context = replay("torch-2.13.0_gloo_own_training_rank2_raised_srun.log")
+    assert choose_first_failure(signs).rank == 3  # the signal death the launch took before
+    culprit = find_culprit(signs + context, nproc=2, world_size=4, node_addresses=ADDRESSES)
+    assert (culprit.node_rank, culprit.ranks, culprit.basis) == (1, [2], "own failure")
+    assert culprit.reason == ("rank 2 failed: RuntimeError: own training: rank 2 failed on "
+                              "purpose at step 5")
+
+
 def test_before_the_cause_speaks_the_peer_addresses_point_at_it():
     # What the launch knows when it must decide before rank 3's own error arrives.
     signs, context = replay("torch-2.13.0_gloo_rank3_died_in_init.log",
