@@ -13,7 +13,7 @@ from typing import NoReturn
 
 from train import startup
 from train.config import ConfigError, known_keys, load_config
-from train.outputs import check_output_dir
+from train.outputs import check_output_dir, say
 from train.signals import StopSignals
 
 EXIT_CONFIG = 2
@@ -21,7 +21,7 @@ EXIT_CONFIG = 2
 
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        print(f"train: error: {message} (see python -m train --help)", file=sys.stderr)
+        say(f"train: error: {message} (see python -m train --help)", sys.stderr)
         raise SystemExit(EXIT_CONFIG)
 
 
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> int:
-    print(f"train: error: {message}", file=sys.stderr, flush=True)
+    say(f"train: error: {message}", sys.stderr)
     return EXIT_CONFIG
 
 
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(str(exc))
     if args.check:
-        print(f"train: {config.source}: config OK", flush=True)
+        say(f"train: {config.source}: config OK")
         return 0
 
     # Signals are caught from here on, so a stop during the slow imports below still ends

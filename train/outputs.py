@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +19,16 @@ from train.config import ConfigError
 SUMMARY_NAME = "summary.json"
 COLLECTIVES_NAME = "collectives.jsonl"  # rank 0, at the end: every collective across ranks
 PROFILER_DIR = "torch_profiler"
+
+
+def say(message: str, stream: TextIO | None = None) -> None:
+    """One console line, in one write. A node's ranks share one log file; print() writes the
+    text and its newline separately where Python is unbuffered (PYTHONUNBUFFERED=1, set in our
+    images and in many CI runners), and another rank's line then lands between the two: the
+    controller would read a peer's failure glued to this rank's banner."""
+    stream = stream if stream is not None else sys.stdout
+    stream.write(message + "\n")
+    stream.flush()
 
 
 def metrics_name(rank: int) -> str:

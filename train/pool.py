@@ -36,7 +36,7 @@ import torch.distributed as dist
 from train.config import TrainConfig, load_config, pool_channels, pool_point_overrides
 from train.exchange import all_gather_json
 from train.nccl_debug import CHANNEL_KNOBS
-from train.outputs import SUMMARY_NAME, check_output_dir, write_json_atomic
+from train.outputs import SUMMARY_NAME, check_output_dir, say, write_json_atomic
 from train.runtime import RuntimePlan, init_distributed, nccl_options, shutdown_distributed
 from train.signals import StopSignals
 from train.trainer import (
@@ -132,7 +132,7 @@ class Pool:
 
     def log(self, message: str) -> None:
         if self.plan.local_rank == 0:
-            print(message, flush=True)
+            say(message)
 
     def check(self) -> None:
         """Every point's output directory is free before anything starts (exit 2 if not)."""
@@ -172,7 +172,7 @@ class Pool:
             try:
                 shutdown_distributed()
             except Exception as exc:  # noqa: BLE001 - the group may already be broken
-                print(f"train: destroy_process_group: {exc}", file=sys.stderr, flush=True)
+                say(f"train: destroy_process_group: {exc}", sys.stderr)
         if self.signals.requested:
             return self.signals.exit_code()
         return EXIT_OK if codes and all(c == EXIT_OK for c in codes) else EXIT_FAILED
@@ -212,8 +212,7 @@ class Pool:
             error = trainer.error
         except Exception as exc:  # noqa: BLE001 - a config or runtime error: the next point still runs
             error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-            print(f"train: rank {self.rank} point {channels} channels failed: {error}",
-                  file=sys.stderr, flush=True)
+            say(f"train: rank {self.rank} point {channels} channels failed: {error}", sys.stderr)
         finished = time.perf_counter()
         status = trainer.status if trainer is not None else "failed"
         del trainer

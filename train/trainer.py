@@ -41,6 +41,7 @@ from train.outputs import (
     PROFILER_DIR,
     SUMMARY_NAME,
     MetricsWriter,
+    say,
     write_json_atomic,
     write_jsonl_atomic,
 )
@@ -143,7 +144,7 @@ class Trainer:
     # ---- output helpers -----------------------------------------------------------------
     def log(self, message: str) -> None:
         if self.prints:
-            print(message, flush=True)
+            say(message)
 
     def _metrics(self, result: StepResult) -> dict[str, Any]:
         assert self.stack is not None
@@ -362,7 +363,7 @@ class Trainer:
         cfg, plan = self.config, self.plan
         warning = blocking_wait_warning(os.environ) if plan.rank == 0 else None
         if warning is not None:
-            print(warning, file=sys.stderr, flush=True)
+            say(warning, sys.stderr)
         if self.point is None:
             if plan.backend == "nccl" and cfg.nccl.capture:
                 self.capture = start_capture(self.output_dir, plan.rank, cfg.nccl.subsystems)
@@ -547,8 +548,9 @@ class Trainer:
         except Exception as exc:  # noqa: BLE001 - any failure ends as status "failed"
             self.status = "failed"
             self.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-            print(f"train: rank {self.rank} failed: {self.error}", file=sys.stderr, flush=True)
-            traceback.print_exc(file=sys.stderr)
+            # The line and its traceback in one write: the node's other ranks write to the same log.
+            say(f"train: rank {self.rank} failed: {self.error}\n{traceback.format_exc().rstrip()}",
+                sys.stderr)
         finally:
             try:
                 self._finish()
@@ -564,7 +566,7 @@ class Trainer:
                     if self.point is None:  # a pool destroys the point's group itself
                         shutdown_distributed()
                 except Exception as exc:  # noqa: BLE001 - the group may already be broken
-                    print(f"train: destroy_process_group: {exc}", file=sys.stderr, flush=True)
+                    say(f"train: destroy_process_group: {exc}", sys.stderr)
         if self.status == "completed":
             return EXIT_OK
         if self.status == "stopped":

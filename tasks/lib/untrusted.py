@@ -23,8 +23,9 @@ MAX_JSON_LINE_BYTES = 1024 * 1024
 # Our own documents nest 6 levels or so; Python's parser recurses once per level.
 MAX_JSON_DEPTH = 64
 # Integers beyond 64 bits are no step, rank, pid or byte count of ours; int() and float() of
-# longer digit strings raise (Python's 4300-digit limit) or overflow.
-MAX_INT_DIGITS = 18
+# longer digit strings raise (Python's 4300-digit limit) or overflow. 19 digits, because an
+# epoch time in nanoseconds has 19 (PyTorch's flight recorder writes time_created_ns).
+MAX_INT_DIGITS = 19
 MAX_SHOWN_CHARS = 300
 
 _LONG_DIGITS = re.compile(rb"[0-9]{%d,}" % (MAX_INT_DIGITS + 1))

@@ -218,7 +218,7 @@ def test_last_lines_reach_the_controller_log_after_the_registry_says_ended(tmp_p
         assert watch.tail_done.is_set() and watch.tail_error is None
         written = (plan.run_dir / plan.record.node(0).log).read_text()
         assert written == "first line\nlast line\n"
-        watcher._on_line(watch, "a line after the end")  # closed: dropped, no ValueError
+        watcher._on_lines(watch, ["a line after the end"])  # closed: dropped, no ValueError
         assert (plan.run_dir / plan.record.node(0).log).read_text() == written
 
 

@@ -135,7 +135,7 @@ def test_the_ranks_nccl_findings_survive_the_exchange() -> None:
     data = REPO / "tests" / "unit" / "data" / "nccl"
     env = {"NCCL_NTHREADS": "256", "NCCL_IB_DISABLE": "0"}
     per_rank = []
-    for name in ("synthetic_nccl-2.21_2node_rank00.log", "synthetic_nccl-2.21_2node_rank01.log",
+    for name in ("src_nccl-2.21.5_rank00.log", "src_nccl-2.21.5_rank01.log",
                  "nccl-2.28.9_h100_world1_env-channels4.log"):
         found = effective_settings(parse_nccl_log((data / name).read_text()),
                                    asked_from_env(env, 8, 8), env)

@@ -37,7 +37,7 @@ ESC = "\x1b"
     ("[" * 100_000 + "]" * 100_000, "nested deeper"),
     ('{"a":' * 70 + "1" + "}" * 70, "nested deeper"),
     ('{"step": ' + "9" * 5000 + "}", "4300"),           # Python's own digit limit
-    ('{"step": ' + "9" * 4000 + "}", "more than 18 digits"),  # float() would overflow
+    ('{"step": ' + "9" * 4000 + "}", "more than 19 digits"),  # float() would overflow
 ])
 def test_bounded_json_raises_only_value_error(text, reason):
     from tasks.lib import untrusted
@@ -53,6 +53,11 @@ def test_bounded_json_reads_our_own_documents_and_refuses_oversized_ones():
         "iter_ms": {"median": -1500.0}, "steps": [1, 2]}
     with pytest.raises(ValueError, match="larger than"):
         untrusted.loads(b"[" + b"1," * 100 + b"1]", max_bytes=100)
+    # An epoch time in nanoseconds has 19 digits: the flight recorder's time_created_ns.
+    assert untrusted.loads('{"time_created_ns": 1796654009059477682}') == {
+        "time_created_ns": 1796654009059477682}
+    with pytest.raises(ValueError, match="more than 19 digits"):
+        untrusted.loads('{"time_created_ns": 17966540090594776820}')
 
 
 def hostile_run(tmp_path: Path) -> Path:
