@@ -232,6 +232,7 @@ def finish(session: ClusterSession, plan: Plan, watcher: Watcher, status: str,
                         f"({str(err)[:200]}); no headline", highlight=False)
     code = {"succeeded": 0, "hung": EXIT_HUNG}.get(status, EXIT_FAILED)
     record.finish(status=status, exit_status=code, at=now_iso())
+    clock.mark("finish")
     write_record(plan)
     print_summary(console, plan, watcher)
     if status == "hung" and record.hang and record.hang.get("startup"):
@@ -241,6 +242,9 @@ def finish(session: ClusterSession, plan: Plan, watcher: Watcher, status: str,
         console.out(f"run hung: rank(s) {record.hang.get('first_stalled_ranks')} stopped advancing "
                     f"first; diagnostics in {plan.run_dir / 'hang'}/", highlight=False)
     write_run_report(plan, console)
+    # run.json is final before the report reads it; the report's own time is added after.
+    clock.mark("report")
+    write_record(plan)
     return code
 
 

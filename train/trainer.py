@@ -96,6 +96,10 @@ def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 6)
+
+
 def _median_of(summary: dict[str, Any], key: str) -> float | None:
     return (summary.get(key) or {}).get("median")
 
@@ -138,6 +142,10 @@ class Trainer:
         self.started_at = _now_iso()
         self.measured_wall_s: float | None = None
         self.calibration_wall_s = 0.0
+        # Where a run's time goes besides its measured steps (a sweep's wall-time account):
+        # warm-up with the first calibration, and the launch-delay sampling after the last step.
+        self.warmup_wall_s: float | None = None
+        self.launch_delay_wall_s: float | None = None
         self.status = "failed"
         self.error: str | None = None
 
@@ -425,6 +433,7 @@ class Trainer:
         cfg = self.config.training
         if self._agree_to_stop():
             return True
+        warmup_started = time.perf_counter()
         # Warm up first: the GPU's clocks settle under load before the solo baselines are
         # taken, so calibration and measured steps run in the same power state.
         if cfg.warmup_steps and self.run_phase(TRAIN, cfg.warmup_steps, lambda r: None):
@@ -436,6 +445,7 @@ class Trainer:
         self.stepper.set_anchor()
         if self.calibrate(initial=True):
             return True
+        self.warmup_wall_s = time.perf_counter() - warmup_started
         profiler = self._profiler()
         interval = self.config.calibration.interval_steps
         started = time.perf_counter()
@@ -459,11 +469,13 @@ class Trainer:
             if profiler is not None:
                 profiler.__exit__(None, None, None)
             self.measured_wall_s = time.perf_counter() - started - self.calibration_wall_s
+        sampling_started = time.perf_counter()
         try:
             self.launch_delay = self._sample_launch_delay()
         except Exception as exc:  # noqa: BLE001 - an auxiliary figure must not fail the run
             reason = f"launch-delay sampling failed: {type(exc).__name__}: {exc}"
             self.launch_delay = {"samples": [], "reason": reason.splitlines()[0][:300]}
+        self.launch_delay_wall_s = time.perf_counter() - sampling_started
         return False
 
     def _sample_launch_delay(self) -> dict[str, Any]:
@@ -711,6 +723,10 @@ class Trainer:
             "steps_completed": steps_done,
             "measured_wall_s": self.measured_wall_s,
             "calibration_wall_s": round(self.calibration_wall_s, 6),
+            "warmup_wall_s": _rounded(self.warmup_wall_s),
+            "launch_delay_wall_s": _rounded(self.launch_delay_wall_s),
+            # The clock the sweep's teardown account starts from (finished_at is whole seconds).
+            "finished_unix": round(time.time(), 3),
             "steps_per_s": (
                 steps_done / self.measured_wall_s if steps_done and self.measured_wall_s else None
             ),

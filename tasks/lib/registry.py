@@ -105,6 +105,9 @@ gemm_now() { date -u +%Y-%m-%dT%H:%M:%S.%3NZ; }
 # Atomic write: readers never see a half-written value (mktemp: a fresh name nobody chose).
 gemm_put() { local t; t=$(mktemp -- "$1.XXXXXX") && printf '%s\n' "$2" >"$t" && mv -f -- "$t" "$1"; }
 gemm_get() { local v=; [ -r "$1" ] && IFS= read -r v <"$1"; printf '%s' "$v"; }
+# gemm_read VAR FILE: gemm_get into VAR without the fork of $(...): a loop over every entry of
+# a registry that has seen months of runs must not fork per value.
+gemm_read() { local -n gemm_into=$1; gemm_into=; [ -r "$2" ] && IFS= read -r gemm_into <"$2"; return 0; }
 # gemm_get for another user's registry (root's --all-users stop): a regular file only, opened by
 # a child that gives up after 2 s (a FIFO swapped in after the test would block an open of ours
 # for ever), its first line of at most 4 KiB.
@@ -176,7 +179,8 @@ gemm_entries() {
   host=$(uname -n)
   for e in "$reg"/${run:-*}/node_*; do
     [ -d "$e" ] && [ ! -L "$e" ] && [ -f "$e/run_id" ] || continue
-    h=$($get "$e/host"); [ -z "$h" ] || [ "$h" = "$host" ] || continue
+    if [ "$get" = gemm_get ]; then gemm_read h "$e/host"; else h=$($get "$e/host"); fi
+    [ -z "$h" ] || [ "$h" = "$host" ] || continue
     printf '%s\n' "$e"
   done
 }
@@ -275,15 +279,21 @@ exit 1
 _STATUS_SH = r"""reg=$(gemm_registry "$1") run=$2 recent=$3
 gemm_open_registry "$reg" || exit 1
 scan=$(gemm_scan)
+# The runs and node ranks that have a process of ours on this host (scan rows: pid uid start
+# run rank). A finished entry is active while its launcher or any process of its run is left,
+# and every such process is in the scan: the look-up needs no fork per entry (a registry keeps
+# every run this user made on the host).
+declare -A scanned=()
+while read -r _ uid _ run_of rank_of; do
+  [ "$uid" = "$GEMM_UID" ] && scanned["$run_of $rank_of"]=1
+done <<<"$scan"
 rows=
 while IFS= read -r e; do
   [ -n "$e" ] || continue
-  active=0
-  if ! gemm_is_final "$e" || gemm_launcher_alive "$e" "$scan" \
-     || [ -n "$(gemm_pids_of "$scan" "$(gemm_get "$e/run_id")" "$(gemm_get "$e/node_rank")")" ]; then
-    active=1
-  fi
-  started=$(gemm_get "$e/started_at")
+  gemm_read run_id "$e/run_id"; gemm_read rank "$e/node_rank"; gemm_read state "$e/state"
+  gemm_read started "$e/started_at"
+  active=1
+  case $state in exited|stopped|killed) [ -n "${scanned["$run_id $rank"]-}" ] || active=0;; esac
   rows+="$active ${started:--} $e"$'\n'
 done < <(gemm_entries "$reg" "$run")
 printf '@@ host %s\n' "$(uname -n)"

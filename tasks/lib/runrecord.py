@@ -20,7 +20,8 @@ Schema (version 1), top level:
     evidence say why (tasks/lib/blame.py), consequences the waiting ranks' errors),
   headline {metric: value} (from summary.json, when there is one),
   timings {phase: seconds} (validate, probe, rendezvous, busy_check, render, push, start, watch,
-    collect),
+    collect, finish (flight-recorder dumps, the headline, run.json), report (results.csv,
+    report.md, plots)),
   hang {first_stalled_ranks, basis, suspect_ranks, rank_steps, stalled_for_s, timeout_s,
         detected_at, diagnostics, startup} | null (when the watchdog stopped a run that made no
     progress; startup: the start-up watch's record when it was stuck before its first step:

@@ -13,23 +13,29 @@ sweep.json (schema 2; schema 1, written before repeats and axes, is read as one 
   order [run indexes in the order they run],
   launch_flags {the launch flags the sweep was given, channels/threads excluded; --env values
     of secret-looking variables as ***},
-  sessions [{started_at, ended_at, resumed, ran [run indexes]}],
+  sessions [{started_at, ended_at, resumed, ran [run indexes], wall_s (the session's points,
+    monotonic)}],
   points [{index, config, repeat, channels, threads, settings, status (pending|running|
            completed|failed|stopped|hung|interrupted|error), run_id, run_dir (relative to the
            sweep directory), output_dir (a pool's point: its directory inside run_dir),
            attempts, started_at, ended_at, launch_s, cleanup_wait_s, gap_before_s,
-           idle_before_s, startup_s, teardown_s, exit_status, error,
+           idle_before_s, startup_s, teardown_s, teardown_parts {TEARDOWN_PARTS}, exit_status,
+           error, warmup_wall_s, measured_wall_s, calibration_wall_s (its summary's),
            overrides [point-only train overrides]}]  (one entry per run: config-major, repeat
            inner; `order` says when each runs),
-  dead_time {gap_s {median, max, n}, idle_s {median, max, n}}
+  dead_time {gap_s, idle_s, cleanup_wait_s, startup_s, teardown_s, teardown.<part>: {median,
+    max, n}},
+  wall_account {wall_s, work_s, points, complete, ratio} | null (see wall_account)
 Point timing: launch_s is the launch call (probe to collection); cleanup_wait_s the wait after it
 until no process of the run is left on any host; gap_before_s the controller time between the
 previous point's launch returning and this one's starting (the sweep's own overhead);
 idle_before_s the time between the previous point's last measured step and this one's first
 (rank 0's clock): what the cluster spends not measuring, start-up and calibration included.
 It splits into the previous point's teardown_s (last measured step to its launch call returning:
-rank exit, collection, run.json), gap_before_s, and this point's startup_s (launch call to first
-measured step: probe, push, torchrun start, rendezvous, warm-up and calibration).
+rank exit, collection, run.json; itemised in teardown_parts), gap_before_s, and this point's
+startup_s (launch call to first measured step: probe, push, torchrun start, rendezvous, warm-up
+and calibration). A pool's launch spans its points: its first point's first measured step to its
+last point's last.
 """
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ from tasks.lib.knobs import Axis
 from tasks.lib.masking import MASK, assignment_name, is_masked_assignment, mask_assignments
 from tasks.lib.quoting import sh_quote
 from tasks.lib.registry import SCAN_KILL_SH
+from tasks.lib.untrusted import finite_number
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)
@@ -364,16 +371,92 @@ def eta_seconds(durations: Sequence[float], remaining: int) -> float | None:
     return statistics.median(durations) * remaining
 
 
+# The teardown of a launch (its last measured step → the launch call returned), in the order
+# it happens: the train package's end (launch-delay sampling, the cross-rank gather, summary.json;
+# node clock), the ranks' and torchrun's exit until the controller's watch saw every node end and
+# its log stream drained (summary written → watch ended: node clock against the controller's,
+# NTP-close on a cluster), then the controller's own phases of run.json's timings.
+TEARDOWN_PARTS = ("train_end_s", "exit_s", "collect_s", "finish_s", "report_s")
+_CONTROLLER_PHASES = (("collect_s", "collect"), ("finish_s", "finish"), ("report_s", "report"))
+# What a point's own work is made of (its summary.json): warm-up with the first calibration, the
+# measured steps, the calibration blocks between them.
+WORK_FIELDS = ("warmup_wall_s", "measured_wall_s", "calibration_wall_s")
+
+
+def work_record(summary: Mapping[str, Any] | None) -> dict[str, float | None]:
+    """A point's work figures from its summary.json (a node's word: numbers only)."""
+    summary = summary if isinstance(summary, Mapping) else {}
+    return {key: finite_number(summary.get(key)) for key in WORK_FIELDS}
+
+
+def teardown_parts(last_step: float, finished_unix: Any, launch_end: float,
+                   timings: Any) -> dict[str, float | None]:
+    """TEARDOWN_PARTS of one launch; a part that cannot be told is None. last_step: the
+    launch's last measured step (rank 0's wall clock); finished_unix: its summary's; launch_end:
+    the controller's wall clock when the launch call returned; timings: run.json's."""
+    timings = timings if isinstance(timings, Mapping) else {}
+    parts: dict[str, float | None] = {key: finite_number(timings.get(phase))
+                                      for key, phase in _CONTROLLER_PHASES}
+    finished = finite_number(finished_unix)
+    watch_end = launch_end - sum(v for v in parts.values() if v is not None)
+    parts["train_end_s"] = None if finished is None else finished - last_step
+    parts["exit_s"] = None if finished is None else watch_end - finished
+    return {key: None if parts[key] is None else round(parts[key], 3)  # type: ignore[arg-type]
+            for key in TEARDOWN_PARTS}
+
+
 def dead_time_summary(points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """median/max/n of the gaps and idle times between consecutive points."""
+    """median/max/n of the gaps and idle times between consecutive points, and of the parts of
+    each launch's teardown."""
     summary: dict[str, Any] = {}
     for key, name in (("gap_before_s", "gap_s"), ("idle_before_s", "idle_s"), ("cleanup_wait_s", "cleanup_wait_s"),
                       ("startup_s", "startup_s"), ("teardown_s", "teardown_s")):
-        values = [float(p[key]) for p in points if isinstance(p.get(key), (int, float))]
-        if values:
-            summary[name] = {"median": round(statistics.median(values), 3), "max": round(max(values), 3),
-                             "n": len(values)}
+        _add_figures(summary, name, [p.get(key) for p in points])
+    for part in TEARDOWN_PARTS:
+        _add_figures(summary, f"teardown.{part}", [_get_part(p, part) for p in points])
     return summary
+
+
+def _get_part(point: Mapping[str, Any], part: str) -> Any:
+    parts = point.get("teardown_parts")
+    return parts.get(part) if isinstance(parts, Mapping) else None
+
+
+def _add_figures(summary: dict[str, Any], name: str, values: Iterable[Any]) -> None:
+    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if numbers:
+        summary[name] = {"median": round(statistics.median(numbers), 3),
+                         "max": round(max(numbers), 3), "n": len(numbers)}
+
+
+def wall_account(document: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The sweep's wall time against the work it could not do without (issue 24's goal: wall ≤
+    1.3 × work): every point's warm-up and calibration and measured steps, plus one start-up per
+    launch (launch called → its first point's warm-up: startup_s less that warm-up). None until
+    a session recorded its wall time; `complete` is False when a point that ran lacks a figure
+    (a failed point, an older sweep.json): the ratio is then left out."""
+    walls = [finite_number(s.get("wall_s")) for s in document.get("sessions") or []
+             if isinstance(s, Mapping)]
+    if not walls or any(w is None for w in walls):
+        return None
+    wall = sum(walls)  # type: ignore[arg-type]
+    work, counted, missing = 0.0, 0, 0
+    for point in document.get("points") or []:
+        if point.get("status") in (None, PENDING, RUNNING):
+            continue
+        figures = [finite_number(point.get(key)) for key in WORK_FIELDS]
+        startup = finite_number(point.get("startup_s"))
+        if any(f is None for f in figures) or (point.get("startup_s") is not None and startup is None):
+            missing += 1
+            continue
+        warmup, measured, calibration = figures
+        # A launch's point: start-up (its warm-up included) replaces the warm-up.
+        work += (startup if startup is not None else warmup) + measured + calibration  # type: ignore[operator]
+        counted += 1
+    account: dict[str, Any] = {"wall_s": round(wall, 3), "work_s": round(work, 3),
+                               "points": counted, "complete": missing == 0 and counted > 0}
+    account["ratio"] = round(wall / work, 3) if account["complete"] and work > 0 else None
+    return account
 
 
 def unique_name(base: str, taken: Callable[[str], bool]) -> str:

@@ -5,6 +5,7 @@ and the hang watchdog. `fab launch` starts the run (tasks/launch.py), then hands
 from __future__ import annotations
 
 import posixpath
+import re
 import threading
 import time
 from collections import deque
@@ -57,10 +58,17 @@ HEARTBEAT_TIMEOUT_S = 15.0
 # long: a loaded node answers slowly, a dead one never; the NCCL timeout is minutes away.
 LOST_AFTER_S = 30.0
 PROGRESS_LINE_S = 10.0         # at most this often, a "progress:" line with every node's steps
-TAIL_POLL_S = 0.5
+# How often a node's `tail --pid` looks whether the launcher is still there (one kill(pid, 0)
+# per look; lines themselves come at once, through inotify): the launch's end is seen this late.
+TAIL_POLL_S = 0.1
 # After the registry says every node ended, a tail may still be delivering the last lines (it
 # notices the launcher's exit at its next poll): wait this long for the streams to end.
 TAIL_DRAIN_S = 5.0
+STREAM_CHECK_S = 0.02
+# The node launcher's last line (templates/node_launcher.sh.j2), written after it recorded the
+# end in the registry.
+LAUNCHER_END_HINT = "[launcher] node "
+LAUNCHER_END = re.compile(r"\[launcher\] node ([0-9]+): ended with exit code -?[0-9]+ \(")
 # run.json keeps a failed node's last lines, each cut to this (a node's line may be 64 Ki long).
 LAST_LINE_CHARS = 2000
 
@@ -110,6 +118,10 @@ class NodeWatch:
     steps_done: int | None = None
     steps_total: int | None = None
     tail_done: threading.Event = field(default_factory=threading.Event)
+    # The launcher's own last line came through the stream: everything it wrote is here. The
+    # tail itself ends only once the launcher's pid is gone, and a launcher whose parent died
+    # stays a zombie until init reaps it: seconds where init is a container's or a sandbox's.
+    end_seen: threading.Event = field(default_factory=threading.Event)
     tail_error: BaseException | None = None
     tail_checked: bool = False     # the registry was read once after the stream ended
     tail_restarts: int = 0
@@ -123,6 +135,10 @@ class NodeWatch:
     @property
     def ended(self) -> bool:
         return self.ended_at is not None
+
+    @property
+    def stream_complete(self) -> bool:
+        return self.tail_done.is_set() or self.end_seen.is_set()
 
     def write_lines(self, block: str) -> bool:
         """Append lines (joined, without the last newline) to the controller's log; False once
@@ -228,6 +244,9 @@ class Watcher:
             watch.steps_done, watch.steps_total = progress
         if self.hang is not None and self.hang.line_progress:
             self.hang.count_lines(count_rank_lines(block))
+        if LAUNCHER_END_HINT in block and any(
+                (m := LAUNCHER_END.match(line)) and int(m.group(1)) == watch.rank for line in lines):
+            watch.end_seen.set()
         if any(hint in block for hint in FAILURE_HINTS):
             for line in lines:
                 if AGENT_DEATH_SIGNAL.search(line):
@@ -321,12 +340,13 @@ class Watcher:
         if self.heartbeat is not None:
             self.heartbeat.join(HEARTBEAT_TIMEOUT_S + 1)
         self.wait_for_streams(timeout)
-        return [w.rank for w in self.watches if not w.tail_done.is_set()]
+        return [w.rank for w in self.watches if not w.stream_complete]
 
     def wait_for_streams(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for watch in self.watches:
-            watch.tail_done.wait(max(0.0, deadline - time.monotonic()))
+            while not watch.stream_complete and time.monotonic() < deadline:
+                watch.tail_done.wait(min(STREAM_CHECK_S, max(0.0, deadline - time.monotonic())))
 
     def _wait(self) -> str:
         first_seen: float | None = None
@@ -335,12 +355,13 @@ class Watcher:
             # A stream ends when its launcher has exited (look at the registry at once) or when
             # its SSH channel broke (the heartbeat decides; the stream is reopened meanwhile).
             tails_finished = [w for w in open_watches
-                              if w.tail_done.is_set() and not w.tail_checked]
+                              if w.stream_complete and not w.tail_checked]
             if tails_finished:
                 self.poll_states(tails_finished)
                 for watch in tails_finished:
                     watch.tail_checked = True
-                    if not watch.ended and watch.tail_error is not None and watch.tail_restarts < 3:
+                    if (not watch.ended and watch.tail_done.is_set() and watch.tail_error is not None
+                            and watch.tail_restarts < 3):
                         watch.tail_restarts += 1
                         self.console.out(
                             f"launch: log stream of node {watch.rank} broke "

@@ -10,6 +10,7 @@ axis variables are process environment): tasks/lib/design.py.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -63,6 +64,11 @@ class PoolSweepRunner(SweepRunner):
                     self.record_member(self.document["points"][member], point)
             write_sweep(self.sweep_dir, self.document)
 
+    def point_names(self, point: Mapping[str, Any]) -> list[str | None]:
+        """Every point of the launch's pool, the leader first (the order the pool ran them)."""
+        points = self.document["points"]
+        return [pool_lib.point_output_dir(points[i], point) for i in self.group_of[point["index"]]]
+
     def record_member(self, member: dict[str, Any], leader: dict[str, Any]) -> None:
         name = pool_lib.point_output_dir(member, leader)
         run_dir = (self.sweep_dir / leader["run_dir"]).resolve()
@@ -83,6 +89,7 @@ class PoolSweepRunner(SweepRunner):
             if member["status"] != sw.COMPLETED:
                 member["error"] = "; ".join(row.problems[:2]) or f"run {row.status}"
         member.update(pool_lib.pool_point_record(data.summary))
+        member.update(sw.work_record(data.summary))
         self.recorded.add(member["index"])
         self.console.out(f"sweep: point {member['index'] + 1} {sw.run_label(member, self.document)} "
                          f"(in the pool of point {leader['index'] + 1}): "

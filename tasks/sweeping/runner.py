@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,7 @@ def write_sweep(sweep_dir: Path, document: dict[str, Any]) -> None:
     """Atomically (a reader or a Ctrl-C never leaves half a sweep.json)."""
     document["updated_at"] = now_iso()
     document["dead_time"] = sw.dead_time_summary(document["points"])
+    document["wall_account"] = sw.wall_account(document)
     write_json_atomic(sweep_dir / sw.SWEEP_JSON, document)
 
 
@@ -130,13 +131,25 @@ def run_status_of(sweep_dir: Path, point: Mapping[str, Any]) -> tuple[str, Path 
     return rep.summarize_run(rep.read_run(run_dir, point.get("output_dir"))).status, run_dir
 
 
-def rank0_wall_times(run_dir: Path | None) -> tuple[float, float] | None:
-    """First and last measured step's wall time on rank 0 (the idle-time clock)."""
-    if run_dir is None:
-        return None
-    lines = rep.read_run(run_dir).steps_by_rank.get(0) or []
-    times = [line["wall_time"] for line in lines if isinstance(line.get("wall_time"), (int, float))]
+def rank0_wall_times(data: rep.RunData) -> tuple[float, float] | None:
+    """First and last measured step's wall time on rank 0 (the idle-time clock) of a point."""
+    lines = data.steps_by_rank.get(0) or []
+    times = [line["wall_time"] for line in lines if isinstance(line.get("wall_time"), (int, float))
+             and not isinstance(line.get("wall_time"), bool)]
     return (min(times), max(times)) if times else None
+
+
+@dataclass
+class LaunchWindow:
+    """What one launch measured, on rank 0's clock: its first and last measured step (over
+    every point a pool ran), the summary.json of its first point and of the point that ended
+    last, its run.json."""
+
+    first_step: float
+    last_step: float
+    first_summary: dict[str, Any] | None
+    last_summary: dict[str, Any] | None
+    run_json: dict[str, Any] | None
 
 
 # -- the nodes ------------------------------------------------------------------------------------
@@ -235,7 +248,7 @@ class SweepRunner:
         # Monotonic time the previous point's launch call returned: the gap to the next point's
         # start is everything the sweep adds (leftover check, stop on failure, sweep.json).
         self.previous_end: float | None = None
-        self.previous_run_dir: Path | None = None
+        self.previous_last_step: float | None = None  # the previous launch's, rank 0's clock
         self.durations: list[float] = []
         self.aborted_reason: str | None = None
         self.aborted_code = EXIT_FAILED
@@ -245,7 +258,8 @@ class SweepRunner:
         """Runs the points; the sweep's final status (interrupted on Ctrl-C, which is re-raised
         as Exit 130 by the caller after the report)."""
         session_entry = {"started_at": now_iso(), "ended_at": None, "resumed": bool(self.document["sessions"]),
-                         "ran": []}
+                         "ran": [], "wall_s": None}
+        session_started = time.monotonic()
         self.document["sessions"].append(session_entry)
         self.document["status"] = sw.SWEEP_RUNNING
         write_sweep(self.sweep_dir, self.document)
@@ -277,6 +291,7 @@ class SweepRunner:
                     self.aborted_reason = f"--fail-fast: point {index + 1} {point['status']}"
                     break
         session_entry["ended_at"] = now_iso()
+        session_entry["wall_s"] = round(time.monotonic() - session_started, 3)
         status = sw.sweep_status(self.document, interrupted=interrupted,
                                  aborted=self.aborted_reason is not None)
         self.document["status"] = status
@@ -353,20 +368,39 @@ class SweepRunner:
             point["status"] = sw.point_status(row.status)
             if point["status"] != sw.COMPLETED and not point.get("error"):
                 point["error"] = "; ".join(row.problems[:2]) or f"run {row.status}"
-        times = rank0_wall_times(run_dir) if run_dir and run_dir.is_dir() else None
-        previous = rank0_wall_times(self.previous_run_dir)
-        if times and previous:
-            point["idle_before_s"] = round(times[0] - previous[1], 3)
-        if times:
+        window = self.measured_window(point, run_dir) if run_dir and run_dir.is_dir() else None
+        if window:
+            point.update(sw.work_record(window.first_summary))
+        if window and self.previous_last_step is not None:
+            point["idle_before_s"] = round(window.first_step - self.previous_last_step, 3)
+        if window:
             # Node clock against the controller's: exact on one host, NTP-close on a cluster.
-            point["startup_s"] = round(times[0] - self.launch_window[0], 3)
-            point["teardown_s"] = round(self.launch_window[1] - times[1], 3)
-        # Idle time is only defined between two consecutive points that both measured steps.
-        self.previous_run_dir = run_dir if times else None
+            point["startup_s"] = round(window.first_step - self.launch_window[0], 3)
+            point["teardown_s"] = round(self.launch_window[1] - window.last_step, 3)
+            point["teardown_parts"] = sw.teardown_parts(
+                window.last_step, (window.last_summary or {}).get("finished_unix"),
+                self.launch_window[1], (window.run_json or {}).get("timings"))
+        # Idle time is only defined between two consecutive launches that both measured steps.
+        self.previous_last_step = window.last_step if window else None
         write_sweep(self.sweep_dir, self.document)
         self.console.out(f"sweep: point {point['index'] + 1} {sw.run_label(point, self.document)}: "
                          f"{point['status']}" + (f" ({point['error']})" if point.get("error") else "")
                          + f", {point['launch_s']:.1f} s", highlight=False)
+
+
+    def point_names(self, point: Mapping[str, Any]) -> list[str | None]:
+        """The output directories a point's launch ran, in order (None: the run's only one)."""
+        return [None]
+
+    def measured_window(self, point: Mapping[str, Any], run_dir: Path) -> LaunchWindow | None:
+        """The launch's window over every point it ran (None: no measured step)."""
+        runs = [rep.read_run(run_dir, name) for name in self.point_names(point)]
+        spans = [(times, data) for data in runs if (times := rank0_wall_times(data))]
+        if not spans:
+            return None
+        (_, last), last_data = max(spans, key=lambda span: span[0][1])
+        return LaunchWindow(min(times[0] for times, _ in spans), last, runs[0].summary,
+                            last_data.summary, runs[0].run_json)
 
 
 def _one_line(text: str | None) -> str:
@@ -394,5 +428,20 @@ def print_dead_time(console: Console, document: Mapping[str, Any]) -> None:
                      f"teardown median {dead['teardown_s']['median']:.1f} s")
     if parts:
         console.out("dead time between points: " + "; ".join(parts), highlight=False)
+    teardown = [f"{label} {dead[key]['median']:.2f} s" for key, label in TEARDOWN_LABELS
+                if key in dead]
+    if teardown:
+        console.out("teardown, median per launch: " + ", ".join(teardown), highlight=False)
+    account = document.get("wall_account")
+    if isinstance(account, Mapping) and account.get("ratio"):
+        console.out(f"sweep wall time {account['wall_s']:.1f} s for {account['work_s']:.1f} s of "
+                    f"start-up, warm-up, calibration and measured steps ({account['ratio']:.2f}×)",
+                    highlight=False)
+
+
+TEARDOWN_LABELS = (("teardown.train_end_s", "train's end (launch-delay sampling, gather, summary)"),
+                   ("teardown.exit_s", "ranks' exit until the watch saw it"),
+                   ("teardown.collect_s", "collect"), ("teardown.finish_s", "run.json"),
+                   ("teardown.report_s", "run report"))
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import wait_until
 from tests.simcluster import SimCluster
 from tests.simcluster.testing import make_sim_cluster
 
@@ -220,6 +221,51 @@ def test_last_lines_reach_the_controller_log_after_the_registry_says_ended(tmp_p
         assert written == "first line\nlast line\n"
         watcher._on_lines(watch, ["a line after the end"])  # closed: dropped, no ValueError
         assert (plan.run_dir / plan.record.node(0).log).read_text() == written
+
+
+def test_the_launchers_last_line_completes_the_stream_while_its_pid_lingers(tmp_path):
+    """A launcher whose parent is gone stays a zombie until init reaps it (seconds, where init
+    is a container's or a sandbox's), and `tail --pid` sees zombies: once the launcher's own last
+    line came through, its stream is complete and the watch does not wait for the pid."""
+    from rich.console import Console
+
+    from tasks.run.plan import build_plan, resolve_spec
+    from tasks.run.watch import Watcher, node_log_path
+    from tasks.lib.runspec import LaunchFlags
+
+    with local_session(tmp_path) as session:
+        spec = resolve_spec(session, LaunchFlags(hang_timeout="0"), {}, {})
+        plan = build_plan(session, spec, run_id="multinode_28ch_256th_20260101_000000",
+                          run_dir=tmp_path / "run", nproc=1, master_addr="127.0.0.1",
+                          master_port=29500, ifnames=["lo"], facts=None)
+        plan = replace(plan, output_dir=str(tmp_path / "out"))
+        log = Path(node_log_path(plan, 0))
+        log.parent.mkdir(parents=True)
+        log.write_text("first line\n")
+        end_line = "[launcher] node 0: ended with exit code 0 (exited)"
+        # The "launcher" writes its last line, then its pid stays (as an unreaped zombie's).
+        launcher = subprocess.Popen(["bash", "-c", f"sleep 0.5; echo {shlex.quote(end_line)} >> "
+                                     f"{shlex.quote(str(log))}; sleep 60"])
+        output = io.StringIO()
+        watcher = Watcher(session, plan, {0: launcher.pid}, Console(file=output))
+        watch = watcher.watches[0]
+        try:
+            watcher.start_tails()
+            wait_until(watch.end_seen.is_set, 15, "the launcher's last line in the stream")
+            watch.state, watch.exit_code, watch.ended_at = "exited", 0, time.monotonic()
+            assert watcher.wait() == "succeeded"
+            assert launcher.poll() is None  # still there: the wait did not end on the pid
+        finally:
+            watcher.close()
+            launcher.kill()
+            launcher.wait()
+        assert "did not end within" not in output.getvalue(), output.getvalue()
+        written = (plan.run_dir / plan.record.node(0).log).read_text()
+        assert written == f"first line\n{end_line}\n"
+        # Another node's end line (a rank that prints one, a hostile node) completes nothing.
+        watcher.watches[0].end_seen.clear()
+        watcher._on_lines(watch, ["[launcher] node 3: ended with exit code 0 (exited)"])
+        assert not watch.end_seen.is_set()
 
 
 def write_fake_run(experiments: Path, node_run_dir: Path) -> str:

@@ -404,6 +404,28 @@ def test_a_run_whose_processes_all_vanished_is_lost_then_recorded_killed(node: L
     assert record.state == "killed" and not record.active and not record.lost
 
 
+def test_a_finished_entry_stays_active_while_a_process_of_its_run_is_left(node: LocalNode) -> None:
+    """The busy check reads every entry of the registry without a fork each (a scan look-up):
+    an entry that says "exited" while a rank of its run lingers is still active, and one among
+    hundreds of finished entries of the same host is found."""
+    pid = node.start()
+    node.wait_for(running_with_steps)
+    os.kill(pid, signal.SIGKILL)  # the launcher is gone; torchrun and its workers are not
+    entry = node.tmp / "reg" / node.run_id / "node_0"
+    (entry / "state").write_text("exited\n")
+    for n in range(300):  # earlier runs of this user on this host, all finished
+        old = node.tmp / "reg" / f"old_run_{n}" / "node_0"
+        old.mkdir(parents=True)
+        for key, value in (("run_id", f"old_run_{n}"), ("node_rank", "0"), ("state", "exited"),
+                           ("started_at", "2026-01-01T00:00:00+00:00"), ("host", os.uname().nodename)):
+            (old / key).write_text(value + "\n")
+    active = parse_status(node.sh(status_command(node.registry, recent=0)).stdout)
+    assert [(r.run_id, r.active) for r in active] == [(node.run_id, True)]
+    node.kill_everything()
+    assert parse_status(node.sh(status_command(node.registry, recent=0)).stdout) == []
+    assert len(node.status()) == 10 and not any(r.active for r in node.status())
+
+
 # -- shared nodes: pid reuse, a planted registry -----------------------------------------------------
 
 def start_time(pid: int) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tasks.launch import launch
+from tasks.lib import report as rep
 from tasks.lib import sweep as sw
 from tasks.lib.registry import SCAN_KILL_SH
 from tasks.lib.runspec import LaunchFlags
@@ -280,10 +281,51 @@ def test_eta_and_dead_time() -> None:
     assert summary["cleanup_wait_s"]["n"] == 3
 
 
+def test_teardown_parts_add_up_to_the_teardown() -> None:
+    """Last step at 100.0 (rank 0), summary written at 100.4, launch returned at 104.0 after
+    collect 0.2 + finish 0.1 + report 0.7: the ranks' exit and the watch took 2.6 s."""
+    parts = sw.teardown_parts(100.0, 100.4, 104.0, {"watch": 9.0, "collect": 0.2, "finish": 0.1,
+                                                     "report": 0.7})
+    assert parts == {"train_end_s": 0.4, "exit_s": 2.6, "collect_s": 0.2, "finish_s": 0.1,
+                     "report_s": 0.7}
+    assert sum(parts.values()) == pytest.approx(104.0 - 100.0)
+    # A summary without the stamp (an older train package, a node's garbage): those two unknown.
+    unknown = sw.teardown_parts(100.0, "soon", 104.0, {"collect": 0.2})
+    assert unknown["train_end_s"] is None and unknown["exit_s"] is None
+    assert unknown["collect_s"] == 0.2 and unknown["report_s"] is None
+    summary = sw.dead_time_summary([{"teardown_parts": parts}, {"teardown_parts": unknown},
+                                    {"teardown_parts": "x"}])
+    assert summary["teardown.collect_s"] == {"median": 0.2, "max": 0.2, "n": 2}
+    assert summary["teardown.exit_s"]["n"] == 1
+
+
+def test_wall_account_counts_one_start_up_per_launch() -> None:
+    """A pool of two points (the leader's start-up holds its warm-up) and a second launch:
+    work = (5 + 1 + 0.5) + (0.3 + 1 + 0.5) + (4 + 2 + 0) = 14.3 s; 18.59 s of wall is 1.3×."""
+    done = {"status": "completed"}
+    document = {"sessions": [{"wall_s": 10.0}, {"wall_s": 8.59}], "points": [
+        {**done, "startup_s": 5.0, "warmup_wall_s": 0.3, "measured_wall_s": 1.0,
+         "calibration_wall_s": 0.5},
+        {**done, "startup_s": None, "warmup_wall_s": 0.3, "measured_wall_s": 1.0,
+         "calibration_wall_s": 0.5},
+        {**done, "startup_s": 4.0, "warmup_wall_s": 0.2, "measured_wall_s": 2.0,
+         "calibration_wall_s": 0.0},
+        {"status": "pending"}]}
+    account = sw.wall_account(document)
+    assert account == {"wall_s": 18.59, "work_s": 14.3, "points": 3, "complete": True,
+                       "ratio": 1.3}
+    # A point that ran without figures (it failed; an older sweep.json): no ratio, not a guess.
+    document["points"][3] = {"status": "failed", "startup_s": 3.0}
+    partial = sw.wall_account(document)
+    assert partial["complete"] is False and partial["ratio"] is None and partial["points"] == 3
+    # No session has its wall time yet (a sweep.json from before the account): nothing.
+    assert sw.wall_account({"sessions": [{"wall_s": None}], "points": []}) is None
+
+
 def test_rank0_wall_times(tmp_path: Path) -> None:
     run = make_run(tmp_path, 28, 256, world_size=2, nodes=1, steps=4)
-    assert rank0_wall_times(run) == (1_700_000_000.0, 1_700_000_003.0)
-    assert rank0_wall_times(None) is None
+    assert rank0_wall_times(rep.read_run(run)) == (1_700_000_000.0, 1_700_000_003.0)
+    assert rank0_wall_times(rep.read_run(tmp_path / "none")) is None
 
 
 def test_sweep_dirs_are_unique_within_a_second(tmp_path: Path) -> None:

@@ -324,6 +324,11 @@ DEAD_TIME_LABELS = (
     ("idle_s", "idle between points (last measured step → next point's first)"),
     ("startup_s", "launch start-up (launch called → first measured step)"),
     ("teardown_s", "teardown (last measured step → launch returned)"),
+    ("teardown.train_end_s", "… train's end: launch-delay sampling, gather, summary.json"),
+    ("teardown.exit_s", "… ranks' and torchrun's exit until the launch's watch saw every node end"),
+    ("teardown.collect_s", "… collecting the nodes' outputs"),
+    ("teardown.finish_s", "… flight-recorder dumps, headline, run.json"),
+    ("teardown.report_s", "… the run's report (results.csv, report.md, plots)"),
 )
 
 
@@ -337,6 +342,12 @@ def _sweep_timing_lines(sweep: Mapping[str, Any]) -> list[str]:
         if isinstance(figures, Mapping):
             lines.append(f"| {label} | {_fmt(_number(figures.get('median')), '.2f')} | "
                          f"{_fmt(_number(figures.get('max')), '.2f')} | {figures.get('n', '-')} |")
+    account = sweep.get("wall_account")
+    if isinstance(account, Mapping) and _number(account.get("ratio")) is not None:
+        lines += ["", f"Wall time of the points {_fmt(_number(account.get('wall_s')), '.1f')} s for "
+                      f"{_fmt(_number(account.get('work_s')), '.1f')} s of work (one start-up per "
+                      "launch, each point's warm-up, calibration and measured steps): "
+                      f"{_fmt(_number(account.get('ratio')), '.2f')}×."]
     return lines
 
 
