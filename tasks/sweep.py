@@ -153,7 +153,8 @@ def sweep(c, channels=None, threads=None, axis=None, repeat=None, seed=None, res
             write_sweep(sweep_dir, document)
     print_dead_time(console, document)
     if not no_report:
-        from tasks.report import print_report, write_report
+        from tasks.lib.report.cli import print_report
+        from tasks.lib.report.outputs import write_report
 
         print_report(console, write_report(sweep_dir))
     raise_for_status(status, runner, document, sweep_dir)

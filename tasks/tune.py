@@ -26,7 +26,7 @@ from typing import Any
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from tasks.cluster.session import EXIT_USAGE, ClusterSession, load_settings, project_path
+from tasks.cluster.session import EXIT_USAGE, ClusterSession, cli_path, load_settings, project_path
 from tasks.launch import SHORT_FLAGS, LaunchTask
 from tasks.lib import design
 from tasks.lib import report as rep
@@ -216,12 +216,13 @@ def tune(c, channels=None, threads=None, axis=None, budget=None, max_runs=3, res
     console.out(f"tune: {search.runs_done} runs ({search.runs_done / grid_runs:.0%} of the full grid's "
                 f"{grid_runs})" + (f"; stopped: {stopped}" if stopped else ""), highlight=False)
     print_dead_time(console, document)
-    from tasks.report import print_report, write_exports, write_report
+    from tasks.lib.report.cli import print_report, write_exports
+    from tasks.lib.report.outputs import write_report
 
     result = write_report(sweep_dir)
     print_report(console, result)
     if status != sw.SWEEP_INTERRUPTED and (export or export_preset or pick):
-        write_exports(console, result, export, export_preset, pick)
+        write_exports(console, result, cli_path(export) if export else None, export_preset, pick)
     raise_for_status(document["status"], runner, document, sweep_dir, command="tune")
 
 

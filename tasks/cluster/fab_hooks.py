@@ -36,8 +36,8 @@ from invoke.exceptions import Exit, UnknownFileType
 from invoke.util import yaml  # the YAML Invoke parses config files with (vendored)
 
 from tasks.lib.console import die_of_sigpipe, stdout_closed, stdout_was_lost
+from tasks.lib.exits import EXIT_USAGE
 
-EXIT_USAGE = 2  # as tasks.cluster.session: bad config, nothing was touched
 _ERRORS = "_fab_hooks_file_errors"  # where a Config keeps the notes on its files
 
 

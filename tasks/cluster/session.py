@@ -16,6 +16,7 @@ from invoke.exceptions import Exit
 
 from tasks.lib.inventory import Inventory, InventoryError, parse_host_entry, resolve_inventory
 from tasks.lib.settings import Settings, SettingsError
+from tasks.lib.exits import EXIT_USAGE
 from tasks.cluster.nodes import Node, close_all
 from tasks.cluster.transport import Transport, select_transport
 
@@ -23,7 +24,6 @@ from tasks.cluster.transport import Transport, select_transport
 # project checkout, not to wherever `fab` was started from.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-EXIT_USAGE = 2  # bad flags or config: nothing was touched
 RESOLVE_TIMEOUT_S = 2.0  # for all the inventory's names together (/etc/hosts answers at once)
 HOSTS_HELP = "comma-separated hosts to use instead of the configured inventory (master first)"
 

@@ -38,6 +38,7 @@ from tasks.lib.quoting import sh_join, sh_quote
 from tasks.lib.registry import launcher_start_command, launcher_step_command, parse_started_lines
 from tasks.lib.settings import ClusterSettings
 from tasks.lib.transports import TransportChoice, TransportError, choose_transport
+from tasks.lib.exits import EXIT_USAGE
 from tasks.cluster.node_errors import NodeError
 from tasks.cluster.nodes import (
     SFTP_STALL_TIMEOUT_S,
@@ -48,7 +49,6 @@ from tasks.cluster.nodes import (
     open_nodes,
 )
 
-EXIT_USAGE = 2
 START_TIMEOUT_S = 30.0        # a launcher registers itself within a second; a step may queue
 SLURM_TOOL_TIMEOUT_S = 30.0
 # A copy from a node that receives nothing for this long is dead, not slow (as over SFTP).

@@ -204,7 +204,6 @@ def find_culprit(signs: Sequence[Sign], *, nproc: int, world_size: int,
     if not signs:
         return None
     waiting = [s for s in signs if s.kind == "rank-waiting"]
-    consequences = _consequence_lines(waiting)
     own = own_failures(signs)
     if own:
         first = _first(own)

@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from tasks.diagnose import collect_diagnostics, print_summary
+from tasks.run.diagnosing import collect_diagnostics, print_summary
 from tasks.lib import diagnostics as diag
 from tasks.lib.startwatch import StartupStall, StartupWatch, parse_node_phases, phase_index
 from tasks.lib.watchdog import HangReport, HangWatchdog, parse_progress_poll, progress_poll_command

@@ -21,7 +21,7 @@ from tasks.lib import sweep as sw
 from tasks.lib.masking import mask_assignments
 from tasks.lib.runrecord import now_iso, write_json_atomic
 from tasks.lib.runspec import LaunchFlags
-from tasks.launch import RunOutcome, run_launch
+from tasks.run.lifecycle import RunOutcome, run_launch
 from tasks.cluster.node_errors import describe_error
 from tasks.cluster.nodes import on_each
 from tasks.cluster.session import EXIT_USAGE, ClusterSession, project_path

@@ -148,7 +148,7 @@ def test_wait_shows_the_injected_delay_on_the_rank_that_waited(delayed_run: Path
 
 
 def test_summary_and_report_name_the_delayed_rank(delayed_run: Path, tmp_path: Path) -> None:
-    from tasks.report import write_report
+    from tasks.lib.report.outputs import write_report
 
     slowest = summary_of(delayed_run)["slowest_rank"]
     assert (slowest["rank"], slowest["by"]) == (1, "caused_wait")

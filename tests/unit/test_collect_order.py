@@ -17,7 +17,7 @@ from typing import BinaryIO
 from invoke import Config
 
 from tasks.cluster.nodes import LocalNode
-from tasks.collect import collect_outputs
+from tasks.run.collecting import collect_outputs
 from tasks.lib.inventory import HostSpec
 
 REMOTE = "/nonexistent/gemm-run/256thread_28channels"  # the same path on every node

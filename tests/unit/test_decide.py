@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tasks.lib import report as rep
-from tasks.report import write_report
+from tasks.lib.report.outputs import write_report
 from tests.unit.report_fixtures import make_repeated_sweep
 
 

@@ -312,7 +312,7 @@ def entry_run(base: Path, name: str, values: list[float], status: str = "succeed
 
 def test_the_report_of_an_entry_run_holds_its_objective_not_our_metrics(tmp_path):
     from tasks.lib import report as rep
-    from tasks.report import write_report
+    from tasks.lib.report.outputs import write_report
 
     run = entry_run(tmp_path, "multinode_28ch_256th_20260101_000000_aaaaaa", [4.0, 5.0, 6.0, 7.0])
     result = write_report(run, plots=False)

@@ -16,7 +16,7 @@ import yaml
 from tasks.lib.render import NCCL_PRESETS_DIR, load_nccl_preset
 from tasks.lib.report import export as exporting
 from tasks.lib.runspec import LaunchFlags, RunSpecError, resolve_run_spec
-from tasks.report import write_report
+from tasks.lib.report.outputs import write_report
 from tests.unit.report_fixtures import make_repeated_sweep
 
 ROOT = Path(__file__).resolve().parents[2]

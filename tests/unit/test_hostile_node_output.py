@@ -146,7 +146,7 @@ def hostile_report_json() -> str:
 
 
 def test_a_hostile_diagnostics_report_cannot_raise_on_the_way_to_the_stop(tmp_path):
-    from tasks.diagnose import write_diagnostics
+    from tasks.run.diagnosing import write_diagnostics
 
     report = parse_node_report("noise\n" + hostile_report_json() + "\n", 0, "node-a")
     assert [p["pid"] for p in report.processes] == [101, 104, 105]
@@ -333,7 +333,8 @@ def test_report_markdown_cannot_be_forged_by_a_node_value(tmp_path):
 
 
 def test_fab_report_prints_node_values_as_text():
-    from tasks.report import ReportResult, print_report
+    from tasks.lib.report.cli import print_report
+    from tasks.lib.report.outputs import ReportResult
 
     rows = forged_sweep_rows()
     rows[0].problems.append("[/] [bold red]closing tags of nothing[/bold red] [/]")
@@ -359,7 +360,7 @@ def test_fab_status_shows_a_nodes_markup_as_text():
 
 
 def test_figures_draw_a_nodes_status_as_plain_text(tmp_path):
-    from tasks.lib.plots import write_sweep_figures
+    from tasks.lib.report.plots import write_sweep_figures
 
     rows = forged_sweep_rows()
     rows[0].status = r"$\frac{$ and $x^$"

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tasks.lib import report as rep
-from tasks.lib.plots import BUSBW_LINES, CONTENTION_HEATMAP, ITERATION_HEATMAP, PARETO, PER_RANK_STEPS
-from tasks.report import write_report
+from tasks.lib.report.plots import BUSBW_LINES, CONTENTION_HEATMAP, ITERATION_HEATMAP, PARETO, PER_RANK_STEPS
+from tasks.lib.report.outputs import write_report
 from tests.helpers import FAB, assert_imports_none_of
 from tests.unit.report_fixtures import make_run, make_sweep
 

@@ -265,7 +265,7 @@ def test_the_report_section_escapes_node_sent_names():
 
 
 def test_fab_reports_the_trace_analysis_of_a_runs_traces(tmp_path):
-    from tasks.report import write_report
+    from tasks.lib.report.outputs import write_report
 
     run = tmp_path / "multinode_28ch_256th_20260101_000000_aaaaaa"
     profiler = run / "256thread_28channels" / "torch_profiler"

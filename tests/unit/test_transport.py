@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.collect import shared_output_leaders
+from tasks.run.collecting import shared_output_leaders
 from tasks.lib import slurm
 from tasks.lib.registry import launcher_step_command, parse_started_lines
 from tasks.lib.settings import Settings, SettingsError

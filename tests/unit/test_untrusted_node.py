@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tasks.diagnose import write_diagnostics
+from tasks.run.diagnosing import write_diagnostics
 from tasks.lib.diagnostics import NodeReport, build_summary, dump_file_name
 from tasks.lib.diagnostics_node import keep_env
 

@@ -1,6 +1,7 @@
 """The report of a run or a sweep, by what each part does: reading run directories (read), one
 row per point (rows), deciding (decide), writing results.csv and report.md (write); the figures
-are tasks/lib/plots.py. Pure: no network, no torch, no matplotlib (plots imports it itself).
+are plots.py, and outputs.py writes a report's files. Pure: no network, no torch, no matplotlib
+(plots imports it itself, and only outputs imports plots, when a report is drawn).
 
 The names other modules use are re-exported here, so `from tasks.lib import report as rep` and
 `rep.read_run(...)` keep working whatever module a function lives in.
