@@ -1,6 +1,7 @@
 """Watching a started run: every node's log streamed to the controller, progress and failure
 evidence kept, the registry read as a heartbeat, fail-fast (the first failure stops every node)
-and the hang watchdog. `fab launch` starts the run (tasks/launch.py), then hands it to a Watcher.
+and the hang watchdog. A launch starts the run (tasks/run/lifecycle.py), then hands it to a
+Watcher.
 """
 from __future__ import annotations
 

@@ -387,7 +387,6 @@ class SweepRunner:
                          f"{point['status']}" + (f" ({point['error']})" if point.get("error") else "")
                          + f", {point['launch_s']:.1f} s", highlight=False)
 
-
     def point_names(self, point: Mapping[str, Any]) -> list[str | None]:
         """The output directories a point's launch ran, in order (None: the run's only one)."""
         return [None]

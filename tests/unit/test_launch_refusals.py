@@ -1,4 +1,4 @@
-"""launch refuses what `fab check` calls an error (tasks.launch.launch_refusals, pure)."""
+"""launch refuses what `fab check` calls an error (tasks.run.startup.launch_refusals, pure)."""
 
 from __future__ import annotations
 
