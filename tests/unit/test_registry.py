@@ -333,6 +333,11 @@ def test_launcher_records_exit_code_of_a_finished_run(
     out = node.sh(logs_command(node.registry, node.run_id, follow=True)).stdout.splitlines()
     assert out[0] == "@@ node_rank 2"
     assert any(line.startswith("step 3/3") for line in out)
+    # Its last line is the one the launch's watch takes for the end of the node's stream.
+    from tasks.run.watch import LAUNCHER_END
+
+    last = LAUNCHER_END.match(out[-1])
+    assert last is not None and last.group(1) == "2", out[-1]
     missing = node.sh(logs_command(node.registry, "other_run", follow=False), check=False)
     assert missing.returncode == registry.EXIT_NO_SUCH_RUN
 
