@@ -181,24 +181,33 @@ def test_tail_command_from_start_or_from_the_end():
     assert "tail -n 0 -F" in reopened and "+1" not in reopened
 
 
+def one_node_plan(session, tmp_path: Path):
+    """The plan of a one-node run on this machine (nothing started) and its node's output log,
+    holding one line."""
+    from tasks.lib.runspec import LaunchFlags
+    from tasks.run.plan import build_plan, resolve_spec
+    from tasks.run.watch import node_log_path
+
+    spec = resolve_spec(session, LaunchFlags(hang_timeout="0"), {}, {})
+    plan = build_plan(session, spec, run_id="multinode_28ch_256th_20260101_000000",
+                      run_dir=tmp_path / "run", nproc=1, master_addr="127.0.0.1",
+                      master_port=29500, ifnames=["lo"], facts=None)
+    plan = replace(plan, output_dir=str(tmp_path / "out"))
+    log = Path(node_log_path(plan, 0))
+    log.parent.mkdir(parents=True)
+    log.write_text("first line\n")
+    return plan, log
+
+
 def test_last_lines_reach_the_controller_log_after_the_registry_says_ended(tmp_path):
     """The registry may report a node's end before its tail delivered the last lines: the watch
     ends only when the streams did, and a line arriving after the files closed raises nothing."""
     from rich.console import Console
 
-    from tasks.run.plan import build_plan, resolve_spec
-    from tasks.run.watch import Watcher, node_log_path
-    from tasks.lib.runspec import LaunchFlags
+    from tasks.run.watch import Watcher
 
     with local_session(tmp_path) as session:
-        spec = resolve_spec(session, LaunchFlags(hang_timeout="0"), {}, {})
-        plan = build_plan(session, spec, run_id="multinode_28ch_256th_20260101_000000",
-                          run_dir=tmp_path / "run", nproc=1, master_addr="127.0.0.1",
-                          master_port=29500, ifnames=["lo"], facts=None)
-        plan = replace(plan, output_dir=str(tmp_path / "out"))
-        log = Path(node_log_path(plan, 0))
-        log.parent.mkdir(parents=True)
-        log.write_text("first line\n")
+        plan, log = one_node_plan(session, tmp_path)
         # The "launcher" writes its last line a moment after the registry recorded its end.
         launcher = subprocess.Popen(["bash", "-c", f"sleep 1.5; echo 'last line' >> {shlex.quote(str(log))}"])
         reaper = threading.Thread(target=launcher.wait, daemon=True)  # tail --pid sees zombies
@@ -229,19 +238,10 @@ def test_the_launchers_last_line_completes_the_stream_while_its_pid_lingers(tmp_
     line came through, its stream is complete and the watch does not wait for the pid."""
     from rich.console import Console
 
-    from tasks.run.plan import build_plan, resolve_spec
-    from tasks.run.watch import Watcher, node_log_path
-    from tasks.lib.runspec import LaunchFlags
+    from tasks.run.watch import Watcher
 
     with local_session(tmp_path) as session:
-        spec = resolve_spec(session, LaunchFlags(hang_timeout="0"), {}, {})
-        plan = build_plan(session, spec, run_id="multinode_28ch_256th_20260101_000000",
-                          run_dir=tmp_path / "run", nproc=1, master_addr="127.0.0.1",
-                          master_port=29500, ifnames=["lo"], facts=None)
-        plan = replace(plan, output_dir=str(tmp_path / "out"))
-        log = Path(node_log_path(plan, 0))
-        log.parent.mkdir(parents=True)
-        log.write_text("first line\n")
+        plan, log = one_node_plan(session, tmp_path)
         end_line = "[launcher] node 0: ended with exit code 0 (exited)"
         # The "launcher" writes its last line, then its pid stays (as an unreaped zombie's).
         launcher = subprocess.Popen(["bash", "-c", f"sleep 0.5; echo {shlex.quote(end_line)} >> "

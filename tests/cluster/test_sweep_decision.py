@@ -14,16 +14,15 @@ import csv
 import itertools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.cluster.test_sweep import sweep_env  # noqa: F401 - the fixture, shared
 from tests.simcluster import SimCluster
 
 pytestmark = [pytest.mark.slow]
@@ -117,23 +116,6 @@ def test_interrupted_no_pool_sweep_with_repeats_resumes_in_order(tmp_path: Path)
     assert document["sessions"][1]["ran"] == order[1:]
     assert all(p["status"] == "completed" for p in document["points"])
     assert len(list((tmp_path / "resume").glob("multinode_*"))) == 5   # the interrupted run too
-
-
-@pytest.fixture
-def sweep_env(cluster3: SimCluster, tmp_path: Path):
-    registry = f"/tmp/gemm-runs-decide-{uuid.uuid4().hex[:8]}"
-    config = yaml.safe_load(cluster3.write_fabric_config().read_text())
-    config["cluster"].update(hosts=cluster3.hosts[:2], workdir=str(REPO), registry_dir=registry,
-                             experiments_dir=str(tmp_path / "experiments"))
-    config.setdefault("docker", {})["enabled"] = False
-    path = tmp_path / "runtime.yaml"
-    path.write_text(yaml.safe_dump(config))
-    experiments = tmp_path / "experiments"
-    yield path, experiments
-    for run_dir in experiments.glob("multinode_*"):
-        shutil.rmtree(REPO / "experiments" / run_dir.name, ignore_errors=True)
-    for index in (0, 1):
-        cluster3.exec(index, f"rm -rf {registry}", check=False)
 
 
 @pytest.mark.cluster
