@@ -72,7 +72,9 @@ class PoolSweepRunner(SweepRunner):
     def record_member(self, member: dict[str, Any], leader: dict[str, Any]) -> None:
         name = pool_lib.point_output_dir(member, leader)
         run_dir = (self.sweep_dir / leader["run_dir"]).resolve()
-        data = rep.read_run(run_dir, name)
+        data = self.launch_runs.get(name)  # read by finish_point, unless the launch never got there
+        if data is None or data.run_dir != run_dir:
+            data = rep.read_run(run_dir, name)
         member.update(
             started_at=leader.get("started_at"), ended_at=now_iso(),
             attempts=member.get("attempts", 0) + 1, run_id=leader.get("run_id"),

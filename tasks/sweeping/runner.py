@@ -152,6 +152,17 @@ class LaunchWindow:
     run_json: dict[str, Any] | None
 
 
+def launch_window(runs: Sequence[rep.RunData]) -> LaunchWindow | None:
+    """A launch's window over every point it ran, the first as run first (None: no measured
+    step)."""
+    spans = [(times, data) for data in runs if (times := rank0_wall_times(data))]
+    if not spans:
+        return None
+    (_, last), last_data = max(spans, key=lambda span: span[0][1])
+    return LaunchWindow(min(times[0] for times, _ in spans), last, runs[0].summary,
+                        last_data.summary, runs[0].run_json)
+
+
 # -- the nodes ------------------------------------------------------------------------------------
 
 def stop_point(session: ClusterSession, run_id: str, console: Console) -> None:
@@ -249,6 +260,7 @@ class SweepRunner:
         # start is everything the sweep adds (leftover check, stop on failure, sweep.json).
         self.previous_end: float | None = None
         self.previous_last_step: float | None = None  # the previous launch's, rank 0's clock
+        self.launch_runs: dict[str | None, rep.RunData] = {}  # the last launch's points, read
         self.durations: list[float] = []
         self.aborted_reason: str | None = None
         self.aborted_code = EXIT_FAILED
@@ -355,20 +367,23 @@ class SweepRunner:
     def finish_point(self, point: dict[str, Any], interrupted: bool, hung: bool) -> None:
         point["ended_at"] = now_iso()
         run_dir = (self.sweep_dir / point["run_dir"]).resolve() if point.get("run_dir") else None
+        # Every point the launch ran, read once (a pool's members are recorded from these).
+        self.launch_runs = ({name: rep.read_run(run_dir, name) for name in self.point_names(point)}
+                            if run_dir is not None and run_dir.is_dir() else {})
         if interrupted:
             point["status"] = sw.INTERRUPTED
         elif hung:
             point["status"] = "hung"
             point["error"] = point.get("error") or f"exceeded --point-timeout {self.point_timeout:.0f} s"
-        elif run_dir is None or not run_dir.is_dir():
+        elif not self.launch_runs:
             point["status"] = "error"
             point["error"] = point.get("error") or "the launch created no run directory"
         else:
-            row = rep.summarize_run(rep.read_run(run_dir))
+            row = rep.summarize_run(next(iter(self.launch_runs.values())))
             point["status"] = sw.point_status(row.status)
             if point["status"] != sw.COMPLETED and not point.get("error"):
                 point["error"] = "; ".join(row.problems[:2]) or f"run {row.status}"
-        window = self.measured_window(point, run_dir) if run_dir and run_dir.is_dir() else None
+        window = launch_window(list(self.launch_runs.values()))
         if window:
             point.update(sw.work_record(window.first_summary))
         if window and self.previous_last_step is not None:
@@ -391,15 +406,6 @@ class SweepRunner:
         """The output directories a point's launch ran, in order (None: the run's only one)."""
         return [None]
 
-    def measured_window(self, point: Mapping[str, Any], run_dir: Path) -> LaunchWindow | None:
-        """The launch's window over every point it ran (None: no measured step)."""
-        runs = [rep.read_run(run_dir, name) for name in self.point_names(point)]
-        spans = [(times, data) for data in runs if (times := rank0_wall_times(data))]
-        if not spans:
-            return None
-        (_, last), last_data = max(spans, key=lambda span: span[0][1])
-        return LaunchWindow(min(times[0] for times, _ in spans), last, runs[0].summary,
-                            last_data.summary, runs[0].run_json)
 
 
 def _one_line(text: str | None) -> str:
